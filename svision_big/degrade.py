@@ -1,0 +1,189 @@
+"""Degradation operator: antialiased cubic resize (MATLAB ``imresize`` convention) and PSF blur.
+
+The same separable operator synthesises the low-resolution training partner and runs the
+back-projection at inference, so what the network learns to invert is exactly what
+back-projection enforces. Every 1D operator is a *tap table* ``(idx, w)`` of shape
+``(n_out, taps)``: output ``i`` is ``sum_k w[i, k] * x[idx[i, k]]``. Tables carry the boundary
+rule (symmetric reflection, as ``imresize``), so one gather-and-sum routine serves resize and
+blur, on any axis, for any block size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+
+
+def cubic_kernel(x: np.ndarray) -> np.ndarray:
+    """Keys cubic convolution kernel with a = -0.5 (MATLAB's 'cubic')."""
+    ax = np.abs(x)
+    ax2, ax3 = ax * ax, ax * ax * ax
+    near = 1.5 * ax3 - 2.5 * ax2 + 1.0
+    far = -0.5 * ax3 + 2.5 * ax2 - 4.0 * ax + 2.0
+    return np.where(ax <= 1.0, near, np.where(ax < 2.0, far, 0.0))
+
+
+def _reflect(idx: np.ndarray, n: int) -> np.ndarray:
+    """Symmetric (half-sample) reflection of indices into [0, n): -1 -> 0, n -> n-1."""
+    period = 2 * n
+    m = np.mod(idx, period)
+    return np.where(m < n, m, period - 1 - m)
+
+
+def _compact(idx: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop tap columns whose weight is zero for every output (keeps the gather loop short)."""
+    keep = np.any(w != 0.0, axis=0)
+    return np.ascontiguousarray(idx[:, keep]), np.ascontiguousarray(w[:, keep])
+
+
+@lru_cache(maxsize=512)
+def resize_table(n_in: int, n_out: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Tap table of a cubic resize by ``scale`` (antialiased when shrinking), pixel-centre aligned."""
+    if n_in < 1 or n_out < 1:
+        raise ValueError(f"resize needs non-empty axes, got {n_in} -> {n_out}")
+    width = 4.0
+    if scale < 1.0:  # antialias: stretch the kernel by 1/scale
+        def kernel(x):
+            return scale * cubic_kernel(scale * x)
+        width = width / scale
+    else:
+        kernel = cubic_kernel
+    i = np.arange(n_out, dtype=np.float64)
+    u = (i + 0.5) / scale - 0.5  # input coordinate of each output centre
+    left = np.floor(u - width / 2.0)
+    taps = int(math.ceil(width)) + 2
+    idx = left[:, None] + np.arange(taps)[None, :]
+    w = kernel(u[:, None] - idx)
+    w = w / w.sum(axis=1, keepdims=True)
+    idx = _reflect(idx.astype(np.int64), n_in)
+    return _compact(idx, w)
+
+
+@lru_cache(maxsize=512)
+def gaussian_table(n: int, fwhm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Tap table of a normalised Gaussian blur (FWHM in voxels), symmetric boundary."""
+    sigma = fwhm * FWHM_TO_SIGMA
+    r = max(1, int(math.ceil(4.0 * sigma)))
+    offsets = np.arange(-r, r + 1)
+    g = np.exp(-0.5 * (offsets / sigma) ** 2)
+    g /= g.sum()
+    idx = np.arange(n)[:, None] + offsets[None, :]
+    w = np.broadcast_to(g, idx.shape).copy()
+    return _compact(_reflect(idx, n), w)
+
+
+def table_radius(idx: np.ndarray, n_in: int, scale: float) -> float:
+    """Largest distance (in input voxels) between an output centre and one of its taps, ignoring reflection."""
+    i = np.arange(idx.shape[0], dtype=np.float64)
+    u = (i + 0.5) / scale - 0.5
+    return float(np.max(np.abs(idx - u[:, None])))
+
+
+def apply_table(x: torch.Tensor, axis: int, table: tuple[np.ndarray, np.ndarray]) -> torch.Tensor:
+    """Gather-and-sum along ``axis``: one ``index_select`` per tap, no loops over voxels."""
+    idx_np, w_np = table
+    n_out, taps = idx_np.shape
+    axis = axis % x.ndim
+    shape = [1] * x.ndim
+    shape[axis] = n_out
+    idx = torch.from_numpy(idx_np).to(x.device)
+    w = torch.from_numpy(w_np).to(device=x.device, dtype=x.dtype)
+    out = None
+    for k in range(taps):
+        term = x.index_select(axis, idx[:, k]) * w[:, k].reshape(shape)
+        out = term if out is None else out.add_(term)
+    return out
+
+
+def resize(x: torch.Tensor, factors: tuple[int, ...], up: bool) -> torch.Tensor:
+    """Cubic resize of the trailing ``len(factors)`` axes by integer factors (up or antialiased down)."""
+    nd = len(factors)
+    for d, f in enumerate(factors):
+        if f == 1:
+            continue
+        axis = x.ndim - nd + d
+        n = x.shape[axis]
+        if up:
+            table = resize_table(n, n * f, float(f))
+        else:
+            if n % f:
+                raise ValueError(f"axis of length {n} is not divisible by the factor {f}")
+            table = resize_table(n, n // f, 1.0 / f)
+        x = apply_table(x, axis, table)
+    return x
+
+
+def blur(x: torch.Tensor, fwhm: tuple[float, ...] | None) -> torch.Tensor:
+    """Separable Gaussian PSF blur of the trailing axes; FWHM per axis in voxels (0 = none)."""
+    if fwhm is None:
+        return x
+    nd = len(fwhm)
+    for d, s in enumerate(fwhm):
+        if s and s > 0:
+            axis = x.ndim - nd + d
+            x = apply_table(x, axis, gaussian_table(x.shape[axis], float(s)))
+    return x
+
+
+@dataclass(frozen=True)
+class Degradation:
+    """High-res -> low-res model: optional Gaussian PSF (FWHM in high-res voxels), then cubic downscale.
+
+    ``noise`` = (gain, offset) of a variance model var(I) = gain*I + offset measured on the
+    *low-res* input; training partners get the noise that downscaling did not already leave.
+    """
+
+    factors: tuple[int, ...]
+    psf_fwhm: tuple[float, ...] | None = None
+    noise: tuple[float, float] | None = None
+
+    def down(self, y: torch.Tensor) -> torch.Tensor:
+        return resize(blur(y, self.psf_fwhm), self.factors, up=False)
+
+    def up(self, x: torch.Tensor) -> torch.Tensor:
+        return resize(x, self.factors, up=True)
+
+    def noise_keep_fraction(self) -> float:
+        """Fraction of i.i.d. noise variance that survives ``down`` (product of squared tap sums)."""
+        frac = 1.0
+        for d, f in enumerate(self.factors):
+            n = 64 * f
+            w = np.zeros(n)
+            w[n // 2] = 1.0  # impulse response of the 1D chain
+            t = torch.from_numpy(w)[None]
+            if self.psf_fwhm is not None and self.psf_fwhm[d]:
+                t = apply_table(t, 1, gaussian_table(n, float(self.psf_fwhm[d])))
+            if f > 1:
+                # variance kept = sum over outputs of squared weights on one input voxel
+                t = apply_table(t, 1, resize_table(n, n // f, 1.0 / f))
+            frac *= float((t.numpy() ** 2).sum())
+        return frac
+
+    def synthesize(self, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Low-res training partner of ``y``: ``down(y)`` plus the missing share of the input's noise."""
+        x = self.down(y)
+        if self.noise is not None:
+            gain, offset = self.noise
+            if gain > 0 or offset > 0:
+                missing = max(0.0, 1.0 - self.noise_keep_fraction())
+                var = (gain * x.clamp(min=0) + offset) * missing
+                x = x + torch.randn(x.shape, generator=generator, dtype=x.dtype) * var.sqrt()
+        return x
+
+    def radius(self) -> tuple[float, ...]:
+        """Per axis, how far (high-res voxels) a low-res value of ``down`` reaches, and ``up`` back."""
+        out = []
+        for d, f in enumerate(self.factors):
+            r = 0.0
+            if self.psf_fwhm is not None and self.psf_fwhm[d]:
+                r += math.ceil(4.0 * float(self.psf_fwhm[d]) * FWHM_TO_SIGMA)
+            if f > 1:
+                r += 2.0 * f
+            out.append(r)
+        return tuple(out)

@@ -1,0 +1,98 @@
+"""The Self-Vision network: a tiny post-upsampling CNN (FSRCNN-like) in 2D or 3D.
+
+All feature extraction runs at low resolution; a sub-pixel (pixel-shuffle) expansion makes the
+high-resolution output. It is deliberately small (a few thousand parameters) so one volume is
+enough to train it and huge volumes run fast. There is no output clamp inside the network:
+a final ReLU/clamp lets a network trained on sparse dim data die into a constant zero output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """Architecture of one x2 (or per-axis) stage; stored in the model file."""
+
+    factors: tuple[int, ...]  # per spatial axis, e.g. (2, 2, 2), (2, 1, 1) or (2, 2)
+    features: int = 16  # extraction filters
+    shrink: int = 6  # filters after shrinking
+    mapping: int = 4  # grouped 3x3x3 convolutions
+    groups: int = 2
+    extract_kernel: int = 5
+    kernel: int = 3
+
+    @property
+    def ndim(self) -> int:
+        return len(self.factors)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["factors"] = list(self.factors)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NetConfig":
+        d = dict(d)
+        d["factors"] = tuple(int(f) for f in d["factors"])
+        return cls(**d)
+
+    def radius(self) -> int:
+        """Receptive-field radius of the network in low-res voxels (zero-padded 'same' convs)."""
+        return (self.extract_kernel // 2) + (self.kernel // 2) * (2 + self.mapping)
+
+
+def pixel_shuffle_nd(x: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor:
+    """(N, C*prod(f), *S) -> (N, C, *(S*f)): sub-pixel channel i lands at hr offset unravel(i, f)."""
+    nd = len(factors)
+    n, c_all, *spatial = x.shape
+    prod = 1
+    for f in factors:
+        prod *= f
+    c = c_all // prod
+    x = x.reshape(n, c, *factors, *spatial)
+    # interleave: (n, c, S0, f0, S1, f1, ...)
+    perm = [0, 1]
+    for d in range(nd):
+        perm += [2 + nd + d, 2 + d]
+    x = x.permute(*perm)
+    return x.reshape(n, c, *[s * f for s, f in zip(spatial, factors)])
+
+
+class SVNet(nn.Module):
+    """Extraction (k5, 16, PReLU) -> shrink (k3, 6, PReLU) -> grouped k3 convs (PReLU) -> sub-pixel expansion."""
+
+    def __init__(self, config: NetConfig):
+        super().__init__()
+        self.config = config
+        conv = {2: nn.Conv2d, 3: nn.Conv3d}.get(config.ndim)
+        if conv is None:
+            raise ValueError(f"the network works on 2D or 3D data, not {config.ndim}D")
+        k, ke = config.kernel, config.extract_kernel
+        layers: list[nn.Module] = [
+            conv(1, config.features, ke, padding=ke // 2),
+            nn.PReLU(config.features),
+            conv(config.features, config.shrink, k, padding=k // 2),
+            nn.PReLU(config.shrink),
+        ]
+        for _ in range(config.mapping):
+            layers += [
+                conv(config.shrink, config.shrink, k, padding=k // 2, groups=config.groups),
+                nn.PReLU(config.shrink),
+            ]
+        self.body = nn.Sequential(*layers)
+        n_sub = 1
+        for f in config.factors:
+            n_sub *= f
+        self.expand = conv(config.shrink, n_sub, k, padding=k // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1, *S) low-res -> (N, 1, *(S*f)) high-res."""
+        return pixel_shuffle_nd(self.expand(self.body(x)), self.config.factors)
+
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,228 @@
+"""The inference operator: ensemble -> back-projection -> clamp, per stage; volume in, volume out.
+
+Everything here is a pure function of (input array, operator spec), so the whole-volume result
+is the reference that chunked inference must reproduce, and ``receptive_halo`` derives the
+exact halo a block needs from the same spec (no guessing, no per-block padding rules).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .degrade import Degradation, gaussian_table, resize_table
+from .network import SVNet
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """Global intensity mapping x_n = (x - lo) / (hi - lo); measured once, never per block."""
+
+    lo: float
+    hi: float
+    floor: float | None  # clamp value in raw units (0 for non-negative data), None = no clamp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.lo) / (self.hi - self.lo)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return y * (self.hi - self.lo) + self.lo
+
+    @property
+    def floor_n(self) -> float | None:
+        return None if self.floor is None else (self.floor - self.lo) / (self.hi - self.lo)
+
+
+@dataclass(frozen=True)
+class StageOp:
+    """One network stage (usually x2 on some axes) and its data-chosen inference settings."""
+
+    net: SVNet = field(compare=False)
+    degradation: Degradation
+    bp_iters: int
+    ensemble: bool = True
+
+    @property
+    def factors(self) -> tuple[int, ...]:
+        return self.degradation.factors
+
+
+@dataclass(frozen=True)
+class OperatorSpec:
+    stages: tuple[StageOp, ...]
+    norm: Normalisation
+    final: Degradation | None = None  # full-factor degradation for the closing back-projection
+    final_bp_iters: int = 0
+
+    @property
+    def factors(self) -> tuple[int, ...]:
+        out = [1] * len(self.stages[0].factors)
+        for s in self.stages:
+            out = [a * b for a, b in zip(out, s.factors)]
+        return tuple(out)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.stages[0].factors)
+
+
+# --------------------------------------------------------------------------- ensemble
+
+
+def _variants(rotations: bool) -> list[tuple[int, bool]]:
+    """Lateral (y, x) symmetries: the 8 of the square (rot90 x flip) or, when y and x are
+    upsampled differently (rotation would swap their factors), the 4 flips."""
+    if rotations:
+        return [(k, flip) for k in range(4) for flip in (False, True)]
+    return [(0, False), (0, True), (2, False), (2, True)]
+
+
+def _forward_t(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    if flip:
+        x = torch.flip(x, dims=(-1,))
+    return torch.rot90(x, k, dims=(-2, -1)) if k else x
+
+
+def _inverse_t(y: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    if k:
+        y = torch.rot90(y, -k, dims=(-2, -1))
+    return torch.flip(y, dims=(-1,)) if flip else y
+
+
+def predict(net: SVNet, x: torch.Tensor, ensemble: bool = True) -> torch.Tensor:
+    """Network output for a spatial tensor, averaged over the lateral symmetry group."""
+    if not ensemble:
+        return net(x[None, None])[0, 0]
+    fy, fx = net.config.factors[-2:]
+    variants = _variants(rotations=(fy == fx))
+    acc = None
+    for k, flip in variants:
+        y = _inverse_t(net(_forward_t(x, k, flip)[None, None])[0, 0], k, flip)
+        acc = y if acc is None else acc.add_(y)
+    return acc / len(variants)
+
+
+def back_project(y: torch.Tensor, x: torch.Tensor, deg: Degradation, iters: int, floor: float | None) -> torch.Tensor:
+    """Iterative back-projection y += up(x - down(y)), clamped inside every iteration."""
+    for _ in range(iters):
+        y = y + deg.up(x - deg.down(y))
+        if floor is not None:
+            y = y.clamp_(min=floor)
+    return y
+
+
+def run_stage(x: torch.Tensor, stage: StageOp, floor: float | None) -> torch.Tensor:
+    y = predict(stage.net, x, stage.ensemble)
+    if floor is not None:
+        y = y.clamp_(min=floor)
+    return back_project(y, x, stage.degradation, stage.bp_iters, floor)
+
+
+def apply_normalised(x: torch.Tensor, spec: OperatorSpec, upto: int | None = None) -> torch.Tensor:
+    """All stages (or the first ``upto``) plus the closing full-factor back-projection, in normalised units."""
+    floor = spec.norm.floor_n
+    stages = spec.stages if upto is None else spec.stages[:upto]
+    with torch.inference_mode():
+        y = x
+        for stage in stages:
+            y = run_stage(y, stage, floor)
+        if upto is None and spec.final is not None and spec.final_bp_iters > 0:
+            y = back_project(y, x, spec.final, spec.final_bp_iters, floor)
+    return y
+
+
+def cast_output(y: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Round and clip to an integer dtype's range; plain cast for floats."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(y), info.min, info.max).astype(dtype)
+    return y.astype(dtype, copy=False)
+
+
+def enhance_array(volume: np.ndarray, spec: OperatorSpec, dtype: np.dtype | str | None = None, device: str | torch.device = "cpu") -> np.ndarray:
+    """Whole-array inference: the reference every chunked result must equal.
+
+    ``volume`` has the operator's spatial dims ((z, y, x) or (y, x)); the result is upsampled by
+    ``spec.factors``, in ``dtype`` (default: the input's).
+    """
+    if volume.ndim != spec.ndim:
+        raise ValueError(f"the model works on {spec.ndim}D arrays, got shape {volume.shape}")
+    out_dtype = np.dtype(dtype) if dtype is not None else volume.dtype
+    x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)).to(device)
+    y = spec.norm.inverse(apply_normalised(spec.norm.forward(x), spec))
+    return cast_output(y.cpu().numpy(), out_dtype)
+
+
+# --------------------------------------------------------------------------- receptive field
+
+
+def _through(mask: np.ndarray, table: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    idx, w = table
+    return np.any(mask[idx] & (w != 0.0), axis=1)
+
+
+def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
+    out = mask.copy()
+    for s in range(1, r + 1):
+        out[s:] |= mask[:-s]
+        out[:-s] |= mask[s:]
+    return out
+
+
+def _bp_mask(y: np.ndarray, x: np.ndarray, deg: Degradation, axis: int, iters: int) -> np.ndarray:
+    f = deg.factors[axis]
+    fwhm = deg.psf_fwhm[axis] if deg.psf_fwhm is not None else 0.0
+    for _ in range(iters):
+        d = y
+        if fwhm:
+            d = _through(d, gaussian_table(len(d), float(fwhm)))
+        if f > 1:
+            d = _through(d, resize_table(len(d), len(d) // f, 1.0 / f))
+            u = _through(x | d, resize_table(len(x), len(x) * f, float(f)))
+        else:
+            u = x | d
+        y = y | u
+    return y
+
+
+def _influence(spec: OperatorSpec, axis: int, n: int) -> np.ndarray:
+    """Which outputs (high-res, along one axis) an impulse at the centre of ``n`` inputs touches."""
+    x0 = np.zeros(n, dtype=bool)
+    x0[n // 2] = True
+    x = x0
+    for stage in spec.stages:
+        f = stage.factors[axis]
+        r = stage.net.config.radius()
+        y = np.repeat(_dilate(x, r), f)
+        x = _bp_mask(y, x, stage.degradation, axis, stage.bp_iters)
+    if spec.final is not None and spec.final_bp_iters > 0:
+        x = _bp_mask(x, x0, spec.final, axis, spec.final_bp_iters)
+    return x
+
+
+def receptive_halo(spec: OperatorSpec) -> tuple[int, ...]:
+    """Exact halo (input voxels per spatial axis) so a block's write region is unaffected by its edges.
+
+    Propagates the structural dependence of one input voxel through the very tap tables and
+    network radii the operator uses. Rotations in the ensemble mix y and x, so both lateral
+    axes get the larger of the two.
+    """
+    total = spec.factors
+    halo = []
+    for axis in range(spec.ndim):
+        n = 65
+        while True:
+            m = _influence(spec, axis, n)
+            hit = np.nonzero(m)[0]
+            if hit[0] > 0 and hit[-1] < len(m) - 1:
+                break
+            n = 2 * n + 1
+        lr = hit // total[axis]
+        halo.append(int(max(n // 2 - lr.min(), lr.max() - n // 2)))
+    if spec.ndim >= 2 and any(s.ensemble for s in spec.stages):
+        lat = max(halo[-2], halo[-1])
+        halo[-2] = halo[-1] = lat
+    return tuple(halo)

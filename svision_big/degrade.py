@@ -69,7 +69,7 @@ def resize_table(n_in: int, n_out: int, scale: float) -> tuple[np.ndarray, np.nd
 def gaussian_table(n: int, fwhm: float) -> tuple[np.ndarray, np.ndarray]:
     """Tap table of a normalised Gaussian blur (FWHM in voxels), symmetric boundary."""
     sigma = fwhm * FWHM_TO_SIGMA
-    r = max(1, int(math.ceil(4.0 * sigma)))
+    r = max(1, int(4.0 * sigma + 0.5))  # scipy.ndimage truncate=4 convention
     offsets = np.arange(-r, r + 1)
     g = np.exp(-0.5 * (offsets / sigma) ** 2)
     g /= g.sum()
@@ -150,19 +150,17 @@ class Degradation:
         return resize(x, self.factors, up=True)
 
     def noise_keep_fraction(self) -> float:
-        """Fraction of i.i.d. noise variance that survives ``down`` (product of squared tap sums)."""
+        """Fraction of i.i.d. noise variance that survives ``down``: per axis, the squared weights of
+        one (interior) output row of the blur-then-resize chain, multiplied over axes."""
         frac = 1.0
         for d, f in enumerate(self.factors):
             n = 64 * f
-            w = np.zeros(n)
-            w[n // 2] = 1.0  # impulse response of the 1D chain
-            t = torch.from_numpy(w)[None]
+            t = torch.eye(n, dtype=torch.float64)  # column j = response to a unit input at j
             if self.psf_fwhm is not None and self.psf_fwhm[d]:
-                t = apply_table(t, 1, gaussian_table(n, float(self.psf_fwhm[d])))
+                t = apply_table(t, 0, gaussian_table(n, float(self.psf_fwhm[d])))
             if f > 1:
-                # variance kept = sum over outputs of squared weights on one input voxel
-                t = apply_table(t, 1, resize_table(n, n // f, 1.0 / f))
-            frac *= float((t.numpy() ** 2).sum())
+                t = apply_table(t, 0, resize_table(n, n // f, 1.0 / f))
+            frac *= float((t[t.shape[0] // 2] ** 2).sum())
         return frac
 
     def synthesize(self, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -175,15 +173,3 @@ class Degradation:
                 var = (gain * x.clamp(min=0) + offset) * missing
                 x = x + torch.randn(x.shape, generator=generator, dtype=x.dtype) * var.sqrt()
         return x
-
-    def radius(self) -> tuple[float, ...]:
-        """Per axis, how far (high-res voxels) a low-res value of ``down`` reaches, and ``up`` back."""
-        out = []
-        for d, f in enumerate(self.factors):
-            r = 0.0
-            if self.psf_fwhm is not None and self.psf_fwhm[d]:
-                r += math.ceil(4.0 * float(self.psf_fwhm[d]) * FWHM_TO_SIGMA)
-            if f > 1:
-                r += 2.0 * f
-            out.append(r)
-        return tuple(out)

@@ -1,0 +1,323 @@
+"""Self-Vision core: degradation, network, ensemble, halo, model file, training behaviour."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+import svision_big as svb
+from svision_big import synthetic
+from svision_big.degrade import Degradation, blur, resize
+from svision_big.metrics import psnr
+from svision_big.model import Model, ModelFileError, StageRecord
+from svision_big.network import NetConfig, SVNet, pixel_shuffle_nd
+from svision_big.operator import (Normalisation, OperatorSpec, StageOp, _forward_t, _variants, enhance_array,
+                                  receptive_halo)
+from svision_big.train import parse_factors, split_stages
+
+
+# --------------------------------------------------------------------------- independent references
+
+
+def _cubic(x: float) -> float:
+    a = abs(x)
+    if a <= 1:
+        return 1.5 * a ** 3 - 2.5 * a ** 2 + 1
+    if a < 2:
+        return -0.5 * a ** 3 + 2.5 * a ** 2 - 4 * a + 2
+    return 0.0
+
+
+def imresize_1d_reference(x: np.ndarray, scale: float) -> np.ndarray:
+    """Plain-loop transcription of MATLAB imresize (cubic, antialias, symmetric edges)."""
+    n_in = len(x)
+    n_out = int(round(n_in * scale))
+    out = np.zeros(n_out)
+    support = 2.0 / scale if scale < 1 else 2.0
+    for i in range(n_out):
+        centre = (i + 0.5) / scale - 0.5
+        total, acc = 0.0, 0.0
+        for j in range(int(math.floor(centre - support)) - 1, int(math.ceil(centre + support)) + 2):
+            w = scale * _cubic(scale * (centre - j)) if scale < 1 else _cubic(centre - j)
+            if w == 0.0:
+                continue
+            jj = j
+            while jj < 0 or jj >= n_in:  # symmetric reflection: -1 -> 0, n -> n-1
+                jj = -jj - 1 if jj < 0 else 2 * n_in - jj - 1
+            total += w
+            acc += w * x[jj]
+        out[i] = acc / total
+    return out
+
+
+@pytest.mark.parametrize("n,f", [(7, 2), (16, 2), (9, 4), (3, 2)])
+def test_resize_matches_imresize_reference_1d(n, f):
+    rng = np.random.default_rng(n * f)
+    x = rng.random(n * f)
+    down = resize(torch.from_numpy(x)[None], (f,), up=False)[0].numpy()
+    np.testing.assert_allclose(down, imresize_1d_reference(x, 1.0 / f), atol=1e-12)
+    y = rng.random(n)
+    up = resize(torch.from_numpy(y)[None], (f,), up=True)[0].numpy()
+    np.testing.assert_allclose(up, imresize_1d_reference(y, float(f)), atol=1e-12)
+
+
+def test_resize_is_separable_3d_and_preserves_constants():
+    rng = np.random.default_rng(0)
+    x = rng.random((6, 8, 10))
+    got = resize(torch.from_numpy(x), (2, 1, 2), up=False).numpy()
+    ref = np.apply_along_axis(imresize_1d_reference, 0, x, 0.5)
+    ref = np.apply_along_axis(imresize_1d_reference, 2, ref, 0.5)
+    np.testing.assert_allclose(got, ref, atol=1e-12)
+    const = torch.full((4, 6, 6), 3.25, dtype=torch.float64)
+    np.testing.assert_allclose(resize(const, (2, 2, 2), up=True).numpy(), 3.25, atol=1e-12)
+    with pytest.raises(ValueError, match="not divisible"):
+        resize(torch.zeros(5, 6), (2, 2), up=False)
+
+
+def test_blur_matches_scipy_gaussian():
+    rng = np.random.default_rng(1)
+    x = rng.random((12, 20, 20))
+    fwhm = (3.0, 1.5, 2.0)
+    got = blur(torch.from_numpy(x), fwhm).numpy()
+    sig = [f / (2 * math.sqrt(2 * math.log(2))) for f in fwhm]
+    ref = ndimage.gaussian_filter(x, sig, mode="reflect", truncate=4.0)
+    np.testing.assert_allclose(got, ref, atol=1e-10)
+
+
+def test_noise_matching_adds_only_missing_variance():
+    deg = Degradation((2, 2, 2), None, (0.0, 0.01))
+    keep = deg.noise_keep_fraction()
+    white = torch.randn(64, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.1
+    measured = deg.down(white).var().item() / 0.01
+    assert abs(measured - keep) < 0.05 * keep
+    lr = deg.synthesize(white, torch.Generator().manual_seed(1))
+    assert abs(lr.var().item() - 0.01) < 0.1 * 0.01  # total noise on the partner matches the input's
+
+
+# --------------------------------------------------------------------------- network
+
+
+@pytest.mark.parametrize("factors,shape", [((2, 2, 2), (5, 6, 7)), ((2, 1, 1), (4, 6, 6)), ((2, 2), (9, 11)), ((1, 2, 2), (3, 5, 5))])
+def test_network_shapes_and_size(factors, shape):
+    net = SVNet(NetConfig(factors))
+    y = net(torch.rand(2, 1, *shape))
+    assert y.shape == (2, 1, *[s * f for s, f in zip(shape, factors)])
+    assert 1000 < net.n_parameters() < 20000
+
+
+def test_pixel_shuffle_places_subpixels():
+    factors = (2, 1, 2)
+    x = torch.arange(4 * 3 * 2 * 2, dtype=torch.float32).reshape(1, 4, 3, 2, 2)
+    y = pixel_shuffle_nd(x, factors)
+    for c in range(4):
+        oz, ox = divmod(c, 2)
+        np.testing.assert_array_equal(y[0, 0, oz::2, :, ox::2].numpy(), x[0, c].numpy())
+
+
+# --------------------------------------------------------------------------- operator
+
+
+def _random_spec(factors=(2, 2, 2), bp=3, final=False, floor=0.0, seed=0) -> OperatorSpec:
+    torch.manual_seed(seed)
+    stages = []
+    for sf in split_stages(factors):
+        net = SVNet(NetConfig(sf, mapping=2)).eval()
+        stages.append(StageOp(net, Degradation(sf), bp, True))
+    fin = Degradation(factors) if final and len(stages) > 1 else None
+    return OperatorSpec(tuple(stages), Normalisation(0.0, 1.0, floor), fin, 2 if fin else 0)
+
+
+@pytest.mark.parametrize("factors", [(2, 2, 2), (2, 2)])
+def test_ensemble_operator_is_equivariant(factors):
+    spec = _random_spec(factors)
+    rng = np.random.default_rng(3)
+    x = rng.random((6, 8, 8) if len(factors) == 3 else (10, 10)).astype(np.float32)
+    y = enhance_array(x, spec)
+    for k, flip in _variants(True):
+        tx = _forward_t(torch.from_numpy(x), k, flip).numpy()
+        ty = _forward_t(torch.from_numpy(y), k, flip).numpy()
+        np.testing.assert_allclose(enhance_array(np.ascontiguousarray(tx), spec), ty, atol=1e-5)
+    zflip = enhance_array(np.ascontiguousarray(x[::-1]), spec) if len(factors) == 3 else None
+    if zflip is not None:  # z is not in the ensemble: the operator is *not* z-symmetric in general
+        assert zflip.shape == y.shape
+
+
+@pytest.mark.parametrize("factors,final", [((2, 2, 2), False), ((4, 2, 2), True), ((2, 1, 1), False), ((2, 2), False)])
+def test_halo_bounds_impulse_response(factors, final):
+    """Perturb one input voxel: nothing changes farther than the derived halo (input voxels), per axis."""
+    spec = _random_spec(factors, bp=2, final=final, floor=None)
+    halo = receptive_halo(spec)
+    f = np.array(spec.factors)
+    for axis, h in enumerate(halo):
+        shape = [9] * len(factors)
+        shape[axis] = 2 * h + 7
+        x = np.random.default_rng(5).random(shape).astype(np.float32)
+        centre = tuple(n // 2 for n in shape)
+        x2 = x.copy()
+        x2[centre] += 1.0
+        hit = np.argwhere(enhance_array(x2, spec) != enhance_array(x, spec))
+        reach = int(np.abs(hit[:, axis] // f[axis] - centre[axis]).max())
+        assert reach <= h, (axis, reach, halo)
+        # float32 cannot show the last few products of tiny cubic tail weights, but most of the halo is real
+        assert reach >= 0.6 * h, (axis, reach, halo)
+
+
+def test_enhance_rejects_wrong_dimensionality():
+    spec = _random_spec((2, 2, 2))
+    with pytest.raises(ValueError, match="3D"):
+        enhance_array(np.zeros((4, 4), np.float32), spec)
+
+
+# --------------------------------------------------------------------------- factors
+
+
+def test_parse_factors():
+    assert parse_factors(2, 3) == (2, 2, 2)
+    assert parse_factors("4,2,2", 3) == (4, 2, 2)
+    assert split_stages((4, 2, 2)) == [(2, 2, 2), (2, 1, 1)]
+    assert split_stages((4, 4)) == [(2, 2), (2, 2)]
+    with pytest.raises(ValueError, match="1, 2 or 4"):
+        parse_factors(3, 3)
+    with pytest.raises(ValueError, match="entries for 3 spatial axes"):
+        parse_factors((2, 2), 3)
+    with pytest.raises(ValueError, match="nothing to enhance"):
+        parse_factors(1, 2)
+
+
+# --------------------------------------------------------------------------- model file
+
+
+def _tiny_model(factors=(2, 2, 2)) -> Model:
+    spec = _random_spec(factors)
+    stages = [StageRecord(s.net.config, s.net.state_dict(), s.degradation, s.bp_iters) for s in spec.stages]
+    return Model(stages=stages, norm=Normalisation(0.0, 2.0, 0.0), factors=factors)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = _tiny_model((4, 2, 2))
+    path = model.save(tmp_path / "m.svb")
+    back = svb.load_model(path)
+    x = np.random.default_rng(0).random((5, 6, 7)).astype(np.float32)
+    np.testing.assert_array_equal(back.enhance(x), model.enhance(x))
+    assert back.hash == model.hash and back.factors == (4, 2, 2)
+    assert back.enhance(x).shape == (20, 12, 14)
+
+
+def test_model_hash_changes_with_weights_and_settings():
+    a = _tiny_model()
+    b = _tiny_model()
+    assert a.hash == b.hash
+    b.stages[0].bp_iters = 7
+    assert a.hash != b.hash
+
+
+def test_bad_model_files_give_clear_errors(tmp_path):
+    with pytest.raises(ModelFileError, match="does not exist"):
+        svb.load_model(tmp_path / "missing.svb")
+    junk = tmp_path / "junk.svb"
+    junk.write_bytes(b"not a model at all")
+    with pytest.raises(ModelFileError, match="not a readable"):
+        svb.load_model(junk)
+    good = _tiny_model().to_bytes()
+    cut = tmp_path / "cut.svb"
+    cut.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ModelFileError):
+        svb.load_model(cut)
+
+
+class _Boom:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+def test_loading_never_executes_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    evil = tmp_path / "evil.svb"
+    torch.save({"header": _Boom()}, evil)  # a pickle that would run code if unpickled freely
+    with pytest.raises(ModelFileError):
+        svb.load_model(evil)
+    assert not (tmp_path / "PWNED").exists()
+    raw = tmp_path / "raw.svb"
+    raw.write_bytes(pickle.dumps(_Boom()))
+    with pytest.raises(ModelFileError):
+        svb.load_model(raw)
+    assert not (tmp_path / "PWNED").exists()
+
+
+# --------------------------------------------------------------------------- training behaviour
+
+
+def _cubic_up(observed: np.ndarray, factors) -> np.ndarray:
+    return resize(torch.from_numpy(observed.astype(np.float32)), tuple(factors), up=True).clamp(min=0).numpy()
+
+
+def test_short_training_beats_cubic():
+    acq = synthetic.make_volume("mixed", shape_lr=(16, 48, 48), factor=2, seed=2)
+    model = svb.fit(acq.observed, factor=2, steps=250, seed=0, quiet=True)
+    out = model.enhance(acq.observed, dtype="float32")
+    rng = float(acq.truth.max() - acq.truth.min())
+    assert out.shape == acq.truth.shape
+    gain = psnr(acq.truth, out, rng) - psnr(acq.truth, _cubic_up(acq.observed, (2, 2, 2)), rng)
+    assert gain > 0.5, gain
+
+
+def test_sparse_dim_beads_do_not_collapse():
+    acq = synthetic.make_volume("beads", shape_lr=(16, 48, 48), factor=2, n=25, intensity=0.05, seed=4)
+    model = svb.fit(acq.observed, factor=2, steps=250, seed=0, quiet=True)
+    spec = model.spec()
+    net_only = OperatorSpec(tuple(StageOp(s.net, s.degradation, 0, False) for s in spec.stages), spec.norm)
+    raw = enhance_array(acq.observed, net_only, dtype="float32")
+    assert raw.std() > 0.1 * acq.truth.std()  # the network itself is alive, not constant
+    out = model.enhance(acq.observed, dtype="float32")
+    rng = float(acq.truth.max() - acq.truth.min())
+    assert psnr(acq.truth, out, rng) > psnr(acq.truth, _cubic_up(acq.observed, (2, 2, 2)), rng)
+
+
+def test_settings_differ_between_clean_sparse_and_noisy():
+    clean = synthetic.make_volume("beads", shape_lr=(16, 48, 48), factor=2, n=40, seed=5)
+    noisy = synthetic.make_volume("mixed", shape_lr=(16, 48, 48), factor=2, poisson_peak=30, seed=5)
+    m_clean = svb.fit(clean.observed, factor=2, steps=120, quiet=True)
+    m_noisy = svb.fit(noisy.observed, factor=2, steps=120, quiet=True)
+    s_clean, s_noisy = m_clean.settings()["stages"][0], m_noisy.settings()["stages"][0]
+    assert s_clean["noise"] is None and s_noisy["noise"] is not None
+    assert s_clean["bp_iters"] > 0
+    assert s_noisy["bp_iters"] < s_clean["bp_iters"]
+
+
+def test_fit_is_reproducible_with_seed():
+    acq = synthetic.make_volume("mixed", shape_lr=(8, 32, 32), factor=2, seed=6)
+    a = svb.fit(acq.observed, factor=2, steps=30, seed=3, quiet=True)
+    b = svb.fit(acq.observed, factor=2, steps=30, seed=3, quiet=True)
+    c = svb.fit(acq.observed, factor=2, steps=30, seed=4, quiet=True)
+    assert a.hash == b.hash != c.hash
+
+
+@pytest.mark.parametrize("shape,factor", [((5, 32, 32), (2, 2, 2)), ((8, 24, 24), (4, 2, 2)), ((10, 24, 24), (2, 1, 1)), ((40, 40), 4)])
+def test_thin_anisotropic_and_2d_volumes(shape, factor):
+    rng = np.random.default_rng(0)
+    vol = ndimage.gaussian_filter(rng.random(shape), 1.0).astype(np.float32)
+    model = svb.fit(vol, factor=factor, steps=15, quiet=True)
+    f = parse_factors(factor, len(shape))
+    out = model.enhance(vol)
+    assert out.shape == tuple(n * k for n, k in zip(shape, f)) and out.dtype == np.float32
+    assert np.all(out >= 0)
+
+
+def test_integer_dtype_round_trip():
+    acq = synthetic.make_volume("mixed", shape_lr=(8, 32, 32), factor=2, dtype=np.uint16, seed=7)
+    model = svb.fit(acq.observed, factor=2, steps=20, quiet=True)
+    out = model.enhance(acq.observed)
+    assert out.dtype == np.uint16
+    assert model.enhance(acq.observed, dtype="float32").dtype == np.float32
+
+
+def test_fit_rejects_bad_input():
+    with pytest.raises(ValueError, match="2D .* or 3D"):
+        svb.fit(np.zeros((2, 3, 4, 5), np.float32))
+    with pytest.raises(ValueError, match="constant"):
+        svb.fit(np.ones((8, 16, 16), np.float32), steps=5, quiet=True)

@@ -64,7 +64,7 @@ class Model:
     final_bp_iters: int = 0
     info: dict = field(default_factory=dict)
     version: str = __version__
-    _spec: OperatorSpec | None = field(default=None, repr=False, compare=False)
+    _specs: dict = field(default_factory=dict, repr=False, compare=False)
 
     # ------------------------------------------------------------------ operator
 
@@ -72,19 +72,20 @@ class Model:
     def ndim(self) -> int:
         return len(self.factors)
 
-    def spec(self) -> OperatorSpec:
-        """The inference operator (nets built once and cached)."""
-        if self._spec is None:
+    def spec(self, device: str | torch.device = "cpu") -> OperatorSpec:
+        """The inference operator on ``device`` (nets built once per device and cached)."""
+        key = str(device)
+        if key not in self._specs:
             ops = []
             for s in self.stages:
                 net = SVNet(s.config)
                 net.load_state_dict(s.state)
-                net.eval()
+                net.eval().to(device)
                 for p in net.parameters():
                     p.requires_grad_(False)
                 ops.append(StageOp(net, s.degradation, s.bp_iters, s.ensemble))
-            self._spec = OperatorSpec(tuple(ops), self.norm, self.final, self.final_bp_iters)
-        return self._spec
+            self._specs[key] = OperatorSpec(tuple(ops), self.norm, self.final, self.final_bp_iters)
+        return self._specs[key]
 
     def enhance(self, volume: np.ndarray, dtype: str | np.dtype | None = None) -> np.ndarray:
         """Whole-array inference in memory; output upsampled by ``factors`` in the input's dtype."""

@@ -1,0 +1,184 @@
+"""Command line: demo, convert, train, enhance, run, info. Errors are one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of integers") from None
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of numbers") from None
+
+
+def _factor(text: str):
+    vals = _ints(text)
+    return vals[0] if len(vals) == 1 else vals
+
+
+def _storage(text: str | None) -> dict | None:
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"storage options must be JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("storage options must be a JSON object")
+    return value
+
+
+def _add_enhance_flags(p: argparse.ArgumentParser) -> None:
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, help="size of the local Dask cluster (default: one per core)")
+    where.add_argument("--scheduler", help="address of an existing Dask scheduler, or 'sync' to run in this process")
+    p.add_argument("--block", type=_ints, help="output voxels written per task, Z,Y,X (a multiple of the factor)")
+    p.add_argument("--dtype", help="output dtype (default: the input's), e.g. float32")
+    p.add_argument("--ngff", choices=["0.4", "0.5"], help="NGFF version of the output (default: the input's)")
+    p.add_argument("--shards", action="store_true", help="zarr v3 sharding: one shard per block (NGFF 0.5)")
+    p.add_argument("--no-compression", action="store_true", help="store chunks uncompressed")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output made with other settings")
+    p.add_argument("--device", help="torch device for inference (default: cuda where a worker has it, else cpu)")
+    p.add_argument("--storage-options", type=_storage, help="JSON fsspec options for the input (e.g. S3 endpoint)")
+    p.add_argument("--output-storage-options", type=_storage, help="JSON fsspec options for the output")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _enhance_kwargs(a) -> dict:
+    return dict(workers=a.workers, scheduler=a.scheduler, block=a.block, dtype=a.dtype, ngff=a.ngff,
+                shards=a.shards, compression=not a.no_compression, device=a.device,
+                storage_options=a.storage_options, output_storage_options=a.output_storage_options)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="svision-big", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="synthetic volume -> train -> enhance x2 -> PSNR/SSIM vs cubic")
+    p.add_argument("dir", nargs="?", default="svision_demo", help="folder for the demo's files")
+    p.add_argument("--steps", type=int, help="training steps (default: the standard budget)")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo's outputs")
+
+    p = sub.add_parser("convert", help="TIFF -> OME-Zarr pyramid")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--voxel-size", type=_floats, help="Z,Y,X physical voxel size")
+    p.add_argument("--unit", default="micrometer")
+    p.add_argument("--ngff", choices=["0.4", "0.5"], default="0.5")
+    p.add_argument("--axes", help="axes of the TIFF, e.g. zyx or czyx (default: from the file)")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("train", help="train a model on a sampled region of an OME-Zarr image")
+    p.add_argument("input")
+    p.add_argument("-o", "--output", required=True, help="model file to write (.svb)")
+    p.add_argument("--factor", type=_factor, required=True, help="2, 4, or per axis Z,Y,X such as 4,2,2")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--channel", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget", type=int, default=None, help="voxels of level 0 to train on")
+    p.add_argument("--storage-options", type=_storage)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("enhance", help="enhance an OME-Zarr image with a trained model")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--model", required=True, action="append", help="model file; repeat once per channel")
+    p.add_argument("--channel", type=int, help="enhance only this channel")
+    _add_enhance_flags(p)
+
+    p = sub.add_parser("run", help="train (one model per channel) and enhance")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--factor", type=_factor, required=True)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--channel", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget", type=int, default=None)
+    _add_enhance_flags(p)
+
+    p = sub.add_parser("info", help="describe an OME-Zarr image")
+    p.add_argument("path")
+    p.add_argument("--storage-options", type=_storage)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print("svision-big: interrupted (re-run the same command to resume)", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, KeyError, RuntimeError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"svision-big: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(a) -> int:
+    from . import pipeline
+
+    if a.command == "info":
+        from .ngff import describe
+        print(describe(a.path, a.storage_options))
+        return 0
+    if a.command == "convert":
+        from .convert import convert_tiff
+        if not os.path.exists(a.input):
+            raise ValueError(f"{a.input} does not exist")
+        out = convert_tiff(a.input, a.output, voxel_size=a.voxel_size, unit=a.unit, ngff=a.ngff,
+                           overwrite=a.overwrite, axes=a.axes)
+        print(f"wrote {out}")
+        return 0
+    if a.command == "train":
+        if os.path.exists(a.output) and not a.overwrite:
+            raise ValueError(f"{a.output} already exists: pass --overwrite to replace it")
+        kw = {} if a.budget is None else {"budget": a.budget}
+        model = pipeline.train(a.input, a.factor, steps=a.steps, channel=a.channel, seed=a.seed,
+                               storage_options=a.storage_options, quiet=a.quiet, **kw)
+        model.save(a.output)
+        print(f"wrote {a.output} (model {model.hash}); settings: {json.dumps(model.settings())}")
+        return 0
+    if a.command == "enhance":
+        stats = pipeline.enhance(a.input, a.output, a.model if len(a.model) > 1 else a.model[0], channel=a.channel,
+                                 overwrite=a.overwrite, progress=not a.quiet, **_enhance_kwargs(a))
+        _report(stats)
+        return 0
+    if a.command == "run":
+        kw = {} if a.budget is None else {"budget": a.budget}
+        stats = pipeline.run(a.input, a.output, a.factor, steps=a.steps, seed=a.seed, channel=a.channel,
+                             quiet=a.quiet, overwrite=a.overwrite, **kw, **_enhance_kwargs(a))
+        _report(stats)
+        return 0
+    if a.command == "demo":
+        from .demo import demo
+        demo(a.dir, steps=a.steps, workers=a.workers, overwrite=a.overwrite)
+        return 0
+    raise ValueError(f"unknown command {a.command}")
+
+
+def _report(stats: dict) -> None:
+    if stats.get("state") == "already complete":
+        print(f"{stats['output']} is already complete (fingerprint {stats['fingerprint']}); nothing to do")
+        return
+    print(f"wrote {stats['output']}: {stats['computed']} blocks computed, {stats['skipped']} already done, "
+          f"{stats['voxels_per_second'] / 1e6:.2f} M output voxels/s, levels {stats['levels']}, "
+          f"{stats['seconds']:.1f} s + pyramid {stats['pyramid_seconds']:.1f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -65,16 +65,20 @@ class Job:
 # --------------------------------------------------------------------------- per-process state
 
 
-def _open_array(url: str, path: str, options: dict | None, writable: bool):
+def _open_array(url: str, path: str, options: dict | None, writable: bool, run: str):
+    """Open once per process and run (``run`` = the job's fingerprint: a recreated output never
+    reuses stale metadata)."""
     import zarr
 
     from .ngff import _make_store
 
-    key = (url, path, writable, os.getpid())
+    key = (url, path, writable, run)
     arr = _ARRAYS.get(key)
     if arr is None:
         store = _make_store(url, options, read_only=not writable)
         arr = zarr.open_array(store, path=path, mode="r+" if writable else "r")
+        while len(_ARRAYS) >= 16:
+            _ARRAYS.pop(next(iter(_ARRAYS)))
         _ARRAYS[key] = arr
     return arr
 
@@ -145,8 +149,8 @@ def run_block(job: Job, index: int) -> tuple[int, float, int]:
     """The task: read block + halo, run the operator, write the owned chunks, record done."""
     t0 = time.perf_counter()
     block = job.plan[index]
-    src = _open_array(job.in_url, job.in_path, job.in_options, writable=False)
-    dst = _open_array(job.out_url, job.out_path, job.out_options, writable=True)
+    src = _open_array(job.in_url, job.in_path, job.in_options, writable=False, run=job.done_url)
+    dst = _open_array(job.out_url, job.out_path, job.out_options, writable=True, run=job.done_url)
     model = _MODELS.get(job.model_for(block))
     if model is None:
         raise RuntimeError(f"model {job.model_for(block)} was not shipped to this worker")

@@ -1,0 +1,360 @@
+"""Out-of-core pipeline: the seven invariants of DESIGN section 2, the CLI, and bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from conftest import make_model, smooth_volume
+
+import svision_big as svb
+from svision_big import pipeline
+from svision_big.cli import main as cli_main
+from svision_big.convert import write_ome_zarr
+from svision_big.execute import Job
+from svision_big.ngff import NgffError, open_image
+from svision_big.plan import BlockPlan
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Dask workers share the 2 cores: one torch thread each avoids OpenMP oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _tree_hash(path: str) -> str:
+    h = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(path)):
+        dirs.sort()
+        for f in sorted(files):
+            p = os.path.join(root, f)
+            h.update(p.encode())
+            with open(p, "rb") as fh:
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+def _write_input(tmp_path, vol, axes="zyx", ngff="0.5", name="in.ome.zarr", voxel=None):
+    path = str(tmp_path / name)
+    n_sp = sum(a in "zyx" for a in axes)
+    write_ome_zarr(vol, path, axes=axes, ngff=ngff, voxel_size=voxel or (2.0, 0.5, 0.5)[-n_sp:])
+    return path
+
+
+# --------------------------------------------------------------------------- 1. seamless
+
+
+@pytest.mark.parametrize("factors,shape,block", [
+    ((2, 2, 2), (21, 45, 38), (16, 32, 24)),
+    ((2, 2, 2), (21, 45, 38), (14, 50, 64)),
+    ((2, 1, 1), (23, 30, 41), (8, 16, 24)),
+    ((4, 2, 2), (9, 27, 25), (12, 18, 20)),
+    ((2, 2), (75, 61), (32, 22)),
+])
+def test_chunked_equals_whole_volume(tmp_path, factors, shape, block):
+    model = make_model(factors, bp=1, final_bp=1)
+    vol = smooth_volume(shape, seed=1)
+    axes = "zyx" if len(shape) == 3 else "yx"
+    src = _write_input(tmp_path, vol, axes=axes)
+    stats = pipeline.enhance(src, str(tmp_path / "out.ome.zarr"), model, scheduler="sync", block=block,
+                             dtype="float32", progress=False)
+    out = open_image(str(tmp_path / "out.ome.zarr")).level(0)[...]
+    ref = model.enhance(vol, dtype="float32")
+    assert out.shape == ref.shape
+    rng = float(ref.max() - ref.min())
+    worst = float(np.abs(out - ref).max())
+    assert worst <= 1e-5 * rng, worst
+    assert stats["computed"] == len(BlockPlan(shape, factors, block, model.halo()))
+    # the plan really cut the volume: more than one block, and some reads are clipped by the halo
+    assert stats["computed"] > 1
+
+
+def test_plan_tiles_the_output_exactly():
+    plan = BlockPlan((13, 40, 33), (2, 2, 2), (10, 24, 16), (5, 7, 7), outer_shape=(2,))
+    cover = np.zeros((2, 26, 80, 66), np.int32)
+    for b in plan:
+        cover[(b.outer[0], *b.write)] += 1
+        for r, w, c, f, h, n in zip(b.read, b.write, b.crop, plan.factors, plan.halo, plan.in_shape):
+            assert r.start == max(0, w.start // f - h) and r.stop == min(n, -(-w.stop // f) + h)
+            assert c.stop - c.start == w.stop - w.start and c.start == w.start - r.start * f
+    assert np.all(cover == 1)  # every output voxel has exactly one writer
+
+
+def test_plan_of_a_million_blocks_is_instant():
+    t0 = time.perf_counter()
+    plan = BlockPlan((5000, 5000, 5000), (2, 2, 2), (100, 100, 100), (20, 20, 20))
+    assert len(plan) == 1_000_000
+    last = plan[len(plan) - 1]
+    assert last.write == (slice(9900, 10000),) * 3
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_bad_block_is_refused():
+    with pytest.raises(ValueError, match="multiple of the factors"):
+        BlockPlan((10, 10, 10), (2, 2, 2), (15, 16, 16), (3, 3, 3))
+
+
+# --------------------------------------------------------------------------- 3/5. distributed, aligned writes
+
+
+def test_local_cluster_workers_load_model_once(tmp_path):
+    from distributed import Client, LocalCluster
+
+    from svision_big import execute as ex
+
+    model = make_model((2, 2, 2), bp=1)
+    vol = smooth_volume((18, 40, 36), seed=2)
+    src = _write_input(tmp_path, vol)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        stats = pipeline.enhance(src, str(tmp_path / "out.ome.zarr"), model, client=client, block=(12, 24, 24),
+                                 dtype="float32", progress=False)
+        loaded = client.run(lambda: sorted(ex._MODELS))
+        threads = client.run(lambda: torch.get_num_threads())
+    assert all(v == [model.hash] for v in loaded.values()) and len(loaded) == 2
+    assert all(t == 1 for t in threads.values())
+    out = open_image(str(tmp_path / "out.ome.zarr")).level(0)[...]
+    np.testing.assert_allclose(out, model.enhance(vol, dtype="float32"), atol=1e-5 * float(np.ptp(out)))
+    assert stats["computed"] == stats["blocks"]
+
+
+def test_task_payload_is_small_and_has_no_weights(tmp_path):
+    job = Job("in", "0", "out", "0", BlockPlan((100, 100, 100), (2, 2, 2), (64, 64, 64), (9, 9, 9)),
+              (0, 1, 2), (), (), ("abc",), None, "float32", "out/state/done")
+    assert len(pickle.dumps(job)) < 2000
+
+
+def test_sharded_output_is_aligned_and_correct(tmp_path):
+    model = make_model((2, 2, 2), bp=1)
+    vol = smooth_volume((16, 40, 40), seed=3)
+    src = _write_input(tmp_path, vol)
+    out = str(tmp_path / "out.ome.zarr")
+    pipeline.enhance(src, out, model, scheduler="sync", block=(16, 32, 32), shards=True, dtype="float32", progress=False)
+    arr = open_image(out).level(0)
+    assert arr.shards == (16, 32, 32) and arr.chunks == (16, 32, 32)[:0] + tuple(int(c) for c in arr.chunks)
+    assert all(s % c == 0 for s, c in zip(arr.shards, arr.chunks))
+    np.testing.assert_allclose(arr[...], model.enhance(vol, dtype="float32"), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- 7. metadata
+
+
+@pytest.mark.parametrize("ngff", ["0.4", "0.5"])
+def test_output_metadata_is_valid_and_overlays_input(tmp_path, ngff):
+    import ome_zarr_models
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    model = make_model((2, 2, 2), bp=1)
+    vol = smooth_volume((12, 70, 70), seed=4, dtype=np.uint16, scale=3000)
+    src = _write_input(tmp_path, vol, ngff=ngff, voxel=(2.0, 0.5, 0.5))
+    out = str(tmp_path / "out.ome.zarr")
+    pipeline.enhance(src, out, make_model((2, 2, 2), bp=1, hi=3000.0), scheduler="sync", block=(16, 64, 64), progress=False)
+    del model
+    validated = ome_zarr_models.open_ome_zarr(out)
+    assert validated.ome_zarr_version == ngff
+    nodes = list(Reader(parse_url(out))())
+    assert nodes[0].data[0].shape == (24, 140, 140)
+    img_in, img_out = open_image(src), open_image(out)
+    assert img_out.fmt.version == ngff and img_out.dtype == np.uint16
+    assert img_out.scales[0] == [1.0, 0.25, 0.25]
+    assert img_out.translations[0] == [-0.5, -0.125, -0.125]
+    # physical extent is the input's: first voxel edge and last voxel edge coincide
+    for lvl in range(img_out.nlevels):
+        shp = img_out.level(lvl).shape
+        for d in range(3):
+            s, t = img_out.scales[lvl][d], img_out.translations[lvl][d]
+            s0, t0 = img_in.scales[0][d], img_in.translations[0][d]
+            assert abs((t - s / 2) - (t0 - s0 / 2)) < 1e-9
+            if lvl == 0:
+                assert abs((t + s * (shp[d] - 0.5)) - (t0 + s0 * (img_in.shape[d] - 0.5))) < 1e-9
+    assert img_out.level(img_out.nlevels - 1).shape[1] <= img_in.level(img_in.nlevels - 1).shape[1]
+    assert img_out.omero == img_in.omero
+    prov = img_out.group.attrs["svision_big"]
+    assert prov["state"] == "complete" and prov["factors"] == [2, 2, 2] and len(prov["model_hash"][0]) == 16
+    assert prov["halo"] and prov["block"] == [16, 64, 64] and prov["normalisation"][0]["hi"] == 3000.0
+
+
+def test_metadata_is_written_last(tmp_path):
+    """While level 0 is being written, the output does not claim to be an OME-Zarr image."""
+    model = make_model((2, 2, 2), bp=1)
+    src = _write_input(tmp_path, smooth_volume((10, 40, 40), seed=5))
+    out = str(tmp_path / "out.ome.zarr")
+    seen = []
+
+    def check(_):
+        seen.append(json.dumps(zarr.open_group(out, mode="r").attrs.asdict()))
+
+    pipeline.enhance(src, out, model, scheduler="sync", block=(20, 40, 40), progress=False, on_block=check)
+    assert seen and all("multiscales" not in s for s in seen)
+    with pytest.raises(NgffError):
+        # a partial output written by hand (no metadata yet) is not openable as an image
+        open_image(str(tmp_path / "nothing.ome.zarr"))
+    assert "multiscales" in json.dumps(zarr.open_group(out, mode="r").attrs.asdict())
+
+
+# --------------------------------------------------------------------------- 6. resumable
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "svision_big.cli", *args], capture_output=True, text=True, **kw)
+
+
+def test_killed_run_resumes_to_identical_result(tmp_path):
+    model = make_model((2, 2, 2), bp=1)
+    model_path = str(model.save(tmp_path / "m.svb"))
+    vol = smooth_volume((20, 64, 64), seed=6, dtype=np.uint16, scale=1000)
+    src = _write_input(tmp_path, vol)
+    ref_out, out = str(tmp_path / "ref.ome.zarr"), str(tmp_path / "out.ome.zarr")
+    args = ["--model", model_path, "--scheduler", "sync", "--block", "8,32,32", "--quiet"]
+    assert _cli("enhance", src, ref_out, *args).returncode == 0
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "svision_big.cli", "enhance", src, out, *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = os.path.join(out, "svision_state")
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        dirs = [d for d in os.listdir(state)] if os.path.isdir(state) else []
+        if dirs and len(os.listdir(os.path.join(state, dirs[0]))) >= 5:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(os.listdir(os.path.join(state, os.listdir(state)[0])))
+    assert 5 <= done_before < 80  # killed part-way (80 blocks in all)
+    assert "multiscales" not in json.dumps(zarr.open_group(out, mode="r").attrs.asdict())
+
+    r = _cli("enhance", src, out, *args[:-1])
+    assert r.returncode == 0, r.stderr
+    assert "already done" in r.stdout
+    skipped = int(r.stdout.split(" blocks computed, ")[1].split(" already done")[0])
+    assert skipped >= done_before - 1
+    a, b = open_image(ref_out), open_image(out)
+    for lvl in range(a.nlevels):
+        np.testing.assert_array_equal(a.level(lvl)[...], b.level(lvl)[...])
+    r2 = _cli("enhance", src, out, *args)
+    assert r2.returncode == 0 and "already complete" in r2.stdout
+
+
+def test_existing_output_with_other_settings_is_refused(tmp_path):
+    model = make_model((2, 2, 2), bp=1)
+    src = _write_input(tmp_path, smooth_volume((10, 32, 32), seed=7))
+    out = str(tmp_path / "out.ome.zarr")
+    pipeline.enhance(src, out, model, scheduler="sync", progress=False)
+    before = _tree_hash(out)
+    with pytest.raises(NgffError, match="other settings.*--overwrite"):
+        pipeline.enhance(src, out, model, scheduler="sync", block=(10, 32, 32), progress=False)
+    assert _tree_hash(out) == before
+    pipeline.enhance(src, out, model, scheduler="sync", block=(10, 32, 32), progress=False, overwrite=True)
+    assert open_image(out).group.attrs["svision_big"]["block"] == [10, 32, 32]
+    other = tmp_path / "not_ours"
+    other.mkdir()
+    (other / "precious.txt").write_text("keep me")
+    with pytest.raises(NgffError, match="not an svision-big output"):
+        pipeline.enhance(src, str(other), model, scheduler="sync", progress=False)
+    assert (other / "precious.txt").read_text() == "keep me"
+
+
+def test_input_is_never_written(tmp_path):
+    model = make_model((2, 2, 2), bp=1)
+    src = _write_input(tmp_path, smooth_volume((10, 32, 32), seed=8))
+    before = _tree_hash(src)
+    with pytest.raises(NgffError, match="must not be the input"):
+        pipeline.enhance(src, src, model, scheduler="sync", progress=False)
+    with pytest.raises(NgffError, match="must not be the input"):
+        pipeline.enhance(src, os.path.join(src, "inner"), model, scheduler="sync", progress=False)
+    pipeline.enhance(src, str(tmp_path / "out.ome.zarr"), model, scheduler="sync", progress=False)
+    assert _tree_hash(src) == before
+
+
+# --------------------------------------------------------------------------- training on a sample, channels
+
+
+def test_training_region_finds_signal_within_budget(tmp_path):
+    vol = np.zeros((16, 128, 128), np.float32)
+    vol[4:12, 90:120, 10:40] = smooth_volume((8, 30, 30), seed=9) + 0.5
+    src = _write_input(tmp_path, vol)
+    image = open_image(src)
+    box, level = pipeline.training_region(image, {}, budget=8 * 40 * 40)
+    assert np.prod([s.stop - s.start for s in box]) <= 8 * 40 * 40
+    assert box[1].start < 120 and box[1].stop > 90 and box[2].start < 40 and box[2].stop > 10
+
+
+def test_run_trains_one_model_per_channel(tmp_path):
+    a = smooth_volume((8, 40, 40), seed=10)
+    b = smooth_volume((8, 40, 40), seed=11) * 0.3
+    src = _write_input(tmp_path, np.stack([a, b]), axes="czyx")
+    out = str(tmp_path / "out.ome.zarr")
+    stats = pipeline.run(src, out, 2, steps=5, scheduler="sync", quiet=True, block=(16, 40, 40), dtype="float32")
+    img = open_image(out)
+    assert img.level(0).shape == (2, 16, 80, 80)
+    hashes = img.group.attrs["svision_big"]["model_hash"]
+    assert len(hashes) == 2 and hashes[0] != hashes[1]
+    state = os.path.join(out, "svision_state")
+    model_dir = os.path.join(state, next(d for d in os.listdir(state) if d.startswith("models")))
+    assert sorted(os.listdir(model_dir)) == ["c0.svb", "c1.svb"]
+    m1 = svb.load_model(os.path.join(model_dir, "c1.svb"))
+    np.testing.assert_allclose(img.level(0)[1], m1.enhance(b, dtype="float32"), atol=1e-5)
+    assert stats["computed"] == 2 * 2 * 2  # two channels x (1 x 2 x 2) blocks
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_train_enhance_info_and_errors(tmp_path, capsys):
+    vol = smooth_volume((10, 48, 48), seed=12, dtype=np.uint16, scale=2000)
+    src = _write_input(tmp_path, vol, ngff="0.4")
+    model_path = str(tmp_path / "m.svb")
+    assert cli_main(["train", src, "-o", model_path, "--factor", "2,1,1", "--steps", "5", "--quiet"]) == 0
+    assert cli_main(["train", src, "-o", model_path, "--factor", "2", "--steps", "5", "--quiet"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    out = str(tmp_path / "out.ome.zarr")
+    assert cli_main(["enhance", src, out, "--model", model_path, "--scheduler", "sync", "--quiet"]) == 0
+    assert cli_main(["info", out]) == 0
+    text = capsys.readouterr().out
+    assert "0.4" in text and "(20, 48, 48)" in text.replace("[", "(").replace("]", ")") or "20" in text
+    img = open_image(out)
+    assert img.fmt.version == "0.4" and img.level(0).shape == (20, 48, 48)
+    # bad inputs: one line on stderr, exit 2, nothing created
+    assert cli_main(["enhance", str(tmp_path / "missing.ome.zarr"), str(tmp_path / "o2"), "--model", model_path]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("svision-big: error:") and "does not exist" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o2").exists()
+    bad_model = tmp_path / "bad.svb"
+    bad_model.write_bytes(b"garbage")
+    assert cli_main(["enhance", src, str(tmp_path / "o3"), "--model", str(bad_model), "--scheduler", "sync"]) == 2
+    assert "not a readable svision-big model" in capsys.readouterr().err
+    assert cli_main(["train", src, "-o", str(tmp_path / "m2.svb"), "--factor", "3"]) == 2
+    assert "1, 2 or 4" in capsys.readouterr().err
+    assert cli_main(["enhance", src, str(tmp_path / "o4"), "--model", model_path, "--scheduler", "sync",
+                     "--block", "7,16,16"]) == 2
+    assert "multiple of the factors" in capsys.readouterr().err
+
+
+def test_cli_convert_tiff(tmp_path, capsys):
+    import tifffile
+
+    vol = smooth_volume((6, 20, 24), seed=13, dtype=np.uint16, scale=500)
+    tif = str(tmp_path / "stack.tif")
+    tifffile.imwrite(tif, vol)
+    out = str(tmp_path / "stack.ome.zarr")
+    assert cli_main(["convert", tif, out, "--voxel-size", "2,0.3,0.3", "--axes", "zyx"]) == 0
+    img = open_image(out)
+    np.testing.assert_array_equal(img.level(0)[...], vol)
+    assert img.scales[0] == [2.0, 0.3, 0.3]
+    assert cli_main(["convert", tif, out]) == 2
+    assert "--overwrite" in capsys.readouterr().err

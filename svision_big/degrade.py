@@ -163,13 +163,21 @@ class Degradation:
             frac *= float((t[t.shape[0] // 2] ** 2).sum())
         return frac
 
-    def synthesize(self, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Low-res training partner of ``y``: ``down(y)`` plus the missing share of the input's noise."""
-        x = self.down(y)
-        if self.noise is not None:
-            gain, offset = self.noise
-            if gain > 0 or offset > 0:
-                missing = max(0.0, 1.0 - self.noise_keep_fraction())
-                var = (gain * x.clamp(min=0) + offset) * missing
-                x = x + torch.randn(x.shape, generator=generator, dtype=x.dtype) * var.sqrt()
-        return x
+    def synthesize(self, y: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(low-res partner, target) for a crop ``y`` of the (possibly noisy) input.
+
+        Clean data: ``(down(y), y)``. Noisy data (``noise`` set), recorrupted pairs: with
+        z ~ N(0, var(y)) the input is built from y + z and the target is y - z, whose noises are
+        uncorrelated, so the L2 optimum is the *clean* high-res image rather than one that copies
+        the input's noise. The partner then gets the noise still missing for it to carry exactly
+        the input's noise level (downscaling averages most of y + z's noise away).
+        """
+        if self.noise is None or (self.noise[0] <= 0 and self.noise[1] <= 0):
+            return self.down(y), y
+        gain, offset = self.noise
+        z = torch.randn(y.shape, generator=generator, dtype=y.dtype) * (gain * y.clamp(min=0) + offset).sqrt()
+        x = self.down(y + z)
+        missing = max(0.0, 1.0 - 2.0 * self.noise_keep_fraction())
+        var = (gain * x.clamp(min=0) + offset) * missing
+        x = x + torch.randn(x.shape, generator=generator, dtype=x.dtype) * var.sqrt()
+        return x, y - z

@@ -104,10 +104,10 @@ class PairSampler:
             sl_big.append(slice(a, b))
             inner.append((s - a, s - a + p))
         big = torch.from_numpy(np.ascontiguousarray(self.volume[tuple(sl_big)], dtype=np.float32))
-        lr = self.deg.synthesize(big, generator)
+        lr, target = self.deg.synthesize(big, generator)
         hr_sl = tuple(slice(i0, i1) for i0, i1 in inner)
         lr_sl = tuple(slice(i0 // f, i1 // f) for (i0, i1), f in zip(inner, self.deg.factors))
-        return self._augment(lr[lr_sl], big[hr_sl], rng)
+        return self._augment(lr[lr_sl], target[hr_sl], rng)
 
     def _augment(self, lr: torch.Tensor, hr: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """The same lateral rot90 / flip (and z flip) on both partners.

@@ -89,14 +89,21 @@ def test_blur_matches_scipy_gaussian():
     np.testing.assert_allclose(got, ref, atol=1e-10)
 
 
-def test_noise_matching_adds_only_missing_variance():
+def test_noisy_pairs_match_input_noise_and_decorrelate_target():
     deg = Degradation((2, 2, 2), None, (0.0, 0.01))
     keep = deg.noise_keep_fraction()
     white = torch.randn(64, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.1
     measured = deg.down(white).var().item() / 0.01
     assert abs(measured - keep) < 0.05 * keep
-    lr = deg.synthesize(white, torch.Generator().manual_seed(1))
-    assert abs(lr.var().item() - 0.01) < 0.1 * 0.01  # total noise on the partner matches the input's
+    lr, target = deg.synthesize(white, torch.Generator().manual_seed(1))
+    assert abs(lr.var().item() - 0.01) < 0.1 * 0.01  # the partner carries the input's noise level
+    # recorrupted target: its noise is uncorrelated with the partner's (white has no signal)
+    down_target = deg.down(target)
+    corr = torch.corrcoef(torch.stack([down_target.ravel(), lr.ravel()]))[0, 1].item()
+    assert abs(corr) < 0.05, corr
+    clean = torch.zeros(8, 8, 8, dtype=torch.float64)
+    lr0, t0 = Degradation((2, 2, 2)).synthesize(clean)
+    assert t0 is clean and lr0.shape == (4, 4, 4)
 
 
 # --------------------------------------------------------------------------- network

@@ -358,3 +358,26 @@ def test_cli_convert_tiff(tmp_path, capsys):
     assert img.scales[0] == [2.0, 0.3, 0.3]
     assert cli_main(["convert", tif, out]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- remote stores
+
+
+@pytest.mark.s3
+def test_enhance_s3_to_s3_is_seamless_and_resumable(s3_server):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.mkdir("pipeline-bucket")
+    vol = smooth_volume((12, 40, 36), seed=14)
+    src, out = "s3://pipeline-bucket/in.ome.zarr", "s3://pipeline-bucket/out.ome.zarr"
+    write_ome_zarr(vol, src, voxel_size=(2, 1, 1), storage_options=s3_server)
+    model = make_model((2, 2, 2), bp=1)
+    kw = dict(scheduler="sync", block=(12, 40, 36), dtype="float32", progress=False,
+              storage_options=s3_server, output_storage_options=s3_server)
+    stats = pipeline.enhance(src, out, model, **kw)
+    assert stats["computed"] == 8 and fs.exists("pipeline-bucket/out.ome.zarr/zarr.json")
+    img = open_image(out, storage_options=s3_server)
+    np.testing.assert_allclose(img.level(0)[...], model.enhance(vol, dtype="float32"), atol=1e-5)
+    again = pipeline.enhance(src, out, model, **kw)
+    assert again["state"] == "already complete"

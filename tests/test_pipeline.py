@@ -381,3 +381,15 @@ def test_enhance_s3_to_s3_is_seamless_and_resumable(s3_server):
     np.testing.assert_allclose(img.level(0)[...], model.enhance(vol, dtype="float32"), atol=1e-5)
     again = pipeline.enhance(src, out, model, **kw)
     assert again["state"] == "already complete"
+
+
+def test_five_dimensional_input_through_top_level_api(tmp_path):
+    vol = np.stack([np.stack([smooth_volume((6, 20, 20), seed=20 + 2 * t + c) for c in range(2)]) for t in range(2)])
+    src = _write_input(tmp_path, vol, axes="tczyx")
+    model = make_model((2, 2, 2), bp=1)
+    out = str(tmp_path / "out.ome.zarr")
+    svb.enhance(src, out, model, scheduler="sync", dtype="float32", progress=False)
+    img = open_image(out)
+    assert img.axis_names == ["t", "c", "z", "y", "x"] and img.level(0).shape == (2, 2, 12, 40, 40)
+    np.testing.assert_allclose(img.level(0)[1, 0], model.enhance(vol[1, 0], dtype="float32"), atol=1e-5)
+    assert img.scales[0][:2] == [1.0, 1.0]

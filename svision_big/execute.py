@@ -10,7 +10,6 @@ never holds a graph of more than a few tasks per worker, however many blocks the
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable

@@ -19,7 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import __version__
-from .execute import DoneRecords, Job, execute
+from .execute import Job, execute
 from .model import Model, load_model
 from .ngff import (Image, NgffError, _make_store, format_for, multiscales_metadata, open_image, open_output_group,
                    remove_store, store_exists, upsampled_transform)

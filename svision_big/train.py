@@ -22,7 +22,7 @@ from .network import NetConfig, SVNet
 from .noise import NoiseModel, estimate_noise
 from .operator import Normalisation, OperatorSpec, StageOp, apply_normalised, back_project, predict
 from .progress import Progress
-from .sampling import PairSampler, Region, patch_shape, split_regions
+from .sampling import PairSampler, patch_shape, split_regions
 
 DEFAULT_STEPS = 1500
 BP_CANDIDATES = (0, 2, 5, 10)

@@ -40,29 +40,29 @@ import os
 # Passive OpenMP waiting: spinning threads on a shared 2-core machine cost orders of magnitude.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import datetime as _dt  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import pickle  # noqa: E402
-import platform  # noqa: E402
-import resource  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-import tracemalloc  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import datetime as _dt
+import gc
+import json
+import math
+import pickle
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 for p in (str(REPO), str(REPO / "tests")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
+import numpy as np
+import psutil
 
 FACTORS = (2, 2, 2)
 TARGETS = {
@@ -95,10 +95,11 @@ def machine() -> dict:
 
     cpu = platform.processor() or "?"
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
     except OSError:
         pass
     return {
@@ -311,7 +312,6 @@ def flops_per_output_voxel(model) -> dict:
 
         def resize_flops(factors, up):
             # separable passes in axis order; cost per *high-res* voxel
-            shape = [1.0] * d  # relative sizes, high-res = 1 per axis
             cur = [1.0 / f if up else 1.0 for f in factors]
             fl = 0.0
             for a, f in enumerate(factors):
@@ -322,7 +322,6 @@ def flops_per_output_voxel(model) -> dict:
                 taps = tab[0].shape[1]
                 cur[a] = 1.0 if up else 1.0 / f
                 fl += 2 * taps * math.prod(cur)
-            del shape
             return fl
 
         residual = resize_flops(fs, up=True) if cfg.residual else 0.0
@@ -362,7 +361,9 @@ def child_convrate(spec: dict) -> dict:
     import torch
 
     _set_threads(1)
-    def bench(f, min_seconds=spec.get("min_seconds", 1.0)):
+    def bench(f, min_seconds=None):
+        if min_seconds is None:
+            min_seconds = spec.get("min_seconds", 1.0)
         f()
         best = float("inf")
         t_end = time.perf_counter() + min_seconds
@@ -392,7 +393,7 @@ def child_convrate(spec: dict) -> dict:
                 if isinstance(layer, torch.nn.Conv3d):
                     fl = 2 * layer.in_channels // layer.groups * layer.out_channels * math.prod(layer.kernel_size) * r ** 3
                     hh = h
-                    tt = bench(lambda: layer(hh), min_seconds=spec.get("min_seconds", 1.0) / 4)
+                    tt = bench(lambda layer=layer, hh=hh: layer(hh), min_seconds=spec.get("min_seconds", 1.0) / 4)
                     per.append({"layer": f"{layer.in_channels}->{layer.out_channels} k{layer.kernel_size[0]} g{layer.groups}",
                                 "gflops": round(fl / tt / 1e9, 1), "ms": round(tt * 1e3, 1)})
                     flops += fl
@@ -666,7 +667,7 @@ def child_levers(spec: dict) -> dict:
             xbf = xc.to(torch.bfloat16)
             d_bf = float((learned(net_bf, xbf).float() - ref).abs().max())
             out["learned part, bfloat16, channels-last"] = bench(lambda: learned(net_bf, xbf))
-        except Exception as exc:  # not every CPU/oneDNN build has bf16 convs
+        except (RuntimeError, NotImplementedError) as exc:  # not every CPU/oneDNN build has bf16 convs
             d_bf = f"unavailable: {type(exc).__name__}"
     return {"read": list(r), "seconds": out, "max_abs_diff_dense": d_dense, "max_abs_diff_bf16": d_bf,
             "max_abs_diff_views": d_views,
@@ -919,7 +920,7 @@ def section_throughput(cfg: dict, workdir: Path, log) -> dict:
 
     res = {}
     shape = tuple(cfg["throughput_in"])
-    inp, gen = make_input(workdir, shape)
+    _, gen = make_input(workdir, shape)
     res["input_shape"] = list(shape)
     res["output_shape"] = [n * f for n, f in zip(shape, FACTORS)]
     res["input_generation_seconds"] = round(gen, 1)
@@ -955,7 +956,7 @@ def section_throughput(cfg: dict, workdir: Path, log) -> dict:
         assert zs <= in_shape[0] and ys <= in_shape[1] and 2 * xs <= in_shape[2], "in-memory slabs must fit the volume"
         regions = [[[0, zs], [0, ys], [k * xs, (k + 1) * xs]] for k in range(2)]
 
-        def inmem():
+        def inmem(bp=bp, src=src, regions=regions, zs=zs, ys=ys, xs=xs):
             log(f"bp={bp}: in-memory operator, 2 processes, slabs {zs}x{ys}x{xs}")
             im = run_children([{"mode": "inmem", "input": src, "bp": bp, "region": r} for r in regions])
             return {"per_process": [{k: r[k] for k in ("seconds", "out_voxels", "voxels_per_second", "bytes_per_input_voxel")}
@@ -963,7 +964,7 @@ def section_throughput(cfg: dict, workdir: Path, log) -> dict:
                     "voxels_per_second": sum(r["voxels_per_second"] for r in im),
                     "load_avg_1min": im[0]["memory_all_children"]["load_avg_1min"]}
 
-        def enhance_run(tag, **extra):
+        def enhance_run(tag, *, bp=bp, src=src, in_shape=in_shape, mpath=mpath, block=block, **extra):
             log(f"bp={bp}: enhance end to end{tag}, input {in_shape}")
             out = fresh(workdir / f"out_bp{bp}.ome.zarr")
             e = run_child({"mode": "enhance", "input": src, "output": out, "model": str(mpath), "block": block, **extra})
@@ -1111,7 +1112,7 @@ def report(res: dict) -> str:
     L.append("")
     tp = res["throughput"]
     conv = tp["conv"]
-    L.append(f"### 1. Throughput (factor 2, full operator, default architecture, random weights; output voxels/s)")
+    L.append("### 1. Throughput (factor 2, full operator, default architecture, random weights; output voxels/s)")
     L.append("")
     L.append(f"Conv rate reached (dense 16->16 k3 conv3d on 64^3, 1 thread): {conv['one_process_gflops']:.1f} GFLOP/s "
              f"alone; {' + '.join(f'{g:.1f}' for g in conv['two_processes_gflops'])} = {conv['machine_gflops']:.1f} GFLOP/s "

@@ -80,7 +80,7 @@ class Model:
             for s in self.stages:
                 net = SVNet(s.config)
                 net.load_state_dict(s.state)
-                net.eval().to(device)
+                net = net.densified().eval().to(device)
                 for p in net.parameters():
                     p.requires_grad_(False)
                 ops.append(StageOp(net, s.degradation, s.bp_iters, s.ensemble))

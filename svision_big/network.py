@@ -110,3 +110,26 @@ class SVNet(nn.Module):
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def densified(self) -> "SVNet":
+        """An inference copy whose grouped convolutions are dense with block-diagonal weights.
+
+        Same arithmetic (zeros off the diagonal blocks), but the CPU's dense convolution kernels are
+        far faster than its grouped ones: measured 1.64x for the whole learned part
+        (benchmarks/README, bottleneck 3)."""
+        import copy
+
+        dense = copy.deepcopy(self)
+        for i, layer in enumerate(dense.body):
+            if isinstance(layer, (nn.Conv2d, nn.Conv3d)) and layer.groups > 1:
+                g, w = layer.groups, layer.weight.data
+                c_out, c_in_g = w.shape[0], w.shape[1]
+                full = torch.zeros(c_out, c_in_g * g, *w.shape[2:], dtype=w.dtype)
+                per = c_out // g
+                for k in range(g):
+                    full[k * per:(k + 1) * per, k * c_in_g:(k + 1) * c_in_g] = w[k * per:(k + 1) * per]
+                conv = type(layer)(c_in_g * g, c_out, layer.kernel_size, padding=layer.padding)
+                conv.weight.data.copy_(full)
+                conv.bias.data.copy_(layer.bias.data)
+                dense.body[i] = conv
+        return dense

@@ -101,6 +101,77 @@ def apply_table(x: torch.Tensor, axis: int, table: tuple[np.ndarray, np.ndarray]
     return out
 
 
+@lru_cache(maxsize=64)
+def phase_kernels(kind: str, param: float) -> tuple[np.ndarray, int, int]:
+    """A resize or blur as a periodic convolution: ``(ker[phases, K], left, step)``.
+
+    Output ``i = phases * k + p`` is ``sum_j ker[p, j] * xp[k * step + j]`` where ``xp`` is the
+    input symmetric-padded by ``left`` voxels. Read off the interior rows of the very tap table
+    (whose weights depend only on the phase), so both forms compute the same operator.
+    """
+    if kind == "up":
+        f = int(param)
+        n = 64
+        idx, w = resize_table(n, n * f, float(f))
+        rows, phases, step, base = [f * (n // 2) + p for p in range(f)], f, 1, [n // 2] * f
+    elif kind == "down":
+        f = int(param)
+        n = 64 * f
+        idx, w = resize_table(n, n // f, 1.0 / f)
+        rows, phases, step, base = [32], 1, f, [32 * f]
+    elif kind == "blur":
+        r = gaussian_table(1, float(param))[0].shape[1]  # taps of the kernel
+        n = 4 * r + 8
+        idx, w = gaussian_table(n, float(param))
+        rows, phases, step, base = [n // 2], 1, 1, [n // 2]
+    else:
+        raise ValueError(f"unknown kernel kind {kind!r}")
+    offs = [idx[r] - b for r, b in zip(rows, base)]
+    lo = min(int(o.min()) for o in offs)
+    hi = max(int(o.max()) for o in offs)
+    ker = np.zeros((phases, hi - lo + 1))
+    for p, (r, o) in enumerate(zip(rows, offs)):
+        for oo, ww in zip(o, w[r]):
+            ker[p, oo - lo] += ww
+    return ker, -lo, step
+
+
+def apply_phases(x: torch.Tensor, axis: int, kernel: tuple[np.ndarray, int, int], n_out: int) -> torch.Tensor:
+    """Periodic convolution along ``axis``: one gather builds the symmetric-padded copy, then every
+    tap is a strided view added in place (3.65x faster per back-projection iteration than one
+    ``index_select`` per tap, benchmarks/README bottleneck 4)."""
+    ker, left, step = kernel
+    phases, taps = ker.shape
+    axis = axis % x.ndim
+    n = x.shape[axis]
+    per = n_out // phases
+    need = (per - 1) * step + taps
+    idx = torch.from_numpy(_reflect(np.arange(-left, need - left), n)).to(x.device)
+    xp = x.index_select(axis, idx)
+    shape = list(x.shape)
+    shape[axis] = per
+    shape.insert(axis + 1, phases)
+    out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    for p in range(phases):
+        o = out.select(axis + 1, p)
+        first = True
+        for j in range(taps):
+            wj = float(ker[p, j])
+            if wj == 0.0:
+                continue
+            v = xp.narrow(axis, j, (per - 1) * step + 1)
+            if step > 1:
+                v = v[(slice(None),) * axis + (slice(None, None, step),)]
+            if first:
+                torch.mul(v, wj, out=o)
+                first = False
+            else:
+                o.add_(v, alpha=wj)
+    shape = list(x.shape)
+    shape[axis] = n_out
+    return out.reshape(shape)
+
+
 def resize(x: torch.Tensor, factors: tuple[int, ...], up: bool) -> torch.Tensor:
     """Cubic resize of the trailing ``len(factors)`` axes by integer factors (up or antialiased down)."""
     nd = len(factors)
@@ -110,12 +181,11 @@ def resize(x: torch.Tensor, factors: tuple[int, ...], up: bool) -> torch.Tensor:
         axis = x.ndim - nd + d
         n = x.shape[axis]
         if up:
-            table = resize_table(n, n * f, float(f))
+            x = apply_phases(x, axis, phase_kernels("up", f), n * f)
         else:
             if n % f:
                 raise ValueError(f"axis of length {n} is not divisible by the factor {f}")
-            table = resize_table(n, n // f, 1.0 / f)
-        x = apply_table(x, axis, table)
+            x = apply_phases(x, axis, phase_kernels("down", f), n // f)
     return x
 
 
@@ -127,7 +197,7 @@ def blur(x: torch.Tensor, fwhm: tuple[float, ...] | None) -> torch.Tensor:
     for d, s in enumerate(fwhm):
         if s and s > 0:
             axis = x.ndim - nd + d
-            x = apply_table(x, axis, gaussian_table(x.shape[axis], float(s)))
+            x = apply_phases(x, axis, phase_kernels("blur", float(s)), x.shape[axis])
     return x
 
 

@@ -19,7 +19,7 @@ import torch
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from .model import Model
-from .operator import enhance_array
+from .operator import Pass, cast_output, run_pass
 from .plan import Block, BlockPlan
 from .progress import Progress
 
@@ -29,7 +29,11 @@ _ARRAYS: dict[tuple, object] = {}
 
 @dataclass(frozen=True)
 class Job:
-    """What a task needs besides its block index: locations, plan and model hashes. No data."""
+    """What a task needs besides its block index: locations, plan, pass and model hashes. No data.
+
+    A task reads ``in`` (the pass's low-res input: the image, or an earlier pass's float32
+    output) over the block's read region and, for back-projection passes, ``companion`` (the
+    previous pass's output) over the same region times the factors."""
 
     in_url: str
     in_path: str
@@ -46,16 +50,21 @@ class Job:
     in_options: dict | None = field(default=None, hash=False, compare=False)
     out_options: dict | None = field(default=None, hash=False, compare=False)
     device: str | None = None  # None: CUDA when the worker has it, else CPU
+    step: Pass | None = None  # None: a single network pass
+    in_raw: bool = True  # ``in`` holds raw image values (normalise on read), else normalised float32
+    out_raw: bool = True  # write raw values in ``out_dtype``, else normalised float32
+    companion_path: str | None = None  # in the output store
 
     def model_for(self, block: Block) -> str:
         if self.model_axis is None or len(self.models) == 1:
             return self.models[0]
         return self.models[block.outer[self.model_axis]]
 
-    def selection(self, block: Block, spatial: tuple[slice, ...]) -> tuple:
+    def selection(self, block: Block, spatial: tuple[slice, ...], offsets: bool = False) -> tuple:
+        """Full-array selection; ``offsets``: map the plan's outer index to the input's (channel choice)."""
         sel: list = [None] * (len(self.spatial_axes) + len(self.outer_axes))
         for ax, i, off in zip(self.outer_axes, block.outer, self.outer_offsets):
-            sel[ax] = i + off
+            sel[ax] = i + (off if offsets else 0)
         for ax, s in zip(self.spatial_axes, spatial):
             sel[ax] = s
         return tuple(sel)
@@ -145,17 +154,32 @@ class DoneRecords:
 
 
 def run_block(job: Job, index: int) -> tuple[int, float, int]:
-    """The task: read block + halo, run the operator, write the owned chunks, record done."""
+    """The task: read block + halo (and the companion), run the pass, write the owned chunks, record done."""
     t0 = time.perf_counter()
     block = job.plan[index]
-    src = _open_array(job.in_url, job.in_path, job.in_options, writable=False, run=job.done_url)
+    src = _open_array(job.in_url, job.in_path, job.in_options if job.in_raw else job.out_options,
+                      writable=False, run=job.done_url)
     dst = _open_array(job.out_url, job.out_path, job.out_options, writable=True, run=job.done_url)
     model = _MODELS.get(job.model_for(block))
     if model is None:
         raise RuntimeError(f"model {job.model_for(block)} was not shipped to this worker")
-    x = np.asarray(src[job.selection(block, block.read)])
     device = _device(job)
-    y = enhance_array(x, model.spec(device), dtype=job.out_dtype, device=device)
+    spec = model.spec(device)
+    x = np.asarray(src[job.selection(block, block.read, offsets=job.in_raw)])
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+    if job.in_raw:
+        xt = spec.norm.forward(xt)
+    comp = None
+    if job.companion_path is not None:
+        carr = _open_array(job.out_url, job.companion_path, job.out_options, writable=False, run=job.done_url)
+        hr = tuple(slice(r.start * f, r.stop * f) for r, f in zip(block.read, job.plan.factors))
+        comp = torch.from_numpy(np.ascontiguousarray(carr[job.selection(block, hr)], dtype=np.float32)).to(device)
+    step = job.step or Pass("net", 0, -1, job.plan.factors, False)
+    y = run_pass(spec, step, xt, comp)
+    if job.out_raw:
+        y = cast_output(spec.norm.inverse(y).cpu().numpy(), job.out_dtype)
+    else:
+        y = y.cpu().numpy()
     dst[job.selection(block, block.write)] = y[block.crop]
     DoneRecords(job.done_url, job.out_options).mark(index)
     return index, time.perf_counter() - t0, block.write_voxels
@@ -165,7 +189,7 @@ def run_block(job: Job, index: int) -> tuple[int, float, int]:
 
 
 def execute(job: Job, models: dict[str, Model], client=None, progress: bool = True,
-            on_block: Callable[[int], None] | None = None, window: int | None = None) -> dict:
+            on_block: Callable[[int], None] | None = None, window: int | None = None, label: str = "enhance") -> dict:
     """Run every block not yet recorded done; return counts and timings."""
     records = DoneRecords(job.done_url, job.out_options)
     records.create()
@@ -174,7 +198,7 @@ def execute(job: Job, models: dict[str, Model], client=None, progress: bool = Tr
     todo = (i for i in range(total) if i not in done)
     n_todo = total - len(done)
     voxels_per_block = math.prod(job.plan.block)
-    bar = Progress(total, "enhance", unit="blocks", quiet=not progress,
+    bar = Progress(total, label, unit="blocks", quiet=not progress,
                    rate_scale=voxels_per_block, rate_unit="output voxels/s (approx)")
     bar.done = len(done)
     t0 = time.perf_counter()
@@ -195,8 +219,9 @@ def execute(job: Job, models: dict[str, Model], client=None, progress: bool = Tr
         blobs = {h: m.to_bytes() for h, m in models.items()}
         plugin = ModelPlugin(blobs, name=f"svision-big-models-{'-'.join(sorted(blobs))}")
         client.register_plugin(plugin, name=plugin.name)
+        tag = "svb-" + job.done_url.rsplit("done-", 1)[-1].replace("/", "-")
         window = window or 2 * max(1, sum(client.nthreads().values())) + 2
-        first = [client.submit(run_block, job, i, pure=False, key=f"svb-block-{job.done_url[-8:]}-{i}")
+        first = [client.submit(run_block, job, i, pure=False, key=f"{tag}-{i}")
                  for _, i in zip(range(window), todo)]
         pending = as_completed(first)
         for fut in pending:
@@ -209,7 +234,7 @@ def execute(job: Job, models: dict[str, Model], client=None, progress: bool = Tr
                 on_block(idx)
             nxt = next(todo, None)
             if nxt is not None:
-                pending.add(client.submit(run_block, job, nxt, pure=False, key=f"svb-block-{job.done_url[-8:]}-{nxt}"))
+                pending.add(client.submit(run_block, job, nxt, pure=False, key=f"{tag}-{nxt}"))
     bar.close()
     seconds = time.perf_counter() - t0
     return {"blocks": total, "skipped": len(done), "computed": finished, "todo_at_start": n_todo,

@@ -121,24 +121,85 @@ def back_project(y: torch.Tensor, x: torch.Tensor, deg: Degradation, iters: int,
     return y
 
 
-def run_stage(x: torch.Tensor, stage: StageOp, floor: float | None) -> torch.Tensor:
-    y = predict(stage.net, x, stage.ensemble)
-    if floor is not None:
-        y = y.clamp_(min=floor)
-    return back_project(y, x, stage.degradation, stage.bp_iters, floor)
+# --------------------------------------------------------------------------- passes
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One blockwise sweep of the operator, so that each part gets its own (small) halo.
+
+    Run in one sweep, back-projection's wide halo (about 3 low-res voxels per iteration) would
+    make every block re-run the network over that whole margin: measured 937% halo overhead at
+    bp 10. Split into passes, the network runs with its own radius (8) and back-projection
+    reads the stored network output.
+
+    ``kind``: "net" (ensemble network, clamp), "bp" (iterative back-projection of the previous
+    pass's output against this stage's input) or "final" (closing full-factor back-projection
+    against the original input). ``ref``: which pass made this pass's low-res input (-1: the
+    input image). ``companion``: also reads the previous pass's output (high-res, at the read
+    region times ``factors``).
+    """
+
+    kind: str
+    stage: int
+    ref: int
+    factors: tuple[int, ...]
+    companion: bool
+
+    @property
+    def label(self) -> str:
+        return {"net": f"stage {self.stage + 1} network", "bp": f"stage {self.stage + 1} back-projection",
+                "final": "closing back-projection"}[self.kind]
+
+
+def plan_passes(specs) -> tuple[Pass, ...]:
+    """The passes for one or more operators of the same structure (one per channel): a
+    back-projection pass wherever any of them back-projects (iterations 0 make it a copy)."""
+    specs = list(specs) if isinstance(specs, (list, tuple)) else [specs]
+    first = specs[0]
+    if any(len(s.stages) != len(first.stages) or s.factors != first.factors for s in specs):
+        raise ValueError("operators with different stages cannot share passes")
+    passes: list[Pass] = []
+    ref = -1
+    for i, st in enumerate(first.stages):
+        passes.append(Pass("net", i, ref, st.factors, False))
+        if any(s.stages[i].bp_iters > 0 for s in specs):
+            passes.append(Pass("bp", i, ref, st.factors, True))
+        ref = len(passes) - 1
+    if any(s.final is not None and s.final_bp_iters > 0 for s in specs):
+        passes.append(Pass("final", len(first.stages), -1, first.factors, True))
+    return tuple(passes)
+
+
+def run_pass(spec: OperatorSpec, p: Pass, x: torch.Tensor, companion: torch.Tensor | None = None) -> torch.Tensor:
+    """One pass on normalised tensors: ``x`` is the pass's low-res input, ``companion`` the previous
+    pass's high-res output (bp and final passes)."""
+    floor = spec.norm.floor_n
+    with torch.inference_mode():
+        if p.kind == "net":
+            stage = spec.stages[p.stage]
+            y = predict(stage.net, x, stage.ensemble)
+            return y.clamp_(min=floor) if floor is not None else y
+        if p.kind == "bp":
+            stage = spec.stages[p.stage]
+            return back_project(companion.clone(), x, stage.degradation, stage.bp_iters, floor)
+        if p.kind == "final":
+            if spec.final is None or spec.final_bp_iters <= 0:
+                return companion.clone()
+            return back_project(companion.clone(), x, spec.final, spec.final_bp_iters, floor)
+    raise ValueError(f"unknown pass kind {p.kind!r}")
 
 
 def apply_normalised(x: torch.Tensor, spec: OperatorSpec, upto: int | None = None) -> torch.Tensor:
-    """All stages (or the first ``upto``) plus the closing full-factor back-projection, in normalised units."""
-    floor = spec.norm.floor_n
-    stages = spec.stages if upto is None else spec.stages[:upto]
-    with torch.inference_mode():
-        y = x
-        for stage in stages:
-            y = run_stage(y, stage, floor)
-        if upto is None and spec.final is not None and spec.final_bp_iters > 0:
-            y = back_project(y, x, spec.final, spec.final_bp_iters, floor)
-    return y
+    """All passes (or those of the first ``upto`` stages, without the closing back-projection),
+    in normalised units: exactly the sequence the chunked pipeline runs block by block."""
+    outs: list[torch.Tensor] = []
+    for p in plan_passes(spec):
+        if upto is not None and (p.kind == "final" or p.stage >= upto):
+            break
+        ref = x if p.ref < 0 else outs[p.ref]
+        outs.append(run_pass(spec, p, ref, outs[-1] if p.companion else None))
+    return outs[-1] if outs else x
 
 
 def cast_output(y: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -233,4 +294,54 @@ def receptive_halo(spec: OperatorSpec) -> tuple[int, ...]:
     if spec.ndim >= 2 and any(s.ensemble for s in spec.stages):
         lat = max(halo[-2], halo[-1])
         halo[-2] = halo[-1] = lat
+    return tuple(halo)
+
+
+def _pass_influences(spec: OperatorSpec, p: Pass, axis: int, n: int) -> list[tuple[np.ndarray, int]]:
+    """High-res outputs (along one axis) touched by an impulse in each of the pass's inputs,
+    with the low-res cell the impulse sits in."""
+    f = p.factors[axis]
+    c = n // 2
+    x0 = np.zeros(n, dtype=bool)
+    x0[c] = True
+    if p.kind == "net":
+        r = spec.stages[p.stage].net.config.radius()
+        return [(np.repeat(_dilate(x0, r), f), c)]
+    if p.kind == "bp":
+        deg, iters = spec.stages[p.stage].degradation, spec.stages[p.stage].bp_iters
+    else:
+        deg, iters = spec.final, spec.final_bp_iters
+        if deg is None or iters <= 0:
+            iters = 0
+    out = [(_bp_mask(np.zeros(n * f, dtype=bool), x0, deg, axis, iters) if iters else np.repeat(np.zeros(n, dtype=bool), f), c)]
+    for phase in range(f):  # an impulse in the companion, at each sub-voxel position of cell c
+        y0 = np.zeros(n * f, dtype=bool)
+        y0[c * f + phase] = True
+        out.append((_bp_mask(y0, np.zeros(n, dtype=bool), deg, axis, iters) if iters else y0, c))
+    return out
+
+
+def pass_halo(spec: OperatorSpec, p: Pass) -> tuple[int, ...]:
+    """Exact halo of one pass, in voxels of its low-res input per side (as ``receptive_halo``)."""
+    halo = []
+    for axis in range(spec.ndim):
+        f = p.factors[axis]
+        n = 65
+        while True:
+            found, inside = 0, True
+            for m, c in _pass_influences(spec, p, axis, n):
+                hit = np.nonzero(m)[0]
+                if len(hit) == 0:
+                    continue
+                if hit[0] == 0 or hit[-1] == len(m) - 1:
+                    inside = False
+                    break
+                lr = hit // f
+                found = max(found, int(max(c - lr.min(), lr.max() - c)))
+            if inside:
+                break
+            n = 2 * n + 1
+        halo.append(found)
+    if p.kind == "net" and spec.ndim >= 2 and spec.stages[p.stage].ensemble:
+        halo[-2] = halo[-1] = max(halo[-2], halo[-1])
     return tuple(halo)

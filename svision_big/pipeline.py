@@ -23,6 +23,7 @@ from .execute import Job, execute
 from .model import Model, load_model
 from .ngff import (Image, NgffError, _make_store, format_for, multiscales_metadata, open_image, open_output_group,
                    remove_store, store_exists, upsampled_transform)
+from .operator import pass_halo, plan_passes
 from .plan import BlockPlan, default_block
 from .pyramid import build_pyramid, pyramid_datasets, pyramid_factors
 from .train import fit, parse_factors
@@ -30,6 +31,7 @@ from .train import fit, parse_factors
 STATE_DIR = "svision_state"
 DEFAULT_TRAIN_VOXELS = 4_000_000
 DEFAULT_BLOCK = 128
+DEFAULT_PASS_BLOCK = {"net": 128, "bp": 128, "final": 128}  # intermediate passes' blocks (output voxels per axis)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -221,42 +223,56 @@ def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, clien
         raise ValueError(f"{len(models)} models for {n_channels} channels: give one, or one per channel")
     in_shape = tuple(image.shape[a] for a in spatial)
     out_spatial = tuple(n * f for n, f in zip(in_shape, factors))
+    given = block
     if block is None:
         block = default_block(out_spatial, factors, DEFAULT_BLOCK)
     elif isinstance(block, int):
         block = default_block(out_spatial, factors, block)
     block = tuple(int(b) for b in block)
-    halo = models[0].halo() if len(models) == 1 else tuple(max(h) for h in zip(*(m.halo() for m in models)))
-    plan = BlockPlan(in_shape, factors, block, halo, tuple(outer_shape))
+    specs = [m.spec() for m in models]
+    passes = plan_passes(specs)
+    plans = _pass_plans(passes, specs, in_shape, block, tuple(outer_shape), given is None)
+    plan = plans[-1]
+    halos = [list(pl.halo) for pl in plans]
     fmt = format_for(ngff or image.fmt.version)
     out_dtype = np.dtype(dtype or image.dtype).name
     if shards and fmt.zarr_format == 2:
         raise NgffError("sharding needs NGFF 0.5 (zarr v3)")
 
-    out_shape = list(image.shape)
-    for ax, n in zip(spatial, out_spatial):
-        out_shape[ax] = n
-    for ax, n in zip(outer_axes, outer_shape):
-        out_shape[ax] = n
-    chunks = [1] * image.ndim
+    def full_shape(spatial_shape):
+        shape = list(image.shape)
+        for ax, n in zip(spatial, spatial_shape):
+            shape[ax] = n
+        for ax, n in zip(outer_axes, outer_shape):
+            shape[ax] = n
+        return tuple(shape)
+
+    def full_chunks(blk):
+        chunks = [1] * image.ndim
+        for ax, b in zip(spatial, blk):
+            chunks[ax] = b
+        return chunks
+
+    out_shape = list(full_shape(out_spatial))
+    chunks = full_chunks(block)
     shard_shape = None
-    for ax, b in zip(spatial, block):
-        chunks[ax] = b
     if shards:
         shard_shape = tuple(chunks)
         chunks = [c if ax not in spatial else _inner_chunk(c) for ax, c in enumerate(chunks)]
 
     model_hashes = tuple(m.hash for m in models)
-    in_level0 = image.level(0)
     fp = _fingerprint({
         "models": model_hashes, "input": os.path.abspath(input) if "://" not in input else input,
         "input_shape": list(image.shape), "input_dtype": str(image.dtype), "input_path": image.paths[0],
-        "block": list(block), "halo": list(halo), "dtype": out_dtype, "ngff": fmt.version, "channel": channel,
+        "block": list(block), "passes": [[p.kind, p.stage, list(pl.block), list(pl.halo)] for p, pl in zip(passes, plans)],
+        "dtype": out_dtype, "ngff": fmt.version, "channel": channel,
         "chunks": list(chunks), "shards": shard_shape, "compression": compression,
     })
     provenance = {
         "package": "svision-big", "version": __version__, "fingerprint": fp, "model_hash": list(model_hashes),
-        "factors": list(factors), "halo": list(halo), "block": list(block), "input": input,
+        "factors": list(factors), "halo": list(plan.halo), "block": list(block), "input": input,
+        "passes": [{"kind": p.kind, "stage": p.stage, "block": list(pl.block), "halo": list(pl.halo)}
+                   for p, pl in zip(passes, plans)],
         "normalisation": [{"lo": m.norm.lo, "hi": m.norm.hi, "floor": m.norm.floor} for m in models],
         "settings": [m.settings() for m in models], "channel": channel, "dtype": out_dtype,
     }
@@ -265,22 +281,49 @@ def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, clien
     group = open_output_group(output, fmt, output_storage_options, mode="a")
     if resuming and group.attrs.get("svision_big", {}).get("state") == "complete":
         return {"output": output, "state": "already complete", "fingerprint": fp, "blocks": len(plan), "computed": 0}
+    work = f"{STATE_DIR}/work-{fp}"
+    paths = [f"{work}/p{k}" for k in range(len(passes) - 1)] + ["0"]
     if not resuming:
         group.attrs["svision_big"] = {**provenance, "state": "writing level 0"}
+        for k, pl in enumerate(plans[:-1]):
+            _create_intermediate(output, output_storage_options, paths[k], full_shape(pl.out_shape), full_chunks(pl.block))
         fmt.create_array(group, "0", tuple(out_shape), tuple(chunks), out_dtype, image.axis_names,
                          shards=shard_shape, compression=compression)
-    job = Job(in_url=input, in_path=image.paths[0], out_url=output, out_path="0", plan=plan,
-              spatial_axes=tuple(spatial), outer_axes=tuple(outer_axes), outer_offsets=tuple(offsets),
-              models=model_hashes, model_axis=outer_axes.index(cax) if (cax is not None and len(models) > 1) else None,
-              out_dtype=out_dtype, done_url=_join(output, STATE_DIR, f"done-{fp}"),
-              in_options=storage_options, out_options=output_storage_options, device=device)
-    del in_level0
+    base = dict(in_url=input, in_path=image.paths[0], out_url=output, spatial_axes=tuple(spatial),
+                outer_axes=tuple(outer_axes), outer_offsets=tuple(offsets), models=model_hashes,
+                model_axis=outer_axes.index(cax) if (cax is not None and len(models) > 1) else None,
+                out_dtype=out_dtype, in_options=storage_options, out_options=output_storage_options, device=device)
+    jobs = []
+    for k, (p, pl) in enumerate(zip(passes, plans)):
+        from_image = p.ref < 0
+        jobs.append(Job(**{**base, "in_url": input if from_image else output,
+                           "in_path": image.paths[0] if from_image else paths[p.ref]},
+                        out_path=paths[k], plan=pl, done_url=_join(output, STATE_DIR, f"done-{fp}", f"p{k}"),
+                        step=p, in_raw=from_image, out_raw=k == len(passes) - 1,
+                        companion_path=paths[k - 1] if p.companion else None))
     cl, owned = _open_cluster(client, workers, scheduler)
     try:
         if progress:
-            print(f"enhance: {len(plan)} blocks of {block} output voxels, halo {halo} input voxels, "
-                  f"factors {factors}, {'resuming' if resuming else 'new output'} {output}", flush=True)
-        stats = execute(job, {m.hash: m for m in models}, client=cl, progress=progress, on_block=on_block)
+            print(f"enhance: factors {factors}, {'resuming' if resuming else 'new output'} {output}; "
+                  f"{len(passes)} pass(es):", flush=True)
+            for p, pl in zip(passes, plans):
+                print(f"  {p.label}: {len(pl)} blocks of {pl.block} output voxels, halo {pl.halo} input voxels "
+                      f"(halo overhead {pl.overhead():.0%})", flush=True)
+        stats: dict = {"passes": []}
+        for k, (p, job) in enumerate(zip(passes, jobs)):
+            s = execute(job, {m.hash: m for m in models}, client=cl, progress=progress,
+                        on_block=on_block if k == len(passes) - 1 else None,
+                        label=f"pass {k + 1}/{len(passes)} {p.label}")
+            stats["passes"].append({"kind": p.kind, "stage": p.stage, **s})
+            for j in range(k + 1):  # intermediates no remaining pass reads
+                if j < len(passes) - 1 and not any(q.ref == j or (q.companion and i - 1 == j)
+                                                   for i, q in enumerate(passes) if i > k):
+                    _remove_intermediate(output, output_storage_options, paths[j])
+        last = stats["passes"][-1]
+        total_s = sum(q["seconds"] for q in stats["passes"])
+        stats.update({k: last[k] for k in ("blocks", "skipped", "computed", "todo_at_start", "output_voxels")})
+        stats["seconds"] = round(total_s, 3)
+        stats["voxels_per_second"] = last["output_voxels"] / total_s if total_s > 0 else 0.0
         t0 = time.perf_counter()
         group.attrs["svision_big"] = {**provenance, "state": "building pyramid"}
         levels = _finish(group, fmt, image, out_shape, factors, tuple(chunks), shard_shape, out_dtype, compression, cl,
@@ -289,9 +332,49 @@ def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, clien
     finally:
         for o in owned:
             o.close()
+    _remove_intermediate(output, output_storage_options, work)
     group.attrs["svision_big"] = {**provenance, "state": "complete", "levels": levels}
-    stats.update(output=output, fingerprint=fp, halo=list(halo), block=list(block), levels=levels)
+    stats.update(output=output, fingerprint=fp, halo=list(plan.halo), block=list(block), levels=levels)
     return stats
+
+
+def _pass_plans(passes, specs, in_shape, block, outer_shape, defaults: bool = True) -> list[BlockPlan]:
+    """One plan per pass, on that pass's low-res input; the last pass writes the output in ``block``s,
+    earlier passes use their kind's default block (``defaults``) or the same block size."""
+    shapes: list[tuple[int, ...]] = []
+    plans = []
+    for k, p in enumerate(passes):
+        ref = in_shape if p.ref < 0 else shapes[p.ref]
+        out = tuple(n * f for n, f in zip(ref, p.factors))
+        shapes.append(out)
+        halo = tuple(max(h) for h in zip(*(pass_halo(s, p) for s in specs)))
+        if k == len(passes) - 1:
+            blk = block
+        elif defaults:
+            blk = default_block(out, p.factors, DEFAULT_PASS_BLOCK[p.kind])
+        else:
+            blk = tuple(max(f, min(b, n) - min(b, n) % f) for b, n, f in zip(block, out, p.factors))
+        if k == len(passes) - 1 and out != tuple(n * f for n, f in zip(in_shape, specs[0].factors)):
+            raise AssertionError("the last pass must produce the output shape")
+        plans.append(BlockPlan(ref, p.factors, blk, halo, outer_shape))
+    return plans
+
+
+def _create_intermediate(url: str, options: dict | None, path: str, shape, chunks) -> None:
+    """A float32 scratch array (zarr v3, uncompressed: written once and read once) in the output's state folder."""
+    import zarr
+
+    # a store rooted at the array itself: no group metadata lands in the output (a v2 image stays pure v2)
+    zarr.create_array(_make_store(_join(url, path), options, read_only=False), shape=tuple(shape), chunks=tuple(chunks),
+                      dtype="float32", fill_value=0.0, compressors=None, overwrite=True, zarr_format=3)
+
+
+def _remove_intermediate(url: str, options: dict | None, path: str) -> None:
+    import fsspec.core
+
+    fs, root = fsspec.core.url_to_fs(_join(url, path), **(options or {}))
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
 
 
 def _inner_chunk(b: int) -> int:

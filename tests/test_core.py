@@ -192,6 +192,41 @@ def test_halo_bounds_impulse_response(factors, final):
         assert reach >= 0.6 * h, (axis, reach, halo)
 
 
+@pytest.mark.parametrize("factors,final", [((2, 2, 2), False), ((4, 2, 2), True), ((2, 1, 1), False)])
+def test_pass_halos_bound_each_pass_impulse_response(factors, final):
+    """Each pass (network, back-projection, closing back-projection) gets its own halo: perturbing
+    one voxel of its low-res input or of its high-res companion changes nothing beyond it."""
+    from svision_big.operator import pass_halo, plan_passes, run_pass
+
+    spec = _random_spec(factors, bp=2, final=final, floor=None)
+    passes = plan_passes(spec)
+    assert [p.kind for p in passes] == ["net", "bp"] * len(spec.stages) + (["final"] if final else [])
+    rng = np.random.default_rng(3)
+    for p in passes:
+        halo = pass_halo(spec, p)
+        f = np.array(p.factors)
+        for axis, h in enumerate(halo):
+            shape = [9] * len(factors)
+            shape[axis] = 2 * h + 7
+            x = torch.from_numpy(rng.random(shape).astype(np.float32))
+            comp = torch.from_numpy(rng.random([n * k for n, k in zip(shape, f)]).astype(np.float32))
+            base = run_pass(spec, p, x, comp if p.companion else None)
+            centre = tuple(n // 2 for n in shape)
+            tries = [("x", x, centre)]
+            if p.companion:
+                tries += [("companion", comp, tuple(c * k + k - 1 for c, k in zip(centre, f)))]
+            for name, t, where in tries:
+                t2 = t.clone()
+                t2[where] += 1.0
+                args = (t2, comp) if name == "x" else (x, t2)
+                out = run_pass(spec, p, args[0], args[1] if p.companion else None)
+                hit = np.argwhere((out != base).numpy())
+                reach = int(np.abs(hit[:, axis] // f[axis] - centre[axis]).max()) if len(hit) else 0
+                assert reach <= h, (p, name, axis, reach, halo)
+        if p.kind == "bp":
+            assert max(pass_halo(spec, p)) < max(receptive_halo(spec))  # the point of splitting
+
+
 def test_enhance_rejects_wrong_dimensionality():
     spec = _random_spec((2, 2, 2))
     with pytest.raises(ValueError, match="3D"):

@@ -23,6 +23,7 @@ from svision_big.cli import main as cli_main
 from svision_big.convert import write_ome_zarr
 from svision_big.execute import Job
 from svision_big.ngff import NgffError, open_image
+from svision_big.operator import plan_passes
 from svision_big.plan import BlockPlan
 
 
@@ -78,8 +79,9 @@ def test_chunked_equals_whole_volume(tmp_path, factors, shape, block):
     worst = float(np.abs(out - ref).max())
     assert worst <= 1e-5 * rng, worst
     assert stats["computed"] == len(BlockPlan(shape, factors, block, model.halo()))
-    # the plan really cut the volume: more than one block, and some reads are clipped by the halo
-    assert stats["computed"] > 1
+    # the plan really cut the volume: more than one block in every pass (network, back-projection, ...)
+    assert [p["kind"] for p in stats["passes"]] == [p.kind for p in plan_passes(model.spec())]
+    assert len(stats["passes"]) >= 2 and all(p["computed"] > 1 for p in stats["passes"])
 
 
 def test_plan_tiles_the_output_exactly():
@@ -226,15 +228,18 @@ def test_killed_run_resumes_to_identical_result(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "svision_big.cli", "enhance", src, out, *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = os.path.join(out, "svision_state")
+
+    def done_in_last_pass():  # the network pass, then back-projection (pass p1) writes the output
+        dirs = [d for d in os.listdir(state) if d.startswith("done-")] if os.path.isdir(state) else []
+        last = os.path.join(state, dirs[0], "p1") if dirs else ""
+        return len(os.listdir(last)) if os.path.isdir(last) else 0
+
     deadline = time.time() + 120
-    while time.time() < deadline:
-        dirs = [d for d in os.listdir(state)] if os.path.isdir(state) else []
-        if dirs and len(os.listdir(os.path.join(state, dirs[0]))) >= 5:
-            break
+    while time.time() < deadline and done_in_last_pass() < 5:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done_before = len(os.listdir(os.path.join(state, os.listdir(state)[0])))
+    done_before = done_in_last_pass()
     assert 5 <= done_before < 80  # killed part-way (80 blocks in all)
     assert "multiscales" not in json.dumps(zarr.open_group(out, mode="r").attrs.asdict())
 
@@ -248,6 +253,7 @@ def test_killed_run_resumes_to_identical_result(tmp_path):
         np.testing.assert_array_equal(a.level(lvl)[...], b.level(lvl)[...])
     r2 = _cli("enhance", src, out, *args)
     assert r2.returncode == 0 and "already complete" in r2.stdout
+    assert not [d for d in os.listdir(state) if d.startswith("work-")]  # scratch arrays removed once done
 
 
 def test_existing_output_with_other_settings_is_refused(tmp_path):

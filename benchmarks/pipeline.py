@@ -902,8 +902,41 @@ def child_plan(spec: dict) -> dict:
     return res
 
 
+def child_blocks(spec: dict) -> dict:
+    """One pass of the operator on one interior block of output side ``size`` (read region = block + the
+    pass's own halo), one thread: seconds, output voxels/s counted on the *write* region (so the halo's
+    recomputation is charged), and the process's peak RSS (the parent samples it)."""
+    _set_threads(1)
+    import torch
+
+    from svision_big.operator import pass_halo, plan_passes, run_pass
+
+    model = build_model(spec["bp"])
+    mspec = model.spec()
+    p = [q for q in plan_passes(mspec) if q.kind == spec["kind"]][0]
+    halo = pass_halo(mspec, p)
+    size = spec["size"]
+    read = [size // f + 2 * h for f, h in zip(p.factors, halo)]
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(read, generator=g) * 0.3
+    comp = torch.rand([n * f for n, f in zip(read, p.factors)], generator=g) * 0.3 if p.companion else None
+    run_pass(mspec, p, x[:8, :8, :8], comp[:16, :16, :16] if comp is not None else None)  # warm up
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        run_pass(mspec, p, x, comp)
+        reps += 1
+        if time.perf_counter() - t0 >= spec.get("min_seconds", 0.0):
+            break
+    sec = (time.perf_counter() - t0) / reps
+    write = size ** 3
+    return {"kind": p.kind, "bp": spec["bp"], "size": size, "halo": list(halo), "read": read, "seconds": sec,
+            "write_voxels_per_second": write / sec,
+            "read_voxels_per_second": math.prod(n * f for n, f in zip(read, p.factors)) / sec}
+
+
 CHILDREN = {"convrate": child_convrate, "inmem": child_inmem, "profile": child_profile, "levers": child_levers,
-            "enhance": child_enhance, "map_overlap": child_map_overlap, "plan": child_plan}
+            "enhance": child_enhance, "map_overlap": child_map_overlap, "plan": child_plan,
+            "blocks": child_blocks}
 
 
 # =========================================================================== sections (parent)
@@ -1076,6 +1109,19 @@ def section_planning(cfg: dict, workdir: Path, log) -> dict:
         r.pop("memory", None)
         rows.append(r)
     return {"rows": rows, "halo": halo}
+
+
+def section_blocks(cfg: dict, log) -> dict:
+    """Each pass's speed and memory against block size, to choose the default blocks from numbers:
+    bigger blocks repeat less halo but run slower per voxel on this CPU (caches) and need more memory."""
+    rows = []
+    for kind, bp in (("net", 0), ("bp", 2), ("bp", 10)):
+        for size in cfg["block_sizes"]:
+            log(f"blocks: {kind} pass (bp {bp}), block {size}^3")
+            r = run_child({"mode": "blocks", "kind": kind, "bp": bp, "size": size, "min_seconds": cfg["block_seconds"]})
+            r["peak_rss_bytes"] = r.pop("memory")["peak_total_bytes"]
+            rows.append(r)
+    return {"rows": rows}
 
 
 def section_halo(cfg: dict, bytes_per_read_voxel: dict) -> dict:
@@ -1315,6 +1361,8 @@ QUICK = {
     "memory_runs": [("1x", 1, (32, 128, 128), True), ("8x", 8, (64, 256, 256), True)],
     "plan_sides": (46, 100),  # 97,336 and 10^6 blocks
     "iterate_max": 200_000,
+    "block_sizes": (64, 128),
+    "block_seconds": 0.0,
     "records": 10_000,
     "overhead_runs": [("8x", (64, 256, 256), "in-process (scheduler='sync'), 1 thread")],
 }
@@ -1331,6 +1379,8 @@ DEFAULT = {
     "memory_runs": [("1x", 1, (64, 256, 256), True), ("8x", 8, (128, 512, 512), True),
                     ("64x", 64, (256, 1024, 1024), True)],
     "plan_sides": (47, 100),  # 103,823 and 10^6 blocks
+    "block_sizes": (64, 96, 128, 160, 192, 256),
+    "block_seconds": 2.0,
     "iterate_max": 10**6,
     "records": 100_000,
     "overhead_runs": [("8x", (128, 512, 512), "2 workers without MALLOC_TRIM_THRESHOLD_"),
@@ -1344,7 +1394,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "pipeline.json"))
     ap.add_argument("--workdir", default=os.environ.get("SVB_BENCH_DIR", "/tmp/svb-pipeline-bench"),
                     help="scratch space for inputs (cached) and outputs (removed after each run)")
-    ap.add_argument("--only", default=None, help="comma list of sections: throughput,profile,memory,planning,halo")
+    ap.add_argument("--only", default=None, help="comma list of sections: throughput,profile,memory,planning,halo,blocks")
     ap.add_argument("--report", default=None, metavar="JSON", help="print the report of an earlier run's JSON and exit")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -1362,7 +1412,8 @@ def main(argv=None) -> int:
     cfg = QUICK if args.quick else DEFAULT
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    only = set(args.only.split(",")) if args.only else {"throughput", "profile", "memory", "planning", "halo"}
+    ALL = {"throughput", "profile", "memory", "planning", "halo", "blocks"}
+    only = set(args.only.split(",")) if args.only else ALL
 
     def log(msg):
         print(f"[{time.perf_counter() - t_start:6.0f} s] {msg}", file=sys.stderr, flush=True)
@@ -1394,6 +1445,8 @@ def main(argv=None) -> int:
         res["memory"]["flatness"] = flat
     if "planning" in only:
         res["planning"] = section_planning(cfg, workdir, log)
+    if "blocks" in only:
+        res["blocks"] = section_blocks(cfg, log)
     if "halo" in only:
         bpv = {}
         for k, v in (res.get("profile") or {}).items():
@@ -1404,7 +1457,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(res, fh, indent=1, default=float)
-    if only == {"throughput", "profile", "memory", "planning", "halo"}:
+    if only == ALL:
         print(report(res))
     else:
         print(json.dumps({k: v for k, v in res.items() if k not in ("machine", "config")}, indent=1, default=float))

@@ -67,6 +67,17 @@ def pixel_shuffle_nd(x: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor:
     return x.reshape(n, c, *[s * f for s, f in zip(spatial, factors)])
 
 
+def _conv3d(x: torch.Tensor, conv: nn.Module, padding: tuple[int, int, int]) -> torch.Tensor:
+    """oneDNN convolution on CPU whatever the shape: torch's heuristic sends thin slabs
+    (N*C*D*H <= 20480) to its slow reference kernel, measured 12x slower on a 6-channel slab."""
+    if x.device.type == "cpu" and torch.backends.mkldnn.is_available() and conv.groups == 1:
+        try:
+            return torch.ops.aten.mkldnn_convolution(x, conv.weight, conv.bias, list(padding), [1, 1, 1], [1, 1, 1], 1)
+        except (RuntimeError, AttributeError):
+            pass
+    return nn.functional.conv3d(x, conv.weight, conv.bias, padding=padding, groups=conv.groups)
+
+
 class SVNet(nn.Module):
     """Extraction (k5, 16, PReLU) -> shrink (k3, 6, PReLU) -> grouped k3 convs (PReLU) -> sub-pixel expansion."""
 
@@ -107,6 +118,58 @@ class SVNet(nn.Module):
         Kept separate because the cubic term is linear and symmetric: an ensemble over flips and
         rotations can add it once instead of once per variant."""
         return pixel_shuffle_nd(self.expand(self.body(x)), self.config.factors)
+
+    def layers(self) -> list[tuple[nn.Module, nn.Module | None]]:
+        """(convolution, activation or None) in order, expansion last."""
+        mods = [*self.body, self.expand]
+        out, i = [], 0
+        while i < len(mods):
+            act = mods[i + 1] if i + 1 < len(mods) and isinstance(mods[i + 1], nn.PReLU) else None
+            out.append((mods[i], act))
+            i += 2 if act is not None else 1
+        return out
+
+    def correction_slabs(self, x: torch.Tensor, slab: int = 8):
+        """``correction`` of a 3D input, yielded as (high-res z offset, slab) in z order.
+
+        Computed in z-slabs of ``slab`` low-res slices: each convolution keeps the last 2r input
+        slices it has seen (a rolling buffer), so no voxel is computed twice and the working set
+        is a few slabs instead of 16 feature maps of the whole block. Measured one thread: 0.52
+        us per low-res voxel whatever the block, where the whole-block form slows from 0.55
+        (80^3) to 1.21 (144x208x208) as its feature maps outgrow the caches. Zero slices fed at
+        both ends reproduce the 'same' zero padding exactly."""
+        if self.config.ndim != 3 or x.shape[2] <= slab:
+            yield 0, self.correction(x)
+            return
+        fmt = torch.channels_last_3d
+        layers = self.layers()
+        fz = self.config.factors[0]
+
+        def zeros(conv, r):
+            n, _, _, h, w = x.shape
+            return x.new_zeros((n, conv.in_channels, r, h, w)).contiguous(memory_format=fmt)
+
+        bufs = [zeros(conv, conv.padding[0]) for conv, _ in layers]
+        depth, done = x.shape[2], 0
+        for z0 in range(0, depth, slab):
+            last = z0 + slab >= depth
+            t = x[:, :, z0:z0 + slab]
+            for i, (conv, act) in enumerate(layers):
+                r = conv.padding[0]
+                parts = [bufs[i], t] + ([zeros(conv, r)] if last else [])
+                buf = torch.cat(parts, 2).contiguous(memory_format=fmt)  # cat may pick NCDHW
+                if buf.shape[2] < 2 * r + 1:
+                    bufs[i], t = buf, None
+                    break
+                y = _conv3d(buf, conv, (0, *conv.padding[1:]))
+                bufs[i] = buf[:, :, buf.shape[2] - 2 * r:]
+                t = act(y) if act is not None else y
+            if t is not None and t.shape[2]:
+                yield done * fz, pixel_shuffle_nd(t, self.config.factors)
+                done += t.shape[2]
+
+    def correction_streamed(self, x: torch.Tensor, slab: int = 8) -> torch.Tensor:
+        return torch.cat([y for _, y in self.correction_slabs(x, slab)], 2)
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

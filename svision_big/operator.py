@@ -91,24 +91,33 @@ def _inverse_t(y: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
     return torch.flip(y, dims=(-1,)) if flip else y
 
 
+SLAB = 8  # low-res z-slices per streamed network step (measured: 4-16 equally fast, 2 slower)
+
+
 def predict(net: SVNet, x: torch.Tensor, ensemble: bool = True) -> torch.Tensor:
     """Network output for a spatial tensor, averaged over the lateral symmetry group.
 
-    Runs channels-last (about 25% faster convolutions on CPU) and adds the residual's cubic
-    upsampling once: it commutes with every flip and rotation, so averaging it is a no-op."""
-    if not ensemble:
-        return net(x[None, None])[0, 0]
-    fy, fx = net.config.factors[-2:]
-    variants = _variants(rotations=(fy == fx))
+    Runs channels-last (about 25% faster convolutions on CPU), streams 3D inputs through the
+    network in z-slabs (the symmetries are lateral, so every variant's slab undoes into the same
+    output slab), and adds the residual's cubic upsampling once: it commutes with every flip
+    and rotation, so averaging it is a no-op."""
     fmt = torch.channels_last_3d if x.ndim == 3 else torch.channels_last
-    acc = None
+    if ensemble:
+        fy, fx = net.config.factors[-2:]
+        variants = _variants(rotations=(fy == fx))
+    else:
+        variants = [(0, False)]
+    shape = [n * f for n, f in zip(x.shape, net.config.factors)]
+    acc = torch.zeros(shape, dtype=x.dtype, device=x.device)
     for k, flip in variants:
         xt = _forward_t(x, k, flip)[None, None].contiguous(memory_format=fmt)
-        y = _inverse_t(net.correction(xt)[0, 0], k, flip)
-        acc = y if acc is None else acc.add_(y)
-    acc = acc / len(variants)
+        for z0, y in net.correction_slabs(xt, SLAB):
+            y = _inverse_t(y[0, 0], k, flip)
+            acc[z0:z0 + y.shape[0]] += y
+    if len(variants) > 1:
+        acc /= len(variants)
     if net.config.residual:
-        acc = acc + resize(x, net.config.factors, up=True)
+        acc += resize(x, net.config.factors, up=True)
     return acc
 
 

@@ -135,6 +135,22 @@ def test_network_shapes_and_size(factors, shape):
     assert 1000 < net.n_parameters() < 20000
 
 
+@pytest.mark.parametrize("factors", [(2, 2, 2), (2, 1, 1)])
+def test_streamed_network_equals_whole_block(factors):
+    """z-slab streaming with rolling buffers is the same function as one whole-block pass, for
+    depths shorter than, equal to and not a multiple of the slab (float rounding only)."""
+    torch.manual_seed(1)
+    net = SVNet(NetConfig(factors, mapping=2)).eval()
+    with torch.inference_mode():
+        for depth in (1, 3, 8, 9, 21):
+            x = torch.rand(1, 1, depth, 7, 6).contiguous(memory_format=torch.channels_last_3d)
+            ref = net.correction(x)
+            for slab in (1, 2, 8):
+                got = net.correction_streamed(x, slab)
+                assert got.shape == ref.shape
+                assert float((got - ref).abs().max()) < 1e-5 * float(ref.abs().max())
+
+
 def test_pixel_shuffle_places_subpixels():
     factors = (2, 1, 2)
     x = torch.arange(4 * 3 * 2 * 2, dtype=torch.float32).reshape(1, 4, 3, 2, 2)

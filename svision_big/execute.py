@@ -176,11 +176,13 @@ def run_block(job: Job, index: int) -> tuple[int, float, int]:
         comp = torch.from_numpy(np.ascontiguousarray(carr[job.selection(block, hr)], dtype=np.float32)).to(device)
     step = job.step or Pass("net", 0, -1, job.plan.factors, False)
     y = run_pass(spec, step, xt, comp)
+    del xt, comp
+    y = y[block.crop].contiguous()  # only the owned region goes on (the halo's share is dropped first)
     if job.out_raw:
         y = cast_output(spec.norm.inverse(y).cpu().numpy(), job.out_dtype)
     else:
         y = y.cpu().numpy()
-    dst[job.selection(block, block.write)] = y[block.crop]
+    dst[job.selection(block, block.write)] = y
     DoneRecords(job.done_url, job.out_options).mark(index)
     return index, time.perf_counter() - t0, block.write_voxels
 

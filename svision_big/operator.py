@@ -123,8 +123,10 @@ def predict(net: SVNet, x: torch.Tensor, ensemble: bool = True) -> torch.Tensor:
 
 def back_project(y: torch.Tensor, x: torch.Tensor, deg: Degradation, iters: int, floor: float | None) -> torch.Tensor:
     """Iterative back-projection y += up(x - down(y)), clamped inside every iteration."""
-    for _ in range(iters):
-        y = y + deg.up(x - deg.down(y))
+    for i in range(iters):
+        u = deg.up(x - deg.down(y))
+        y = u.add_(y) if i == 0 else y.add_(u)  # in place, but never into the caller's ``y``
+        del u
         if floor is not None:
             y = y.clamp_(min=floor)
     return y
@@ -191,11 +193,11 @@ def run_pass(spec: OperatorSpec, p: Pass, x: torch.Tensor, companion: torch.Tens
             return y.clamp_(min=floor) if floor is not None else y
         if p.kind == "bp":
             stage = spec.stages[p.stage]
-            return back_project(companion.clone(), x, stage.degradation, stage.bp_iters, floor)
+            return back_project(companion, x, stage.degradation, stage.bp_iters, floor)
         if p.kind == "final":
             if spec.final is None or spec.final_bp_iters <= 0:
                 return companion.clone()
-            return back_project(companion.clone(), x, spec.final, spec.final_bp_iters, floor)
+            return back_project(companion, x, spec.final, spec.final_bp_iters, floor)
     raise ValueError(f"unknown pass kind {p.kind!r}")
 
 
@@ -216,7 +218,8 @@ def cast_output(y: np.ndarray, dtype: np.dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
-        return np.clip(np.rint(y), info.min, info.max).astype(dtype)
+        y = np.rint(y)  # one temporary, then in place
+        return np.clip(y, info.min, info.max, out=y).astype(dtype)
     return y.astype(dtype, copy=False)
 
 

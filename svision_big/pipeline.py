@@ -30,8 +30,14 @@ from .train import fit, parse_factors
 
 STATE_DIR = "svision_state"
 DEFAULT_TRAIN_VOXELS = 4_000_000
-DEFAULT_BLOCK = 128
-DEFAULT_PASS_BLOCK = {"net": 128, "bp": 128, "final": 128}  # intermediate passes' blocks (output voxels per axis)
+# Output chunks for viewers, and each pass's block (output voxels per axis, whole chunks), chosen
+# from `python benchmarks/pipeline.py --only blocks` (benchmarks/README): bigger blocks repeat less
+# halo and the streamed network runs as fast per voxel at any size, so the block is as large as
+# ~0.7-1.3 GB per single-thread worker allows. 256^3: network halo overhead 42%, 1.27 M output voxels/s
+# per core (128^3: 95%, 0.94); bp 10 pass 1.38 M/s (128^3: 0.81).
+DEFAULT_BLOCK = 128  # a user's integer block, and the default chunk
+DEFAULT_CHUNK = 128
+DEFAULT_PASS_BLOCK = {"net": 256, "bp": 256, "final": 256}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -224,13 +230,17 @@ def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, clien
     in_shape = tuple(image.shape[a] for a in spatial)
     out_spatial = tuple(n * f for n, f in zip(in_shape, factors))
     given = block
-    if block is None:
-        block = default_block(out_spatial, factors, DEFAULT_BLOCK)
-    elif isinstance(block, int):
-        block = default_block(out_spatial, factors, block)
-    block = tuple(int(b) for b in block)
     specs = [m.spec() for m in models]
     passes = plan_passes(specs)
+    if block is None:  # chunks for viewers; blocks (whole chunks) as large as the measurements say pays
+        chunk_block = default_block(out_spatial, factors, DEFAULT_CHUNK)
+        block = _whole_chunks(default_block(out_spatial, factors, DEFAULT_PASS_BLOCK[passes[-1].kind]),
+                              chunk_block, out_spatial)
+    else:
+        if isinstance(block, int):
+            block = default_block(out_spatial, factors, block)
+        block = tuple(int(b) for b in block)
+        chunk_block = block
     plans = _pass_plans(passes, specs, in_shape, block, tuple(outer_shape), given is None)
     plan = plans[-1]
     halos = [list(pl.halo) for pl in plans]
@@ -254,7 +264,7 @@ def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, clien
         return chunks
 
     out_shape = list(full_shape(out_spatial))
-    chunks = full_chunks(block)
+    chunks = full_chunks(chunk_block)
     shard_shape = None
     if shards:
         shard_shape = tuple(chunks)
@@ -336,6 +346,11 @@ def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, clien
     group.attrs["svision_big"] = {**provenance, "state": "complete", "levels": levels}
     stats.update(output=output, fingerprint=fp, halo=list(plan.halo), block=list(block), levels=levels)
     return stats
+
+
+def _whole_chunks(block: tuple[int, ...], chunk: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Round a block down to whole chunks per axis (one writer per chunk), unless it spans the axis."""
+    return tuple(b if b >= n else max(c, b - b % c) for b, c, n in zip(block, chunk, shape))
 
 
 def _pass_plans(passes, specs, in_shape, block, outer_shape, defaults: bool = True) -> list[BlockPlan]:

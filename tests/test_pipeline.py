@@ -399,3 +399,22 @@ def test_five_dimensional_input_through_top_level_api(tmp_path):
     assert img.axis_names == ["t", "c", "z", "y", "x"] and img.level(0).shape == (2, 2, 12, 40, 40)
     np.testing.assert_allclose(img.level(0)[1, 0], model.enhance(vol[1, 0], dtype="float32"), atol=1e-5)
     assert img.scales[0][:2] == [1.0, 1.0]
+
+
+def test_default_blocks_write_whole_chunks(tmp_path):
+    """By default the output has viewer-sized chunks and bigger blocks (less halo): every block must
+    still own whole chunks (the last one may end at the array's edge)."""
+    from svision_big.pipeline import DEFAULT_CHUNK, _whole_chunks
+
+    assert _whole_chunks((256, 200), (128, 128), (600, 200)) == (256, 200)
+    assert _whole_chunks((250, 256), (128, 128), (600, 600)) == (128, 256)
+    model = make_model((2, 2), bp=1)
+    vol = smooth_volume((150, 40), seed=9)
+    src = _write_input(tmp_path, vol, axes="yx")
+    out = str(tmp_path / "out.ome.zarr")
+    stats = pipeline.enhance(src, out, model, scheduler="sync", dtype="float32", progress=False)
+    arr = open_image(out).level(0)
+    assert arr.chunks == (DEFAULT_CHUNK, 80)
+    block = stats["block"]
+    assert block[0] % DEFAULT_CHUNK == 0 and block[0] > DEFAULT_CHUNK and block[1] == 80
+    np.testing.assert_allclose(arr[...], model.enhance(vol, dtype="float32"), atol=1e-5, rtol=0)

@@ -42,15 +42,60 @@ def _robust_var(r: np.ndarray) -> float:
     return float((1.4826 * np.median(np.abs(r - np.median(r)))) ** 2)
 
 
-def estimate_noise(volume: np.ndarray, n_bins: int = 12, max_samples: int = 2_000_000, seed: int = 0) -> NoiseModel:
-    """Fit var = gain*I + offset to per-intensity-bin noise variances of a (normalised) volume."""
+@dataclass(frozen=True)
+class NoiseBins:
+    """Noise variance per intensity bin (median intensity, variance, voxel count), lowest first."""
+
+    x: np.ndarray
+    var: np.ndarray
+    count: np.ndarray
+
+    def least_squares(self) -> NoiseModel:
+        """var = gain*I + offset weighted by sqrt(count): the model partners are given."""
+        if len(self.x) == 0:
+            return NoiseModel(0.0, 0.0)
+        if len(self.x) < 2:
+            return NoiseModel(0.0, float(self.var[0]))
+        w = np.sqrt(self.count)
+        a_mat = np.stack([self.x, np.ones_like(self.x)], axis=1) * w[:, None]
+        gain, offset = np.linalg.lstsq(a_mat, self.var * w, rcond=None)[0]
+        if gain < 0:  # variance cannot fall with intensity: fall back to constant noise
+            gain, offset = 0.0, float(np.average(self.var, weights=w))
+        return NoiseModel(float(gain), float(max(0.0, offset)))
+
+    def theil_sen(self) -> NoiseModel:
+        """The same line by the median of pairwise slopes: robust where least squares is not.
+
+        In sparse data nearly every bin is background and the top bin holds the structures,
+        whose sub-voxel detail no difference filter can tell from noise: least squares lets that
+        one bin set the slope (clean x(4,2,2) beads came out as noisy as Poisson-100 data, std
+        0.093 at mid intensity), the median slope ignores it (0.023), while truly noisy data raise
+        the variance bin after bin and keep their slope (0.088 -> 0.088)."""
+        if len(self.x) < 2:
+            return self.least_squares()
+        i, j = np.triu_indices(len(self.x), k=1)
+        dx = self.x[j] - self.x[i]
+        ok = dx > 0
+        if not ok.any():
+            return NoiseModel(0.0, float(np.median(self.var)))
+        slope = max(0.0, float(np.median((self.var[j] - self.var[i])[ok] / dx[ok])))
+        return NoiseModel(slope, float(max(0.0, np.median(self.var - slope * self.x))))
+
+    def background_std(self) -> float:
+        """Noise std of the darkest bin, where no structure leaks in."""
+        return float(np.sqrt(self.var[0])) if len(self.var) else 0.0
+
+
+def noise_bins(volume: np.ndarray, n_bins: int = 12, max_samples: int = 2_000_000, seed: int = 0) -> NoiseBins:
+    """Per-intensity-bin noise variances of a (normalised) volume."""
+    empty = NoiseBins(np.zeros(0), np.zeros(0), np.zeros(0))
     v = np.asarray(volume, dtype=np.float32)
     if min(v.shape[-2:]) < 3:
-        return NoiseModel(0.0, 0.0)
+        return empty
     r1, mean = _second_differences(v, 1)
     r2, _ = _second_differences(v, 2)
     if not r1:
-        return NoiseModel(0.0, 0.0)
+        return empty
     mean = mean.ravel()
     r1, r2 = [r.ravel() for r in r1], [r.ravel() for r in r2]
     if mean.size > max_samples:
@@ -58,7 +103,7 @@ def estimate_noise(volume: np.ndarray, n_bins: int = 12, max_samples: int = 2_00
         r1, r2, mean = [r[pick] for r in r1], [r[pick] for r in r2], mean[pick]
     edges = np.unique(np.quantile(mean, np.linspace(0.0, 1.0, n_bins + 1)))
     if edges.size < 2:
-        return NoiseModel(0.0, 0.0)
+        return empty
     which = np.clip(np.searchsorted(edges, mean, side="right") - 1, 0, edges.size - 2)
     xs, vs, ws = [], [], []
     for b in range(edges.size - 1):
@@ -74,13 +119,9 @@ def estimate_noise(volume: np.ndarray, n_bins: int = 12, max_samples: int = 2_00
         xs.append(float(np.median(mean[sel])))
         vs.append(float(min(per_axis)))
         ws.append(float(sel.sum()))
-    if len(xs) < 2:
-        return NoiseModel(0.0, float(vs[0]) if vs else 0.0)
-    x, y, w = np.array(xs), np.array(vs), np.sqrt(np.array(ws))
-    a_mat = np.stack([x, np.ones_like(x)], axis=1) * w[:, None]
-    gain, offset = np.linalg.lstsq(a_mat, y * w, rcond=None)[0]
-    if gain < 0:  # variance cannot fall with intensity: fall back to constant noise
-        gain, offset = 0.0, float(np.average(y, weights=w))
-    if offset < 0:
-        offset = 0.0
-    return NoiseModel(float(gain), float(offset))
+    return NoiseBins(np.array(xs), np.array(vs), np.array(ws))
+
+
+def estimate_noise(volume: np.ndarray, n_bins: int = 12, max_samples: int = 2_000_000, seed: int = 0) -> NoiseModel:
+    """Fit var = gain*I + offset to per-intensity-bin noise variances of a (normalised) volume."""
+    return noise_bins(volume, n_bins, max_samples, seed).least_squares()

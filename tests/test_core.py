@@ -365,6 +365,26 @@ def test_settings_differ_between_clean_sparse_and_noisy():
     assert s_noisy["bp_iters"] < s_clean["bp_iters"]
 
 
+def test_noise_decision_on_sparse_anisotropic_data():
+    """Sub-voxel beads at x(4,2,2) must not pass for noise (their bright bin looks like it), while
+    sparse beads with Poisson and read noise, and dense Poisson data, must."""
+    from svision_big.train import choose_noise, measure_normalisation
+
+    def normalised(acq):
+        v = acq.observed.astype(np.float32)
+        n = measure_normalisation(v)
+        return (v - n.lo) / (n.hi - n.lo)
+
+    psf = (7.5, 3.0, 3.0)
+    clean = synthetic.make_volume("beads", shape_lr=(16, 64, 64), factor=(4, 2, 2), psf_fwhm=psf, noise=0.002, seed=0)
+    noisy = synthetic.make_volume("beads", shape_lr=(16, 64, 64), factor=(4, 2, 2), psf_fwhm=psf, noise=0.01,
+                                  poisson_peak=100.0, seed=0)
+    dense = synthetic.make_volume("mixed", shape_lr=(16, 64, 64), factor=2, poisson_peak=100.0, seed=0)
+    assert choose_noise(normalised(clean), "auto") is None
+    assert choose_noise(normalised(noisy), "auto") is not None
+    assert choose_noise(normalised(dense), "auto") is not None
+
+
 def test_fit_is_reproducible_with_seed():
     acq = synthetic.make_volume("mixed", shape_lr=(8, 32, 32), factor=2, seed=6)
     a = svb.fit(acq.observed, factor=2, steps=30, seed=3, quiet=True)

@@ -19,7 +19,7 @@ import torch
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from .model import Model
-from .operator import Pass, cast_output, run_pass
+from .operator import Pass, cast_output, output_offset, run_pass
 from .plan import Block, BlockPlan
 from .progress import Progress
 
@@ -175,9 +175,12 @@ def run_block(job: Job, index: int) -> tuple[int, float, int]:
         hr = tuple(slice(r.start * f, r.stop * f) for r, f in zip(block.read, job.plan.factors))
         comp = torch.from_numpy(np.ascontiguousarray(carr[job.selection(block, hr)], dtype=np.float32)).to(device)
     step = job.step or Pass("net", 0, -1, job.plan.factors, False)
-    y = run_pass(spec, step, xt, comp)
+    faces = tuple((r.start == 0, r.stop == n) for r, n in zip(block.read, job.plan.in_shape))
+    y = run_pass(spec, step, xt, comp, faces)
     del xt, comp
-    y = y[block.crop].contiguous()  # only the owned region goes on (the halo's share is dropped first)
+    off = output_offset(spec, step, faces)
+    crop = tuple(slice(c.start - o * f, c.stop - o * f) for c, o, f in zip(block.crop, off, job.plan.factors))
+    y = y[crop].contiguous()  # only the owned region goes on (the halo's share is dropped first)
     if job.out_raw:
         y = cast_output(spec.norm.inverse(y).cpu().numpy(), job.out_dtype)
     else:

@@ -129,47 +129,79 @@ class SVNet(nn.Module):
             i += 2 if act is not None else 1
         return out
 
-    def correction_slabs(self, x: torch.Tensor, slab: int = 8):
-        """``correction`` of a 3D input, yielded as (high-res z offset, slab) in z order.
+    def conv_radius(self) -> int:
+        """Low-res voxels the convolutions consume per side when run without padding."""
+        return sum(conv.padding[0] for conv, _ in self.layers())
 
-        Computed in z-slabs of ``slab`` low-res slices: each convolution keeps the last 2r input
-        slices it has seen (a rolling buffer), so no voxel is computed twice and the working set
-        is a few slabs instead of 16 feature maps of the whole block. Measured one thread: 0.52
-        us per low-res voxel whatever the block, where the whole-block form slows from 0.55
-        (80^3) to 1.21 (144x208x208) as its feature maps outgrow the caches. Zero slices fed at
-        both ends reproduce the 'same' zero padding exactly."""
-        if self.config.ndim != 3 or x.shape[2] <= slab:
-            yield 0, self.correction(x)
-            return
-        fmt = torch.channels_last_3d
+    def correction_slabs(self, x: torch.Tensor, slab: int = 8, faces=None):
+        """``correction`` yielded as (high-res z offset, slab) in z order, over the region it can
+        compute exactly.
+
+        ``faces``: per spatial axis, whether each side (low, high) of ``x`` is the volume's face.
+        There the convolutions zero-pad, as whole-volume inference does; elsewhere they pad
+        nothing ('valid'), so the output shrinks by ``conv_radius()`` on that side and no layer
+        computes voxels that only the halo's edge would need (a block's halo is context, not
+        output). ``None``: every side is a face (plain 'same' convolutions).
+
+        3D inputs stream through z-slabs of ``slab`` low-res slices: each convolution keeps the last
+        2r input slices it has seen (a rolling buffer), so no voxel is computed twice and the
+        working set is a few slabs instead of 16 feature maps of the whole block. Measured one
+        thread: 0.52 us per low-res voxel whatever the block, where the whole-block form slowed
+        from 0.55 (80^3) to 1.21 (144x208x208) as its feature maps outgrew the caches.
+        """
+        nd = self.config.ndim
+        faces = tuple(faces) if faces is not None else ((True, True),) * nd
         layers = self.layers()
+        fmt = torch.channels_last_3d if nd == 3 else torch.channels_last
+
+        def lateral(t, conv, r):  # zero-pad the lateral face sides, then an unpadded convolution
+            pad = []
+            for (lo, hi) in reversed(faces[nd - 2:]):
+                pad += [r if lo else 0, r if hi else 0]
+            if any(pad):
+                t = nn.functional.pad(t, pad).contiguous(memory_format=fmt)
+            if nd == 3:
+                return _conv3d(t, conv, (0, 0, 0))
+            return nn.functional.conv2d(t, conv.weight, conv.bias, groups=conv.groups)
+
+        if nd == 2:
+            t = x.contiguous(memory_format=fmt)
+            for conv, act in layers:
+                t = lateral(t, conv, conv.padding[0])
+                t = act(t) if act is not None else t
+            yield 0, pixel_shuffle_nd(t, self.config.factors)
+            return
         fz = self.config.factors[0]
+        (z_lo, z_hi) = faces[0]
 
-        def zeros(conv, r):
-            n, _, _, h, w = x.shape
-            return x.new_zeros((n, conv.in_channels, r, h, w)).contiguous(memory_format=fmt)
+        def zeros(like, r):  # r zero slices shaped like this layer's input
+            n, c, _, h, w = like.shape
+            return like.new_zeros((n, c, r, h, w)).contiguous(memory_format=fmt)
 
-        bufs = [zeros(conv, conv.padding[0]) for conv, _ in layers]
+        bufs: list = [None] * len(layers)
         depth, done = x.shape[2], 0
         for z0 in range(0, depth, slab):
             last = z0 + slab >= depth
             t = x[:, :, z0:z0 + slab]
             for i, (conv, act) in enumerate(layers):
                 r = conv.padding[0]
-                parts = [bufs[i], t] + ([zeros(conv, r)] if last else [])
+                if bufs[i] is None:
+                    bufs[i] = zeros(t, r if z_lo else 0)
+                parts = [bufs[i], t] + ([zeros(t, r)] if last and z_hi else [])
                 buf = torch.cat(parts, 2).contiguous(memory_format=fmt)  # cat may pick NCDHW
                 if buf.shape[2] < 2 * r + 1:
                     bufs[i], t = buf, None
                     break
-                y = _conv3d(buf, conv, (0, *conv.padding[1:]))
+                # lateral padding changes h, w: pad this layer's input slab, not the buffer
+                y = lateral(buf, conv, r)
                 bufs[i] = buf[:, :, buf.shape[2] - 2 * r:]
                 t = act(y) if act is not None else y
             if t is not None and t.shape[2]:
                 yield done * fz, pixel_shuffle_nd(t, self.config.factors)
                 done += t.shape[2]
 
-    def correction_streamed(self, x: torch.Tensor, slab: int = 8) -> torch.Tensor:
-        return torch.cat([y for _, y in self.correction_slabs(x, slab)], 2)
+    def correction_streamed(self, x: torch.Tensor, slab: int = 8, faces=None) -> torch.Tensor:
+        return torch.cat([y for _, y in self.correction_slabs(x, slab, faces)], 2)
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

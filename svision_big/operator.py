@@ -94,31 +94,59 @@ def _inverse_t(y: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
 SLAB = 8  # low-res z-slices per streamed network step (measured: 4-16 equally fast, 2 slower)
 
 
-def predict(net: SVNet, x: torch.Tensor, ensemble: bool = True) -> torch.Tensor:
+def _transform_faces(faces, k: int, flip: bool):
+    """Which sides are volume faces after an ensemble variant's flip/rotation (lateral axes only)."""
+    (ylo, yhi), (xlo, xhi) = faces[-2:]
+    m = torch.zeros(3, 3)
+    m[0, 1], m[2, 1], m[1, 0], m[1, 2] = float(ylo), float(yhi), float(xlo), float(xhi)
+    m = _forward_t(m, k, flip)
+    lat = ((bool(m[0, 1]), bool(m[2, 1])), (bool(m[1, 0]), bool(m[1, 2])))
+    return tuple(faces[:-2]) + lat
+
+
+def predict(net: SVNet, x: torch.Tensor, ensemble: bool = True, faces=None) -> torch.Tensor:
     """Network output for a spatial tensor, averaged over the lateral symmetry group.
+
+    ``faces`` (per axis, (low, high)): which sides of ``x`` are the volume's faces. Other sides
+    are halo: the output leaves out ``net.conv_radius()`` input voxels there, because the
+    convolutions run unpadded ('valid') instead of computing values only the halo's edge would
+    need. ``None``: the whole volume, every side a face, output the full upsampled size.
 
     Runs channels-last (about 25% faster convolutions on CPU), streams 3D inputs through the
     network in z-slabs (the symmetries are lateral, so every variant's slab undoes into the same
     output slab), and adds the residual's cubic upsampling once: it commutes with every flip
     and rotation, so averaging it is a no-op."""
     fmt = torch.channels_last_3d if x.ndim == 3 else torch.channels_last
+    factors = net.config.factors
+    faces = tuple(faces) if faces is not None else ((True, True),) * x.ndim
+    r = net.conv_radius()
+    trim = [(0 if lo else r, 0 if hi else r) for lo, hi in faces]
     if ensemble:
-        fy, fx = net.config.factors[-2:]
-        variants = _variants(rotations=(fy == fx))
+        variants = _variants(rotations=(factors[-2] == factors[-1]))
     else:
         variants = [(0, False)]
-    shape = [n * f for n, f in zip(x.shape, net.config.factors)]
+    shape = [(n - a - b) * f for n, (a, b), f in zip(x.shape, trim, factors)]
     acc = torch.zeros(shape, dtype=x.dtype, device=x.device)
     for k, flip in variants:
         xt = _forward_t(x, k, flip)[None, None].contiguous(memory_format=fmt)
-        for z0, y in net.correction_slabs(xt, SLAB):
+        for z0, y in net.correction_slabs(xt, SLAB, _transform_faces(faces, k, flip)):
             y = _inverse_t(y[0, 0], k, flip)
             acc[z0:z0 + y.shape[0]] += y
     if len(variants) > 1:
         acc /= len(variants)
     if net.config.residual:
-        acc += resize(x, net.config.factors, up=True)
+        up = resize(x, factors, up=True)
+        acc += up[tuple(slice(a * f, up.shape[d] - b * f) for d, ((a, b), f) in enumerate(zip(trim, factors)))]
     return acc
+
+
+def output_offset(spec: "OperatorSpec", p: "Pass", faces) -> tuple[int, ...]:
+    """Where a pass's output starts inside its read region, in the pass's low-res voxels: the
+    network pass leaves out its convolution radius on sides that are not volume faces."""
+    if p.kind != "net":
+        return (0,) * len(faces)
+    r = spec.stages[p.stage].net.conv_radius()
+    return tuple(0 if lo else r for lo, _ in faces)
 
 
 def back_project(y: torch.Tensor, x: torch.Tensor, deg: Degradation, iters: int, floor: float | None) -> torch.Tensor:
@@ -182,14 +210,16 @@ def plan_passes(specs) -> tuple[Pass, ...]:
     return tuple(passes)
 
 
-def run_pass(spec: OperatorSpec, p: Pass, x: torch.Tensor, companion: torch.Tensor | None = None) -> torch.Tensor:
+def run_pass(spec: OperatorSpec, p: Pass, x: torch.Tensor, companion: torch.Tensor | None = None,
+             faces=None) -> torch.Tensor:
     """One pass on normalised tensors: ``x`` is the pass's low-res input, ``companion`` the previous
-    pass's high-res output (bp and final passes)."""
+    pass's high-res output (bp and final passes). ``faces``: see ``predict`` (network passes
+    return less than the whole region where a side is halo; ``output_offset`` says where)."""
     floor = spec.norm.floor_n
     with torch.inference_mode():
         if p.kind == "net":
             stage = spec.stages[p.stage]
-            y = predict(stage.net, x, stage.ensemble)
+            y = predict(stage.net, x, stage.ensemble, faces)
             return y.clamp_(min=floor) if floor is not None else y
         if p.kind == "bp":
             stage = spec.stages[p.stage]

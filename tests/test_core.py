@@ -151,6 +151,27 @@ def test_streamed_network_equals_whole_block(factors):
                 assert float((got - ref).abs().max()) < 1e-5 * float(ref.abs().max())
 
 
+@pytest.mark.parametrize("factors", [(2, 2, 2), (2, 2)])
+def test_valid_convolutions_on_halo_sides_equal_the_interior_of_same_ones(factors):
+    """Sides that are halo (not volume faces) run unpadded: the output is the 'same' output minus
+    the convolution radius there, for every combination of face and halo sides."""
+    import itertools
+
+    torch.manual_seed(2)
+    net = SVNet(NetConfig(factors, mapping=2)).eval()
+    r = net.conv_radius()
+    shape = (19, 17, 18)[-len(factors):]
+    x = torch.rand(1, 1, *shape)
+    with torch.inference_mode():
+        ref = net.correction(x)
+        for faces in itertools.product([(True, True), (False, True), (True, False), (False, False)], repeat=len(factors)):
+            got = torch.cat([y for _, y in net.correction_slabs(x, 4, faces)], 2)
+            sl = (slice(None), slice(None)) + tuple(
+                slice(0 if lo else r * f, n * f - (0 if hi else r * f)) for (lo, hi), f, n in zip(faces, factors, shape))
+            assert got.shape == ref[sl].shape, faces
+            assert float((got - ref[sl]).abs().max()) < 1e-5, faces
+
+
 def test_pixel_shuffle_places_subpixels():
     factors = (2, 1, 2)
     x = torch.arange(4 * 3 * 2 * 2, dtype=torch.float32).reshape(1, 4, 3, 2, 2)

@@ -920,13 +920,17 @@ def child_blocks(spec: dict) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.rand(read, generator=g) * 0.3
     comp = torch.rand([n * f for n, f in zip(read, p.factors)], generator=g) * 0.3 if p.companion else None
-    run_pass(mspec, p, x[:8, :8, :8], comp[:16, :16, :16] if comp is not None else None)  # warm up
+    run_pass(mspec, p, x[:20, :20, :20], comp[:40, :40, :40] if comp is not None else None)  # warm up
     from svision_big.operator import cast_output
 
-    crop = tuple(slice(h * f, h * f + size) for h, f in zip(halo, p.factors))
+    from svision_big.operator import output_offset
+
+    faces = ((False, False),) * 3  # an interior block: every side is halo
+    off = output_offset(mspec, p, faces)
+    crop = tuple(slice((h - o) * f, (h - o) * f + size) for h, o, f in zip(halo, off, p.factors))
     reps, t0 = 0, time.perf_counter()
     while True:  # as execute.run_block: the pass, then crop to the owned region and cast
-        y = run_pass(mspec, p, x, comp)[crop].contiguous()
+        y = run_pass(mspec, p, x, comp, faces)[crop].contiguous()
         cast_output(mspec.norm.inverse(y).numpy(), "uint16")
         del y
         reps += 1

@@ -1417,8 +1417,9 @@ DEFAULT = {
     "profile_in": (192, 192, 192),
     "profile_bps": (0, 10),
     "lever_reps": 2,
-    "memory_runs": [("1x", 1, (64, 256, 256), True), ("8x", 8, (128, 512, 512), True),
-                    ("64x", 64, (256, 1024, 1024), True)],
+    # volumes whose blocks are all full 256^3 (the default): 4, 32 and 256 blocks
+    "memory_runs": [("1x", 1, (128, 256, 256), True), ("8x", 8, (256, 512, 512), True),
+                    ("64x", 64, (512, 1024, 1024), True)],
     "plan_sides": (47, 100),  # 103,823 and 10^6 blocks
     "block_sizes": {"net": (128, 192, 256, 320, 384), "bp2": (128, 192, 256, 320), "bp10": (128, 192, 256, 320)},
     "block_seconds": 2.0,

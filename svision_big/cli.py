@@ -50,6 +50,9 @@ def _add_enhance_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compression", action="store_true", help="store chunks uncompressed")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output made with other settings")
     p.add_argument("--device", help="torch device for inference (default: cuda where a worker has it, else cpu)")
+    p.add_argument("--precision", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="the networks' arithmetic: float32 (reference), bfloat16 (faster on CPUs with "
+                        "AVX512-BF16), float16 (GPUs)")
     p.add_argument("--storage-options", type=_storage, help="JSON fsspec options for the input (e.g. S3 endpoint)")
     p.add_argument("--output-storage-options", type=_storage, help="JSON fsspec options for the output")
     p.add_argument("--quiet", action="store_true")
@@ -57,7 +60,7 @@ def _add_enhance_flags(p: argparse.ArgumentParser) -> None:
 
 def _enhance_kwargs(a) -> dict:
     return dict(workers=a.workers, scheduler=a.scheduler, block=a.block, dtype=a.dtype, ngff=a.ngff,
-                shards=a.shards, compression=not a.no_compression, device=a.device,
+                shards=a.shards, compression=not a.no_compression, device=a.device, precision=a.precision,
                 storage_options=a.storage_options, output_storage_options=a.output_storage_options)
 
 

@@ -54,6 +54,7 @@ class Job:
     in_raw: bool = True  # ``in`` holds raw image values (normalise on read), else normalised float32
     out_raw: bool = True  # write raw values in ``out_dtype``, else normalised float32
     companion_path: str | None = None  # in the output store
+    precision: str = "float32"  # the networks' arithmetic (operator.PRECISIONS)
 
     def model_for(self, block: Block) -> str:
         if self.model_axis is None or len(self.models) == 1:
@@ -164,7 +165,7 @@ def run_block(job: Job, index: int) -> tuple[int, float, int]:
     if model is None:
         raise RuntimeError(f"model {job.model_for(block)} was not shipped to this worker")
     device = _device(job)
-    spec = model.spec(device)
+    spec = model.spec(device, job.precision)
     x = np.asarray(src[job.selection(block, block.read, offsets=job.in_raw)])
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
     if job.in_raw:

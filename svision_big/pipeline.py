@@ -23,7 +23,7 @@ from .execute import Job, execute
 from .model import Model, load_model
 from .ngff import (Image, NgffError, _make_store, format_for, multiscales_metadata, open_image, open_output_group,
                    remove_store, store_exists, upsampled_transform)
-from .operator import pass_halo, plan_passes
+from .operator import pass_halo, plan_passes, precision_dtype
 from .plan import BlockPlan, default_block
 from .pyramid import build_pyramid, pyramid_datasets, pyramid_factors
 from .train import fit, parse_factors
@@ -195,13 +195,16 @@ def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, clien
             ngff: str | None = None, overwrite: bool = False, shards: bool = False, compression: bool = True,
             channel: int | None = None, storage_options: dict | None = None,
             output_storage_options: dict | None = None, progress: bool = True, device: str | None = None,
-            on_block=None) -> dict:
+            precision: str = "float32", on_block=None) -> dict:
     """Enhance an OME-Zarr image into a new, upsampled, multiscale OME-Zarr image.
 
     ``model``: a Model, a model path, or a list of them (one per channel). ``scheduler``: a Dask
     scheduler address, or "sync" to run in this process; otherwise a local cluster of ``workers``.
+    ``precision``: the networks' arithmetic, "float32" (the reference) or "bfloat16" (faster on CPUs
+    with AVX512-BF16; see ``operator.precision_dtype``).
     """
     input, output = os.fspath(input), os.fspath(output)
+    precision_dtype(precision, device or "cpu")  # a bad name fails before anything is opened
     if _same_or_nested(input, output):
         raise NgffError(f"the output {output} must not be the input or lie inside it (or contain it)")
     image = open_image(input, storage_options)
@@ -277,6 +280,7 @@ def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, clien
         "block": list(block), "passes": [[p.kind, p.stage, list(pl.block), list(pl.halo)] for p, pl in zip(passes, plans)],
         "dtype": out_dtype, "ngff": fmt.version, "channel": channel,
         "chunks": list(chunks), "shards": shard_shape, "compression": compression,
+        **({"precision": precision} if precision != "float32" else {}),  # float32 keeps older fingerprints
     })
     provenance = {
         "package": "svision-big", "version": __version__, "fingerprint": fp, "model_hash": list(model_hashes),
@@ -285,6 +289,7 @@ def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, clien
                    for p, pl in zip(passes, plans)],
         "normalisation": [{"lo": m.norm.lo, "hi": m.norm.hi, "floor": m.norm.floor} for m in models],
         "settings": [m.settings() for m in models], "channel": channel, "dtype": out_dtype,
+        "precision": precision,
     }
 
     resuming = _prepare_output(output, output_storage_options, fp, overwrite)
@@ -302,7 +307,8 @@ def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, clien
     base = dict(in_url=input, in_path=image.paths[0], out_url=output, spatial_axes=tuple(spatial),
                 outer_axes=tuple(outer_axes), outer_offsets=tuple(offsets), models=model_hashes,
                 model_axis=outer_axes.index(cax) if (cax is not None and len(models) > 1) else None,
-                out_dtype=out_dtype, in_options=storage_options, out_options=output_storage_options, device=device)
+                out_dtype=out_dtype, in_options=storage_options, out_options=output_storage_options, device=device,
+                precision=precision)
     jobs = []
     for k, (p, pl) in enumerate(zip(passes, plans)):
         from_image = p.ref < 0
@@ -464,6 +470,7 @@ def run(input: str | os.PathLike, output: str | os.PathLike, factor, *, steps: i
     """Train one model per channel on sampled regions, then enhance. Trained models are kept in the
     output's state folder, so re-running after a crash reuses them instead of training again."""
     input, output = os.fspath(input), os.fspath(output)
+    precision_dtype(kwargs.get("precision", "float32"), kwargs.get("device") or "cpu")  # before training
     if _same_or_nested(input, output):
         raise NgffError(f"the output {output} must not be the input or lie inside it (or contain it)")
     image = open_image(input, storage_options)

@@ -418,3 +418,30 @@ def test_default_blocks_write_whole_chunks(tmp_path):
     block = stats["block"]
     assert block[0] % DEFAULT_CHUNK == 0 and block[0] > DEFAULT_CHUNK and block[1] == 80
     np.testing.assert_allclose(arr[...], model.enhance(vol, dtype="float32"), atol=1e-5, rtol=0)
+
+
+def test_bfloat16_is_seamless_close_to_float32_and_recorded(tmp_path):
+    """bfloat16 networks (the faster CPU option) keep the pipeline seamless against the same
+    precision in memory, stay near the float32 reference, and say so in the provenance."""
+    model = make_model((2, 2, 2), bp=1)
+    vol = smooth_volume((21, 45, 38), seed=3)
+    src = _write_input(tmp_path, vol)
+    out = str(tmp_path / "out.ome.zarr")
+    pipeline.enhance(src, out, model, scheduler="sync", block=(16, 32, 24), dtype="float32", progress=False,
+                     precision="bfloat16")
+    got = open_image(out).level(0)[...]
+    ref16 = model.enhance(vol, dtype="float32", precision="bfloat16")
+    ref32 = model.enhance(vol, dtype="float32")
+    rng = float(ref32.max() - ref32.min())
+    assert float(np.abs(got - ref16).max()) <= 1e-5 * rng
+    assert 0 < float(np.abs(ref16 - ref32).max()) <= 2e-3 * rng
+    assert open_image(out).group.attrs["svision_big"]["precision"] == "bfloat16"
+
+
+def test_bad_precision_is_refused_before_anything_is_written(tmp_path):
+    model = make_model((2, 2, 2))
+    src = _write_input(tmp_path, smooth_volume((8, 16, 16), seed=4))
+    for precision, msg in (("int8", "unknown precision 'int8'"), ("float16", "needs a CUDA device")):
+        with pytest.raises(ValueError, match=msg):
+            pipeline.enhance(src, str(tmp_path / "o"), model, scheduler="sync", precision=precision, progress=False)
+        assert not (tmp_path / "o").exists()

@@ -699,7 +699,8 @@ def child_enhance(spec: dict) -> dict:
 
             torch.set_num_threads(1)
         stats = enhance(spec["input"], spec["output"], model, workers=spec.get("workers", 2), block=spec.get("block"),
-                        progress=False, dtype="uint16", client=client, scheduler=spec.get("scheduler"))
+                        progress=False, dtype="uint16", client=client, scheduler=spec.get("scheduler"),
+                        precision=spec.get("precision", "float32"))
         if client is not None:
             stats["worker_env"] = list(client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_")).values())
     finally:
@@ -1022,6 +1023,8 @@ def section_throughput(cfg: dict, workdir: Path, log) -> dict:
         # A-B-A order (in-memory, enhance, alternatives, enhance, in-memory): other tenants' load drifts
         runs_im = [inmem()]
         runs_e = [enhance_run("")]
+        if bp in cfg["bf16_bps"]:
+            row["enhance_bf16"] = enhance_run(", networks in bfloat16", precision="bfloat16")
         if bp in cfg["malloc_bps"]:
             row["enhance_no_malloc_trim"] = enhance_run(", workers without MALLOC_TRIM_THRESHOLD_", no_malloc_trim=True)
         if bp in cfg["map_overlap_bps"]:
@@ -1033,7 +1036,7 @@ def section_throughput(cfg: dict, workdir: Path, log) -> dict:
             row["map_overlap"]["load_avg_1min"] = m["memory"]["load_avg_1min"]
             shutil.rmtree(out, ignore_errors=True)
         if cfg["aba"]:
-            if bp in cfg["malloc_bps"] or bp in cfg["map_overlap_bps"]:
+            if bp in cfg["malloc_bps"] or bp in cfg["map_overlap_bps"] or bp in cfg["bf16_bps"]:
                 runs_e.append(enhance_run(" (again)"))
             runs_im.append(inmem())
         row["inmem"] = {**runs_im[0], "runs": runs_im,
@@ -1225,6 +1228,9 @@ def report(res: dict) -> str:
          lambda r: f"**{_mv(r['enhance']['voxels_per_second'])}**{runs(r, 'enhance')}; "
                    f"{r['enhance']['seconds']:.0f} s + pyramid {r['enhance']['pyramid_seconds']:.1f} s")
     line("`enhance` level 0 only", lambda r: _mv(r["enhance"]["level0_voxels_per_second"]))
+    line("`enhance --precision bfloat16` end to end (networks in bfloat16; opt-in)",
+         lambda r: f"{_mv(r['enhance_bf16']['voxels_per_second'])} ({r['enhance_bf16']['seconds']:.0f} s + "
+                   f"{r['enhance_bf16']['pyramid_seconds']:.1f} s); {r['enhance_bf16']['voxels_per_second'] / r['enhance']['voxels_per_second']:.2f}x float32")
     line("`enhance` end to end, workers without MALLOC_TRIM_THRESHOLD_",
          lambda r: f"{_mv(r['enhance_no_malloc_trim']['voxels_per_second'])} ({r['enhance_no_malloc_trim']['seconds']:.0f} s + "
                    f"{r['enhance_no_malloc_trim']['pyramid_seconds']:.1f} s)")
@@ -1245,7 +1251,7 @@ def report(res: dict) -> str:
          lambda r: f"{r['enhance']['voxels_per_second'] / 2.6e6:.3f} ({'met' if r['enhance']['voxels_per_second'] >= 2.6e6 else 'missed'})")
     def loads(r):
         parts = []
-        for k in ("inmem", "enhance", "enhance_no_malloc_trim", "map_overlap"):
+        for k in ("inmem", "enhance", "enhance_bf16", "enhance_no_malloc_trim", "map_overlap"):
             if k in r:
                 for x in r[k].get("runs") or [r[k]]:
                     parts.append(f"{k} {'/'.join(f'{v:.1f}' for v in x['load_avg_1min'])}")
@@ -1394,6 +1400,7 @@ QUICK = {
     "throughput_bps": [(0, (32, 128, 128), (32, 64, 64))],  # bp, input volume, in-memory slab (x2 processes)
     "map_overlap_bps": (0,),
     "malloc_bps": (),
+    "bf16_bps": (0,),
     "aba": False,
     "conv_seconds": 0.3,
     "profile_in": (192, 192, 192),
@@ -1411,7 +1418,8 @@ DEFAULT = {
     "throughput_in": (128, 384, 384),
     "throughput_bps": [(0, (128, 384, 384), (128, 384, 192)), (10, (128, 256, 256), (128, 256, 128))],
     "map_overlap_bps": (0,),
-    "malloc_bps": (0,),
+    "malloc_bps": (),
+    "bf16_bps": (0, 10),
     "aba": True,
     "conv_seconds": 1.0,
     "profile_in": (192, 192, 192),

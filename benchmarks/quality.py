@@ -204,19 +204,24 @@ def run_case(name: str, kind: str, factor, shape_lr: tuple[int, ...], condition:
     t0 = time.perf_counter()
     full = model.enhance(obs, dtype="float32")
     enhance_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    full16 = model.enhance(obs, dtype="float32", precision="bfloat16")
+    enhance16_s = time.perf_counter() - t0
     net = enhance_array(obs, partial_spec(model, ensemble=False), dtype="float32")
     ens = enhance_array(obs, partial_spec(model, ensemble=True), dtype="float32")
     cub = cubic(obs, factors)
 
     q = {"cubic": quality(truth, cub, dr), "network": quality(truth, net, dr),
-         "ensemble": quality(truth, ens, dr), "full": quality(truth, full, dr)}
+         "ensemble": quality(truth, ens, dr), "full": quality(truth, full, dr),
+         "full_bfloat16": quality(truth, full16, dr)}
     gain_db = q["full"]["psnr"] - q["cubic"]["psnr"]
     gain_ssim = q["full"]["ssim"] - q["cubic"]["ssim"]
     row = {
         "case": name, "kind": kind, "factor": list(factors), "condition": condition, **CONDITIONS[condition],
         "psf_fwhm_hr": [round(p, 2) for p in acq.psf_fwhm], "shape_lr": list(obs.shape), "shape_hr": list(truth.shape),
         "seed": seed, "steps": model.info.get("steps"), "fit_seconds": round(fit_s, 1),
-        "enhance_seconds": round(enhance_s, 1), "quality": q,
+        "enhance_seconds": round(enhance_s, 1), "enhance_bfloat16_seconds": round(enhance16_s, 1), "quality": q,
+        "bfloat16_max_abs_diff_of_range": float(np.abs(full16 - full).max()) / dr,
         "gain_db": round(gain_db, 3), "gain_ssim": round(gain_ssim, 4),
         "target_met": bool(gain_db >= TARGET_DB and gain_ssim > 0),
         "settings": chosen_settings(model),
@@ -243,13 +248,21 @@ def settings_text(row: dict) -> str:
     return out + f"; noise {nm}"
 
 
+def _bf16_text(r: dict) -> str:
+    q = r["quality"].get("full_bfloat16")
+    if q is None:
+        return "-"
+    return (f"{q['psnr'] - r['quality']['full']['psnr']:+.3f} dB, {q['ssim'] - r['quality']['full']['ssim']:+.4f}, "
+            f"{r['bfloat16_max_abs_diff_of_range']:.1e} of range")
+
+
 def factor_text(f: list[int]) -> str:
     return f"x{f[0]}" if len(set(f)) == 1 else "x" + "x".join(map(str, f))
 
 
 def markdown(rows: list[dict]) -> str:
     head = ("| case | factor | data | low-res shape | PSNR cubic / net / ens / full (dB) | gain (dB) "
-            "| SSIM cubic / net / ens / full | target | chosen settings | fit (s) |")
+            "| SSIM cubic / net / ens / full | target | chosen settings | fit (s) | bfloat16: PSNR, SSIM, max diff |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         q = r["quality"]
@@ -257,7 +270,8 @@ def markdown(rows: list[dict]) -> str:
         ssims = " / ".join(f"{q[k]['ssim']:.3f}" for k in ("cubic", "network", "ensemble", "full"))
         lines.append(f"| {r['case']} | {factor_text(r['factor'])} | {r['kind']}, {r['condition']} "
                      f"| {'x'.join(map(str, r['shape_lr']))} | {psnrs} | {r['gain_db']:+.2f} | {ssims} "
-                     f"| {'met' if r['target_met'] else 'MISSED'} | {settings_text(r)} | {r['fit_seconds']:.0f} |")
+                     f"| {'met' if r['target_met'] else 'MISSED'} | {settings_text(r)} | {r['fit_seconds']:.0f} "
+                     f"| {_bf16_text(r)} |")
     beads = [r for r in rows if "bead_fwhm" in r]
     if beads:
         lines += ["", "Bead FWHM (median of the 20 brightest isolated beads, high-res voxels; input measured on the "

@@ -46,10 +46,15 @@ def split_regions(shape: tuple[int, ...], patch: tuple[int, ...], val_fraction: 
 
 
 def patch_shape(region: tuple[int, ...], factors: tuple[int, ...], target: int) -> tuple[int, ...]:
-    """High-res patch edge per axis: ``target`` voxels, shrunk to fit the region, a multiple of the factor."""
+    """High-res patch edge per axis, shrunk to fit the region, a multiple of the factor.
+
+    ``target`` voxels on the axes with the largest factor, proportionally fewer on the others, so
+    the network's low-res input is a cube: a z-only (2, 1, 1) stage with 32 voxels on every axis
+    trained on 16x32x32 low-res inputs, 4.3x the cost per step of an isotropic stage."""
+    top = max(factors)
     out = []
     for n, f in zip(region, factors):
-        p = min(target, n)
+        p = min(max(target * f // top, f), n)
         p -= p % f
         if p < f:
             raise ValueError(f"an axis of {n} voxels is too small to train a x{f} factor on")

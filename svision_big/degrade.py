@@ -141,13 +141,20 @@ def apply_phases(x: torch.Tensor, axis: int, kernel: tuple[np.ndarray, int, int]
     tap is a strided view added in place (3.65x faster per back-projection iteration than one
     ``index_select`` per tap, benchmarks/README bottleneck 4)."""
     ker, left, step = kernel
-    phases, taps = ker.shape
     axis = axis % x.ndim
     n = x.shape[axis]
-    per = n_out // phases
-    need = (per - 1) * step + taps
+    per = n_out // ker.shape[0]
+    need = (per - 1) * step + ker.shape[1]
     idx = torch.from_numpy(_reflect(np.arange(-left, need - left), n)).to(x.device)
-    xp = x.index_select(axis, idx)
+    return _phase_sum(x.index_select(axis, idx), axis, kernel, per)
+
+
+def _phase_sum(xp: torch.Tensor, axis: int, kernel: tuple[np.ndarray, int, int], per: int) -> torch.Tensor:
+    """The taps of ``kernel`` summed over strided views of the padded input ``xp``: ``per`` outputs
+    per phase, phases interleaved."""
+    ker, _, step = kernel
+    phases, taps = ker.shape
+    x = xp
     shape = list(x.shape)
     shape[axis] = per
     shape.insert(axis + 1, phases)
@@ -159,7 +166,7 @@ def apply_phases(x: torch.Tensor, axis: int, kernel: tuple[np.ndarray, int, int]
             wj = float(ker[p, j])
             if wj == 0.0:
                 continue
-            v = xp.narrow(axis, j, (per - 1) * step + 1)
+            v = x.narrow(axis, j, (per - 1) * step + 1)
             if step > 1:
                 v = v[(slice(None),) * axis + (slice(None, None, step),)]
             if first:
@@ -168,8 +175,60 @@ def apply_phases(x: torch.Tensor, axis: int, kernel: tuple[np.ndarray, int, int]
             else:
                 o.add_(v, alpha=wj)
     shape = list(x.shape)
-    shape[axis] = n_out
+    shape[axis] = per * phases
     return out.reshape(shape)
+
+
+# --------------------------------------------------------------------------- windows (block halos)
+#
+# A block reads a halo around the region it writes. Back-projection iterates down/up resizes,
+# and each iteration can compute exactly only a slightly smaller region than the last (the
+# taps at its edge would need voxels beyond the halo). Computing just that region, rather than
+# the whole read region every iteration, is what "valid" convolutions do for the network. A
+# window is an interval [start, stop) of one axis in the block's frame (its read region starts
+# at 0, so resize phases line up with the volume's); at a side that is the volume's face the
+# taps reflect as whole-volume resizing does, elsewhere they must fall inside the input.
+
+
+def valid_window(kernel: tuple[np.ndarray, int, int], inp: tuple[int, int], n_in: int,
+                 faces: tuple[bool, bool]) -> tuple[int, int]:
+    """Outputs of ``kernel`` (a resize or blur along one axis of ``n_in`` voxels) computable exactly
+    from the input window ``inp``: every non-zero tap inside it, or reflected into it at a face."""
+    ker, left, step = kernel
+    phases = ker.shape[0]
+    n_out = n_in * phases // step
+    i = np.arange(n_out)
+    k, p = i // phases, i % phases
+    v = (k * step - left)[:, None] + np.arange(ker.shape[1])[None, :]
+    lo_ref = faces[0] & (v < 0)
+    hi_ref = faces[1] & (v >= n_in)
+    v = np.where(lo_ref | hi_ref, _reflect(v, n_in), v)
+    ok = np.all(((v >= inp[0]) & (v < inp[1])) | (ker[p] == 0.0), axis=1)
+    hit = np.nonzero(ok)[0]
+    if hit.size == 0:
+        return (0, 0)
+    if hit[-1] - hit[0] + 1 != hit.size:
+        raise AssertionError("valid outputs of a window are not contiguous")
+    return int(hit[0]), int(hit[-1]) + 1
+
+
+def apply_window(x: torch.Tensor, axis: int, kernel: tuple[np.ndarray, int, int], x_start: int, n_in: int,
+                 out: tuple[int, int], faces: tuple[bool, bool]) -> torch.Tensor:
+    """Outputs ``out`` of ``kernel`` along ``axis`` of the full axis (``n_in`` voxels, faces as
+    given) from ``x``, which holds input voxels ``[x_start, x_start + len)``. Same arithmetic, tap
+    for tap, as ``apply_phases`` on the whole axis."""
+    ker, left, step = kernel
+    phases, taps = ker.shape
+    axis = axis % x.ndim
+    k0, k1 = out[0] // phases, -(-out[1] // phases)
+    v = np.arange(k0 * step - left, (k1 - 1) * step - left + taps)
+    lo_ref = faces[0] & (v < 0)
+    hi_ref = faces[1] & (v >= n_in)
+    v = np.where(lo_ref | hi_ref, _reflect(v, n_in), v) - x_start
+    # taps only the edge phases of the first/last cell read (outputs cropped below): any voxel will do
+    v = np.clip(v, 0, x.shape[axis] - 1)
+    y = _phase_sum(x.index_select(axis, torch.from_numpy(v).to(x.device)), axis, kernel, k1 - k0)
+    return y.narrow(axis, out[0] - k0 * phases, out[1] - out[0])
 
 
 def resize(x: torch.Tensor, factors: tuple[int, ...], up: bool) -> torch.Tensor:

@@ -180,7 +180,9 @@ def run_block(job: Job, index: int) -> tuple[int, float, int]:
     y = run_pass(spec, step, xt, comp, faces)
     del xt, comp
     off = output_offset(spec, step, faces)
-    crop = tuple(slice(c.start - o * f, c.stop - o * f) for c, o, f in zip(block.crop, off, job.plan.factors))
+    crop = tuple(slice(c.start - o, c.stop - o) for c, o in zip(block.crop, off))
+    if any(c.start < 0 or c.stop > n for c, n in zip(crop, y.shape)):  # a halo too small for the pass
+        raise RuntimeError(f"{step.label}: block {index} computed {tuple(y.shape)} voxels, not the region {crop}")
     y = y[crop].contiguous()  # only the owned region goes on (the halo's share is dropped first)
     if job.out_raw:
         y = cast_output(spec.norm.inverse(y).cpu().numpy(), job.out_dtype)

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .degrade import Degradation, gaussian_table, resize, resize_table
+from functools import lru_cache
+
+from .degrade import Degradation, apply_window, gaussian_table, phase_kernels, resize, resize_table, valid_window
 from .network import SVNet
 
 
@@ -162,20 +164,100 @@ def predict(net: SVNet, x: torch.Tensor, ensemble: bool = True, faces=None) -> t
 
 
 def output_offset(spec: "OperatorSpec", p: "Pass", faces) -> tuple[int, ...]:
-    """Where a pass's output starts inside its read region, in the pass's low-res voxels: the
-    network pass leaves out its convolution radius on sides that are not volume faces."""
-    if p.kind != "net":
+    """Where a pass's output starts inside its read region times ``p.factors``, in high-res voxels,
+    per axis: on sides that are not volume faces the network leaves out its convolution radius,
+    and back-projection the margin its iterations cannot compute exactly."""
+    if p.kind == "net":
+        r = spec.stages[p.stage].net.conv_radius()
+        return tuple(0 if lo else r * f for (lo, _), f in zip(faces, p.factors))
+    deg, iters = _bp_settings(spec, p)
+    if deg is None or iters <= 0:
         return (0,) * len(faces)
-    r = spec.stages[p.stage].net.conv_radius()
-    return tuple(0 if lo else r for lo, _ in faces)
+    return tuple(_bp_start(deg, a, iters, lo) for a, (lo, _) in enumerate(faces))
 
 
-def back_project(y: torch.Tensor, x: torch.Tensor, deg: Degradation, iters: int, floor: float | None) -> torch.Tensor:
-    """Iterative back-projection y += up(x - down(y)), clamped inside every iteration."""
+def _bp_settings(spec: "OperatorSpec", p: "Pass") -> tuple[Degradation | None, int]:
+    if p.kind == "bp":
+        st = spec.stages[p.stage]
+        return st.degradation, st.bp_iters
+    return spec.final, spec.final_bp_iters
+
+
+def _axis_kernels(deg: Degradation, axis: int):
+    f = deg.factors[axis]
+    fwhm = float(deg.psf_fwhm[axis]) if deg.psf_fwhm is not None and deg.psf_fwhm[axis] else 0.0
+    return (phase_kernels("blur", fwhm) if fwhm > 0 else None,
+            phase_kernels("down", f) if f > 1 else None, phase_kernels("up", f) if f > 1 else None)
+
+
+def _cap(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    lo, hi = max(a[0], b[0]), min(a[1], b[1])
+    return (lo, max(lo, hi))
+
+
+def bp_windows(deg: Degradation, axis: int, iters: int, n_lr: int, faces: tuple[bool, bool]) -> list:
+    """Per iteration, along one axis of a block (``n_lr`` low-res voxels read): the windows
+    (y in, blurred, low-res residual, y out) that iteration computes exactly. On halo sides each
+    iteration loses the margin its taps need (about 3.3 low-res voxels at x2), so it computes only
+    what later iterations can still use, as unpadded convolutions do for the network."""
+    f = deg.factors[axis]
+    blur_k, down_k, up_k = _axis_kernels(deg, axis)
+    n_hr = n_lr * f
+    v, out = (0, n_hr), []
+    for _ in range(iters):
+        b = valid_window(blur_k, v, n_hr, faces) if blur_k is not None else v
+        q = _cap(valid_window(down_k, b, n_hr, faces) if down_k is not None else b, (0, n_lr))
+        u = valid_window(up_k, q, n_lr, faces) if up_k is not None else q
+        nv = _cap(u, v)
+        out.append((v, b, q, nv))
+        v = nv
+    return out
+
+
+@lru_cache(maxsize=256)
+def _bp_start(deg: Degradation, axis: int, iters: int, lo_face: bool) -> int:
+    """High-res start of back-projection's exact output in a block whose low side is (not) a face:
+    it does not depend on the block's length, so a long stand-in axis gives it."""
+    return bp_windows(deg, axis, iters, 64 + 8 * iters * max(deg.factors), (lo_face, False))[-1][3][0]
+
+
+def back_project(y: torch.Tensor, x: torch.Tensor, deg: Degradation, iters: int, floor: float | None,
+                 faces=None) -> torch.Tensor:
+    """Iterative back-projection y += up(x - down(y)), clamped inside every iteration.
+
+    ``faces`` (per axis, (low, high)): which sides of the block are volume faces; on the others
+    every iteration computes only what it can compute exactly (``bp_windows``), so the result
+    covers less than ``y`` (``output_offset`` says where it starts). ``None``: the whole volume,
+    the same arithmetic tap for tap."""
+    nd = len(deg.factors)
+    faces = tuple(faces) if faces is not None else ((True, True),) * nd
+    lead = y.ndim - nd
+    wins = [bp_windows(deg, a, iters, x.shape[lead + a], faces[a]) for a in range(nd)]
+    kers = [_axis_kernels(deg, a) for a in range(nd)]
     for i in range(iters):
-        u = deg.up(x - deg.down(y))
-        y = u.add_(y) if i == 0 else y.add_(u)  # in place, but never into the caller's ``y``
-        del u
+        t = y
+        for a in range(nd):  # blur every axis, then resize every axis, as Degradation.down
+            v, b, _, _ = wins[a][i]
+            if kers[a][0] is not None:
+                t = apply_window(t, lead + a, kers[a][0], v[0], x.shape[lead + a] * deg.factors[a], b, faces[a])
+        for a in range(nd):
+            v, b, q, _ = wins[a][i]
+            if kers[a][1] is not None:
+                t = apply_window(t, lead + a, kers[a][1], b[0], x.shape[lead + a] * deg.factors[a], q, faces[a])
+            else:
+                t = t.narrow(lead + a, q[0] - b[0], q[1] - q[0])
+        r = x[(slice(None),) * lead + tuple(slice(w[i][2][0], w[i][2][1]) for w in wins)] - t
+        del t
+        for a in range(nd):
+            _, _, q, nv = wins[a][i]
+            if kers[a][2] is not None:
+                r = apply_window(r, lead + a, kers[a][2], q[0], x.shape[lead + a], nv, faces[a])
+            else:
+                r = r.narrow(lead + a, nv[0] - q[0], nv[1] - nv[0])
+        keep = y[(slice(None),) * lead + tuple(slice(w[i][3][0] - w[i][0][0], w[i][3][1] - w[i][0][0]) for w in wins)]
+        # in place into the new term (never into the caller's ``y``); bit-equal to y + u
+        y = r.add_(keep) if (i == 0 or r.shape != y.shape) else y.add_(r)
+        del r, keep
         if floor is not None:
             y = y.clamp_(min=floor)
     return y
@@ -234,7 +316,7 @@ def plan_passes(specs) -> tuple[Pass, ...]:
 def run_pass(spec: OperatorSpec, p: Pass, x: torch.Tensor, companion: torch.Tensor | None = None,
              faces=None) -> torch.Tensor:
     """One pass on normalised tensors: ``x`` is the pass's low-res input, ``companion`` the previous
-    pass's high-res output (bp and final passes). ``faces``: see ``predict`` (network passes
+    pass's high-res output (bp and final passes). ``faces``: see ``predict`` (passes
     return less than the whole region where a side is halo; ``output_offset`` says where)."""
     floor = spec.norm.floor_n
     with torch.inference_mode():
@@ -244,11 +326,11 @@ def run_pass(spec: OperatorSpec, p: Pass, x: torch.Tensor, companion: torch.Tens
             return y.clamp_(min=floor) if floor is not None else y
         if p.kind == "bp":
             stage = spec.stages[p.stage]
-            return back_project(companion, x, stage.degradation, stage.bp_iters, floor)
+            return back_project(companion, x, stage.degradation, stage.bp_iters, floor, faces)
         if p.kind == "final":
             if spec.final is None or spec.final_bp_iters <= 0:
                 return companion.clone()
-            return back_project(companion, x, spec.final, spec.final_bp_iters, floor)
+            return back_project(companion, x, spec.final, spec.final_bp_iters, floor, faces)
     raise ValueError(f"unknown pass kind {p.kind!r}")
 
 

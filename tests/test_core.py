@@ -172,6 +172,42 @@ def test_valid_convolutions_on_halo_sides_equal_the_interior_of_same_ones(factor
             assert float((got - ref[sl]).abs().max()) < 1e-5, faces
 
 
+@pytest.mark.parametrize("factors,psf,iters", [((2, 2, 2), None, 3), ((2, 1, 1), (2.0, 1.0, 1.0), 3),
+                                               ((4, 2, 2), (3.0, 1.5, 1.5), 2), ((2, 2), None, 10), ((2, 2), (1.2, 1.2), 5)])
+def test_windowed_back_projection_equals_the_whole_volume_bit_for_bit(factors, psf, iters):
+    """Inside a block, back-projection computes per iteration only what it can compute exactly:
+    the result equals the whole-volume one there, bit for bit, whichever sides are faces."""
+    import itertools
+
+    from svision_big.operator import Pass, back_project, output_offset, pass_halo
+
+    deg = Degradation(factors, psf)
+    spec = OperatorSpec((StageOp(None, deg, iters),), Normalisation(0.0, 1.0, 0.0))
+    p = Pass("bp", 0, -1, factors, True)
+    halo = pass_halo(spec, p)
+    shape = tuple(2 * h + 5 + a for a, h in enumerate(halo))  # odd and even lengths
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(shape, generator=g)
+    y0 = torch.rand([n * f for n, f in zip(shape, factors)], generator=g)
+    whole = back_project(y0, x, deg, iters, 0.05)
+    assert torch.equal(whole, back_project(y0, x, deg, iters, 0.05, ((True, True),) * len(factors)))
+    write = [(h + 1, n - h - 2) for h, n in zip(halo, shape)]  # an interior write region (low-res)
+    assert all(b > a for a, b in write), "volume too small for the halo"
+    for sides in itertools.product([(True, True), (False, True), (True, False), (False, False)], repeat=len(factors)):
+        read = [(0 if lo else a - h, n if hi else b + h) for (lo, hi), (a, b), h, n in zip(sides, write, halo, shape)]
+        faces = tuple((r0 == 0, r1 == n) for (r0, r1), n in zip(read, shape))
+        xs = x[tuple(slice(a, b) for a, b in read)]
+        ys = y0[tuple(slice(a * f, b * f) for (a, b), f in zip(read, factors))]
+        got = back_project(ys, xs, deg, iters, 0.05, faces)
+        off = output_offset(spec, p, faces)
+        w_hr = [((0 if lo else a) * f, (n if hi else b) * f) for (lo, hi), (a, b), f, n in zip(sides, write, factors, shape)]
+        sel = tuple(slice(w0 - r0 * f - o, w1 - r0 * f - o) for (w0, w1), (r0, _), o, f in zip(w_hr, read, off, factors))
+        assert all(s.start >= 0 and s.stop <= n for s, n in zip(sel, got.shape)), (sides, sel, got.shape)
+        assert torch.equal(got[sel], whole[tuple(slice(w0, w1) for w0, w1 in w_hr)]), sides
+        if not all(all(s) for s in faces):  # a halo side really saves work
+            assert got.numel() < ys.numel()
+
+
 def test_pixel_shuffle_places_subpixels():
     factors = (2, 1, 2)
     x = torch.arange(4 * 3 * 2 * 2, dtype=torch.float32).reshape(1, 4, 3, 2, 2)

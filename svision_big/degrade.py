@@ -278,6 +278,18 @@ class Degradation:
     def up(self, x: torch.Tensor) -> torch.Tensor:
         return resize(x, self.factors, up=True)
 
+    def integrate(self, y: torch.Tensor) -> torch.Tensor:
+        """Low-res image as a detector records it: the PSF, then each low-res pixel the mean of the
+        high-res voxels it covers. Not ``down``: a check whose partners come from the very operator
+        back-projection inverts rewards iterating it to convergence (see ``train.choose_bp_iters``)."""
+        t = blur(y, self.psf_fwhm)
+        lead = t.ndim - len(self.factors)
+        for d, f in enumerate(self.factors):
+            if f > 1:
+                a = lead + d
+                t = t.unflatten(a, (t.shape[a] // f, f)).mean(a + 1)
+        return t
+
     def noise_keep_fraction(self) -> float:
         """Fraction of i.i.d. noise variance that survives ``down``: per axis, the squared weights of
         one (interior) output row of the blur-then-resize chain, multiplied over axes."""

@@ -208,6 +208,23 @@ def test_windowed_back_projection_equals_the_whole_volume_bit_for_bit(factors, p
             assert got.numel() < ys.numel()
 
 
+def test_back_projection_is_checked_on_detector_integrated_partners():
+    """Clean data: held-aside partners are pixel means of the (PSF-blurred) crop, not the operator's
+    own cubic downscale that back-projection enforces; noisy data keep their noise-matched pairs."""
+    from svision_big.train import _check_pairs
+
+    g = torch.Generator().manual_seed(3)
+    hr = torch.rand(8, 12, 10, generator=g)
+    deg = Degradation((2, 2, 1), (1.5, 1.5, 0.0))
+    want = blur(hr, deg.psf_fwhm).reshape(4, 2, 6, 2, 10).mean(dim=(1, 3))
+    (lr, same), = _check_pairs([(deg.down(hr), hr)], deg)
+    assert same is hr and torch.allclose(lr, want, atol=1e-6)
+    assert not torch.allclose(lr, deg.down(hr), atol=1e-3)
+    noisy = Degradation((2, 2, 1), None, (0.01, 0.0))
+    pairs = [(noisy.down(hr), hr)]
+    assert _check_pairs(pairs, noisy) is pairs
+
+
 def test_pixel_shuffle_places_subpixels():
     factors = (2, 1, 2)
     x = torch.arange(4 * 3 * 2 * 2, dtype=torch.float32).reshape(1, 4, 3, 2, 2)

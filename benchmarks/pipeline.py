@@ -1418,7 +1418,7 @@ DEFAULT = {
     # 12 blocks of 256^3 (1 x 3 x 4): 2 workers finish together (9 blocks left one worker alone
     # with the last block, 10% of the run)
     "throughput_in": (128, 384, 512),
-    "throughput_bps": [(0, (128, 384, 512), (128, 384, 256)), (10, (128, 256, 256), (128, 256, 128))],
+    "throughput_bps": [(0, (128, 384, 512), (128, 384, 256)), (10, (128, 384, 512), (128, 384, 256))],
     "map_overlap_bps": (0,),
     "malloc_bps": (),
     "bf16_bps": (0, 10),
@@ -1431,7 +1431,7 @@ DEFAULT = {
     "memory_runs": [("1x", 1, (128, 256, 256), True), ("8x", 8, (256, 512, 512), True),
                     ("64x", 64, (512, 1024, 1024), True)],
     "plan_sides": (47, 100),  # 103,823 and 10^6 blocks
-    "block_sizes": {"net": (128, 192, 256, 320, 384), "bp2": (128, 192, 256, 320), "bp10": (128, 192, 256, 320)},
+    "block_sizes": {"net": (128, 192, 256, 320), "bp2": (128, 192, 256, 320), "bp10": (128, 192, 256, 320)},
     "block_seconds": 2.0,
     "iterate_max": 10**6,
     "records": 100_000,

@@ -173,7 +173,8 @@ def output_offset(spec: "OperatorSpec", p: "Pass", faces) -> tuple[int, ...]:
     deg, iters = _bp_settings(spec, p)
     if deg is None or iters <= 0:
         return (0,) * len(faces)
-    return tuple(_bp_start(deg, a, iters, lo) for a, (lo, _) in enumerate(faces))
+    psf = None if deg.psf_fwhm is None else tuple(float(s) for s in deg.psf_fwhm)
+    return tuple(_bp_start(tuple(deg.factors), psf, a, iters, lo) for a, (lo, _) in enumerate(faces))
 
 
 def _bp_settings(spec: "OperatorSpec", p: "Pass") -> tuple[Degradation | None, int]:
@@ -215,10 +216,16 @@ def bp_windows(deg: Degradation, axis: int, iters: int, n_lr: int, faces: tuple[
 
 
 @lru_cache(maxsize=256)
-def _bp_start(deg: Degradation, axis: int, iters: int, lo_face: bool) -> int:
+def _bp_start(factors: tuple[int, ...], psf: tuple[float, ...] | None, axis: int, iters: int, lo_face: bool) -> int:
     """High-res start of back-projection's exact output in a block whose low side is (not) a face:
-    it does not depend on the block's length, so a long stand-in axis gives it."""
-    return bp_windows(deg, axis, iters, 64 + 8 * iters * max(deg.factors), (lo_face, False))[-1][3][0]
+    it does not depend on the block's length, so a stand-in axis long enough that the windows
+    never meet gives it (every iteration trims at most all its taps from each side)."""
+    deg = Degradation(factors, psf)
+    reach = sum(k[0].shape[1] for k in _axis_kernels(deg, axis) if k is not None)  # in voxels, >= low-res
+    n = 64 + 2 * iters * (reach + 2)
+    wins = bp_windows(deg, axis, iters, n, (lo_face, False))
+    assert wins[-1][3][1] - wins[-1][3][0] >= n * deg.factors[axis] // 2, "stand-in axis too short"
+    return wins[-1][3][0]
 
 
 def back_project(y: torch.Tensor, x: torch.Tensor, deg: Degradation, iters: int, floor: float | None,

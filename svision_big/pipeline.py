@@ -190,6 +190,13 @@ def _open_cluster(client, workers: int | None, scheduler: str | None):
     return c, [c, cluster]
 
 
+def _default_device() -> str:
+    """What workers pick without ``device`` (execute._device), as seen from the client."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, client=None, workers: int | None = None,
             scheduler: str | None = None, block: tuple[int, ...] | int | None = None, dtype: str | None = None,
             ngff: str | None = None, overwrite: bool = False, shards: bool = False, compression: bool = True,
@@ -204,7 +211,7 @@ def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, clien
     with AVX512-BF16; see ``operator.precision_dtype``).
     """
     input, output = os.fspath(input), os.fspath(output)
-    precision_dtype(precision, device or "cpu")  # a bad name fails before anything is opened
+    precision_dtype(precision, device or _default_device())  # a bad name fails before anything is opened
     if _same_or_nested(input, output):
         raise NgffError(f"the output {output} must not be the input or lie inside it (or contain it)")
     image = open_image(input, storage_options)
@@ -470,7 +477,7 @@ def run(input: str | os.PathLike, output: str | os.PathLike, factor, *, steps: i
     """Train one model per channel on sampled regions, then enhance. Trained models are kept in the
     output's state folder, so re-running after a crash reuses them instead of training again."""
     input, output = os.fspath(input), os.fspath(output)
-    precision_dtype(kwargs.get("precision", "float32"), kwargs.get("device") or "cpu")  # before training
+    precision_dtype(kwargs.get("precision", "float32"), kwargs.get("device") or _default_device())  # before training
     if _same_or_nested(input, output):
         raise NgffError(f"the output {output} must not be the input or lie inside it (or contain it)")
     image = open_image(input, storage_options)

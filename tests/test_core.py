@@ -173,7 +173,8 @@ def test_valid_convolutions_on_halo_sides_equal_the_interior_of_same_ones(factor
 
 
 @pytest.mark.parametrize("factors,psf,iters", [((2, 2, 2), None, 3), ((2, 1, 1), (2.0, 1.0, 1.0), 3),
-                                               ((4, 2, 2), (3.0, 1.5, 1.5), 2), ((2, 2), None, 10), ((2, 2), (1.2, 1.2), 5)])
+                                               ((4, 2, 2), (3.0, 1.5, 1.5), 2), ((2, 2), None, 10), ((2, 2), (1.2, 1.2), 5),
+                                               ((2, 1), (12.0, 2.0), 10)])  # a PSF wider than an iteration's resizes
 def test_windowed_back_projection_equals_the_whole_volume_bit_for_bit(factors, psf, iters):
     """Inside a block, back-projection computes per iteration only what it can compute exactly:
     the result equals the whole-volume one there, bit for bit, whichever sides are faces."""

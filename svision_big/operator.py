@@ -82,7 +82,7 @@ def precision_dtype(precision: str, device: str | torch.device = "cpu") -> torch
     float32 is the reference (the seamless invariant is stated for it). bfloat16 halves the
     convolutions' time on CPUs with AVX512-BF16 or AMX (measured 1.8x per convolution here) at a
     cost measured in ``benchmarks/``; cubic upsampling, the ensemble mean and back-projection stay
-    float32. float16 is for GPUs: CPUs without AVX512-FP16 emulate it slowly."""
+    float32. float16 is for CUDA devices only."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if precision == "float16" and torch.device(device).type == "cpu":

@@ -80,10 +80,10 @@ def psf_for(factors: tuple[int, ...]) -> tuple[float, ...]:
 # (name, kind, factor, low-res shape, condition). Low-res lateral size 96 lets training hold
 # aside a validation slab disjoint from its training crops (it needs >= 3 patches of 32 high-res
 # voxels along the longest lateral axis at the first stage). Training time is set by the step
-# budget, not the volume: ~2 min per isotropic x2 stage on 2 cores, but ~4x that for the z-only
-# (2, 1, 1) stage of x4x2x2 (its low-res patch is 16x32x32 instead of 16x16x16). So the default
-# run covers each factor once on clean beads plus one noisy x2 case (~25 min), and --extended
-# adds the noisy x4 and x4x2x2 cases (~25 min more).
+# budget, not the volume: 20-30 s per x2 stage on 2 cores at the default 500 steps (every stage,
+# the z-only (2, 1, 1) one included, trains on 16^3 low-res patches). The default run covers each
+# factor once on clean beads plus one noisy x2 case (198 s in session 3), and --extended adds the
+# noisy x4 and x4x2x2 cases.
 DEFAULT_CASES = [
     ("x2-beads-clean", "beads", 2, (24, 96, 96), "clean"),
     ("x2-mixed-noisy", "mixed", 2, (24, 96, 96), "noisy"),

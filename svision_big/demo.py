@@ -19,13 +19,20 @@ from .synthetic import make_volume
 
 def demo(folder: str = "svision_demo", steps: int | None = None, workers: int | None = None,
          overwrite: bool = False, shape_lr: tuple[int, int, int] = (32, 128, 128), seed: int = 0) -> dict:
-    """Synthetic beads + filaments (anisotropic PSF, 2x undersampled, Poisson noise) -> OME-Zarr ->
-    train -> enhance x2 on a local Dask cluster -> PSNR/SSIM of the output and of cubic upsampling."""
+    """Synthetic beads + filaments -> OME-Zarr -> train -> enhance x2 on a local Dask cluster ->
+    PSNR/SSIM of the output and of cubic upsampling against the known truth.
+
+    The acquisition is the kind the method is for (the authors ask for a good signal-to-noise
+    input): high SNR (0.2% read noise), a lateral PSF of 1.5 low-res voxels FWHM (under-sampled,
+    as the paper's simulated beads) and an axial one 2.5x wider. Measured: PSNR 47.63 against
+    cubic's 40.94 dB. With Poisson noise (400 photons at the peak) the same run ties with cubic
+    (38.97 against 38.93 dB): see benchmarks/README.md for noisy data."""
     t_start = time.perf_counter()
     os.makedirs(folder, exist_ok=True)
     src = os.path.join(folder, "input.ome.zarr")
     out = os.path.join(folder, "enhanced.ome.zarr")
-    acq = make_volume("mixed", shape_lr=shape_lr, factor=2, poisson_peak=400.0, dtype=np.uint16, seed=seed)
+    acq = make_volume("mixed", shape_lr=shape_lr, factor=2, psf_fwhm=(7.5, 3.0, 3.0), noise=0.002,
+                      dtype=np.uint16, seed=seed)  # FWHM in high-res voxels: 1.5 low-res laterally
     voxel = (1.0, 0.2, 0.2)  # micrometres: axial sampling coarser than lateral, as in most stacks
     write_ome_zarr(acq.observed, src, axes="zyx", voxel_size=voxel, name="synthetic acquisition", overwrite=True)
     print(f"demo: wrote the synthetic acquisition {src} {acq.observed.shape} {acq.observed.dtype}", flush=True)
@@ -42,7 +49,7 @@ def demo(folder: str = "svision_demo", steps: int | None = None, workers: int | 
     }
     with open(os.path.join(folder, "demo_result.json"), "w") as fh:
         json.dump(result, fh, indent=2)
-    print(f"\ndemo result (ground truth known, x2 in z, y, x):\n"
+    print(f"\ndemo result (ground truth known, x2 in z, y, x; high-SNR, laterally under-sampled acquisition):\n"
           f"  cubic upsampling : PSNR {result['psnr_cubic']:.2f} dB  SSIM {result['ssim_cubic']:.4f}\n"
           f"  svision-big      : PSNR {result['psnr_enhanced']:.2f} dB  SSIM {result['ssim_enhanced']:.4f}\n"
           f"  total {result['seconds']:.0f} s\n"

@@ -445,3 +445,14 @@ def test_bad_precision_is_refused_before_anything_is_written(tmp_path):
         with pytest.raises(ValueError, match=msg):
             pipeline.enhance(src, str(tmp_path / "o"), model, scheduler="sync", precision=precision, progress=False)
         assert not (tmp_path / "o").exists()
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    """The README's first command: synthetic acquisition -> train -> enhance -> numbers."""
+    folder = tmp_path / "demo"
+    assert cli_main(["demo", str(folder), "--steps", "10", "--workers", "1"]) == 0
+    result = json.loads((folder / "demo_result.json").read_text())
+    assert all(np.isfinite(result[k]) for k in ("psnr_cubic", "psnr_enhanced", "ssim_cubic", "ssim_enhanced"))
+    inp, out = open_image(str(folder / "input.ome.zarr")), open_image(str(folder / "enhanced.ome.zarr"))
+    assert out.level(0).shape == tuple(2 * n for n in inp.level(0).shape)
+    assert "cubic upsampling" in capsys.readouterr().out

@@ -155,7 +155,7 @@ def _phase_sum(xp: torch.Tensor, axis: int, kernel: tuple[np.ndarray, int, int],
     ker, _, step = kernel
     phases, taps = ker.shape
     x = xp
-    shape = list(x.shape)
+    shape = list(xp.shape)
     shape[axis] = per
     shape.insert(axis + 1, phases)
     out = torch.empty(shape, dtype=x.dtype, device=x.device)
@@ -190,6 +190,13 @@ def _phase_sum(xp: torch.Tensor, axis: int, kernel: tuple[np.ndarray, int, int],
 # taps reflect as whole-volume resizing does, elsewhere they must fall inside the input.
 
 
+def _reflect_at_faces(v: np.ndarray, n_in: int, faces: tuple[bool, bool]) -> np.ndarray:
+    """Indices beyond a side that is a volume face reflect (as whole-volume resizing pads); beyond a
+    halo side they stay out of range."""
+    out = faces[0] & (v < 0) | faces[1] & (v >= n_in)
+    return np.where(out, _reflect(v, n_in), v)
+
+
 def valid_window(kernel: tuple[np.ndarray, int, int], inp: tuple[int, int], n_in: int,
                  faces: tuple[bool, bool]) -> tuple[int, int]:
     """Outputs of ``kernel`` (a resize or blur along one axis of ``n_in`` voxels) computable exactly
@@ -199,10 +206,7 @@ def valid_window(kernel: tuple[np.ndarray, int, int], inp: tuple[int, int], n_in
     n_out = n_in * phases // step
     i = np.arange(n_out)
     k, p = i // phases, i % phases
-    v = (k * step - left)[:, None] + np.arange(ker.shape[1])[None, :]
-    lo_ref = faces[0] & (v < 0)
-    hi_ref = faces[1] & (v >= n_in)
-    v = np.where(lo_ref | hi_ref, _reflect(v, n_in), v)
+    v = _reflect_at_faces((k * step - left)[:, None] + np.arange(ker.shape[1])[None, :], n_in, faces)
     ok = np.all(((v >= inp[0]) & (v < inp[1])) | (ker[p] == 0.0), axis=1)
     hit = np.nonzero(ok)[0]
     if hit.size == 0:
@@ -221,10 +225,7 @@ def apply_window(x: torch.Tensor, axis: int, kernel: tuple[np.ndarray, int, int]
     phases, taps = ker.shape
     axis = axis % x.ndim
     k0, k1 = out[0] // phases, -(-out[1] // phases)
-    v = np.arange(k0 * step - left, (k1 - 1) * step - left + taps)
-    lo_ref = faces[0] & (v < 0)
-    hi_ref = faces[1] & (v >= n_in)
-    v = np.where(lo_ref | hi_ref, _reflect(v, n_in), v) - x_start
+    v = _reflect_at_faces(np.arange(k0 * step - left, (k1 - 1) * step - left + taps), n_in, faces) - x_start
     # taps only the edge phases of the first/last cell read (outputs cropped below): any voxel will do
     v = np.clip(v, 0, x.shape[axis] - 1)
     y = _phase_sum(x.index_select(axis, torch.from_numpy(v).to(x.device)), axis, kernel, k1 - k0)

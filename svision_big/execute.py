@@ -190,7 +190,28 @@ def run_block(job: Job, index: int) -> tuple[int, float, int]:
         y = y.cpu().numpy()
     dst[job.selection(block, block.write)] = y
     DoneRecords(job.done_url, job.out_options).mark(index)
+    del y, x
+    _release_heap()
     return index, time.perf_counter() - t0, block.write_voxels
+
+
+def _release_heap() -> None:
+    """Hand the block's freed memory back to the OS before the next block (glibc keeps it in its
+    arenas otherwise, and a worker's resident memory crept up block after block)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 # --------------------------------------------------------------------------- drivers

@@ -198,9 +198,28 @@ class SVNet(nn.Module):
         fz = self.config.factors[0]
         (z_lo, z_hi) = faces[0]
 
-        def zeros(like, r):  # r zero slices shaped like this layer's input
-            n, c, _, h, w = like.shape
-            return like.new_zeros((n, c, r, h, w)).contiguous(memory_format=fmt)
+        lat = [(r_lo, r_hi) for r_lo, r_hi in faces[1:]]
+
+        def lateral_pad(r):  # zero columns on the lateral sides that are faces
+            return [(r if lo else 0, r if hi else 0) for lo, hi in lat]
+
+        def extend(kept, t, r, tail):
+            """The layer's input: the ``kept`` slices (already padded), then slab ``t`` laterally
+            zero-padded on face sides, then ``tail`` zero slices, written once into one buffer
+            (a separate pad and concatenation copied every slab twice: 11% of the network pass)."""
+            (ph0, ph1), (pw0, pw1) = lateral_pad(r)
+            n, c, s, h, w = t.shape
+            d0 = kept.shape[2]
+            buf = torch.empty((n, c, d0 + s + tail, h + ph0 + ph1, w + pw0 + pw1), dtype=t.dtype, device=t.device,
+                              memory_format=fmt)
+            buf[:, :, :d0].copy_(kept)
+            new = buf[:, :, d0:d0 + s]
+            new[:, :, :, ph0:ph0 + h, pw0:pw0 + w].copy_(t)
+            for sl in (new[:, :, :, :ph0], new[:, :, :, ph0 + h:], new[:, :, :, ph0:ph0 + h, :pw0],
+                       new[:, :, :, ph0:ph0 + h, pw0 + w:], buf[:, :, d0 + s:]):
+                if sl.numel():
+                    sl.zero_()
+            return buf
 
         bufs: list = [None] * len(layers)
         depth, done = x.shape[2], 0
@@ -209,15 +228,16 @@ class SVNet(nn.Module):
             t = x[:, :, z0:z0 + slab]
             for i, (conv, act) in enumerate(layers):
                 r = conv.padding[0]
-                if bufs[i] is None:
-                    bufs[i] = zeros(t, r if z_lo else 0)
-                parts = [bufs[i], t] + ([zeros(t, r)] if last and z_hi else [])
-                buf = torch.cat(parts, 2).contiguous(memory_format=fmt)  # cat may pick NCDHW
+                if bufs[i] is None:  # the first slab: r zero slices before a low z face
+                    (ph0, ph1), (pw0, pw1) = lateral_pad(r)
+                    n, c, _, h, w = t.shape
+                    bufs[i] = torch.empty((n, c, r if z_lo else 0, h + ph0 + ph1, w + pw0 + pw1), dtype=t.dtype,
+                                          device=t.device, memory_format=fmt).zero_()
+                buf = extend(bufs[i], t, r, r if last and z_hi else 0)
                 if buf.shape[2] < 2 * r + 1:
                     bufs[i], t = buf, None
                     break
-                # lateral padding changes h, w: pad this layer's input slab, not the buffer
-                y = lateral(buf, conv, r)
+                y = _conv3d(buf, conv, (0, 0, 0))
                 bufs[i] = buf[:, :, buf.shape[2] - 2 * r:]
                 t = _activate(y, act)
             if t is not None and t.shape[2]:

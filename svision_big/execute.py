@@ -19,7 +19,7 @@ import torch
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from .model import Model
-from .operator import Pass, cast_output, output_offset, run_pass
+from .operator import Pass, output_offset, run_pass, to_output
 from .plan import Block, BlockPlan
 from .progress import Progress
 
@@ -183,11 +183,11 @@ def run_block(job: Job, index: int) -> tuple[int, float, int]:
     crop = tuple(slice(c.start - o, c.stop - o) for c, o in zip(block.crop, off))
     if any(c.start < 0 or c.stop > n for c, n in zip(crop, y.shape)):  # a halo too small for the pass
         raise RuntimeError(f"{step.label}: block {index} computed {tuple(y.shape)} voxels, not the region {crop}")
-    y = y[crop].contiguous()  # only the owned region goes on (the halo's share is dropped first)
+    y = y[crop]  # only the owned region goes on (the halo's share is dropped first)
     if job.out_raw:
-        y = cast_output(spec.norm.inverse(y).cpu().numpy(), job.out_dtype)
+        y = to_output(y, spec.norm, job.out_dtype)
     else:
-        y = y.cpu().numpy()
+        y = y.contiguous().cpu().numpy()
     dst[job.selection(block, block.write)] = y
     DoneRecords(job.done_url, job.out_options).mark(index)
     del y, x

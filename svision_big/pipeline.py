@@ -39,6 +39,17 @@ DEFAULT_TRAIN_VOXELS = 4_000_000
 DEFAULT_BLOCK = 128  # a user's integer block, and the default chunk
 DEFAULT_CHUNK = 128
 DEFAULT_PASS_BLOCK = {"net": 256, "bp": 128, "final": 128}
+# A back-projection pass whose halo is no wider than the network's (2 iterations or fewer at x2)
+# takes the network's block instead: its compute is negligible (bp 2, 128^3: 0.04 s), so what it
+# costs is reading the staged float32 output, and 128^3 blocks read 78% extra against 34% at
+# 256^3, in 8x as many tasks; at 256^3 it needs 0.58 GB, about the network pass's 0.51.
+NARROW_BP_HALO = 8
+
+
+def _default_pass_block(kind: str, halo: tuple[int, ...]) -> int:
+    if kind != "net" and max(halo, default=0) <= NARROW_BP_HALO:
+        return DEFAULT_PASS_BLOCK["net"]
+    return DEFAULT_PASS_BLOCK[kind]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -245,7 +256,8 @@ def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, clien
     passes = plan_passes(specs)
     if block is None:  # chunks for viewers; blocks (whole chunks) as large as the measurements say pays
         chunk_block = default_block(out_spatial, factors, DEFAULT_CHUNK)
-        block = _whole_chunks(default_block(out_spatial, factors, DEFAULT_PASS_BLOCK[passes[-1].kind]),
+        last_halo = tuple(max(h) for h in zip(*(pass_halo(s, passes[-1]) for s in specs)))
+        block = _whole_chunks(default_block(out_spatial, factors, _default_pass_block(passes[-1].kind, last_halo)),
                               chunk_block, out_spatial)
     else:
         if isinstance(block, int):
@@ -383,7 +395,7 @@ def _pass_plans(passes, specs, in_shape, block, outer_shape, defaults: bool = Tr
         if k == len(passes) - 1:
             blk = block
         elif defaults:
-            blk = default_block(out, p.factors, DEFAULT_PASS_BLOCK[p.kind])
+            blk = default_block(out, p.factors, _default_pass_block(p.kind, halo))
         else:
             blk = tuple(max(f, min(b, n) - min(b, n) % f) for b, n, f in zip(block, out, p.factors))
         if k == len(passes) - 1 and out != tuple(n * f for n, f in zip(in_shape, specs[0].factors)):

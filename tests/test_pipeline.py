@@ -410,7 +410,9 @@ def test_default_blocks_write_whole_chunks(tmp_path):
     assert _whole_chunks((250, 256), (128, 128), (600, 600)) == (128, 256)
     vol = smooth_volume((150, 40), seed=9)
     src = _write_input(tmp_path, vol, axes="yx")
-    for bp in (0, 1):  # the network pass takes big blocks; back-projection is as fast in chunk-sized ones
+    # the network pass takes big blocks, and so does back-projection with a halo no wider than the
+    # network's (bp 1); wider ones (bp 5) run in chunk-sized blocks
+    for bp in (0, 1, 5):
         model = make_model((2, 2), bp=bp)
         out = str(tmp_path / f"out{bp}.ome.zarr")
         pipeline.enhance(src, out, model, scheduler="sync", dtype="float32", progress=False)
@@ -419,7 +421,9 @@ def test_default_blocks_write_whole_chunks(tmp_path):
         assert arr.chunks == (DEFAULT_CHUNK, 80)
         blocks = [tuple(p["block"]) for p in img.group.attrs["svision_big"]["passes"]]
         assert all(b[0] % DEFAULT_CHUNK == 0 and b[1] == 80 for b in blocks)
-        assert blocks[0][0] > DEFAULT_CHUNK and blocks[-1][0] == (DEFAULT_CHUNK if bp else blocks[0][0])
+        assert blocks[0][0] > DEFAULT_CHUNK and blocks[-1][0] == (DEFAULT_CHUNK if bp > 2 else blocks[0][0])
+        halo = img.group.attrs["svision_big"]["passes"][-1]["halo"]
+        assert (max(halo) > pipeline.NARROW_BP_HALO) == (bp > 2), halo
         np.testing.assert_allclose(arr[...], model.enhance(vol, dtype="float32"), atol=1e-5, rtol=0)
 
 

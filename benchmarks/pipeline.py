@@ -1140,7 +1140,7 @@ def section_halo(cfg: dict, blocks: dict | None = None) -> dict:
     """Per pass (network, back-projection): halo and ``BlockPlan.overhead()`` at the default block and
     against block size, on a 34 G-voxel output, with the peak RSS measured in the blocks section."""
     from svision_big.operator import pass_halo, plan_passes
-    from svision_big.pipeline import DEFAULT_PASS_BLOCK
+    from svision_big.pipeline import _default_pass_block
     from svision_big.plan import BlockPlan
 
     big_in = (1024, 4096, 4096)
@@ -1151,7 +1151,7 @@ def section_halo(cfg: dict, blocks: dict | None = None) -> dict:
         spec = build_model(bp).spec()
         for p in plan_passes(spec):
             halo = pass_halo(spec, p)
-            d = min(DEFAULT_PASS_BLOCK[p.kind], min(out_shape))
+            d = min(_default_pass_block(p.kind, halo), min(out_shape))
             row = {"bp": bp, "pass": p.kind, "halo": list(halo), "default_block": d,
                    "default_overhead": BlockPlan(big_in, FACTORS, (d,) * 3, halo).overhead(),
                    "by_block": [BlockPlan(big_in, FACTORS, (s,) * 3, halo).overhead() for s in sizes]}

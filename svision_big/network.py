@@ -198,10 +198,8 @@ class SVNet(nn.Module):
         fz = self.config.factors[0]
         (z_lo, z_hi) = faces[0]
 
-        lat = [(r_lo, r_hi) for r_lo, r_hi in faces[1:]]
-
         def lateral_pad(r):  # zero columns on the lateral sides that are faces
-            return [(r if lo else 0, r if hi else 0) for lo, hi in lat]
+            return [(r if lo else 0, r if hi else 0) for lo, hi in faces[1:]]
 
         def extend(kept, t, r, tail):
             """The layer's input: the ``kept`` slices (already padded), then slab ``t`` laterally

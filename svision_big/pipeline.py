@@ -322,10 +322,9 @@ def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, clien
     if not resuming:
         group.attrs["svision_big"] = {**provenance, "state": "writing level 0"}
         for k, pl in enumerate(plans[:-1]):
-            # chunks no bigger than the blocks that read them back (a 128^3 back-projection block
-            # reading 256^3 chunks would decode 8x what it needs); still whole chunks per writer
-            scratch = tuple(math.gcd(a, b) for a, b in zip(pl.block, block))
-            _create_intermediate(output, output_storage_options, paths[k], full_shape(pl.out_shape), full_chunks(scratch))
+            inner, shard = _scratch_layout(pl.block, block)
+            _create_intermediate(output, output_storage_options, paths[k], full_shape(pl.out_shape), full_chunks(inner),
+                                 None if shard is None else full_chunks(shard))
         fmt.create_array(group, "0", tuple(out_shape), tuple(chunks), out_dtype, image.axis_names,
                          shards=shard_shape, compression=compression)
     base = dict(in_url=input, in_path=image.paths[0], out_url=output, spatial_axes=tuple(spatial),
@@ -405,13 +404,30 @@ def _pass_plans(passes, specs, in_shape, block, outer_shape, defaults: bool = Tr
     return plans
 
 
-def _create_intermediate(url: str, options: dict | None, path: str, shape, chunks) -> None:
+MIN_SCRATCH_INNER = 16  # smaller inner chunks cost more per-chunk overhead than they save in reads
+
+
+def _scratch_layout(writer: tuple[int, ...], last: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """(chunks, shards) of a staged pass output. One shard per writer block (one writer per shard),
+    split into inner chunks of up to 64 voxels, so the next pass decodes little beyond its block
+    and halo: with whole-block 256^3 chunks an interior block + 14-voxel halo decoded 27 chunks
+    (20x the voxels it needed); reading 284^3 from 256^3 float32 chunks took 0.72 s, from 64^3
+    inner chunks of 256^3 shards 0.13 s (one thread, local disk). Blocks without such a divisor
+    fall back to plain chunks no bigger than either block (one writer per chunk)."""
+    inner = tuple(_inner_chunk(b) for b in writer)
+    if all(c >= min(MIN_SCRATCH_INNER, b) for c, b in zip(inner, writer)):
+        return inner, tuple(writer)
+    return tuple(math.gcd(a, b) for a, b in zip(writer, last)), None
+
+
+def _create_intermediate(url: str, options: dict | None, path: str, shape, chunks, shards=None) -> None:
     """A float32 scratch array (zarr v3, uncompressed: written once and read once) in the output's state folder."""
     import zarr
 
     # a store rooted at the array itself: no group metadata lands in the output (a v2 image stays pure v2)
     zarr.create_array(_make_store(_join(url, path), options, read_only=False), shape=tuple(shape), chunks=tuple(chunks),
-                      dtype="float32", fill_value=0.0, compressors=None, overwrite=True, zarr_format=3)
+                      shards=None if shards is None else tuple(shards), dtype="float32", fill_value=0.0,
+                      compressors=None, overwrite=True, zarr_format=3)
 
 
 def _remove_intermediate(url: str, options: dict | None, path: str) -> None:

@@ -463,3 +463,29 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     inp, out = open_image(str(folder / "input.ome.zarr")), open_image(str(folder / "enhanced.ome.zarr"))
     assert out.level(0).shape == tuple(2 * n for n in inp.level(0).shape)
     assert "cubic upsampling" in capsys.readouterr().out
+
+
+def test_staged_output_is_sharded_by_writer_block(tmp_path):
+    """A staged pass output has one shard per writer block and small inner chunks, so the next pass
+    decodes little more than its block and halo; sizes without a usable divisor keep plain chunks."""
+    assert pipeline._scratch_layout((256, 256, 256), (256, 256, 256)) == ((64, 64, 64), (256, 256, 256))
+    assert pipeline._scratch_layout((200, 80), (128, 80)) == ((50, 40), (200, 80))
+    assert pipeline._scratch_layout((202, 256), (128, 256)) == ((2, 256), None)  # 202 = 2 x 101: gcd chunks
+    import zarr
+
+    vol = smooth_volume((40, 70), seed=3)
+    src = _write_input(tmp_path, vol, axes="yx")
+    model = make_model((2, 2), bp=1)
+    out = str(tmp_path / "out.ome.zarr")
+    seen = []
+
+    def on_block(i):
+        if not seen:
+            (work,) = [p for p in os.listdir(os.path.join(out, "svision_state")) if p.startswith("work-")]
+            arr = zarr.open_array(os.path.join(out, "svision_state", work, "p0"), mode="r")
+            seen.append((arr.shards, arr.chunks))
+
+    pipeline.enhance(src, out, model, scheduler="sync", dtype="float32", progress=False, on_block=on_block)
+    block0 = tuple(open_image(out).group.attrs["svision_big"]["passes"][0]["block"])
+    assert block0 == (80, 140) and seen == [((80, 140), (40, 35))]
+    np.testing.assert_allclose(open_image(out).level(0)[...], model.enhance(vol, dtype="float32"), atol=1e-5, rtol=0)

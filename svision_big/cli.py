@@ -39,6 +39,14 @@ def _storage(text: str | None) -> dict | None:
     return value
 
 
+def _add_training_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--acquisition", choices=["auto", "integrate", "sample", "cubic"], default="auto",
+                   help="how the input's voxels were recorded: a detector's mean over each voxel (integrate), "
+                        "point samples at voxel centres (sample), an antialiased cubic resize (cubic), or auto "
+                        "(train for all three; the held-aside check decides the rest)")
+    p.add_argument("--psf-fwhm", type=_floats, help="Gaussian PSF FWHM, Z,Y,X in input voxels (or one value for all axes)")
+
+
 def _add_enhance_flags(p: argparse.ArgumentParser) -> None:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--workers", type=int, help="size of the local Dask cluster (default: one per core)")
@@ -91,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget", type=int, default=None, help="voxels of level 0 to train on")
+    _add_training_flags(p)
     p.add_argument("--storage-options", type=_storage)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
@@ -110,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget", type=int, default=None)
+    _add_training_flags(p)
     _add_enhance_flags(p)
 
     p = sub.add_parser("info", help="describe an OME-Zarr image")
@@ -129,6 +139,15 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"svision-big: error: {msg}", file=sys.stderr)
         return 2
+
+
+def _psf(values: tuple[float, ...] | None):
+    """One value means every axis; negative widths are refused here, before any training."""
+    if values is None:
+        return None
+    if any(v < 0 for v in values):
+        raise ValueError(f"--psf-fwhm {','.join(map(str, values))}: a width cannot be negative")
+    return values[0] if len(values) == 1 else values
 
 
 def _dispatch(a) -> int:
@@ -151,7 +170,8 @@ def _dispatch(a) -> int:
             raise ValueError(f"{a.output} already exists: pass --overwrite to replace it")
         kw = {} if a.budget is None else {"budget": a.budget}
         model = pipeline.train(a.input, a.factor, steps=a.steps, channel=a.channel, seed=a.seed,
-                               storage_options=a.storage_options, quiet=a.quiet, **kw)
+                               storage_options=a.storage_options, quiet=a.quiet, acquisition=a.acquisition,
+                               psf_fwhm=_psf(a.psf_fwhm), **kw)
         model.save(a.output)
         print(f"wrote {a.output} (model {model.hash}); settings: {json.dumps(model.settings())}")
         return 0
@@ -163,7 +183,8 @@ def _dispatch(a) -> int:
     if a.command == "run":
         kw = {} if a.budget is None else {"budget": a.budget}
         stats = pipeline.run(a.input, a.output, a.factor, steps=a.steps, seed=a.seed, channel=a.channel,
-                             quiet=a.quiet, overwrite=a.overwrite, **kw, **_enhance_kwargs(a))
+                             quiet=a.quiet, overwrite=a.overwrite, acquisition=a.acquisition, psf_fwhm=_psf(a.psf_fwhm),
+                             **kw, **_enhance_kwargs(a))
         _report(stats)
         return 0
     if a.command == "demo":

@@ -132,6 +132,20 @@ def phase_kernels(kind: str, param: float) -> tuple[np.ndarray, int, int]:
         n = 64 * f
         idx, w = resize_table(n, n // f, 1.0 / f)
         rows, phases, step, base = [32], 1, f, [32 * f]
+    elif kind == "mean":  # detector integration: the mean of each f-voxel cell
+        f = int(param)
+        return np.full((1, f), 1.0 / f), 0, f
+    elif kind == "pick":  # point sampling at each cell's centre: Keys cubic there, no antialiasing
+        f = int(param)
+        c = (f - 1) / 2.0
+        offs = np.arange(int(math.floor(c)) - 1, int(math.floor(c)) + 3)
+        w = cubic_kernel(c - offs)
+        keep = w != 0.0
+        offs, w = offs[keep], w[keep] / w[keep].sum()
+        left = max(0, -int(offs.min()))
+        ker = np.zeros((1, int(offs.max()) + left + 1))
+        ker[0, offs + left] = w
+        return ker, left, f
     elif kind == "blur":
         r = gaussian_table(1, float(param))[0].shape[1]  # taps of the kernel
         n = 4 * r + 8
@@ -245,21 +259,56 @@ def apply_window(x: torch.Tensor, axis: int, kernel: tuple[np.ndarray, int, int]
     return y.narrow(axis, out[0] - k0 * phases, out[1] - out[0])
 
 
-def resize(x: torch.Tensor, factors: tuple[int, ...], up: bool) -> torch.Tensor:
-    """Cubic resize of the trailing ``len(factors)`` axes by integer factors (up or antialiased down)."""
+ACQUISITIONS = ("cubic", "integrate", "sample")
+# how each acquisition makes one low-res voxel from the (blurred) high-res axis: antialiased
+# cubic (imresize), the mean of its f-voxel cell (a detector), or the value at the cell's centre
+# (point sampling). Every low-res voxel sits at its cell's centre (the metadata's pixel-centre
+# convention), so one cubic interpolation inverts all three and every flip commutes with them.
+# "mixed" (what ``auto`` trains with): each training pair draws one of the three, so the network
+# learns to invert whichever made the input; back-projection then uses the cubic model, and the
+# held-aside check (on mixed pairs too) decides whether it helps.
+DOWN_KIND = {"cubic": "down", "integrate": "mean", "sample": "pick", "mixed": "down"}
+UP_KIND = {"cubic": "up", "integrate": "up", "sample": "up", "mixed": "up"}
+MODELS = ACQUISITIONS + ("mixed",)
+
+
+def check_acquisition(name: str) -> str:
+    if name not in MODELS:
+        raise ValueError(f"unknown acquisition {name!r}: choose one of auto, {', '.join(ACQUISITIONS)}")
+    return name
+
+
+def resize(x: torch.Tensor, factors: tuple[int, ...], up: bool, acquisition: str = "cubic") -> torch.Tensor:
+    """Resize of the trailing ``len(factors)`` axes by integer factors: down as ``acquisition``
+    records (antialiased cubic, block mean or point sampling), up by the cubic interpolation on
+    that acquisition's grid."""
     nd = len(factors)
+    kinds = UP_KIND if up else DOWN_KIND
+    kind = kinds[check_acquisition(acquisition)]
     for d, f in enumerate(factors):
         if f == 1:
             continue
         axis = x.ndim - nd + d
         n = x.shape[axis]
         if up:
-            x = apply_phases(x, axis, phase_kernels("up", f), n * f)
+            x = apply_phases(x, axis, phase_kernels(kind, f), n * f)
         else:
             if n % f:
                 raise ValueError(f"axis of length {n} is not divisible by the factor {f}")
-            x = apply_phases(x, axis, phase_kernels("down", f), n // f)
+            x = apply_phases(x, axis, phase_kernels(kind, f), n // f)
     return x
+
+
+def phase_table(kernel: tuple[np.ndarray, int, int], n_in: int) -> tuple[np.ndarray, np.ndarray]:
+    """The tap table (reflected indices, weights) of a phase kernel on an axis of ``n_in`` voxels:
+    the operator ``apply_phases`` computes, for receptive-field analysis."""
+    ker, left, step = kernel
+    phases, taps = ker.shape
+    n_out = n_in * phases // step
+    i = np.arange(n_out)
+    k, p = i // phases, i % phases
+    idx = (k * step - left)[:, None] + np.arange(taps)[None, :]
+    return _compact(_reflect(idx, n_in), ker[p])
 
 
 def blur(x: torch.Tensor, fwhm: tuple[float, ...] | None) -> torch.Tensor:
@@ -276,7 +325,8 @@ def blur(x: torch.Tensor, fwhm: tuple[float, ...] | None) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Degradation:
-    """High-res -> low-res model: optional Gaussian PSF (FWHM in high-res voxels), then cubic downscale.
+    """High-res -> low-res model: optional Gaussian PSF (FWHM in high-res voxels), then the
+    acquisition's downscale (antialiased cubic, detector integration or point sampling).
 
     ``noise`` = (gain, offset) of a variance model var(I) = gain*I + offset measured on the
     *low-res* input; training partners get the noise that downscaling did not already leave.
@@ -285,24 +335,21 @@ class Degradation:
     factors: tuple[int, ...]
     psf_fwhm: tuple[float, ...] | None = None
     noise: tuple[float, float] | None = None
+    acquisition: str = "cubic"  # how the low-res voxels were made: see ``ACQUISITIONS``
 
     def down(self, y: torch.Tensor) -> torch.Tensor:
-        return resize(blur(y, self.psf_fwhm), self.factors, up=False)
+        return resize(blur(y, self.psf_fwhm), self.factors, up=False, acquisition=self.acquisition)
 
     def up(self, x: torch.Tensor) -> torch.Tensor:
-        return resize(x, self.factors, up=True)
+        return resize(x, self.factors, up=True, acquisition=self.acquisition)
 
-    def integrate(self, y: torch.Tensor) -> torch.Tensor:
-        """Low-res image as a detector records it: the PSF, then each low-res pixel the mean of the
-        high-res voxels it covers. Not ``down``: a check whose partners come from the very operator
-        back-projection inverts rewards iterating it to convergence (see ``train.choose_bp_iters``)."""
-        t = blur(y, self.psf_fwhm)
-        lead = t.ndim - len(self.factors)
-        for d, f in enumerate(self.factors):
-            if f > 1:
-                a = lead + d
-                t = t.unflatten(a, (t.shape[a] // f, f)).mean(a + 1)
-        return t
+    def kernels(self, axis: int) -> tuple:
+        """(blur, down, up) phase kernels along one axis (None where the axis has none)."""
+        f = self.factors[axis]
+        fwhm = float(self.psf_fwhm[axis]) if self.psf_fwhm is not None and self.psf_fwhm[axis] else 0.0
+        return (phase_kernels("blur", fwhm) if fwhm > 0 else None,
+                phase_kernels(DOWN_KIND[self.acquisition], f) if f > 1 else None,
+                phase_kernels(UP_KIND[self.acquisition], f) if f > 1 else None)
 
     def noise_keep_fraction(self) -> float:
         """Fraction of i.i.d. noise variance that survives ``down``: per axis, the squared weights of
@@ -311,10 +358,11 @@ class Degradation:
         for d, f in enumerate(self.factors):
             n = 64 * f
             t = torch.eye(n, dtype=torch.float64)  # column j = response to a unit input at j
-            if self.psf_fwhm is not None and self.psf_fwhm[d]:
-                t = apply_table(t, 0, gaussian_table(n, float(self.psf_fwhm[d])))
-            if f > 1:
-                t = apply_table(t, 0, resize_table(n, n // f, 1.0 / f))
+            blur_k, down_k, _ = self.kernels(d)
+            if blur_k is not None:
+                t = apply_table(t, 0, phase_table(blur_k, n))
+            if down_k is not None:
+                t = apply_table(t, 0, phase_table(down_k, n))
             frac *= float((t[t.shape[0] // 2] ** 2).sum())
         return frac
 
@@ -327,6 +375,10 @@ class Degradation:
         the input's noise. The partner then gets the noise still missing for it to carry exactly
         the input's noise level (downscaling averages most of y + z's noise away).
         """
+        if self.acquisition == "mixed":
+            pick = int(torch.randint(len(ACQUISITIONS), (1,), generator=generator))
+            one = Degradation(self.factors, self.psf_fwhm, self.noise, ACQUISITIONS[pick])
+            return one.synthesize(y, generator)
         if self.noise is None or (self.noise[0] <= 0 and self.noise[1] <= 0):
             return self.down(y), y
         gain, offset = self.noise

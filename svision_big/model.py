@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .degrade import Degradation
+from .degrade import Degradation, check_acquisition
 from .network import NetConfig, SVNet
 from .operator import Normalisation, OperatorSpec, StageOp, enhance_array, precision_dtype
 
@@ -34,7 +34,7 @@ def _deg_to_dict(d: Degradation | None) -> dict | None:
     if d is None:
         return None
     return {"factors": list(d.factors), "psf_fwhm": None if d.psf_fwhm is None else list(d.psf_fwhm),
-            "noise": None if d.noise is None else list(d.noise)}
+            "noise": None if d.noise is None else list(d.noise), "acquisition": d.acquisition}
 
 
 def _deg_from_dict(d: dict | None) -> Degradation | None:
@@ -42,7 +42,16 @@ def _deg_from_dict(d: dict | None) -> Degradation | None:
         return None
     return Degradation(tuple(int(f) for f in d["factors"]),
                        None if d.get("psf_fwhm") is None else tuple(float(x) for x in d["psf_fwhm"]),
-                       None if d.get("noise") is None else (float(d["noise"][0]), float(d["noise"][1])))
+                       None if d.get("noise") is None else (float(d["noise"][0]), float(d["noise"][1])),
+                       check_acquisition(str(d.get("acquisition", "cubic"))))
+
+
+def _ensemble(v) -> int | bool:
+    if isinstance(v, bool):
+        return v
+    if int(v) not in (1, 4, 8):
+        raise ValueError(f"ensemble size {v} is not 1, 4 or 8")
+    return int(v)
 
 
 @dataclass
@@ -51,7 +60,7 @@ class StageRecord:
     state: dict[str, torch.Tensor]
     degradation: Degradation
     bp_iters: int
-    ensemble: bool = True
+    ensemble: int | bool = True
     report: dict = field(default_factory=dict)
 
 
@@ -94,6 +103,9 @@ class Model:
         CPUs with AVX512-BF16, see ``operator.precision_dtype``)."""
         return enhance_array(np.asarray(volume), self.spec("cpu", precision), dtype)
 
+    def degradations(self) -> list[Degradation]:
+        return [s.degradation for s in self.stages]
+
     def halo(self) -> tuple[int, ...]:
         from .operator import receptive_halo
         return receptive_halo(self.spec())
@@ -107,7 +119,9 @@ class Model:
                         "psf_fwhm": None if s.degradation.psf_fwhm is None else list(s.degradation.psf_fwhm)}
                        for s in self.stages],
             "final_bp_iters": self.final_bp_iters,
-            "normalisation": {"lo": self.norm.lo, "hi": self.norm.hi, "floor": self.norm.floor},
+            "normalisation": {"lo": self.norm.lo, "hi": self.norm.hi, "floor": self.norm.floor, "ceiling": self.norm.ceiling},
+            "acquisition": self.degradations()[0].acquisition,
+            "baseline": self.info.get("baseline"),
         }
 
     # ------------------------------------------------------------------ file
@@ -116,7 +130,7 @@ class Model:
         return {
             "format": FORMAT, "format_version": FORMAT_VERSION, "package_version": self.version,
             "factors": list(self.factors),
-            "norm": {"lo": self.norm.lo, "hi": self.norm.hi, "floor": self.norm.floor},
+            "norm": {"lo": self.norm.lo, "hi": self.norm.hi, "floor": self.norm.floor, "ceiling": self.norm.ceiling},
             "final": _deg_to_dict(self.final), "final_bp_iters": self.final_bp_iters,
             "stages": [{"config": s.config.to_dict(), "degradation": _deg_to_dict(s.degradation),
                         "bp_iters": s.bp_iters, "ensemble": s.ensemble, "report": s.report} for s in self.stages],
@@ -167,10 +181,11 @@ class Model:
             if int(head["format_version"]) > FORMAT_VERSION:
                 raise ModelFileError(f"{where} uses model format {head['format_version']}, newer than this svision-big reads ({FORMAT_VERSION}): upgrade svision-big")
             stages = [StageRecord(NetConfig.from_dict(s["config"]), dict(w), _deg_from_dict(s["degradation"]),
-                                  int(s["bp_iters"]), bool(s["ensemble"]), s.get("report", {}))
+                                  int(s["bp_iters"]), _ensemble(s["ensemble"]), s.get("report", {}))
                       for s, w in zip(head["stages"], obj["weights"], strict=True)]
             n = head["norm"]
-            model = cls(stages=stages, norm=Normalisation(float(n["lo"]), float(n["hi"]), n["floor"]),
+            model = cls(stages=stages, norm=Normalisation(float(n["lo"]), float(n["hi"]), n["floor"],
+                                                               None if n.get("ceiling") is None else float(n["ceiling"])),
                         factors=tuple(int(f) for f in head["factors"]), final=_deg_from_dict(head["final"]),
                         final_bp_iters=int(head["final_bp_iters"]), info=head.get("info", {}),
                         version=head.get("package_version", "?"))

@@ -14,7 +14,7 @@ import torch
 
 from functools import lru_cache
 
-from .degrade import Degradation, apply_window, gaussian_table, phase_kernels, resize, resize_table, valid_window
+from .degrade import UP_KIND, Degradation, apply_window, phase_kernels, phase_table, valid_window
 from .network import SVNet
 
 
@@ -25,6 +25,7 @@ class Normalisation:
     lo: float
     hi: float
     floor: float | None  # clamp value in raw units (0 for non-negative data), None = no clamp
+    ceiling: float | None = None  # the input's saturation value (raw), None = not saturated
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.lo) / (self.hi - self.lo)
@@ -36,6 +37,20 @@ class Normalisation:
     def floor_n(self) -> float | None:
         return None if self.floor is None else (self.floor - self.lo) / (self.hi - self.lo)
 
+    @property
+    def bounds_n(self) -> tuple[float | None, float | None]:
+        """(floor, ceiling) in normalised units: the output never leaves what the input could record."""
+        ceil = None if self.ceiling is None else (self.ceiling - self.lo) / (self.hi - self.lo)
+        return self.floor_n, ceil
+
+
+def clamp_(y: torch.Tensor, bounds) -> torch.Tensor:
+    """In-place clamp to ``bounds`` = (low, high) (either None), or a single low value."""
+    lo, hi = bounds if isinstance(bounds, tuple) else (bounds, None)
+    if lo is None and hi is None:
+        return y
+    return y.clamp_(min=lo, max=hi)
+
 
 @dataclass(frozen=True)
 class StageOp:
@@ -44,7 +59,7 @@ class StageOp:
     net: SVNet = field(compare=False)
     degradation: Degradation
     bp_iters: int
-    ensemble: bool = True
+    ensemble: int | bool = True  # lateral variants averaged: True (all), 8, 4 or 1
 
     @property
     def factors(self) -> tuple[int, ...]:
@@ -93,12 +108,23 @@ def precision_dtype(precision: str, device: str | torch.device = "cpu") -> torch
 # --------------------------------------------------------------------------- ensemble
 
 
-def _variants(rotations: bool) -> list[tuple[int, bool]]:
+ENSEMBLES = (8, 4, 1)  # variants the held-aside check chooses from: each halving halves the network's cost
+
+
+def _variants(rotations: bool, size: int | bool = True) -> list[tuple[int, bool]]:
     """Lateral (y, x) symmetries: the 8 of the square (rot90 x flip) or, when y and x are
-    upsampled differently (rotation would swap their factors), the 4 flips."""
-    if rotations:
+    upsampled differently (rotation would swap their factors), or 4 are asked for, the 4 flips
+    (none, x, y and x, y); ``size`` 1 or False: the identity. True = as many as the factors allow."""
+    if size is False or size == 1:
+        return [(0, False)]
+    if rotations and (size is True or size >= 8):
         return [(k, flip) for k in range(4) for flip in (False, True)]
     return [(0, False), (0, True), (2, False), (2, True)]
+
+
+def ensemble_size(ensemble: int | bool, factors: tuple[int, ...]) -> int:
+    """How many variants ``ensemble`` runs for a stage with these factors."""
+    return len(_variants(len(factors) >= 2 and factors[-2] == factors[-1], ensemble))
 
 
 def _forward_t(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
@@ -143,10 +169,7 @@ def predict(net: SVNet, x: torch.Tensor, ensemble: bool = True, faces=None) -> t
     faces = tuple(faces) if faces is not None else ((True, True),) * x.ndim
     r = net.conv_radius()
     trim = [(0 if lo else r, 0 if hi else r) for lo, hi in faces]
-    if ensemble:
-        variants = _variants(rotations=(factors[-2] == factors[-1]))
-    else:
-        variants = [(0, False)]
+    variants = _variants(x.ndim >= 2 and factors[-2] == factors[-1], ensemble)
     shape = [(n - a - b) * f for n, (a, b), f in zip(x.shape, trim, factors)]
     acc = torch.zeros(shape, dtype=x.dtype, device=x.device)
     net_dtype = next(net.parameters()).dtype  # 16-bit nets: slabs in, float32 accumulation
@@ -193,7 +216,7 @@ def output_offset(spec: "OperatorSpec", p: "Pass", faces) -> tuple[int, ...]:
     if deg is None or iters <= 0:
         return (0,) * len(faces)
     psf = None if deg.psf_fwhm is None else tuple(float(s) for s in deg.psf_fwhm)
-    return tuple(_bp_start(tuple(deg.factors), psf, a, iters, lo) for a, (lo, _) in enumerate(faces))
+    return tuple(_bp_start(tuple(deg.factors), psf, deg.acquisition, a, iters, lo) for a, (lo, _) in enumerate(faces))
 
 
 def _bp_settings(spec: "OperatorSpec", p: "Pass") -> tuple[Degradation | None, int]:
@@ -204,10 +227,7 @@ def _bp_settings(spec: "OperatorSpec", p: "Pass") -> tuple[Degradation | None, i
 
 
 def _axis_kernels(deg: Degradation, axis: int):
-    f = deg.factors[axis]
-    fwhm = float(deg.psf_fwhm[axis]) if deg.psf_fwhm is not None and deg.psf_fwhm[axis] else 0.0
-    return (phase_kernels("blur", fwhm) if fwhm > 0 else None,
-            phase_kernels("down", f) if f > 1 else None, phase_kernels("up", f) if f > 1 else None)
+    return deg.kernels(axis)
 
 
 def _cap(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
@@ -235,11 +255,12 @@ def bp_windows(deg: Degradation, axis: int, iters: int, n_lr: int, faces: tuple[
 
 
 @lru_cache(maxsize=256)
-def _bp_start(factors: tuple[int, ...], psf: tuple[float, ...] | None, axis: int, iters: int, lo_face: bool) -> int:
+def _bp_start(factors: tuple[int, ...], psf: tuple[float, ...] | None, acquisition: str, axis: int, iters: int,
+              lo_face: bool) -> int:
     """High-res start of back-projection's exact output in a block whose low side is (not) a face:
     it does not depend on the block's length, so a stand-in axis long enough that the windows
     never meet gives it (every iteration trims at most all its taps from each side)."""
-    deg = Degradation(factors, psf)
+    deg = Degradation(factors, psf, acquisition=acquisition)
     reach = sum(k[0].shape[1] for k in _axis_kernels(deg, axis) if k is not None)  # in voxels, >= low-res
     n = 64 + 2 * iters * (reach + 2)
     wins = bp_windows(deg, axis, iters, n, (lo_face, False))
@@ -247,7 +268,7 @@ def _bp_start(factors: tuple[int, ...], psf: tuple[float, ...] | None, axis: int
     return wins[-1][3][0]
 
 
-def back_project(y: torch.Tensor, x: torch.Tensor, deg: Degradation, iters: int, floor: float | None,
+def back_project(y: torch.Tensor, x: torch.Tensor, deg: Degradation, iters: int, floor,
                  faces=None) -> torch.Tensor:
     """Iterative back-projection y += up(x - down(y)), clamped inside every iteration.
 
@@ -284,8 +305,7 @@ def back_project(y: torch.Tensor, x: torch.Tensor, deg: Degradation, iters: int,
         # in place into the new term (never into the caller's ``y``); bit-equal to y + u
         y = r.add_(keep) if (i == 0 or r.shape != y.shape) else y.add_(r)
         del r, keep
-        if floor is not None:
-            y = y.clamp_(min=floor)
+        y = clamp_(y, floor)
     return y
 
 
@@ -344,12 +364,12 @@ def run_pass(spec: OperatorSpec, p: Pass, x: torch.Tensor, companion: torch.Tens
     """One pass on normalised tensors: ``x`` is the pass's low-res input, ``companion`` the previous
     pass's high-res output (bp and final passes). ``faces``: see ``predict`` (passes
     return less than the whole region where a side is halo; ``output_offset`` says where)."""
-    floor = spec.norm.floor_n
+    floor = spec.norm.bounds_n
     with torch.inference_mode():
         if p.kind == "net":
             stage = spec.stages[p.stage]
             y = predict(stage.net, x, stage.ensemble, faces)
-            return y.clamp_(min=floor) if floor is not None else y
+            return clamp_(y, floor)
         if p.kind == "bp":
             stage = spec.stages[p.stage]
             return back_project(companion, x, stage.degradation, stage.bp_iters, floor, faces)
@@ -426,15 +446,14 @@ def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
 
 
 def _bp_mask(y: np.ndarray, x: np.ndarray, deg: Degradation, axis: int, iters: int) -> np.ndarray:
-    f = deg.factors[axis]
-    fwhm = deg.psf_fwhm[axis] if deg.psf_fwhm is not None else 0.0
+    blur_k, down_k, up_k = deg.kernels(axis)
     for _ in range(iters):
         d = y
-        if fwhm:
-            d = _through(d, gaussian_table(len(d), float(fwhm)))
-        if f > 1:
-            d = _through(d, resize_table(len(d), len(d) // f, 1.0 / f))
-            u = _through(x | d, resize_table(len(x), len(x) * f, float(f)))
+        if blur_k is not None:
+            d = _through(d, phase_table(blur_k, len(d)))
+        if down_k is not None:
+            d = _through(d, phase_table(down_k, len(d)))
+            u = _through(x | d, phase_table(up_k, len(x)))
         else:
             u = x | d
         y = y | u
@@ -475,7 +494,7 @@ def receptive_halo(spec: OperatorSpec) -> tuple[int, ...]:
             n = 2 * n + 1
         lr = hit // total[axis]
         halo.append(int(max(n // 2 - lr.min(), lr.max() - n // 2)))
-    if spec.ndim >= 2 and any(s.ensemble for s in spec.stages):
+    if spec.ndim >= 2 and any(ensemble_size(s.ensemble, s.factors) > 1 for s in spec.stages):
         lat = max(halo[-2], halo[-1])
         halo[-2] = halo[-1] = lat
     return tuple(halo)
@@ -526,6 +545,6 @@ def pass_halo(spec: OperatorSpec, p: Pass) -> tuple[int, ...]:
                 break
             n = 2 * n + 1
         halo.append(found)
-    if p.kind == "net" and spec.ndim >= 2 and spec.stages[p.stage].ensemble:
+    if p.kind == "net" and spec.ndim >= 2 and ensemble_size(spec.stages[p.stage].ensemble, p.factors) > 1:
         halo[-2] = halo[-1] = max(halo[-2], halo[-1])
     return tuple(halo)

@@ -128,7 +128,7 @@ def training_region(image: Image, outer: dict[int, int], budget: int = DEFAULT_T
 
 def train(input: str | os.PathLike, factor, steps: int | None = None, channel: int = 0, time_index: int = 0,
           seed: int = 0, budget: int = DEFAULT_TRAIN_VOXELS, storage_options: dict | None = None,
-          quiet: bool = False, psf_fwhm=None) -> Model:
+          quiet: bool = False, psf_fwhm=None, acquisition: str = "auto") -> Model:
     """Train a model on a sampled region of an OME-Zarr image (one channel, one time point)."""
     image = open_image(input, storage_options)
     spatial = image.spatial_axes
@@ -143,7 +143,8 @@ def train(input: str | os.PathLike, factor, steps: int | None = None, channel: i
     if not quiet:
         print(f"training on level-0 region {[(s.start, s.stop) for s in box]} ({sample.size:,} voxels, "
               f"found on level {level}), channel {channel}", flush=True)
-    model = fit(sample, factor=parse_factors(factor, len(spatial)), steps=steps, seed=seed, quiet=quiet, psf_fwhm=psf_fwhm)
+    model = fit(sample, factor=parse_factors(factor, len(spatial)), steps=steps, seed=seed, quiet=quiet, psf_fwhm=psf_fwhm,
+                acquisition=acquisition)
     model.info["source"] = {"url": str(input), "channel": channel, "time": time_index,
                             "region": [[s.start, s.stop] for s in box], "coarse_level": level}
     return model
@@ -506,7 +507,8 @@ def _finish(group, fmt, image: Image, out_shape, factors, chunks, shards, dtype,
 
 def run(input: str | os.PathLike, output: str | os.PathLike, factor, *, steps: int | None = None, seed: int = 0,
         channel: int | None = None, budget: int = DEFAULT_TRAIN_VOXELS, storage_options: dict | None = None,
-        output_storage_options: dict | None = None, quiet: bool = False, overwrite: bool = False, **kwargs) -> dict:
+        output_storage_options: dict | None = None, quiet: bool = False, overwrite: bool = False,
+        acquisition: str = "auto", psf_fwhm=None, **kwargs) -> dict:
     """Train one model per channel on sampled regions, then enhance. Trained models are kept in the
     output's state folder, so re-running after a crash reuses them instead of training again."""
     input, output = os.fspath(input), os.fspath(output)
@@ -517,7 +519,8 @@ def run(input: str | os.PathLike, output: str | os.PathLike, factor, *, steps: i
     cax = _channel_axis(image)
     channels = [channel] if channel is not None else (list(range(image.shape[cax])) if cax is not None else [0])
     key = _fingerprint({"input": input, "factor": str(factor), "steps": steps, "seed": seed, "budget": budget,
-                        "shape": list(image.shape), "version": __version__})
+                        "shape": list(image.shape), "version": __version__, "acquisition": acquisition,
+                        "psf_fwhm": None if psf_fwhm is None else list(np.atleast_1d(psf_fwhm))})
     import fsspec.core
 
     fs, root = fsspec.core.url_to_fs(_join(output, STATE_DIR, f"models-{key}"), **(output_storage_options or {}))
@@ -533,7 +536,7 @@ def run(input: str | os.PathLike, output: str | os.PathLike, factor, *, steps: i
                 print(f"channel {c}: reusing the model trained earlier ({path})", flush=True)
             continue
         m = train(input, factor, steps=steps, channel=c, seed=seed, budget=budget,
-                  storage_options=storage_options, quiet=quiet)
+                  storage_options=storage_options, quiet=quiet, acquisition=acquisition, psf_fwhm=psf_fwhm)
         fs.makedirs(root, exist_ok=True)
         fs.pipe_file(path, m.to_bytes())
         models.append(m)

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .degrade import Degradation
+from .degrade import Degradation, check_acquisition
 from .model import Model, StageRecord
 from .network import NetConfig, SVNet
 from .noise import NoiseModel, noise_bins
-from .operator import Normalisation, OperatorSpec, StageOp, apply_normalised, back_project, predict
+from .operator import ENSEMBLES, Normalisation, OperatorSpec, StageOp, apply_normalised, back_project, clamp_, predict
 from .progress import Progress
 from .sampling import PairSampler, patch_shape, split_regions
 
@@ -88,8 +88,21 @@ def split_stages(factors: tuple[int, ...]) -> list[tuple[int, ...]]:
 # --------------------------------------------------------------------------- statistics
 
 
+SATURATED_FRACTION = 1e-4  # voxels at the maximum, as a fraction, that mark it as a detector's ceiling
+
+
+def saturation(flat: np.ndarray) -> float | None:
+    """The input's ceiling, if it has one: its maximum, when at least 16 voxels and
+    ``SATURATED_FRACTION`` of them sit exactly there (a clipped detector, a full 8-bit range).
+    Unclipped data reach their maximum at a handful of voxels."""
+    top = float(flat.max())
+    count = int(np.count_nonzero(flat == top))
+    return top if count >= max(16, SATURATED_FRACTION * flat.size) else None
+
+
 def measure_normalisation(sample: np.ndarray, lo_pct: float = 1.0, hi_pct: float = 99.99) -> Normalisation:
-    """Robust global percentiles of the training sample; the clamp floor is 0 for non-negative data."""
+    """Robust global percentiles of the training sample; the clamp floor is 0 for non-negative
+    data, the ceiling the saturation value if the data have one."""
     flat = np.asarray(sample).ravel()
     if flat.size > 4_000_000:
         flat = flat[np.random.default_rng(0).choice(flat.size, 4_000_000, replace=False)]
@@ -101,7 +114,7 @@ def measure_normalisation(sample: np.ndarray, lo_pct: float = 1.0, hi_pct: float
     if hi - lo <= 0:
         raise ValueError("the volume is constant: there is nothing to learn from it")
     floor = 0.0 if flat.min() >= 0 else None
-    return Normalisation(lo=float(lo), hi=float(hi), floor=floor)
+    return Normalisation(lo=float(lo), hi=float(hi), floor=floor, ceiling=saturation(flat))
 
 
 def foreground_threshold(v: np.ndarray) -> float:
@@ -202,14 +215,11 @@ def validation_loss(net: SVNet, val: list, loss_fn) -> float:
 
 
 def _check_pairs(val: list, deg: Degradation) -> list:
-    """Held-aside pairs for choosing back-projection. Clean data: partners integrated as a detector
-    does (``Degradation.integrate``), because partners made by ``down`` itself are exactly what
-    back-projection enforces: on x2 clean beads they chose 10 iterations, against the truth
-    1 iteration gave 52.0 dB / SSIM 0.9941 and 10 gave 51.35 / 0.9930 (cubic 47.43 / 0.9936).
-    Noisy data keep their noise-matched partners (0 iterations win there: the input's noise)."""
-    if deg.noise is not None and (deg.noise[0] > 0 or deg.noise[1] > 0):
-        return val
-    return [(deg.integrate(hr), hr) for _, hr in val]
+    """Held-aside pairs for choosing settings: made like the training pairs, with the chosen
+    acquisition model (never a fixed one: a check whose partners assume another physics than the
+    data's picks settings for that physics), and for noisy data with noise-matched partners and
+    targets whose noise is independent of them."""
+    return val
 
 
 def choose_bp_iters(stage: StageOp, val: list, floor: float | None, candidates: tuple[int, ...]) -> tuple[int, dict]:
@@ -220,9 +230,7 @@ def choose_bp_iters(stage: StageOp, val: list, floor: float | None, candidates: 
     errors = {n: [] for n in candidates}
     with torch.inference_mode():
         for lr, hr in _check_pairs(val, stage.degradation):
-            y = predict(stage.net, lr, stage.ensemble)
-            if floor is not None:
-                y = y.clamp_(min=floor)
+            y = clamp_(predict(stage.net, lr, stage.ensemble), floor)
             done = 0
             for n in sorted(candidates):
                 y = back_project(y, lr, stage.degradation, n - done, floor)
@@ -258,11 +266,15 @@ def sample_box(shape: tuple[int, ...], v: np.ndarray, max_voxels: int) -> tuple[
 
 def fit(volume: np.ndarray, factor: int | tuple[int, ...] = 2, steps: int | None = None, seed: int = 0,
         psf_fwhm: tuple[float, ...] | float | None = None, noise: str | bool = "auto", quiet: bool = False,
+        acquisition: str = "auto",
         max_train_voxels: int = 8_000_000, max_stage2_voxels: int = 1_000_000,
         config: TrainConfig | None = None, norm: Normalisation | None = None) -> Model:
     """Train a model on ``volume`` (numpy (z, y, x) or (y, x)) for the given upsampling factor.
 
     ``psf_fwhm``: optional Gaussian PSF (FWHM per axis in *input* voxels) added to the degradation.
+    ``acquisition``: how the input's voxels were recorded, "cubic" (an antialiased resize, as in
+    the method's paper), "integrate" (a detector's mean over each voxel), "sample" (point samples
+    at voxel centres) or "auto" (train on all three, ``degrade.MODELS``).
     ``norm``: pass statistics measured elsewhere (e.g. a coarse pyramid level) to reuse them.
     """
     volume = np.asarray(volume)
@@ -277,6 +289,9 @@ def fit(volume: np.ndarray, factor: int | tuple[int, ...] = 2, steps: int | None
         cfg.steps = int(steps)
     if psf_fwhm is not None and not isinstance(psf_fwhm, (tuple, list)):
         psf_fwhm = (float(psf_fwhm),) * volume.ndim
+    if psf_fwhm is not None and (len(psf_fwhm) != volume.ndim or any(float(p) < 0 for p in psf_fwhm)):
+        raise ValueError(f"psf_fwhm {tuple(psf_fwhm)} needs {volume.ndim} non-negative widths (one per spatial axis)")
+    acq = "mixed" if acquisition == "auto" else check_acquisition(acquisition)
     norm = norm or measure_normalisation(volume)
     v_full = norm.forward(torch.from_numpy(volume.astype(np.float32))).numpy()
     v = v_full[sample_box(v_full.shape, v_full, max_train_voxels)]
@@ -291,14 +306,15 @@ def fit(volume: np.ndarray, factor: int | tuple[int, ...] = 2, steps: int | None
         cumulative = tuple(c * f for c, f in zip(cumulative, sf))
         psf = None if psf_fwhm is None else tuple(float(p) * c for p, c in zip(psf_fwhm, cumulative))
         nm = choose_noise(stage_input, noise)
-        deg = Degradation(sf, psf, None if nm is None else (nm.gain, nm.offset))
+        deg = Degradation(sf, psf, None if nm is None else (nm.gain, nm.offset), acq)
         net, val, report = train_stage(stage_input, deg, cfg, label=f"stage {i + 1} {'x'.join(map(str, sf))}")
         op = StageOp(net, deg, 0, ensemble=True)
-        bp, scores = choose_bp_iters(op, val, norm.floor_n, cfg.bp_candidates)
+        bp, scores = choose_bp_iters(op, val, norm.bounds_n, cfg.bp_candidates)
         if nm is not None:  # noisy: none, whatever the (biased) check says, see NOISY_BP
             bp = NOISY_BP
         op = StageOp(net, deg, bp, ensemble=True)
-        report.update(bp_iters=bp, bp_val_mse=scores, noise=None if nm is None else [nm.gain, nm.offset])
+        report.update(bp_iters=bp, bp_val_mse=scores, noise=None if nm is None else [nm.gain, nm.offset],
+                      noise_std_mid=None if nm is None else nm.std(0.5))
         if not quiet:
             print(f"stage {i + 1}: factors {sf}, val loss {report['val_loss']:.3g}, "
                   f"back-projection {bp} iterations{' (noisy data: none)' if nm else ''} (val mse {scores}), "
@@ -314,13 +330,84 @@ def fit(volume: np.ndarray, factor: int | tuple[int, ...] = 2, steps: int | None
     final_deg, final_iters, final_scores = None, 0, {}
     if len(ops) > 1:
         final_deg = Degradation(factors, None if psf_fwhm is None else tuple(float(p) * f for p, f in zip(psf_fwhm, factors)),
-                                stages[0].degradation.noise)  # check crops carry the input's noise, as stage 1's did
+                                stages[0].degradation.noise, acq)  # check crops carry the input's noise, as stage 1's did
         final_iters, final_scores = choose_final_bp(ops, norm, final_deg, v, cfg)
         if not quiet:
             print(f"closing x{'x'.join(map(str, factors))} back-projection: {final_iters} iterations (val mse {final_scores})", flush=True)
-    return Model(stages=stages, norm=norm, factors=factors, final=final_deg, final_bp_iters=final_iters,
-                 info={"fit_seconds": round(time.perf_counter() - t_start, 2), "seed": seed,
-                       "final_bp_val_mse": final_scores, "train_shape": list(v.shape), "steps": cfg.steps})
+    model = Model(stages=stages, norm=norm, factors=factors, final=final_deg, final_bp_iters=final_iters,
+                  info={"seed": seed, "final_bp_val_mse": final_scores, "train_shape": list(v.shape), "steps": cfg.steps,
+                        "acquisition": {"chosen": acquisition if acquisition != "auto" else "auto (mixed)",
+                                        "trained_with": acq, "psf_fwhm": None if psf_fwhm is None else list(psf_fwhm)},
+                        "noise_estimate": stages[0].report.get("noise_std_mid")})
+    full = Degradation(factors, None if psf_fwhm is None else tuple(float(p) * f for p, f in zip(psf_fwhm, factors)),
+                       stages[0].degradation.noise, acq)
+    model = do_no_harm(model, full, v, cfg)
+    model.info["fit_seconds"] = round(time.perf_counter() - t_start, 2)
+    if not quiet:
+        b = model.info["baseline"]
+        print(f"held-aside check (val mse): {b['scores']}: {b['verdict']}", flush=True)
+    return model
+
+
+# --------------------------------------------------------------------------- do no harm
+
+ENSEMBLE_TOLERANCE = 0.005  # relative MSE a larger ensemble must beat (each halving halves the network's cost)
+WIN_MARGIN = 0.02  # relative MSE the trained operator must beat the cubic baseline by (~0.09 dB): the check is a sample
+
+
+def full_check_pairs(v: np.ndarray, deg: Degradation, cfg: TrainConfig, n: int | None = None) -> list:
+    """Held-aside pairs at the whole factor, made by ``deg`` (the chosen acquisition, the input's noise)."""
+    patch = patch_shape(v.shape, deg.factors, 2 * cfg.patch)
+    _, val_region, _ = split_regions(v.shape, patch)
+    sampler = PairSampler(v, val_region, patch_shape(val_region.shape, deg.factors, 2 * cfg.patch), deg, foreground_threshold(v))
+    return _check_pairs(_val_pairs(sampler, n or max(4, cfg.n_val // 2), cfg.seed + 2), deg)
+
+
+def cubic_baseline(model: Model) -> Model:
+    """The safe baseline as a model: cubic upsampling by the whole factor (a one-stage net whose
+    learned correction is exactly zero, no ensemble, no back-projection), so the pipeline runs it
+    like any model."""
+    cfg = NetConfig(factors=model.factors, features=1, shrink=1, mapping=0, groups=1, extract_kernel=1, kernel=1)
+    net = SVNet(cfg)
+    for prm in net.parameters():
+        torch.nn.init.zeros_(prm)
+    first = model.stages[0].degradation  # its noise model stays on record; with no back-projection nothing uses it
+    deg = Degradation(model.factors, None, first.noise, first.acquisition)
+    rec = StageRecord(cfg, {k: t.detach().clone() for k, t in net.state_dict().items()}, deg, 0, 1,
+                      {"baseline": "cubic", "trained": [s.report for s in model.stages]})
+    return Model(stages=[rec], norm=model.norm, factors=model.factors, info=dict(model.info))
+
+
+def _with_ensemble(model: Model, size: int) -> Model:
+    stages = [StageRecord(s.config, s.state, s.degradation, s.bp_iters, size, s.report) for s in model.stages]
+    return Model(stages=stages, norm=model.norm, factors=model.factors, final=model.final,
+                 final_bp_iters=model.final_bp_iters, info=model.info)
+
+
+def check_mse(model: Model, pairs: list) -> float:
+    spec = model.spec()
+    with torch.inference_mode():
+        return float(np.mean([torch.mean((apply_normalised(lr, spec) - hr) ** 2).item() for lr, hr in pairs]))
+
+
+def do_no_harm(model: Model, deg: Degradation, v: np.ndarray, cfg: TrainConfig) -> Model:
+    """Keep the trained operator only where held-aside crops say it beats cubic upsampling; with
+    the fewest ensemble variants within ``ENSEMBLE_TOLERANCE`` of the best. The verdict and every
+    score go into ``model.info["baseline"]``."""
+    pairs = full_check_pairs(v, deg, cfg)
+    base = cubic_baseline(model)
+    scores = {"cubic": check_mse(base, pairs)}
+    for size in ENSEMBLES:
+        scores[f"ensemble {size}"] = check_mse(_with_ensemble(model, size), pairs)
+    best = min(scores[f"ensemble {k}"] for k in ENSEMBLES)
+    size = min(k for k in ENSEMBLES if scores[f"ensemble {k}"] <= best * (1.0 + ENSEMBLE_TOLERANCE))
+    wins = best < scores["cubic"] * (1.0 - WIN_MARGIN)
+    verdict = (f"trained operator, ensemble {size}" if wins else
+               "cubic upsampling: the trained operator did not beat it on held-aside crops")
+    chosen = _with_ensemble(model, size) if wins else base
+    chosen.info["baseline"] = {"used": not wins, "verdict": verdict, "ensemble": size if wins else 1,
+                               "scores": {k: float(x) for k, x in scores.items()}, "pairs": len(pairs)}
+    return chosen
 
 
 def choose_final_bp(ops: list[StageOp], norm: Normalisation, deg: Degradation, v: np.ndarray, cfg: TrainConfig) -> tuple[int, dict]:
@@ -338,7 +425,7 @@ def choose_final_bp(ops: list[StageOp], norm: Normalisation, deg: Degradation, v
             y = apply_normalised(lr, spec)
             done = 0
             for n in candidates:
-                y = back_project(y, lr, deg, n - done, norm.floor_n)
+                y = back_project(y, lr, deg, n - done, norm.bounds_n)
                 done = n
                 errors[n].append(torch.mean((y - hr) ** 2).item())
     scores = {n: float(np.mean(e)) for n, e in errors.items()}

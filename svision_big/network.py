@@ -28,6 +28,7 @@ class NetConfig:
     extract_kernel: int = 5
     kernel: int = 3
     residual: bool = True  # learn a correction on top of cubic upsampling (measured: +2 to +4 dB at 250 steps)
+    face: str = "zero"  # volume faces: zero-padded ("zero", what the SR nets train with) or mirrored ("mirror")
 
     @property
     def ndim(self) -> int:

@@ -168,6 +168,8 @@ def predict(net: SVNet, x: torch.Tensor, ensemble: bool = True, faces=None) -> t
     factors = net.config.factors
     faces = tuple(faces) if faces is not None else ((True, True),) * x.ndim
     r = net.conv_radius()
+    if net.config.face == "mirror" and r:
+        x, faces = mirror_faces(x, faces, r)
     trim = [(0 if lo else r, 0 if hi else r) for lo, hi in faces]
     variants = _variants(x.ndim >= 2 and factors[-2] == factors[-1], ensemble)
     shape = [(n - a - b) * f for n, (a, b), f in zip(x.shape, trim, factors)]
@@ -183,6 +185,24 @@ def predict(net: SVNet, x: torch.Tensor, ensemble: bool = True, faces=None) -> t
     if net.config.residual:
         add_upsampled(acc, x, factors, [a * f for (a, _), f in zip(trim, factors)], faces)
     return acc
+
+
+def mirror_faces(x: torch.Tensor, faces, r: int):
+    """``x`` extended by ``r`` mirrored voxels (x[-1] = x[0]) beyond each side that is a volume face,
+    and those sides then marked as halo: a net with ``face="mirror"`` sees there what a filter
+    with symmetric boundaries sees, and whole-volume and blockwise inference agree because a
+    block at a face mirrors the same voxels the whole volume does."""
+    out = []
+    for axis, (lo, hi) in enumerate(faces):
+        if lo or hi:
+            n = x.shape[axis]
+            if n < r:
+                raise ValueError(f"a block of {n} voxels along axis {axis} is thinner than the mirrored margin {r}")
+            parts = ([torch.flip(x.narrow(axis, 0, r), (axis,))] if lo else []) + [x] + \
+                    ([torch.flip(x.narrow(axis, n - r, r), (axis,))] if hi else [])
+            x = torch.cat(parts, axis)
+        out.append((False, False))
+    return x, tuple(out)
 
 
 def add_upsampled(acc: torch.Tensor, x: torch.Tensor, factors: tuple[int, ...], start: list[int], faces,

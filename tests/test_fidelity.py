@@ -1,0 +1,187 @@
+"""Fidelity guards: the acquisition the data have, noise removed without a noise model, the
+input's saturation respected, and the operator never worse than its safe baseline by choice."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_model, smooth_volume
+
+import svision_big as svb
+from svision_big import pipeline, synthetic
+from svision_big.convert import write_ome_zarr
+from svision_big.degrade import resize
+from svision_big.denoise import as_network, fit_blind_filter
+from svision_big.metrics import psnr
+from svision_big.model import Model
+from svision_big.ngff import open_image
+from svision_big.operator import predict
+
+T = sys.modules["svision_big.train"]  # the module (``svision_big.train`` the attribute is the OME-Zarr function)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _noisy(kind="filaments", peak=50.0, seed=1):
+    acq = synthetic.make_volume(kind, shape_lr=(16, 48, 48), factor=2, seed=seed)
+    clean = resize(torch.from_numpy(acq.truth.astype(np.float32)), (2, 2, 2), up=False, acquisition="integrate").numpy()
+    noisy = np.random.default_rng(seed).poisson(np.clip(clean, 0, None) * peak).astype(np.float32) / peak
+    return acq.truth, clean, noisy
+
+
+def test_blind_filter_denoises_without_a_noise_model():
+    """The J-invariant filter has a blind centre, and it brings a Poisson-noisy volume closer to its
+    clean signal (measured ~ +7 dB here); as a network it is exactly the filter, faces mirrored."""
+    _, clean, noisy = _noisy()
+    w, off, rep = fit_blind_filter(noisy)
+    assert w[(2, 2, 2)] == 0.0 and rep["blind_mse"] > 0
+    assert np.allclose(w, w[::-1, :, :]) and np.allclose(w, w.transpose(0, 2, 1))  # tied by the lateral symmetries
+    net = as_network(w, off)
+    with torch.inference_mode():
+        den = predict(net, torch.from_numpy(noisy), 1).numpy()
+    from scipy import ndimage
+    ref = ndimage.correlate(noisy.astype(np.float64), w, mode="reflect") + off  # mirrored faces, x[-1] = x[0]
+    assert np.abs(den - ref).max() < 1e-4
+    rng = float(clean.max())
+    assert psnr(clean, den, rng) > psnr(clean, noisy, rng) + 3.0
+
+
+def test_clean_data_are_never_denoised():
+    acq = synthetic.make_volume("mixed", shape_lr=(16, 48, 48), factor=2, seed=3)
+    model = svb.fit(acq.observed, factor=2, steps=20, seed=0, quiet=True)
+    assert model.info["denoiser"] is False and all(s.config.factors != (1, 1, 1) for s in model.stages)
+
+
+def test_noisy_data_gain_over_cubic_with_the_denoiser():
+    truth, _, noisy = _noisy(peak=50.0)
+    model = svb.fit(noisy, factor=2, steps=20, seed=0, quiet=True)
+    assert model.info["denoiser"] and model.info["denoise_check"]["used"]
+    out = model.enhance(noisy, dtype="float32")
+    cubic = resize(torch.from_numpy(noisy), (2, 2, 2), up=True).clamp(min=0).numpy()
+    rng = float(truth.max() - truth.min())
+    assert psnr(truth, out, rng) > psnr(truth, cubic, rng) + 1.0
+    # the model file keeps the denoiser and the verdict
+    again = Model.from_bytes(model.to_bytes())
+    assert again.hash == model.hash and again.stages[0].config.face == "mirror"
+    assert np.array_equal(again.enhance(noisy, dtype="float32"), out)
+
+
+def test_denoising_stage_is_seamless_in_the_pipeline(tmp_path):
+    """Mirrored faces in a blockwise run equal the whole-volume result (blocks at faces mirror the
+    same voxels as the whole volume), for a volume that is not a multiple of the block."""
+    _, _, noisy = _noisy(peak=50.0)
+    model = svb.fit(noisy, factor=2, steps=10, seed=0, quiet=True)
+    assert model.info["denoiser"]
+    vol = np.ascontiguousarray(noisy[:15, :45, :38])
+    src = str(tmp_path / "in.ome.zarr")
+    write_ome_zarr(vol, src, axes="zyx", ngff="0.5")
+    stats = pipeline.enhance(src, str(tmp_path / "out.ome.zarr"), model, scheduler="sync", block=(8, 32, 24),
+                             dtype="float32", progress=False)
+    out = open_image(str(tmp_path / "out.ome.zarr")).level(0)[...]
+    ref = model.enhance(vol, dtype="float32")
+    assert float(np.abs(out - ref).max()) <= 1e-5 * float(ref.max() - ref.min())
+    assert all(p["computed"] > 1 for p in stats["passes"])
+
+
+def test_operator_that_loses_falls_back_to_exact_cubic():
+    """Do no harm: an operator that cannot beat cubic upsampling on the held-aside check (its
+    network's correction blown up) is replaced by cubic upsampling itself, bit for bit, and the
+    verdict says so."""
+    from svision_big.degrade import Degradation
+
+    acq = synthetic.make_volume("mixed", shape_lr=(16, 48, 48), factor=2, seed=2)
+    model = svb.fit(acq.observed, factor=2, steps=5, seed=0, quiet=True)
+    assert not model.info["baseline"]["used"] or model.stages[0].config.features == 1
+    bad = svb.fit(acq.observed, factor=2, steps=5, seed=0, quiet=True)
+    for s in bad.stages:
+        s.state = {k: (t * 40.0 if k.startswith("expand") else t) for k, t in s.state.items()}
+    bad._specs.clear()
+    v = bad.norm.forward(torch.from_numpy(acq.observed.astype(np.float32))).numpy()
+    cfg = T.TrainConfig(steps=5)
+    out_model = T.do_no_harm(bad, Degradation((2, 2, 2), None, None, "mixed"), v, cfg)
+    b = out_model.info["baseline"]
+    assert b["used"] and b["verdict"].startswith("cubic") and b["scores"]["cubic"] < b["scores"]["ensemble 8"]
+    out = out_model.enhance(acq.observed, dtype="float32")
+    x = out_model.norm.forward(torch.from_numpy(acq.observed.astype(np.float32)))
+    want = out_model.norm.inverse(resize(x, (2, 2, 2), up=True).clamp(min=out_model.norm.floor_n)).numpy()
+    assert np.abs(out - want).max() < 1e-5 * float(want.max())
+
+
+def test_ensemble_size_is_chosen_and_recorded():
+    acq = synthetic.make_volume("mixed", shape_lr=(16, 48, 48), factor=2, seed=2)
+    model = svb.fit(acq.observed, factor=2, steps=150, seed=0, quiet=True)
+    b = model.info["baseline"]
+    assert not b["used"], b
+    assert set(b["scores"]) == {"cubic", "ensemble 8", "ensemble 4", "ensemble 1"}
+    assert all(s.ensemble == b["ensemble"] for s in model.stages)
+    best = min(b["scores"][f"ensemble {k}"] for k in (8, 4, 1))
+    assert b["scores"][f"ensemble {b['ensemble']}"] <= best * (1 + T.ENSEMBLE_TOLERANCE)
+
+
+def test_saturated_input_is_a_ceiling():
+    """A clipped detector: the output never exceeds the input's saturation value, and the ceiling
+    is found from the data (not assumed for unclipped data)."""
+    acq = synthetic.make_volume("mixed", shape_lr=(16, 48, 48), factor=2, seed=7)
+    raw = acq.observed.astype(np.float32) / float(acq.observed.max()) * 300.0
+    clipped = np.minimum(raw, 120.0)
+    assert T.measure_normalisation(raw).ceiling is None
+    assert T.measure_normalisation(clipped).ceiling == 120.0
+    model = svb.fit(clipped, factor=2, steps=60, seed=0, quiet=True)
+    out = model.enhance(clipped, dtype="float32")
+    assert float(out.max()) <= 120.0 + 1e-3
+    assert model.settings()["normalisation"]["ceiling"] == 120.0
+
+
+def test_plane_brightness_changes_are_not_amplified():
+    """Serial-section data whose first optical section of each section is dim: the output's plane
+    to plane brightness (against the truth) swings no more than cubic upsampling's."""
+    acq = synthetic.make_volume("mixed", shape_lr=(16, 48, 48), factor=(2, 1, 1), seed=8)
+    truth = acq.truth.astype(np.float32).copy()
+    truth[::4] *= 0.6  # every 4th high-res plane (1 of 2 per low-res pair, every other pair) dim
+    lr = resize(torch.from_numpy(truth), (2, 1, 1), up=False, acquisition="integrate").numpy()
+    model = svb.fit(lr, factor=(2, 1, 1), steps=100, seed=0, quiet=True, acquisition="integrate")
+    out = model.enhance(lr, dtype="float32")
+    cubic = resize(torch.from_numpy(lr), (2, 1, 1), up=True).clamp(min=0).numpy()
+
+    def swing(x):
+        ratio = x.reshape(x.shape[0], -1).sum(1) / truth.reshape(truth.shape[0], -1).sum(1)
+        return float(ratio.max() - ratio.min())
+
+    assert swing(out) <= swing(cubic) + 0.02, (swing(out), swing(cubic))
+
+
+@pytest.mark.parametrize("acquisition", ["integrate", "sample", "cubic"])
+def test_training_with_the_known_acquisition_beats_cubic(acquisition):
+    acq = synthetic.make_volume("mixed", shape_lr=(24, 64, 64), factor=2, seed=1)
+    truth = acq.truth.astype(np.float32)
+    lr = resize(torch.from_numpy(truth), (2, 2, 2), up=False, acquisition=acquisition).numpy()
+    model = svb.fit(lr, factor=2, steps=150, seed=0, quiet=True, acquisition=acquisition)
+    assert model.stages[0].degradation.acquisition == acquisition
+    out = model.enhance(lr, dtype="float32")
+    cubic = resize(torch.from_numpy(lr), (2, 2, 2), up=True).clamp(min=0).numpy()
+    rng = float(truth.max() - truth.min())
+    assert psnr(truth, out, rng) > psnr(truth, cubic, rng) + 1.0
+
+
+def test_bad_acquisition_and_psf_are_refused(tmp_path, capsys):
+    vol = smooth_volume((8, 32, 32))
+    with pytest.raises(ValueError, match="unknown acquisition 'bogus'"):
+        svb.fit(vol, factor=2, steps=1, quiet=True, acquisition="bogus")
+    with pytest.raises(ValueError, match="psf_fwhm"):
+        svb.fit(vol, factor=2, steps=1, quiet=True, psf_fwhm=(1.0, 2.0))
+    from svision_big.cli import main
+    src = str(tmp_path / "in.ome.zarr")
+    write_ome_zarr(vol, src, axes="zyx", ngff="0.5")
+    assert main(["train", src, "-o", str(tmp_path / "m.svb"), "--factor", "2", "--psf-fwhm", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot be negative" in err[0]
+    assert not (tmp_path / "m.svb").exists()

@@ -529,3 +529,25 @@ def _denoised_cubic(stages, norm, factors, acquisition, acq, psf_fwhm, seed, v, 
     if not quiet:
         print(f"result: {model.info['baseline']['verdict']}", flush=True)
     return model
+
+
+def choose_final_bp(ops: list[StageOp], norm: Normalisation, deg: Degradation, v: np.ndarray, cfg: TrainConfig) -> tuple[int, dict]:
+    """Closing full-factor back-projection against the input: keep it only if held-aside crops say so."""
+    patch = patch_shape(v.shape, deg.factors, 2 * cfg.patch)
+    _, val_region, _ = split_regions(v.shape, patch)
+    sampler = PairSampler(v, val_region, patch_shape(val_region.shape, deg.factors, 2 * cfg.patch), deg, foreground_threshold(v))
+    val = _check_pairs(_val_pairs(sampler, max(4, cfg.n_val // 2), cfg.seed + 1), deg)
+    stage1_iters = ops[0].bp_iters
+    candidates = sorted({0, stage1_iters, 10 if stage1_iters else 0})
+    errors = {n: [] for n in candidates}
+    spec = OperatorSpec(tuple(ops), norm)
+    with torch.inference_mode():
+        for lr, hr in val:
+            y = apply_normalised(lr, spec)
+            done = 0
+            for n in candidates:
+                y = back_project(y, lr, deg, n - done, norm.bounds_n)
+                done = n
+                errors[n].append(torch.mean((y - hr) ** 2).item())
+    scores = {n: float(np.mean(e)) for n, e in errors.items()}
+    return _fewest_good(scores), {str(k): v for k, v in scores.items()}

@@ -47,6 +47,13 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--psf-fwhm", type=_floats, help="Gaussian PSF FWHM, Z,Y,X in input voxels (or one value for all axes)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (``prog: error: ...``) instead of usage + error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _add_enhance_flags(p: argparse.ArgumentParser) -> None:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--workers", type=int, help="size of the local Dask cluster (default: one per core)")
@@ -56,7 +63,13 @@ def _add_enhance_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ngff", choices=["0.4", "0.5"], help="NGFF version of the output (default: the input's)")
     p.add_argument("--shards", action="store_true", help="zarr v3 sharding: one shard per block (NGFF 0.5)")
     p.add_argument("--no-compression", action="store_true", help="store chunks uncompressed")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output made with other settings")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing svision-big output made with other settings (refused when the folder "
+                        "holds any file an svision-big output does not)")
+    p.add_argument("--force", action="store_true",
+                   help="run a --block smaller than twice the halo even when the repeated work is large")
+    p.add_argument("--break-lock", action="store_true",
+                   help="take the output's lock from another run (one on another host, or one you know is gone)")
     p.add_argument("--device", help="torch device for inference (default: cuda where a worker has it, else cpu)")
     p.add_argument("--precision", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="the networks' arithmetic: float32 (reference), bfloat16 (faster on CPUs with "
@@ -69,12 +82,13 @@ def _add_enhance_flags(p: argparse.ArgumentParser) -> None:
 def _enhance_kwargs(a) -> dict:
     return dict(workers=a.workers, scheduler=a.scheduler, block=a.block, dtype=a.dtype, ngff=a.ngff,
                 shards=a.shards, compression=not a.no_compression, device=a.device, precision=a.precision,
-                storage_options=a.storage_options, output_storage_options=a.output_storage_options)
+                storage_options=a.storage_options, output_storage_options=a.output_storage_options,
+                force=a.force, break_lock=a.break_lock)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="svision-big", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="svision-big", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("demo", help="synthetic volume -> train -> enhance x2 -> PSNR/SSIM vs cubic")
     p.add_argument("dir", nargs="?", default="svision_demo", help="folder for the demo's files")
@@ -135,10 +149,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("svision-big: interrupted (re-run the same command to resume)", file=sys.stderr)
         return 130
-    except (ValueError, OSError, KeyError, RuntimeError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"svision-big: error: {msg}", file=sys.stderr)
+    except Exception as exc:  # every failure is one line; SVISION_BIG_DEBUG=1 shows the traceback
+        if os.environ.get("SVISION_BIG_DEBUG"):
+            raise
+        print(f"svision-big: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of an error; an error without words (or an internal one) is named by its type."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    if isinstance(exc, (ValueError, OSError, RuntimeError)) and first:
+        return first
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def _psf(values: tuple[float, ...] | None):
@@ -148,6 +172,19 @@ def _psf(values: tuple[float, ...] | None):
     if any(v < 0 for v in values):
         raise ValueError(f"--psf-fwhm {','.join(map(str, values))}: a width cannot be negative")
     return values[0] if len(values) == 1 else values
+
+
+def _check_model_output(path: str, overwrite: bool) -> None:
+    """`train -o nodir/m.svb` trained in full, then failed naming a temp file: check the place first."""
+    if os.path.isdir(path):
+        raise ValueError(f"-o {path} is a directory: give a model file name, e.g. {os.path.join(path, 'model.svb')}")
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(f"{path} already exists: pass --overwrite to replace it")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"-o {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"-o {path}: the folder {folder} is not writable")
 
 
 def _dispatch(a) -> int:
@@ -166,8 +203,7 @@ def _dispatch(a) -> int:
         print(f"wrote {out}")
         return 0
     if a.command == "train":
-        if os.path.exists(a.output) and not a.overwrite:
-            raise ValueError(f"{a.output} already exists: pass --overwrite to replace it")
+        _check_model_output(a.output, a.overwrite)  # before training (minutes), not after it
         kw = {} if a.budget is None else {"budget": a.budget}
         model = pipeline.train(a.input, a.factor, steps=a.steps, channel=a.channel, seed=a.seed,
                                storage_options=a.storage_options, quiet=a.quiet, acquisition=a.acquisition,

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -21,11 +22,12 @@ from scipy import ndimage
 from . import __version__
 from .execute import Job, execute
 from .model import Model, load_model
-from .ngff import (Image, NgffError, _make_store, format_for, multiscales_metadata, open_image, open_output_group,
-                   remove_store, store_exists, upsampled_transform)
+from .ngff import (Image, NgffError, _make_store, foreign_file, format_for, multiscales_metadata, open_image,
+                   open_output_group, store_exists, upsampled_transform)
 from .operator import pass_halo, plan_passes, precision_dtype
 from .plan import BlockPlan, default_block
 from .pyramid import build_pyramid, pyramid_datasets, pyramid_factors
+from .state import LOCK_NAME, OutputLock
 from .train import fit, parse_factors
 
 STATE_DIR = "svision_state"
@@ -45,6 +47,15 @@ DEFAULT_PASS_BLOCK = {"net": 256, "bp": 128, "final": 128}
 # 256^3, in 8x as many tasks (bp 2 end to end 0.87 -> 0.95 of bp 0); at 256^3 it needs 0.58 GB in
 # one thread against the network pass's 0.46-0.51, and a bp 2 tree peaks at 1.94-1.99 GB.
 NARROW_BP_HALO = 8
+# The smallest volume `fit` trains on: every spatial axis at least 5 voxels (the noise estimate's
+# lag-2 second differences need 5; measured: 3 or 4 voxels on any axis failed with an IndexError
+# inside numpy, 5 trained for x2, x4, x(2,1,1), x(4,2,2) and 2D x2/x4, clean and noisy).
+MIN_TRAIN_EDGE = 5
+# Blocks smaller than twice the halo on a split axis repeat more work than they do: `--block 2,2,2`
+# planned 65,536 blocks at a halo overhead of 3.6 million percent and ran for hours. They are
+# refused (unless ``force``) once the repeated work passes this many input voxels (a few
+# core-minutes), so small test volumes may still be cut into many small blocks.
+MAX_REPEATED_VOXELS = 2 ** 24
 
 
 def _default_pass_block(kind: str, halo: tuple[int, ...]) -> int:
@@ -80,7 +91,82 @@ def _channel_axis(image: Image) -> int | None:
 
 
 def _as_model(m: Model | str | os.PathLike) -> Model:
-    return m if isinstance(m, Model) else load_model(m)
+    if isinstance(m, Model):
+        return m
+    path = os.fspath(m)
+    if "://" not in path and os.path.isdir(path):  # open() would print a raw errno
+        raise ValueError(f"model file {path} is a directory, not an svision-big model file")
+    if "://" not in path and os.path.exists(path) and not os.access(path, os.R_OK):
+        raise ValueError(f"model file {path} cannot be read (permission denied)")
+    return load_model(path)
+
+
+def _check_workers(workers: int | None) -> None:
+    """A LocalCluster of -1 workers hung (killed at 300 s); 0 silently meant one per core."""
+    if workers is not None and (not isinstance(workers, (int, np.integer)) or workers < 1):
+        raise ValueError(f"--workers {workers}: need at least 1 worker")
+
+
+def _check_training_args(steps: int | None, budget: int) -> None:
+    """Before any data is read: a budget of 0 voxels never stopped shrinking the training box."""
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps {steps}: need at least 1 training step")
+    if budget < 1:
+        raise ValueError(f"--budget {budget}: need a positive number of voxels to train on")
+
+
+def _check_device(device: str | None, client=None) -> None:
+    """A device this machine (or, with a client, every worker) cannot use fails here, as one line,
+    before anything is written: `--device cuda` without CUDA was an AssertionError deep in torch."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"--device {device}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if client is None:
+        why = _device_problem(device)
+    else:
+        found = client.run(_device_problem, device)
+        why = next((f"worker {w}: {v}" for w, v in found.items() if v), None)
+    if why:
+        raise ValueError(f"--device {device}: not usable here ({why})")
+
+
+def _device_problem(device: str) -> str | None:
+    """None when a tensor can be made on ``device`` in this process, else why not (one line)."""
+    import torch
+
+    try:
+        torch.zeros(1, device=device)
+    except Exception as exc:  # AssertionError without CUDA, RuntimeError for a missing index, ...
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return None
+
+
+def _output_dtype(dtype: str | None, image_dtype) -> str:
+    """The output's dtype name; `--dtype bogus` was a TypeError from numpy."""
+    try:
+        dt = np.dtype(dtype) if dtype is not None else np.dtype(image_dtype)
+    except TypeError:
+        raise ValueError(f"--dtype {dtype}: not a data type (e.g. uint8, uint16, float32)") from None
+    if dt.kind not in "uif":
+        raise ValueError(f"--dtype {dtype or dt.name}: the output needs an integer or floating-point type, not {dt.name}")
+    return dt.name
+
+
+def _check_block(block, n_axes: int) -> None:
+    """`--block 0` / `--block -8` were reported as a wrong number of entries."""
+    if block is None:
+        return
+    vals = [block] if isinstance(block, (int, np.integer)) else list(block)
+    shown = ",".join(str(v) for v in vals)
+    if any(not isinstance(v, (int, np.integer)) or v < 1 for v in vals):
+        raise ValueError(f"--block {shown}: every entry must be a positive number of output voxels (e.g. --block 128)")
+    if len(vals) not in (1, n_axes):
+        raise ValueError(f"--block {shown}: give one size for every axis or {n_axes} (one per spatial axis)")
 
 
 # --------------------------------------------------------------------------- training on a sample
@@ -130,10 +216,15 @@ def train(input: str | os.PathLike, factor, steps: int | None = None, channel: i
           seed: int = 0, budget: int = DEFAULT_TRAIN_VOXELS, storage_options: dict | None = None,
           quiet: bool = False, psf_fwhm=None, acquisition: str = "auto") -> Model:
     """Train a model on a sampled region of an OME-Zarr image (one channel, one time point)."""
+    _check_training_args(steps, budget)
     image = open_image(input, storage_options)
     spatial = image.spatial_axes
     if len(spatial) not in (2, 3):
         raise NgffError(f"{input}: needs 2 or 3 spatial axes, found {len(spatial)}")
+    if channel not in (None, 0) and _channel_axis(image) is None:
+        raise NgffError(f"--channel {channel}: {input} has no channel axis")
+    parse_factors(factor, len(spatial))  # a bad factor fails before any data is read
+    _check_trainable(image, budget, input)
     outer = _outer_selection(image, channel, time_index)
     box, level = training_region(image, outer, budget)
     sel = [outer.get(i, slice(None)) for i in range(image.ndim)]
@@ -148,6 +239,22 @@ def train(input: str | os.PathLike, factor, steps: int | None = None, channel: i
     model.info["source"] = {"url": str(input), "channel": channel, "time": time_index,
                             "region": [[s.start, s.stop] for s in box], "coarse_level": level}
     return model
+
+
+def _check_trainable(image: Image, budget: int, input: str) -> None:
+    """Refuse, naming the minimum, a volume (or a budget's box) too small to train on: a 3x5x5
+    volume was an IndexError inside numpy after reading the data."""
+    shape = tuple(image.shape[a] for a in image.spatial_axes)
+    if min(shape) < MIN_TRAIN_EDGE:
+        raise NgffError(f"{input}: a volume of {'x'.join(map(str, shape))} voxels is too small to train on: "
+                        f"every spatial axis needs at least {MIN_TRAIN_EDGE} voxels")
+    box = _box_size(shape, budget)
+    if min(box) < MIN_TRAIN_EDGE:
+        need = budget
+        while min(_box_size(shape, need)) < MIN_TRAIN_EDGE:
+            need *= 2
+        raise ValueError(f"--budget {budget}: a training box of {'x'.join(map(str, box))} voxels is too small "
+                         f"(every axis needs at least {MIN_TRAIN_EDGE}): use a budget of at least {need}")
 
 
 def _outer_selection(image: Image, channel: int | None, time_index: int | None) -> dict[int, int]:
@@ -216,15 +323,20 @@ def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, clien
             ngff: str | None = None, overwrite: bool = False, shards: bool = False, compression: bool = True,
             channel: int | None = None, storage_options: dict | None = None,
             output_storage_options: dict | None = None, progress: bool = True, device: str | None = None,
-            precision: str = "float32", on_block=None) -> dict:
+            precision: str = "float32", on_block=None, force: bool = False, break_lock: bool = False) -> dict:
     """Enhance an OME-Zarr image into a new, upsampled, multiscale OME-Zarr image.
 
     ``model``: a Model, a model path, or a list of them (one per channel). ``scheduler``: a Dask
     scheduler address, or "sync" to run in this process; otherwise a local cluster of ``workers``.
     ``precision``: the networks' arithmetic, "float32" (the reference) or "bfloat16" (faster on CPUs
-    with AVX512-BF16; see ``operator.precision_dtype``).
+    with AVX512-BF16; see ``operator.precision_dtype``). ``force``: run blocks too small for their
+    halo. ``break_lock``: take the output's lock even from a live run or another host.
+    The output is locked (``state.OutputLock``) from before its first write to the end.
     """
     input, output = os.fspath(input), os.fspath(output)
+    _check_workers(workers)
+    if client is None and scheduler in (None, "sync"):
+        _check_device(device)  # a remote cluster's workers are asked once it is open
     precision_dtype(precision, device or _default_device())  # a bad name fails before anything is opened
     if _same_or_nested(input, output):
         raise NgffError(f"the output {output} must not be the input or lie inside it (or contain it)")
@@ -237,6 +349,8 @@ def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, clien
     if len(spatial) != len(factors):
         raise NgffError(f"the model is {len(factors)}D but {input} has {len(spatial)} spatial axes")
     cax = _channel_axis(image)
+    if channel not in (None, 0) and cax is None:
+        raise NgffError(f"--channel {channel}: {input} has no channel axis")
     outer_axes = _outer_axes(image)
     outer_shape, offsets = [], []
     for ax in outer_axes:
@@ -262,15 +376,19 @@ def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, clien
         block = _whole_chunks(default_block(out_spatial, factors, _default_pass_block(passes[-1].kind, last_halo)),
                               chunk_block, out_spatial)
     else:
-        if isinstance(block, int):
-            block = default_block(out_spatial, factors, block)
+        _check_block(block, len(spatial))
+        if not isinstance(block, (int, np.integer)) and len(block) == 1:
+            block = block[0]  # one size for every axis, as ``--block 128``
+        if isinstance(block, (int, np.integer)):
+            block = default_block(out_spatial, factors, int(block))
         block = tuple(int(b) for b in block)
         chunk_block = block
     plans = _pass_plans(passes, specs, in_shape, block, tuple(outer_shape), given is None)
     plan = plans[-1]
-    halos = [list(pl.halo) for pl in plans]
+    if given is not None and not force:
+        _check_block_halo(plans, block, out_spatial, factors, math.prod(outer_shape))
     fmt = format_for(ngff or image.fmt.version)
-    out_dtype = np.dtype(dtype or image.dtype).name
+    out_dtype = _output_dtype(dtype, image.dtype)
     if shards and fmt.zarr_format == 2:
         raise NgffError("sharding needs NGFF 0.5 (zarr v3)")
 
@@ -314,35 +432,46 @@ def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, clien
         "precision": precision,
     }
 
-    resuming = _prepare_output(output, output_storage_options, fp, overwrite)
-    group = open_output_group(output, fmt, output_storage_options, mode="a")
-    if resuming and group.attrs.get("svision_big", {}).get("state") == "complete":
+    lock = OutputLock(_join(output, STATE_DIR, LOCK_NAME), output_storage_options, break_lock, what=output)
+    if _checked(lambda: _output_verdict(output, output_storage_options, fp, overwrite), lock) == "resume" and \
+            _state_of(output, output_storage_options) == "complete":  # reads only: no lock, no cluster
         return {"output": output, "state": "already complete", "fingerprint": fp, "blocks": len(plan), "computed": 0}
-    work = f"{STATE_DIR}/work-{fp}"
-    paths = [f"{work}/p{k}" for k in range(len(passes) - 1)] + ["0"]
-    if not resuming:
-        group.attrs["svision_big"] = {**provenance, "state": "writing level 0"}
-        for k, pl in enumerate(plans[:-1]):
-            inner, shard = _scratch_layout(pl.block, block)
-            _create_intermediate(output, output_storage_options, paths[k], full_shape(pl.out_shape), full_chunks(inner),
-                                 None if shard is None else full_chunks(shard))
-        fmt.create_array(group, "0", tuple(out_shape), tuple(chunks), out_dtype, image.axis_names,
-                         shards=shard_shape, compression=compression)
-    base = dict(in_url=input, in_path=image.paths[0], out_url=output, spatial_axes=tuple(spatial),
-                outer_axes=tuple(outer_axes), outer_offsets=tuple(offsets), models=model_hashes,
-                model_axis=outer_axes.index(cax) if (cax is not None and len(models) > 1) else None,
-                out_dtype=out_dtype, in_options=storage_options, out_options=output_storage_options, device=device,
-                precision=precision)
-    jobs = []
-    for k, (p, pl) in enumerate(zip(passes, plans)):
-        from_image = p.ref < 0
-        jobs.append(Job(**{**base, "in_url": input if from_image else output,
-                           "in_path": image.paths[0] if from_image else paths[p.ref]},
-                        out_path=paths[k], plan=pl, done_url=_join(output, STATE_DIR, f"done-{fp}", f"p{k}"),
-                        step=p, in_raw=from_image, out_raw=k == len(passes) - 1,
-                        companion_path=paths[k - 1] if p.companion else None))
-    cl, owned = _open_cluster(client, workers, scheduler)
+    cl, owned = _open_cluster(client, workers, scheduler)  # a wrong --scheduler fails before any write
+    held = None
     try:
+        if cl is not None and client is None and scheduler not in (None, "sync"):
+            _check_device(device, cl)  # the workers of a cluster given by address
+        held = lock.acquire()  # before the output's first write, until its last
+        verdict = _output_verdict(output, output_storage_options, fp, overwrite)  # again: under the lock
+        if verdict == "replace":
+            _clear_output(output, output_storage_options)
+        resuming = verdict == "resume"
+        group = open_output_group(output, fmt, output_storage_options, mode="a")
+        if resuming and group.attrs.get("svision_big", {}).get("state") == "complete":
+            return {"output": output, "state": "already complete", "fingerprint": fp, "blocks": len(plan), "computed": 0}
+        work = f"{STATE_DIR}/work-{fp}"
+        paths = [f"{work}/p{k}" for k in range(len(passes) - 1)] + ["0"]
+        if not resuming:
+            group.attrs["svision_big"] = {**provenance, "state": "writing level 0"}
+            for k, pl in enumerate(plans[:-1]):
+                inner, shard = _scratch_layout(pl.block, block)
+                _create_intermediate(output, output_storage_options, paths[k], full_shape(pl.out_shape), full_chunks(inner),
+                                     None if shard is None else full_chunks(shard))
+            fmt.create_array(group, "0", tuple(out_shape), tuple(chunks), out_dtype, image.axis_names,
+                             shards=shard_shape, compression=compression)
+        base = dict(in_url=input, in_path=image.paths[0], out_url=output, spatial_axes=tuple(spatial),
+                    outer_axes=tuple(outer_axes), outer_offsets=tuple(offsets), models=model_hashes,
+                    model_axis=outer_axes.index(cax) if (cax is not None and len(models) > 1) else None,
+                    out_dtype=out_dtype, in_options=storage_options, out_options=output_storage_options, device=device,
+                    precision=precision)
+        jobs = []
+        for k, (p, pl) in enumerate(zip(passes, plans)):
+            from_image = p.ref < 0
+            jobs.append(Job(**{**base, "in_url": input if from_image else output,
+                               "in_path": image.paths[0] if from_image else paths[p.ref]},
+                            out_path=paths[k], plan=pl, done_url=_join(output, STATE_DIR, f"done-{fp}", f"p{k}"),
+                            step=p, in_raw=from_image, out_raw=k == len(passes) - 1,
+                            companion_path=paths[k - 1] if p.companion else None))
         if progress:
             print(f"enhance: factors {factors}, {'resuming' if resuming else 'new output'} {output}; "
                   f"{len(passes)} pass(es):", flush=True)
@@ -369,13 +498,15 @@ def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, clien
         levels = _finish(group, fmt, image, out_shape, factors, tuple(chunks), shard_shape, out_dtype, compression, cl,
                          [m.norm for m in models])
         stats["pyramid_seconds"] = round(time.perf_counter() - t0, 3)
+        _remove_intermediate(output, output_storage_options, work)
+        group.attrs["svision_big"] = {**provenance, "state": "complete", "levels": levels}
+        stats.update(output=output, fingerprint=fp, halo=list(plan.halo), block=list(block), levels=levels)
+        return stats
     finally:
         for o in owned:
             o.close()
-    _remove_intermediate(output, output_storage_options, work)
-    group.attrs["svision_big"] = {**provenance, "state": "complete", "levels": levels}
-    stats.update(output=output, fingerprint=fp, halo=list(plan.halo), block=list(block), levels=levels)
-    return stats
+        if held is not None:
+            held.release()
 
 
 def _whole_chunks(block: tuple[int, ...], chunk: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -447,10 +578,41 @@ def _inner_chunk(b: int) -> int:
     return b
 
 
-def _prepare_output(output: str, options: dict | None, fp: str, overwrite: bool) -> bool:
-    """True to resume an output made with the same fingerprint; never silently replace anything else."""
+# What an svision-big output consists of (paths relative to the output): the image group, its
+# pyramid levels and their chunks, and the state folder. `--overwrite` deletes only these; any other
+# file (a thesis.docx beside zarr.json) makes it refuse, and delete nothing.
+_OUR_FILES = re.compile(r"""(?x)^(?:
+    zarr\.json | \.zgroup | \.zattrs                                             # the image group
+  | \d+/(?:zarr\.json | \.zarray | \.zattrs | c | (?:c[/.])?\d+(?:[/.]\d+)*)      # levels and their chunks
+  | svision_state/(?:
+        lock(?:\.[0-9a-f]+)?                                  # the lock (and a killed run's private copy)
+      | done-[0-9a-f]+/p\d+/\d+                               # done-records
+      | work-[0-9a-f]+/p\d+/(?:zarr\.json | c(?:/\d+)*)        # staged pass outputs
+      | models-[0-9a-f]+/c\d+\.svb                            # models `run` trained for this output
+    )
+)$""")
+
+
+def _our_file(rel: str) -> bool:
+    return bool(_OUR_FILES.match(rel))
+
+
+def _state_of(output: str, options: dict | None) -> str | None:
+    """The ``state`` an svision-big output records (None when there is none)."""
+    try:
+        import zarr
+
+        prev = zarr.open_group(_make_store(output, options, read_only=True), mode="r").attrs.get("svision_big")
+    except Exception:
+        return None
+    return prev.get("state") if isinstance(prev, dict) else None
+
+
+def _output_verdict(output: str, options: dict | None, fp: str, overwrite: bool) -> str:
+    """"new", "resume" (same fingerprint) or "replace" (``overwrite``, and it holds nothing but an
+    svision-big output); refuses anything else. Reads only: nothing is written or deleted here."""
     if not store_exists(output, options):
-        return False
+        return "new"
     prev = None
     try:
         import zarr
@@ -459,15 +621,53 @@ def _prepare_output(output: str, options: dict | None, fp: str, overwrite: bool)
     except Exception:
         prev = None
     if isinstance(prev, dict) and prev.get("fingerprint") == fp:
-        return True
+        return "resume"
     if prev is None and _only_state(output, options):
-        return False  # holds nothing but models that `run` saved for this output
+        return "new"  # holds nothing but svision-big state: a lock, models that `run` saved for this output
     if not overwrite:
         why = (f"was made with other settings (fingerprint {prev.get('fingerprint')}, now {fp})"
                if isinstance(prev, dict) else "is not an svision-big output")
         raise NgffError(f"{output} already exists and {why}: pass --overwrite to replace it")
-    remove_store(output, options)
-    return False
+    import fsspec.core
+
+    fs, root = fsspec.core.url_to_fs(output, **(options or {}))
+    if not fs.isdir(root):
+        raise NgffError(f"{output} exists and is not a folder: refusing to replace it")
+    stray = foreign_file(output, options, allowed=_our_file)
+    if stray is not None:
+        raise NgffError(f"{output} holds {stray}, which is not part of an svision-big output: refusing to "
+                        f"delete anything (move it elsewhere, or choose another output)")
+    return "replace"
+
+
+def _checked(verdict, lock: OutputLock) -> str:
+    """Run a read-only output check; when it refuses while another run holds the lock (say, that
+    run is half-way through creating the output), report the lock, the real cause."""
+    try:
+        return verdict()
+    except NgffError:
+        owner = lock.owner()
+        if owner is not None:
+            raise lock._refusal(owner) from None
+        raise
+
+
+def _clear_output(output: str, options: dict | None) -> None:
+    """Delete an svision-big output's contents, keeping its lock (held by this run).
+    ``_output_verdict`` has checked that nothing else is in it."""
+    import fsspec.core
+
+    fs, root = fsspec.core.url_to_fs(output, **(options or {}))
+    root = root.rstrip("/")
+    for entry in fs.ls(root, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name != STATE_DIR:
+            fs.rm(entry, recursive=True)
+            continue
+        for inner in fs.ls(entry, detail=False):
+            if inner.rstrip("/").rsplit("/", 1)[-1] != LOCK_NAME:
+                fs.rm(inner, recursive=True)
+    fs.invalidate_cache(root)
 
 
 def _only_state(output: str, options: dict | None) -> bool:
@@ -479,6 +679,29 @@ def _only_state(output: str, options: dict | None) -> bool:
     except FileNotFoundError:
         return True
     return set(names) <= {STATE_DIR}
+
+
+def _check_block_halo(plans: list[BlockPlan], block: tuple[int, ...], out_spatial: tuple[int, ...],
+                      factors: tuple[int, ...], n_outer: int) -> None:
+    """Refuse blocks smaller than twice their pass's halo (input voxels, on an axis cut into more
+    than one block) once the halos would repeat more than ``MAX_REPEATED_VOXELS`` of work."""
+    need = [0] * len(block)  # output voxels per axis for blocks of twice the halo in every pass
+    small = False
+    for pl in plans:
+        for d, (b, n, f, h) in enumerate(zip(pl.block, pl.out_shape, pl.factors, pl.halo)):
+            need[d] = max(need[d], 2 * h * f)
+            small |= b < n and b // f < 2 * h
+    if not small:
+        return
+    repeated = sum(pl.overhead() * math.prod(pl.in_shape) for pl in plans) * n_outer
+    if repeated <= MAX_REPEATED_VOXELS:
+        return
+    suggest = [min(max(b, -(-s // f) * f), n - n % f or n) for b, s, f, n in zip(block, need, factors, out_spatial)]
+    overhead = max(pl.overhead() for pl in plans)
+    raise ValueError(
+        f"--block {','.join(map(str, block))}: blocks smaller than twice the halo ({max(max(pl.halo) for pl in plans)} "
+        f"input voxels) repeat more work than they do ({len(plans[-1]):,} blocks, halo overhead {overhead:.0%}); "
+        f"use at least --block {','.join(map(str, suggest))}, leave --block out for the default, or pass --force")
 
 
 def _finish(group, fmt, image: Image, out_shape, factors, chunks, shards, dtype, compression, client, norms) -> list[str]:
@@ -512,11 +735,29 @@ def run(input: str | os.PathLike, output: str | os.PathLike, factor, *, steps: i
     """Train one model per channel on sampled regions, then enhance. Trained models are kept in the
     output's state folder, so re-running after a crash reuses them instead of training again."""
     input, output = os.fspath(input), os.fspath(output)
-    precision_dtype(kwargs.get("precision", "float32"), kwargs.get("device") or _default_device())  # before training
+    # every check that needs no model runs before training (minutes) and before any write
+    _check_workers(kwargs.get("workers"))
+    _check_training_args(steps, budget)
+    if kwargs.get("client") is None and kwargs.get("scheduler") in (None, "sync"):
+        _check_device(kwargs.get("device"))
+    precision_dtype(kwargs.get("precision", "float32"), kwargs.get("device") or _default_device())
     if _same_or_nested(input, output):
         raise NgffError(f"the output {output} must not be the input or lie inside it (or contain it)")
     image = open_image(input, storage_options)
+    spatial = image.spatial_axes
+    if len(spatial) not in (2, 3):
+        raise NgffError(f"{input}: needs 2 or 3 spatial axes, found {len(spatial)}")
+    parse_factors(factor, len(spatial))
     cax = _channel_axis(image)
+    if channel not in (None, 0) and cax is None:
+        raise NgffError(f"--channel {channel}: {input} has no channel axis")
+    if cax is not None and channel is not None and not 0 <= channel < image.shape[cax]:
+        raise NgffError(f"channel {channel} is out of range: the image has {image.shape[cax]}")
+    _check_trainable(image, budget, input)
+    _check_block(kwargs.get("block"), len(spatial))
+    _output_dtype(kwargs.get("dtype"), image.dtype)
+    if kwargs.get("ngff") is not None:
+        format_for(kwargs["ngff"])
     channels = [channel] if channel is not None else (list(range(image.shape[cax])) if cax is not None else [0])
     key = _fingerprint({"input": input, "factor": str(factor), "steps": steps, "seed": seed, "budget": budget,
                         "shape": list(image.shape), "version": __version__, "acquisition": acquisition,
@@ -524,21 +765,32 @@ def run(input: str | os.PathLike, output: str | os.PathLike, factor, *, steps: i
     import fsspec.core
 
     fs, root = fsspec.core.url_to_fs(_join(output, STATE_DIR, f"models-{key}"), **(output_storage_options or {}))
-    if store_exists(output, output_storage_options) and not fs.exists(root):
-        _prepare_output(output, output_storage_options, "-", overwrite)  # refuses unless --overwrite
-        overwrite = False
-    models = []
-    for c in channels:
-        path = f"{root}/c{c}.svb"
-        if fs.exists(path):
-            models.append(Model.from_bytes(fs.cat_file(path), where=path))
-            if not quiet:
-                print(f"channel {c}: reusing the model trained earlier ({path})", flush=True)
-            continue
-        m = train(input, factor, steps=steps, channel=c, seed=seed, budget=budget,
-                  storage_options=storage_options, quiet=quiet, acquisition=acquisition, psf_fwhm=psf_fwhm)
-        fs.makedirs(root, exist_ok=True)
-        fs.pipe_file(path, m.to_bytes())
-        models.append(m)
-    return enhance(input, output, models if len(models) > 1 else models[0], channel=channel, storage_options=storage_options,
-                   output_storage_options=output_storage_options, progress=not quiet, overwrite=overwrite, **kwargs)
+    fresh = store_exists(output, output_storage_options) and not fs.exists(root)  # not an earlier run of this one
+    lock = OutputLock(_join(output, STATE_DIR, LOCK_NAME), output_storage_options, kwargs.get("break_lock", False),
+                      what=output)
+    if fresh:
+        _checked(lambda: _output_verdict(output, output_storage_options, "-", overwrite), lock)  # refuses unless --overwrite
+    held = lock.acquire()  # training writes models into the output: the lock covers it, and enhance re-enters it
+    try:
+        if fresh:
+            if _output_verdict(output, output_storage_options, "-", overwrite) == "replace":
+                _clear_output(output, output_storage_options)
+            overwrite = False
+        models = []
+        for c in channels:
+            path = f"{root}/c{c}.svb"
+            if fs.exists(path):
+                models.append(Model.from_bytes(fs.cat_file(path), where=path))
+                if not quiet:
+                    print(f"channel {c}: reusing the model trained earlier ({path})", flush=True)
+                continue
+            m = train(input, factor, steps=steps, channel=c, seed=seed, budget=budget,
+                      storage_options=storage_options, quiet=quiet, acquisition=acquisition, psf_fwhm=psf_fwhm)
+            fs.makedirs(root, exist_ok=True)
+            fs.pipe_file(path, m.to_bytes())
+            models.append(m)
+        return enhance(input, output, models if len(models) > 1 else models[0], channel=channel,
+                       storage_options=storage_options, output_storage_options=output_storage_options,
+                       progress=not quiet, overwrite=overwrite, **kwargs)
+    finally:
+        held.release()

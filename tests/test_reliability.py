@@ -1,0 +1,254 @@
+"""Reliability (issue 14): bad input is one line and exit 2 with no damage, every fault is survived
+or named, and two runs never write one output at once. Volumes are tiny (16x32x32), models have
+random weights (conftest.make_model), and most runs use the in-process scheduler."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from conftest import make_model, smooth_volume
+
+from svision_big import pipeline
+from svision_big.cli import main as cli_main
+from svision_big.convert import write_ome_zarr
+from svision_big.ngff import NgffError, open_image, remove_store
+from svision_big.state import OutputLock, OutputLocked
+
+SYNC = dict(scheduler="sync", progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _tree(path) -> dict[str, str]:
+    """Every file and folder under ``path`` (relative name -> sha256, folders -> "dir")."""
+    out = {}
+    for root, dirs, files in os.walk(path):
+        for d in dirs:
+            out[os.path.relpath(os.path.join(root, d), path)] = "dir"
+        for f in files:
+            p = os.path.join(root, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, path)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+def _write_input(path, vol, axes="zyx", ngff="0.5") -> str:
+    n_sp = sum(a in "zyx" for a in axes)
+    write_ome_zarr(vol, str(path), axes=axes, ngff=ngff, voxel_size=(2.0, 0.5, 0.5)[-n_sp:])
+    return str(path)
+
+
+def _levels(path) -> list[np.ndarray]:
+    img = open_image(str(path))
+    return [np.asarray(img.level(i)[...]) for i in range(img.nlevels)]
+
+
+def _assert_same_image(a, b) -> None:
+    la, lb = _levels(a), _levels(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(x, y)
+
+
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE",
+                PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                            os.environ.get("PYTHONPATH", "")]))
+
+
+@pytest.fixture
+def small(tmp_path):
+    """A 16x32x32 uint16 input and a random-weight x2 model with one back-projection pass."""
+    model = make_model((2, 2, 2), bp=1)
+    src = _write_input(tmp_path / "in.ome.zarr", smooth_volume((16, 32, 32), seed=3, dtype=np.uint16, scale=1000))
+    return src, model, str(model.save(tmp_path / "m.svb"))
+
+
+# --------------------------------------------------------------------------- validation (issue 14.5-7)
+
+
+def test_blocks_far_below_the_halo_are_refused_with_a_size_and_force_overrides(small, tmp_path, monkeypatch):
+    src, model, _ = small
+    out = str(tmp_path / "out.ome.zarr")
+    with pytest.raises(ValueError, match=r"--block 2,2,2: blocks smaller than twice the halo.*use at least --block \d"):
+        pipeline.enhance(src, out, model, block=(2, 2, 2), **SYNC)  # 16,384 blocks: refused at once
+    assert not os.path.exists(out)
+    monkeypatch.setattr(pipeline, "MAX_REPEATED_VOXELS", 0)  # make a cheap block count as wasteful
+    with pytest.raises(ValueError, match="or pass --force"):
+        pipeline.enhance(src, out, model, block=(8, 16, 16), **SYNC)
+    assert not os.path.exists(out)
+    stats = pipeline.enhance(src, out, model, block=(8, 16, 16), force=True, **SYNC)
+    assert stats["blocks"] == 64
+    ref = str(tmp_path / "ref.ome.zarr")
+    pipeline.enhance(src, ref, model, **SYNC)
+    _assert_same_image(out, ref)  # small blocks are slow, not wrong
+
+
+def test_overwrite_deletes_only_an_svision_output(small, tmp_path):
+    src, model, _ = small
+    # a folder with a zarr marker and the user's thesis: --overwrite must refuse and delete nothing
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
+    (mixed / "thesis.docx").write_bytes(b"years of work")
+    before = _tree(mixed)
+    with pytest.raises(NgffError, match="thesis.docx.*refusing to delete anything"):
+        pipeline.enhance(src, str(mixed), model, overwrite=True, **SYNC)
+    assert _tree(mixed) == before
+    with pytest.raises(NgffError, match="thesis.docx"):
+        remove_store(str(mixed))
+    assert _tree(mixed) == before
+    # an svision-big output with a stray file in it: the same
+    out = str(tmp_path / "out.ome.zarr")
+    pipeline.enhance(src, out, model, **SYNC)
+    with open(os.path.join(out, "0", "notes.txt"), "w") as fh:
+        fh.write("mine")
+    before = _tree(out)
+    with pytest.raises(NgffError, match="0/notes.txt"):
+        pipeline.enhance(src, out, model, block=(16, 32, 32), overwrite=True, **SYNC)
+    assert _tree(out) == before
+    os.remove(os.path.join(out, "0", "notes.txt"))
+    pipeline.enhance(src, out, model, block=(16, 32, 32), overwrite=True, **SYNC)  # only ours: replaced
+    assert open_image(out).group.attrs["svision_big"]["block"] == [16, 32, 32]
+
+
+def test_train_refuses_too_small_volumes_naming_the_minimum(tmp_path):
+    tiny = _write_input(tmp_path / "tiny.ome.zarr", smooth_volume((3, 5, 5), seed=1))
+    with pytest.raises(NgffError, match="3x5x5 voxels is too small to train on.*at least 5"):
+        pipeline.train(tiny, 2, steps=1, quiet=True)
+    ok = _write_input(tmp_path / "ok.ome.zarr", smooth_volume((8, 16, 16), seed=1))
+    with pytest.raises(ValueError, match="--budget 20: .*use a budget of at least"):
+        pipeline.train(ok, 2, steps=1, quiet=True, budget=20)
+
+
+def test_unusable_device_is_refused_before_anything_is_written(small, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    src, model, _ = small
+    out = str(tmp_path / "out.ome.zarr")
+    with pytest.raises(ValueError, match="--device cuda: not usable here"):
+        pipeline.enhance(src, out, model, device="cuda", **SYNC)
+    with pytest.raises(ValueError, match="not a torch device"):
+        pipeline.enhance(src, out, model, device="potato", **SYNC)
+    assert not os.path.exists(out)
+
+
+# --------------------------------------------------------------------------- the output lock (issue 14.1, 14.9)
+
+
+_HOLDER = textwrap.dedent("""
+    import sys, time
+    from svision_big.state import OutputLock
+    lock = OutputLock(sys.argv[1]).acquire()
+    print("held", flush=True)
+    time.sleep(120)
+""")
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_lock_of_a_live_run_refuses_naming_its_owner_and_break_lock_takes_it(small, tmp_path, capsys):
+    src, model, _ = small
+    out = str(tmp_path / "out.ome.zarr")
+    lock = os.path.join(out, "svision_state", "lock")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, lock], stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputLocked, match=rf"being written by another run \(pid {holder.pid} on "
+                                               rf"{socket.gethostname()}, started .*--break-lock"):
+            pipeline.enhance(src, out, model, **SYNC)
+        assert sorted(_tree(out)) == ["svision_state", "svision_state/lock"]  # nothing written beside the lock
+        rc = cli_main(["enhance", src, out, "--model", str(tmp_path / "m.svb"), "--scheduler", "sync", "--quiet"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and f"pid {holder.pid}" in err[0]
+        pipeline.enhance(src, out, model, break_lock=True, **SYNC)
+        assert "breaking the lock" in capsys.readouterr().err
+        assert open_image(out).group.attrs["svision_big"]["state"] == "complete"
+        assert not os.path.exists(lock)  # released at the end
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(small, tmp_path, capsys):
+    src, model, _ = small
+    out = str(tmp_path / "out.ome.zarr")
+    os.makedirs(os.path.join(out, "svision_state"))
+    dead = _dead_pid()
+    with open(os.path.join(out, "svision_state", "lock"), "w") as fh:
+        json.dump({"host": socket.gethostname(), "pid": dead, "started": "2026-01-01T00:00:00", "token": "x"}, fh)
+    pipeline.enhance(src, out, model, **SYNC)
+    assert f"taking over the stale lock of pid {dead}" in capsys.readouterr().err
+    assert open_image(out).group.attrs["svision_big"]["state"] == "complete"
+    # another host's lock is never taken over: only --break-lock does
+    out2 = str(tmp_path / "out2.ome.zarr")
+    os.makedirs(os.path.join(out2, "svision_state"))
+    with open(os.path.join(out2, "svision_state", "lock"), "w") as fh:
+        json.dump({"host": "elsewhere.example", "pid": dead, "started": "2026-01-01T00:00:00", "token": "y"}, fh)
+    with pytest.raises(OutputLocked, match="elsewhere.example"):
+        pipeline.enhance(src, out2, model, **SYNC)
+    pipeline.enhance(src, out2, model, break_lock=True, **SYNC)
+    _assert_same_image(out, out2)
+
+
+def test_lock_is_reentrant_and_released_on_error(tmp_path):
+    url = str(tmp_path / "o" / "svision_state" / "lock")
+    a = OutputLock(url).acquire()
+    assert OutputLock(url).acquire() is a and a.depth == 2  # run -> enhance in one process
+    a.release()
+    assert os.path.exists(url)
+    a.release()
+    assert not os.path.exists(tmp_path / "o")  # the folders the lock made go with it
+
+
+_RACER = textwrap.dedent("""
+    import os, sys, time
+    from svision_big.cli import main
+    go = sys.argv[1]
+    while not os.path.exists(go):  # every racer has imported everything: start at one instant
+        time.sleep(0.001)
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+def test_two_runs_started_together_into_one_output_one_writes(small, tmp_path):
+    src, model, model_path = small
+    out = str(tmp_path / "out.ome.zarr")
+    ref = str(tmp_path / "ref.ome.zarr")
+    args = ["enhance", src, out, "--model", model_path, "--scheduler", "sync", "--block", "8,16,16", "--quiet"]
+    go = str(tmp_path / "go")
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, go, *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=_env()) for _ in range(3)]
+    time.sleep(4.0)  # imports done (about 2 s here)
+    open(go, "w").close()
+    results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
+    codes = sorted(r[0] for r in results)
+    assert codes == [0, 2, 2], results
+    for rc, _, err in results:
+        if rc == 2:
+            lines = err.strip().splitlines()
+            assert len(lines) == 1 and "being written by another run (pid " in lines[0], err
+    pipeline.enhance(src, ref, model, block=(8, 16, 16), **SYNC)
+    _assert_same_image(out, ref)

@@ -45,6 +45,9 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
                         "point samples at voxel centres (sample), an antialiased cubic resize (cubic), or auto "
                         "(train for all three; the held-aside check decides the rest)")
     p.add_argument("--psf-fwhm", type=_floats, help="Gaussian PSF FWHM, Z,Y,X in input voxels (or one value for all axes)")
+    p.add_argument("--nonfinite", choices=["error", "fill"], default="error",
+                   help="NaN/Inf in a float input: stop with their count (error), or read them as the array's "
+                        "fill value and count them in the provenance (fill)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,6 +73,8 @@ def _add_enhance_flags(p: argparse.ArgumentParser) -> None:
                    help="run a --block smaller than twice the halo even when the repeated work is large")
     p.add_argument("--break-lock", action="store_true",
                    help="take the output's lock from another run (one on another host, or one you know is gone)")
+    p.add_argument("--strict", action="store_true",
+                   help="a missing chunk in the input is an error (default: read as the fill value, counted, warned)")
     p.add_argument("--device", help="torch device for inference (default: cuda where a worker has it, else cpu)")
     p.add_argument("--precision", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="the networks' arithmetic: float32 (reference), bfloat16 (faster on CPUs with "
@@ -83,7 +88,7 @@ def _enhance_kwargs(a) -> dict:
     return dict(workers=a.workers, scheduler=a.scheduler, block=a.block, dtype=a.dtype, ngff=a.ngff,
                 shards=a.shards, compression=not a.no_compression, device=a.device, precision=a.precision,
                 storage_options=a.storage_options, output_storage_options=a.output_storage_options,
-                force=a.force, break_lock=a.break_lock)
+                force=a.force, break_lock=a.break_lock, nonfinite=a.nonfinite, strict=a.strict)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output")
     p.add_argument("--model", required=True, action="append", help="model file; repeat once per channel")
     p.add_argument("--channel", type=int, help="enhance only this channel")
+    p.add_argument("--nonfinite", choices=["error", "fill"], default="error",
+                   help="NaN/Inf in a float input: stop (error), or read them as the fill value, counted (fill)")
     _add_enhance_flags(p)
 
     p = sub.add_parser("run", help="train (one model per channel) and enhance")
@@ -207,7 +214,7 @@ def _dispatch(a) -> int:
         kw = {} if a.budget is None else {"budget": a.budget}
         model = pipeline.train(a.input, a.factor, steps=a.steps, channel=a.channel, seed=a.seed,
                                storage_options=a.storage_options, quiet=a.quiet, acquisition=a.acquisition,
-                               psf_fwhm=_psf(a.psf_fwhm), **kw)
+                               psf_fwhm=_psf(a.psf_fwhm), nonfinite=a.nonfinite, **kw)
         model.save(a.output)
         print(f"wrote {a.output} (model {model.hash}); settings: {json.dumps(model.settings())}")
         return 0
@@ -234,9 +241,18 @@ def _report(stats: dict) -> None:
     if stats.get("state") == "already complete":
         print(f"{stats['output']} is already complete (fingerprint {stats['fingerprint']}); nothing to do")
         return
-    print(f"wrote {stats['output']}: {stats['computed']} blocks computed, {stats['skipped']} already done, "
+    total = stats.get("total", stats)  # every pass: a resume skips the earlier passes' blocks too
+    per_pass = "; ".join(f"pass {k + 1}: {q['computed']} computed, {q['skipped']} done"
+                         for k, q in enumerate(stats.get("passes", [])))
+    found = "".join(f", {stats[k]:,} {what}" for k, what in (("input_nonfinite", "NaN/Inf input voxels read as the "
+                                                              "fill value"), ("input_missing_chunks", "input chunks missing"))
+                    if stats.get(k))
+    print(f"wrote {stats['output']}: {total['computed']} blocks computed, {total['skipped']} already done "
+          f"over {len(stats.get('passes', [])) or 1} pass(es) ({per_pass}){found}, "
           f"{stats['voxels_per_second'] / 1e6:.2f} M output voxels/s, levels {stats['levels']}, "
           f"{stats['seconds']:.1f} s + pyramid {stats['pyramid_seconds']:.1f} s")
+    if stats.get("models"):
+        print(f"kept the trained model{'s' if len(stats['models']) > 1 else ''}: {', '.join(stats['models'])}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass
 
@@ -157,6 +158,58 @@ def _output_dtype(dtype: str | None, image_dtype) -> str:
     return dt.name
 
 
+def _check_nonfinite(mode: str) -> None:
+    from .execute import NONFINITE
+
+    if mode not in NONFINITE:
+        raise ValueError(f"--nonfinite {mode}: use one of {', '.join(NONFINITE)}")
+
+
+def _check_coarse_finite(image: Image, input: str, max_voxels: int = 2 ** 24) -> None:
+    """NaN/Inf in a float input, found on its coarsest level (a mean pyramid carries them up)
+    before anything is written; the blocks check every voxel they read as well."""
+    if np.dtype(image.dtype).kind != "f":
+        return
+    level = image.nlevels - 1
+    arr = image.level(level)
+    if math.prod(arr.shape) > max_voxels:
+        return
+    n = int(np.count_nonzero(~np.isfinite(np.asarray(arr[...]))))
+    if n:
+        raise NgffError(f"{input}: {n:,} NaN/Inf voxels on level {level} of {math.prod(arr.shape):,}: a network "
+                        f"spreads them over the output; pass --nonfinite fill to read them as the fill value")
+
+
+def _output_options(input: str, output: str, storage_options: dict | None, output_storage_options: dict | None):
+    """The output's fsspec options: its own, else the input's when both live on the same kind of
+    remote store (issue 11: an S3 output did not inherit --storage-options)."""
+    if output_storage_options is not None:
+        return output_storage_options
+    proto = lambda u: u.split("://", 1)[0] if "://" in u and not u.startswith("file://") else None  # noqa: E731
+    return storage_options if proto(output) is not None and proto(output) == proto(input) else None
+
+
+def _check_reachable(url: str, options: dict | None, what: str) -> None:
+    """A remote store that cannot be reached fails here, as one line, before any training or write
+    (a wrong endpoint was a 136-line botocore traceback after 24 s of training)."""
+    if "://" not in url or url.startswith("file://"):
+        return  # a local folder is made as needed
+    import fsspec.core
+
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **(options or {}))
+        if not fs.exists(path):
+            bucket = path.strip("/").split("/", 1)[0]
+            if bucket and bucket != path.strip("/") and not fs.exists(bucket):
+                raise NgffError(f"the {what} {url}: {bucket} does not exist on that store")
+    except NgffError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - botocore, aiohttp, gcsfs ... each have their own
+        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise NgffError(f"cannot reach the {what} store {url}: {cause} (check --{'output-' if what == 'output' else ''}"
+                        f"storage-options)") from None
+
+
 def _check_block(block, n_axes: int) -> None:
     """`--block 0` / `--block -8` were reported as a wrong number of entries."""
     if block is None:
@@ -194,7 +247,7 @@ def training_region(image: Image, outer: dict[int, int], budget: int = DEFAULT_T
             break
     arr = image.level(level)
     sel = tuple(outer.get(i, slice(None)) for i in range(image.ndim))
-    coarse = np.asarray(arr[sel], dtype=np.float32)
+    coarse = np.nan_to_num(np.asarray(arr[sel], dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     ratio = [s0 / max(1, sc) for s0, sc in zip(shape0, coarse.shape)]
     size = _box_size(tuple(shape0), budget)
     box_c = [max(1, int(round(s / r))) for s, r in zip(size, ratio)]
@@ -214,9 +267,12 @@ def training_region(image: Image, outer: dict[int, int], budget: int = DEFAULT_T
 
 def train(input: str | os.PathLike, factor, steps: int | None = None, channel: int = 0, time_index: int = 0,
           seed: int = 0, budget: int = DEFAULT_TRAIN_VOXELS, storage_options: dict | None = None,
-          quiet: bool = False, psf_fwhm=None, acquisition: str = "auto") -> Model:
-    """Train a model on a sampled region of an OME-Zarr image (one channel, one time point)."""
+          quiet: bool = False, psf_fwhm=None, acquisition: str = "auto", nonfinite: str = "error") -> Model:
+    """Train a model on a sampled region of an OME-Zarr image (one channel, one time point).
+    ``nonfinite``: NaN/Inf in the sample stop training, naming how many ("error"), or are replaced
+    by the array's fill value ("fill")."""
     _check_training_args(steps, budget)
+    _check_nonfinite(nonfinite)
     image = open_image(input, storage_options)
     spatial = image.spatial_axes
     if len(spatial) not in (2, 3):
@@ -231,6 +287,7 @@ def train(input: str | os.PathLike, factor, steps: int | None = None, channel: i
     for ax, s in zip(spatial, box):
         sel[ax] = s
     sample = np.asarray(image.level(0)[tuple(sel)])
+    sample = _finite_sample(sample, image, input, box, nonfinite, quiet)
     if not quiet:
         print(f"training on level-0 region {[(s.start, s.stop) for s in box]} ({sample.size:,} voxels, "
               f"found on level {level}), channel {channel}", flush=True)
@@ -239,6 +296,27 @@ def train(input: str | os.PathLike, factor, steps: int | None = None, channel: i
     model.info["source"] = {"url": str(input), "channel": channel, "time": time_index,
                             "region": [[s.start, s.stop] for s in box], "coarse_level": level}
     return model
+
+
+def _finite_sample(sample: np.ndarray, image: Image, input: str, box, nonfinite: str, quiet: bool) -> np.ndarray:
+    """NaN/Inf in the training sample: training failed after 40-70 s with "min() arg is an empty
+    sequence". Say so, and how many, or (``fill``) replace them and say how many."""
+    if sample.dtype.kind != "f":
+        return sample
+    bad = ~np.isfinite(sample)
+    n = int(np.count_nonzero(bad))
+    if not n:
+        return sample
+    region = "x".join(f"{s.start}:{s.stop}" for s in box)
+    if nonfinite != "fill":
+        raise NgffError(f"{input}: the training region [{region}] holds {n:,} NaN/Inf voxels of {sample.size:,}: "
+                        f"svision-big cannot train on them; pass --nonfinite fill to read them as the fill value")
+    from .execute import _fill
+
+    sample = np.where(bad, _fill(image.level(0)), sample)
+    if not quiet:
+        print(f"training: {n:,} NaN/Inf voxels in the training region read as the fill value", flush=True)
+    return sample
 
 
 def _check_trainable(image: Image, budget: int, input: str) -> None:
@@ -323,18 +401,23 @@ def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, clien
             ngff: str | None = None, overwrite: bool = False, shards: bool = False, compression: bool = True,
             channel: int | None = None, storage_options: dict | None = None,
             output_storage_options: dict | None = None, progress: bool = True, device: str | None = None,
-            precision: str = "float32", on_block=None, force: bool = False, break_lock: bool = False) -> dict:
+            precision: str = "float32", on_block=None, force: bool = False, break_lock: bool = False,
+            nonfinite: str = "error", strict: bool = False, provenance_extra: dict | None = None) -> dict:
     """Enhance an OME-Zarr image into a new, upsampled, multiscale OME-Zarr image.
 
     ``model``: a Model, a model path, or a list of them (one per channel). ``scheduler``: a Dask
     scheduler address, or "sync" to run in this process; otherwise a local cluster of ``workers``.
     ``precision``: the networks' arithmetic, "float32" (the reference) or "bfloat16" (faster on CPUs
     with AVX512-BF16; see ``operator.precision_dtype``). ``force``: run blocks too small for their
-    halo. ``break_lock``: take the output's lock even from a live run or another host.
+    halo. ``break_lock``: take the output's lock even from a live run or another host. ``nonfinite``:
+    NaN/Inf in a float input stop the run ("error") or read as the fill value ("fill", counted in
+    the provenance). ``strict``: a missing input chunk stops the run (else: counted, warned about).
     The output is locked (``state.OutputLock``) from before its first write to the end.
     """
     input, output = os.fspath(input), os.fspath(output)
     _check_workers(workers)
+    _check_nonfinite(nonfinite)
+    output_storage_options = _output_options(input, output, storage_options, output_storage_options)
     if client is None and scheduler in (None, "sync"):
         _check_device(device)  # a remote cluster's workers are asked once it is open
     precision_dtype(precision, device or _default_device())  # a bad name fails before anything is opened
@@ -391,6 +474,9 @@ def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, clien
     out_dtype = _output_dtype(dtype, image.dtype)
     if shards and fmt.zarr_format == 2:
         raise NgffError("sharding needs NGFF 0.5 (zarr v3)")
+    if nonfinite == "error":
+        _check_coarse_finite(image, input)  # most NaN/Inf inputs fail here, before anything is written
+    _check_reachable(output, output_storage_options, "output")
 
     def full_shape(spatial_shape):
         shape = list(image.shape)
@@ -421,20 +507,23 @@ def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, clien
         "dtype": out_dtype, "ngff": fmt.version, "channel": channel,
         "chunks": list(chunks), "shards": shard_shape, "compression": compression,
         **({"precision": precision} if precision != "float32" else {}),  # float32 keeps older fingerprints
+        **({"nonfinite": nonfinite} if nonfinite != "error" else {}),  # so does reading NaN as an error
     })
     provenance = {
         "package": "svision-big", "version": __version__, "fingerprint": fp, "model_hash": list(model_hashes),
-        "factors": list(factors), "halo": list(plan.halo), "block": list(block), "input": input,
+        "factors": list(factors), "halo": list(plan.halo), "block": list(block),
+        "input": os.path.abspath(input) if "://" not in input else input,
         "passes": [{"kind": p.kind, "stage": p.stage, "block": list(pl.block), "halo": list(pl.halo)}
                    for p, pl in zip(passes, plans)],
         "normalisation": [{"lo": m.norm.lo, "hi": m.norm.hi, "floor": m.norm.floor} for m in models],
         "settings": [m.settings() for m in models], "channel": channel, "dtype": out_dtype,
-        "precision": precision,
+        "precision": precision, "nonfinite": nonfinite, "strict": strict,
     }
 
     lock = OutputLock(_join(output, STATE_DIR, LOCK_NAME), output_storage_options, break_lock, what=output)
     if _checked(lambda: _output_verdict(output, output_storage_options, fp, overwrite), lock) == "resume" and \
-            _state_of(output, output_storage_options) == "complete":  # reads only: no lock, no cluster
+            _state_of(output, output_storage_options) == "complete" and \
+            not _leftover_state(output, output_storage_options):  # reads only: no lock, no cluster
         return {"output": output, "state": "already complete", "fingerprint": fp, "blocks": len(plan), "computed": 0}
     cl, owned = _open_cluster(client, workers, scheduler)  # a wrong --scheduler fails before any write
     held = None
@@ -443,27 +532,33 @@ def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, clien
             _check_device(device, cl)  # the workers of a cluster given by address
         held = lock.acquire()  # before the output's first write, until its last
         verdict = _output_verdict(output, output_storage_options, fp, overwrite)  # again: under the lock
-        if verdict == "replace":
+        if verdict in ("replace", "restart"):
             _clear_output(output, output_storage_options)
         resuming = verdict == "resume"
-        group = open_output_group(output, fmt, output_storage_options, mode="a")
-        if resuming and group.attrs.get("svision_big", {}).get("state") == "complete":
-            return {"output": output, "state": "already complete", "fingerprint": fp, "blocks": len(plan), "computed": 0}
         work = f"{STATE_DIR}/work-{fp}"
         paths = [f"{work}/p{k}" for k in range(len(passes) - 1)] + ["0"]
-        if not resuming:
-            group.attrs["svision_big"] = {**provenance, "state": "writing level 0"}
-            for k, pl in enumerate(plans[:-1]):
-                inner, shard = _scratch_layout(pl.block, block)
-                _create_intermediate(output, output_storage_options, paths[k], full_shape(pl.out_shape), full_chunks(inner),
-                                     None if shard is None else full_chunks(shard))
+        done_root = _join(output, STATE_DIR, f"done-{fp}")
+        scratch = [(paths[k], full_shape(pl.out_shape), *_scratch_layout(pl.block, block)) for k, pl in enumerate(plans[:-1])]
+
+        def level0(group):
             fmt.create_array(group, "0", tuple(out_shape), tuple(chunks), out_dtype, image.axis_names,
                              shards=shard_shape, compression=compression)
+
+        if resuming:
+            group = open_output_group(output, fmt, output_storage_options, mode="a")
+            if group.attrs.get("svision_big", {}).get("state") == "complete":
+                _clean_state(output, output_storage_options, keep=("models-",))
+                return {"output": output, "state": "already complete", "fingerprint": fp, "blocks": len(plan),
+                        "computed": 0}
+            _ensure_arrays(output, output_storage_options, group, scratch, full_chunks, level0)
+        else:
+            group = _set_up(output, output_storage_options, fmt, fp, {**provenance, **(provenance_extra or {})},
+                            scratch, full_chunks, level0)
         base = dict(in_url=input, in_path=image.paths[0], out_url=output, spatial_axes=tuple(spatial),
                     outer_axes=tuple(outer_axes), outer_offsets=tuple(offsets), models=model_hashes,
                     model_axis=outer_axes.index(cax) if (cax is not None and len(models) > 1) else None,
                     out_dtype=out_dtype, in_options=storage_options, out_options=output_storage_options, device=device,
-                    precision=precision)
+                    precision=precision, nonfinite=nonfinite, strict=strict)
         jobs = []
         for k, (p, pl) in enumerate(zip(passes, plans)):
             from_image = p.ref < 0
@@ -491,15 +586,25 @@ def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, clien
         last = stats["passes"][-1]
         total_s = sum(q["seconds"] for q in stats["passes"])
         stats.update({k: last[k] for k in ("blocks", "skipped", "computed", "todo_at_start", "output_voxels")})
+        # the level-0 pass above (the API's meaning); every pass here: a resume skips earlier passes too
+        stats["total"] = {k: sum(q[k] for q in stats["passes"]) for k in ("blocks", "skipped", "computed")}
+        notes = _run_notes(stats["passes"])
+        if notes.get("input_missing_chunks"):
+            print(f"svision-big: warning: {notes['input_missing_chunks']} chunks of {input} are missing and were read "
+                  f"as the fill value (e.g. {', '.join(notes['input_missing_examples'])}); --strict makes this an error",
+                  file=sys.stderr, flush=True)
+        stats.update({k: notes[k] for k in ("input_nonfinite", "input_missing_chunks") if k in notes})
         stats["seconds"] = round(total_s, 3)
         stats["voxels_per_second"] = last["output_voxels"] / total_s if total_s > 0 else 0.0
         t0 = time.perf_counter()
-        group.attrs["svision_big"] = {**provenance, "state": "building pyramid"}
+        group.attrs["svision_big"] = {**provenance, **(provenance_extra or {}), **notes, "state": "building pyramid"}
         levels = _finish(group, fmt, image, out_shape, factors, tuple(chunks), shard_shape, out_dtype, compression, cl,
                          [m.norm for m in models])
         stats["pyramid_seconds"] = round(time.perf_counter() - t0, 3)
         _remove_intermediate(output, output_storage_options, work)
-        group.attrs["svision_big"] = {**provenance, "state": "complete", "levels": levels}
+        group.attrs["svision_big"] = {**provenance, **(provenance_extra or {}), **notes, "state": "complete",
+                                      "levels": levels}
+        _clean_state(output, output_storage_options, keep=("models-",))  # `run` moves its models, then removes them
         stats.update(output=output, fingerprint=fp, halo=list(plan.halo), block=list(block), levels=levels)
         return stats
     finally:
@@ -507,6 +612,100 @@ def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, clien
             o.close()
         if held is not None:
             held.release()
+
+
+def _run_notes(passes: list[dict]) -> dict:
+    """What provenance records about the input as read (non-finite values, missing chunks)."""
+    notes: dict = {}
+    for key in ("nonfinite", "missing_chunks"):
+        n = max((q.get(key, 0) for q in passes), default=0)  # every pass that reads the input sees all of it
+        if n:
+            notes[f"input_{key}"] = n
+    examples = next((q["missing_examples"] for q in passes if q.get("missing_examples")), None)
+    if examples:
+        notes["input_missing_examples"] = examples
+    return notes
+
+
+def _after_setup_step(step: str) -> None:
+    """Called after each step of setting up a new output. Nothing happens here: tests replace it to
+    kill a run at each step and check the re-run completes (issue 14: a run killed after the
+    provenance, before the arrays, never resumed)."""
+
+
+SETUP_MARKER = "setup"  # svision_state/setup: written first, so a half set-up output is known as ours
+
+
+def _set_up(output: str, options: dict | None, fmt, fp: str, provenance: dict, scratch, full_chunks, level0):
+    """Create a new output: marker, group, scratch arrays, level 0, then the provenance (last).
+    Killed before the provenance, the output holds only svision-big files and the marker, and the
+    next run starts its setup again (``_output_verdict``: "restart"); killed after it, every array
+    exists and the run resumes."""
+    import fsspec.core
+
+    fs, marker = fsspec.core.url_to_fs(_join(output, STATE_DIR, SETUP_MARKER), **(options or {}))
+    fs.makedirs(marker.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(marker, fp.encode())
+    _after_setup_step("marker")
+    group = open_output_group(output, fmt, options, mode="a")
+    _after_setup_step("group")
+    for path, shape, inner, shard in scratch:
+        _create_intermediate(output, options, path, shape, full_chunks(inner), None if shard is None else full_chunks(shard))
+        _after_setup_step(f"scratch {path.rsplit('/', 1)[-1]}")
+    level0(group)
+    _after_setup_step("level 0")
+    group.attrs["svision_big"] = {**provenance, "state": "writing level 0"}
+    _after_setup_step("provenance")
+    return group
+
+
+def _ensure_arrays(output: str, options: dict | None, group, scratch, full_chunks, level0) -> None:
+    """On resume, create any array the output lacks (an output set up by an older version, killed
+    between its provenance and its arrays, failed every re-run with ArrayNotFoundError). An
+    existing array is never re-created: its chunks are the work already done."""
+    import zarr
+
+    for path, shape, inner, shard in scratch:
+        try:
+            zarr.open_array(_make_store(_join(output, path), options, read_only=True), mode="r")
+        except Exception:
+            _create_intermediate(output, options, path, shape, full_chunks(inner),
+                                 None if shard is None else full_chunks(shard))
+    try:
+        zarr.open_array(_make_store(output, options, read_only=True), path="0", mode="r")
+    except Exception:
+        level0(group)
+
+
+def _state_entries(output: str, options: dict | None) -> list[str]:
+    """Names in the output's state folder, the lock left out."""
+    import fsspec.core
+
+    fs, root = fsspec.core.url_to_fs(_join(output, STATE_DIR), **(options or {}))
+    try:
+        fs.invalidate_cache(root)
+        return [n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(root, detail=False)
+                if n.rstrip("/").rsplit("/", 1)[-1] != LOCK_NAME]
+    except FileNotFoundError:
+        return []
+
+
+def _leftover_state(output: str, options: dict | None) -> bool:
+    """True when a complete output still holds run state (a run killed while cleaning up)."""
+    return bool(_state_entries(output, options))
+
+
+def _clean_state(output: str, options: dict | None, keep: tuple[str, ...] = ()) -> None:
+    """Remove the done-records, scratch arrays and setup marker of a complete output (issue 11: they
+    were 65 of 106 objects of a 32-block S3 run), keeping the lock (released by its owner) and the
+    entries named in ``keep``; the folder goes once it is empty."""
+    import fsspec.core
+
+    fs, root = fsspec.core.url_to_fs(_join(output, STATE_DIR), **(options or {}))
+    for name in _state_entries(output, options):
+        if name not in keep and not any(name.startswith(k) for k in keep):
+            fs.rm(f"{root.rstrip('/')}/{name}", recursive=True)
+    fs.invalidate_cache(root)
 
 
 def _whole_chunks(block: tuple[int, ...], chunk: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -586,10 +785,12 @@ _OUR_FILES = re.compile(r"""(?x)^(?:
   | \d+/(?:zarr\.json | \.zarray | \.zattrs | c | (?:c[/.])?\d+(?:[/.]\d+)*)      # levels and their chunks
   | svision_state/(?:
         lock(?:\.[0-9a-f]+)?                                  # the lock (and a killed run's private copy)
-      | done-[0-9a-f]+/p\d+/\d+                               # done-records
+      | setup                                                 # the setup marker
+      | done-[0-9a-f]+/p\d+/\d+(?:\.json)?                    # done-records (and their notes)
       | work-[0-9a-f]+/p\d+/(?:zarr\.json | c(?:/\d+)*)        # staged pass outputs
       | models-[0-9a-f]+/c\d+\.svb                            # models `run` trained for this output
     )
+  | svision_model(?:_c\d+)?\.svb                             # ... and where they stay once it is complete
 )$""")
 
 
@@ -624,6 +825,9 @@ def _output_verdict(output: str, options: dict | None, fp: str, overwrite: bool)
         return "resume"
     if prev is None and _only_state(output, options):
         return "new"  # holds nothing but svision-big state: a lock, models that `run` saved for this output
+    if prev is None and SETUP_MARKER in _state_entries(output, options) and \
+            foreign_file(output, options, allowed=_our_file) is None:
+        return "restart"  # a run killed while setting it up: no block was computed yet, start the setup again
     if not overwrite:
         why = (f"was made with other settings (fingerprint {prev.get('fingerprint')}, now {fp})"
                if isinstance(prev, dict) else "is not an svision-big output")
@@ -653,8 +857,9 @@ def _checked(verdict, lock: OutputLock) -> str:
 
 
 def _clear_output(output: str, options: dict | None) -> None:
-    """Delete an svision-big output's contents, keeping its lock (held by this run).
-    ``_output_verdict`` has checked that nothing else is in it."""
+    """Delete an svision-big output's contents, keeping its lock (held by this run) and the models
+    `run` trained for it (keyed by their settings). ``_output_verdict`` has checked that nothing
+    else is in it."""
     import fsspec.core
 
     fs, root = fsspec.core.url_to_fs(output, **(options or {}))
@@ -665,7 +870,8 @@ def _clear_output(output: str, options: dict | None) -> None:
             fs.rm(entry, recursive=True)
             continue
         for inner in fs.ls(entry, detail=False):
-            if inner.rstrip("/").rsplit("/", 1)[-1] != LOCK_NAME:
+            base = inner.rstrip("/").rsplit("/", 1)[-1]
+            if base != LOCK_NAME and not base.startswith("models-"):
                 fs.rm(inner, recursive=True)
     fs.invalidate_cache(root)
 
@@ -738,6 +944,9 @@ def run(input: str | os.PathLike, output: str | os.PathLike, factor, *, steps: i
     # every check that needs no model runs before training (minutes) and before any write
     _check_workers(kwargs.get("workers"))
     _check_training_args(steps, budget)
+    _check_nonfinite(kwargs.get("nonfinite", "error"))
+    output_storage_options = _output_options(os.fspath(input), os.fspath(output), storage_options,
+                                             output_storage_options)
     if kwargs.get("client") is None and kwargs.get("scheduler") in (None, "sync"):
         _check_device(kwargs.get("device"))
     precision_dtype(kwargs.get("precision", "float32"), kwargs.get("device") or _default_device())
@@ -758,6 +967,7 @@ def run(input: str | os.PathLike, output: str | os.PathLike, factor, *, steps: i
     _output_dtype(kwargs.get("dtype"), image.dtype)
     if kwargs.get("ngff") is not None:
         format_for(kwargs["ngff"])
+    _check_reachable(output, output_storage_options, "output")  # before training (minutes), not after
     channels = [channel] if channel is not None else (list(range(image.shape[cax])) if cax is not None else [0])
     key = _fingerprint({"input": input, "factor": str(factor), "steps": steps, "seed": seed, "budget": budget,
                         "shape": list(image.shape), "version": __version__, "acquisition": acquisition,
@@ -765,9 +975,18 @@ def run(input: str | os.PathLike, output: str | os.PathLike, factor, *, steps: i
     import fsspec.core
 
     fs, root = fsspec.core.url_to_fs(_join(output, STATE_DIR, f"models-{key}"), **(output_storage_options or {}))
-    fresh = store_exists(output, output_storage_options) and not fs.exists(root)  # not an earlier run of this one
+    kept = {c: MODEL_FILE if len(channels) == 1 else f"svision_model_c{c}.svb" for c in channels}
     lock = OutputLock(_join(output, STATE_DIR, LOCK_NAME), output_storage_options, kwargs.get("break_lock", False),
                       what=output)
+    prev = _provenance_of(output, output_storage_options)
+    if prev.get("run_key") == key and prev.get("state") == "complete":  # this run finished earlier
+        if _leftover_state(output, output_storage_options):
+            with lock:
+                _keep_models(fs, root, output, output_storage_options, kept)
+                _clean_state(output, output_storage_options, keep=("models-",) if KEEP_STATE_MODELS else ())
+        return {"output": output, "state": "already complete", "fingerprint": prev.get("fingerprint"),
+                "computed": 0, "models": [_join(output, n) for n in kept.values()]}
+    fresh = store_exists(output, output_storage_options) and not fs.exists(root)  # not an earlier run of this one
     if fresh:
         _checked(lambda: _output_verdict(output, output_storage_options, "-", overwrite), lock)  # refuses unless --overwrite
     held = lock.acquire()  # training writes models into the output: the lock covers it, and enhance re-enters it
@@ -785,12 +1004,46 @@ def run(input: str | os.PathLike, output: str | os.PathLike, factor, *, steps: i
                     print(f"channel {c}: reusing the model trained earlier ({path})", flush=True)
                 continue
             m = train(input, factor, steps=steps, channel=c, seed=seed, budget=budget,
-                      storage_options=storage_options, quiet=quiet, acquisition=acquisition, psf_fwhm=psf_fwhm)
+                      storage_options=storage_options, quiet=quiet, acquisition=acquisition, psf_fwhm=psf_fwhm,
+                      nonfinite=kwargs.get("nonfinite", "error"))
             fs.makedirs(root, exist_ok=True)
             fs.pipe_file(path, m.to_bytes())
             models.append(m)
-        return enhance(input, output, models if len(models) > 1 else models[0], channel=channel,
-                       storage_options=storage_options, output_storage_options=output_storage_options,
-                       progress=not quiet, overwrite=overwrite, **kwargs)
+        stats = enhance(input, output, models if len(models) > 1 else models[0], channel=channel,
+                        storage_options=storage_options, output_storage_options=output_storage_options,
+                        progress=not quiet, overwrite=overwrite,
+                        provenance_extra={"run_key": key, "model_files": sorted(kept.values())}, **kwargs)
+        _keep_models(fs, root, output, output_storage_options, kept)
+        _clean_state(output, output_storage_options, keep=("models-",) if KEEP_STATE_MODELS else ())
+        stats["models"] = [_join(output, n) for n in kept.values()]
+        return stats
     finally:
         held.release()
+
+
+MODEL_FILE = "svision_model.svb"  # where `run` keeps the model it trained (per channel: svision_model_c<c>.svb)
+# The models also stay in svision_state/models-<key>/ (copied, not moved): tests/test_pipeline.py
+# (test_run_trains_one_model_per_channel, not this module's owner's) reads them there. False moves them.
+KEEP_STATE_MODELS = True
+
+
+def _keep_models(fs, root: str, output: str, options: dict | None, kept: dict[int, str]) -> None:
+    """Move the models `run` trained from the state folder to their documented place in the output."""
+    import fsspec.core
+
+    out_root = fsspec.core.url_to_fs(output, **(options or {}))[1].rstrip("/")
+    for c, name in kept.items():
+        src = f"{root}/c{c}.svb"
+        if fs.exists(src):
+            (fs.copy if KEEP_STATE_MODELS else fs.mv)(src, f"{out_root}/{name}")
+
+
+def _provenance_of(output: str, options: dict | None) -> dict:
+    """The svision_big attributes of an output ({} when there are none or it cannot be read)."""
+    try:
+        import zarr
+
+        prev = zarr.open_group(_make_store(output, options, read_only=True), mode="r").attrs.get("svision_big")
+    except Exception:
+        return {}
+    return prev if isinstance(prev, dict) else {}

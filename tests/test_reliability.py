@@ -252,3 +252,187 @@ def test_two_runs_started_together_into_one_output_one_writes(small, tmp_path):
             assert len(lines) == 1 and "being written by another run (pid " in lines[0], err
     pipeline.enhance(src, ref, model, block=(8, 16, 16), **SYNC)
     _assert_same_image(out, ref)
+
+
+# --------------------------------------------------------------------------- setup killed at every step (issue 14.2)
+
+
+_KILL_AT = textwrap.dedent("""
+    import os, signal, sys
+    from svision_big import pipeline
+    step = sys.argv[1]
+    def hook(s):
+        if s == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+    pipeline._after_setup_step = hook
+    from svision_big.cli import main
+    sys.exit(main(sys.argv[2:]))
+""")
+
+SETUP_STEPS = ["marker", "group", "scratch p0", "level 0", "provenance"]
+
+
+def test_setup_killed_at_every_step_resumes_to_the_clean_result(small, tmp_path, capsys):
+    src, model, model_path = small
+    ref = str(tmp_path / "ref.ome.zarr")
+    pipeline.enhance(src, ref, model, **SYNC)
+    seen = []
+    for k, step in enumerate(SETUP_STEPS):
+        out = str(tmp_path / f"out{k}.ome.zarr")
+        p = subprocess.run([sys.executable, "-c", _KILL_AT, step, "enhance", src, out, "--model", model_path,
+                            "--scheduler", "sync", "--quiet"], env=_env(), capture_output=True, text=True, timeout=120)
+        assert p.returncode == -signal.SIGKILL, p.stderr
+        seen.append(tuple(sorted((k, v) for k, v in _tree(out).items() if k != "svision_state/lock")))
+        stats = pipeline.enhance(src, out, model, **SYNC)  # the plain re-run: no flag, no manual repair
+        assert stats["computed"] == stats["blocks"]
+        assert "stale lock" in capsys.readouterr().err  # the killed run's lock was taken over
+        _assert_same_image(out, ref)
+    assert len(set(seen)) == len(SETUP_STEPS)  # each kill left a different state behind
+
+
+def test_output_with_provenance_but_no_arrays_resumes(small, tmp_path, monkeypatch):
+    """The layout an older version left when killed between its provenance and its arrays
+    (every re-run failed with ArrayNotFoundError): the arrays are created on resume."""
+    src, model, _ = small
+    ref, out = str(tmp_path / "ref.ome.zarr"), str(tmp_path / "out.ome.zarr")
+    pipeline.enhance(src, ref, model, **SYNC)
+    prov = dict(open_image(ref).group.attrs["svision_big"], state="writing level 0")
+    for key in ("levels",):
+        prov.pop(key, None)
+
+    class Killed(Exception):
+        pass
+
+    def stop(step):
+        if step == "group":
+            raise Killed
+
+    monkeypatch.setattr(pipeline, "_after_setup_step", stop)
+    with pytest.raises(Killed):
+        pipeline.enhance(src, out, model, **SYNC)
+    monkeypatch.undo()
+    zarr.open_group(out, mode="r+").attrs["svision_big"] = prov
+    assert not os.path.exists(os.path.join(out, "0"))
+    pipeline.enhance(src, out, model, **SYNC)
+    _assert_same_image(out, ref)
+
+
+def test_a_user_group_without_our_marker_is_still_refused(small, tmp_path):
+    src, model, _ = small
+    out = tmp_path / "users.zarr"
+    zarr.open_group(str(out), mode="w").create_array("0", shape=(4,), dtype="f4")
+    before = _tree(out)
+    with pytest.raises(NgffError, match="not an svision-big output"):
+        pipeline.enhance(src, str(out), model, **SYNC)
+    assert _tree(out) == before
+
+
+# --------------------------------------------------------------------------- bad data (issue 14.6)
+
+
+def _with_nans(tmp_path, n: int = 16, name="nan.ome.zarr", **kw) -> tuple[str, np.ndarray]:
+    vol = smooth_volume((16, 32, 32), seed=4)
+    flat = vol.reshape(-1)
+    idx = np.random.default_rng(0).choice(flat.size, n, replace=False)
+    flat[idx[: n // 2]] = np.nan
+    flat[idx[n // 2:]] = np.inf
+    return _write_input(tmp_path / name, vol, **kw), vol
+
+
+def test_train_names_the_count_of_nonfinite_voxels_or_fills_them(tmp_path):
+    src, _ = _with_nans(tmp_path)
+    t0 = time.perf_counter()
+    with pytest.raises(NgffError, match=r"holds 16 NaN/Inf voxels of 16,384.*--nonfinite fill"):
+        pipeline.train(src, 2, steps=2, quiet=True)
+    assert time.perf_counter() - t0 < 5  # before training, not after it
+    m = pipeline.train(src, (2, 1, 1), steps=2, quiet=True, nonfinite="fill", acquisition="cubic")
+    assert all(torch.isfinite(v).all() for s in m.stages for v in s.state.values())
+
+
+def test_enhance_refuses_nonfinite_input_or_fills_and_counts_them(small, tmp_path, monkeypatch):
+    _, model, _ = small
+    src, vol = _with_nans(tmp_path)
+    out = str(tmp_path / "out.ome.zarr")
+    with pytest.raises(NgffError, match="16 NaN/Inf voxels on level"):
+        pipeline.enhance(src, out, model, **SYNC)
+    assert not os.path.exists(out)  # found before anything was written
+    # the blocks check every voxel they read, also where the coarse check does not look
+    monkeypatch.setattr(pipeline, "_check_coarse_finite", lambda *a: None)
+    with pytest.raises(ValueError, match=r"NaN/Inf voxels in the region block \d+ reads.*--nonfinite fill"):
+        pipeline.enhance(src, out, model, block=(16, 32, 32), **SYNC)
+    monkeypatch.undo()
+    filled = str(tmp_path / "filled.ome.zarr")
+    stats = pipeline.enhance(src, filled, model, block=(16, 32, 32), nonfinite="fill", **SYNC)
+    assert stats["input_nonfinite"] == 16  # each voxel once, though the blocks' halos overlap
+    assert open_image(filled).group.attrs["svision_big"]["input_nonfinite"] == 16
+    clean = _write_input(tmp_path / "zeroed.ome.zarr", np.where(np.isfinite(vol), vol, 0).astype(np.float32))
+    ref = str(tmp_path / "ref.ome.zarr")
+    pipeline.enhance(clean, ref, model, block=(16, 32, 32), **SYNC)
+    _assert_same_image(filled, ref)
+    assert all(np.isfinite(lvl).all() for lvl in _levels(filled))
+
+
+def _chunked_input(tmp_path, name="chunked.ome.zarr") -> str:
+    """16x32x32 in 8x16x16 chunks: eight chunks on level 0."""
+    return str(write_ome_zarr(smooth_volume((16, 32, 32), seed=5, dtype=np.uint16, scale=900),
+                              str(tmp_path / name), voxel_size=(2.0, 0.5, 0.5), chunks=(8, 16, 16)))
+
+
+def test_missing_input_chunks_are_counted_warned_and_refused_under_strict(small, tmp_path, capsys):
+    _, model, _ = small
+    src = _chunked_input(tmp_path)
+    chunk = os.path.join(src, "0", "c", "1", "0", "1")
+    assert os.path.exists(chunk)
+    os.remove(chunk)
+    out = str(tmp_path / "strict.ome.zarr")
+    with pytest.raises(ValueError, match=r"chunks?.*c/1/0/1 is missing.*needed by block"):
+        pipeline.enhance(src, out, model, strict=True, block=(16, 32, 32), **SYNC)
+    out = str(tmp_path / "out.ome.zarr")
+    stats = pipeline.enhance(src, out, model, block=(16, 32, 32), **SYNC)
+    err = capsys.readouterr().err
+    assert "warning: 1 chunks of" in err and "c/1/0/1" in err and "--strict" in err
+    assert stats["input_missing_chunks"] == 1
+    prov = open_image(out).group.attrs["svision_big"]
+    assert prov["input_missing_chunks"] == 1 and prov["input_missing_examples"] == ["c/1/0/1"]
+
+
+# --------------------------------------------------------------------------- summary and state (issue 14.10, 11.4)
+
+
+def test_summary_counts_every_pass_after_a_resume(small, tmp_path, capsys):
+    src, model, model_path = small
+    out = str(tmp_path / "out.ome.zarr")
+    calls = []
+
+    def stop_after_three(i):
+        calls.append(i)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.enhance(src, out, model, block=(8, 16, 16), on_block=stop_after_three, **SYNC)
+    rc = cli_main(["enhance", src, out, "--model", model_path, "--scheduler", "sync", "--block", "8,16,16"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    # pass 1 (network, 64 blocks) finished in the first run, 3 blocks of pass 2 (64) too
+    assert "61 blocks computed, 67 already done over 2 pass(es) (pass 1: 0 computed, 64 done; " \
+           "pass 2: 61 computed, 3 done)" in text
+
+
+def test_a_complete_output_holds_no_run_state_and_records_the_input_absolutely(tmp_path, monkeypatch):
+    vol = smooth_volume((12, 24, 24), seed=9, dtype=np.uint16, scale=800)
+    _write_input(tmp_path / "in.ome.zarr", vol)
+    monkeypatch.chdir(tmp_path)
+    stats = pipeline.run("in.ome.zarr", "out.ome.zarr", 2, steps=2, quiet=True, acquisition="cubic", **{"scheduler": "sync"})
+    out = tmp_path / "out.ome.zarr"
+    prov = open_image(str(out)).group.attrs["svision_big"]
+    assert prov["input"] == str(tmp_path / "in.ome.zarr")
+    state = sorted(_tree(out / "svision_state")) if (out / "svision_state").exists() else []
+    assert not [n for n in state if n.startswith(("done-", "work-", "setup", "lock"))], state
+    kept = pipeline.load_model(out / "svision_model.svb")
+    assert [kept.hash] == prov["model_hash"] and stats["models"] == ["out.ome.zarr/svision_model.svb"]
+    # a second `run` finds it complete: no training, nothing written
+    monkeypatch.setattr(pipeline, "train", lambda *a, **k: pytest.fail("trained again"))
+    before = _tree(out)
+    again = pipeline.run("in.ome.zarr", "out.ome.zarr", 2, steps=2, quiet=True, acquisition="cubic", scheduler="sync")
+    assert again["state"] == "already complete" and _tree(out) == before

@@ -4,6 +4,13 @@ The file is a torch archive read with ``weights_only=True`` (tensors, dicts, lis
 strings only), so loading a model never executes code. Its *hash* is computed over the content
 (config JSON + tensor bytes), not the file bytes, so it identifies the operator itself: the
 chunked pipeline keys its resume records and the worker-side model cache on it.
+
+Integrity, checked on every load (issue 14: a model with 64 bytes flipped in its weights changed
+62% of an output, one with edited header factors wrote an output that was 7/8 zeros, both exit 0):
+the archive's zip CRCs; the file's *digest* (sha256 of the header text and every tensor, written
+by ``to_bytes``); the header against the weights' shapes (nets built on torch's "meta" device
+first, so a header asking for 2000 features allocates nothing before it is refused); and the
+factors of the stages against the model's. A failure is one line naming the file.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from .operator import Normalisation, OperatorSpec, StageOp, enhance_array, preci
 
 FORMAT = "svision-big-model"
 FORMAT_VERSION = 1
+MAX_HEADER_BYTES = 1 << 20  # a real header is 2-40 KB
+MAX_FEATURES = 512  # per layer; the shipped nets use 16 (network.NetConfig)
 
 
 class ModelFileError(ValueError):
@@ -155,8 +164,9 @@ class Model:
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
-        torch.save({"header": json.dumps(self._header()),
-                    "weights": [{k: v.detach().cpu().clone() for k, v in s.state.items()} for s in self.stages]}, buf)
+        header = json.dumps(self._header())
+        weights = [{k: v.detach().cpu().clone() for k, v in s.state.items()} for s in self.stages]
+        torch.save({"header": header, "weights": weights, "digest": _digest(header, weights)}, buf)
         return buf.getvalue()
 
     def save(self, path: str | os.PathLike) -> str:
@@ -170,36 +180,123 @@ class Model:
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str = "model") -> "Model":
+        _check_archive(data, where)
         try:
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many kinds for garbage input
             raise ModelFileError(f"{where} is not a readable svision-big model file ({type(exc).__name__})") from None
         try:
+            if not isinstance(obj, dict) or not isinstance(obj.get("header"), str):
+                raise ModelFileError(f"{where} is not an svision-big model file (no header)")
+            if len(obj["header"]) > MAX_HEADER_BYTES:
+                raise ModelFileError(f"{where} has a {len(obj['header']):,}-byte header (at most {MAX_HEADER_BYTES:,}): "
+                                     f"not an svision-big model file")
             head = json.loads(obj["header"])
-            if head.get("format") != FORMAT:
-                raise ModelFileError(f"{where} is not an svision-big model file (format {head.get('format')!r})")
+            if not isinstance(head, dict) or head.get("format") != FORMAT:
+                raise ModelFileError(f"{where} is not an svision-big model file (format "
+                                     f"{head.get('format') if isinstance(head, dict) else None!r})")
             if int(head["format_version"]) > FORMAT_VERSION:
                 raise ModelFileError(f"{where} uses model format {head['format_version']}, newer than this svision-big reads ({FORMAT_VERSION}): upgrade svision-big")
-            stages = [StageRecord(NetConfig.from_dict(s["config"]), dict(w), _deg_from_dict(s["degradation"]),
-                                  int(s["bp_iters"]), _ensemble(s["ensemble"]), s.get("report", {}))
-                      for s, w in zip(head["stages"], obj["weights"], strict=True)]
+            weights = obj["weights"]
+            if "digest" in obj and obj["digest"] != _digest(obj["header"], weights):
+                raise ModelFileError(f"{where} is corrupt or was modified: its content does not match the digest it "
+                                     f"carries (re-train, or restore the file)")
+            stages = []
+            for i, (s, w) in enumerate(zip(head["stages"], weights, strict=True)):
+                config = NetConfig.from_dict(s["config"])
+                _check_stage(config, w, where, i)  # before anything the size of the header is allocated
+                stages.append(StageRecord(config, dict(w), _deg_from_dict(s["degradation"]), int(s["bp_iters"]),
+                                          _ensemble(s["ensemble"]), s.get("report", {})))
             n = head["norm"]
             model = cls(stages=stages, norm=Normalisation(float(n["lo"]), float(n["hi"]), n["floor"],
                                                                None if n.get("ceiling") is None else float(n["ceiling"])),
                         factors=tuple(int(f) for f in head["factors"]), final=_deg_from_dict(head["final"]),
                         final_bp_iters=int(head["final_bp_iters"]), info=head.get("info", {}),
                         version=head.get("package_version", "?"))
+            _check_factors(model, where)
             model.spec()  # builds the nets: shape mismatches surface here, not in a worker
         except ModelFileError:
             raise
         except Exception as exc:
-            raise ModelFileError(f"{where} is a damaged svision-big model file ({type(exc).__name__}: {exc})") from None
+            text = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise ModelFileError(f"{where} is a damaged svision-big model file ({type(exc).__name__}: {text})") from None
         return model
 
 
+def _digest(header: str, weights) -> str:
+    """sha256 of the header text and every tensor (name, dtype, shape, bytes), in stage order."""
+    h = hashlib.sha256(header.encode())
+    for w in weights:
+        for name in sorted(w):
+            t = w[name].detach().cpu().contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+            h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_archive(data: bytes, where: str) -> None:
+    """The zip CRC of every record (torch.load never checks them): flipped bytes fail here."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            bad = z.testzip()
+    except zipfile.BadZipFile:
+        raise ModelFileError(f"{where} is not a readable svision-big model file (not a zip archive)") from None
+    except Exception as exc:  # truncated or mangled archives raise zlib, struct or OS errors
+        raise ModelFileError(f"{where} is a damaged svision-big model file ({type(exc).__name__})") from None
+    if bad is not None:
+        raise ModelFileError(f"{where} is corrupt: record {bad} fails its checksum (re-train, or restore the file)")
+
+
+def _check_stage(config: NetConfig, weights: dict, where: str, i: int) -> None:
+    """The header's architecture against the stored weights, on the meta device (no memory)."""
+    sizes = {"features": config.features, "shrink": config.shrink, "mapping": config.mapping, "groups": config.groups,
+             "extract_kernel": config.extract_kernel, "kernel": config.kernel}
+    for name, v in sizes.items():
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_FEATURES:
+            raise ModelFileError(f"{where}: stage {i} asks for {name}={v!r}, outside 0..{MAX_FEATURES}: a damaged or "
+                                 f"edited model file")
+    if not all(isinstance(f, int) and 1 <= f <= 8 for f in config.factors):
+        raise ModelFileError(f"{where}: stage {i} has factors {config.factors}: a damaged or edited model file")
+    if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
+        raise ModelFileError(f"{where}: stage {i}'s weights are not a table of tensors")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in SVNet(config).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in weights.items()}
+    if expected != got:
+        diff = sorted(set(expected) ^ set(got)) or [k for k in expected if expected[k] != got[k]]
+        k = diff[0]
+        raise ModelFileError(f"{where}: stage {i}'s header does not match its weights ({k}: header "
+                             f"{expected.get(k)}, weights {got.get(k)}): a damaged or edited model file")
+
+
+def _check_factors(model: "Model", where: str) -> None:
+    """The model's factors against its stages' (an edited header's factors wrote 7/8 zeros)."""
+    prod = [1] * model.ndim
+    for i, s in enumerate(model.stages):
+        if s.config.factors != s.degradation.factors or len(s.config.factors) != model.ndim:
+            raise ModelFileError(f"{where}: stage {i} has net factors {s.config.factors} but degradation factors "
+                                 f"{s.degradation.factors}: a damaged or edited model file")
+        prod = [p * f for p, f in zip(prod, s.config.factors)]
+    if tuple(prod) != model.factors:
+        raise ModelFileError(f"{where}: the header says factors {model.factors} but its stages make "
+                             f"{tuple(prod)}: a damaged or edited model file")
+    if model.final is not None and model.final.factors != model.factors:
+        raise ModelFileError(f"{where}: the final back-projection's factors {model.final.factors} are not the "
+                             f"model's {model.factors}: a damaged or edited model file")
+
+
 def load_model(path: str | os.PathLike) -> Model:
+    """Read and check a model file (see the module's docstring); every failure is one line."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ModelFileError(f"model file {path} does not exist")
-    with open(path, "rb") as fh:
-        return Model.from_bytes(fh.read(), where=path)
+    if os.path.isdir(path):
+        raise ModelFileError(f"model file {path} is a directory, not an svision-big model file")
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise ModelFileError(f"model file {path} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    return Model.from_bytes(data, where=path)

@@ -436,3 +436,102 @@ def test_a_complete_output_holds_no_run_state_and_records_the_input_absolutely(t
     before = _tree(out)
     again = pipeline.run("in.ome.zarr", "out.ome.zarr", 2, steps=2, quiet=True, acquisition="cubic", scheduler="sync")
     assert again["state"] == "already complete" and _tree(out) == before
+
+
+# --------------------------------------------------------------------------- model-file integrity (issue 14.4)
+
+
+def _resave(path, edit) -> str:
+    """Re-save a model file through torch (valid zip CRCs) after ``edit(obj)``: what a tamperer does."""
+    obj = torch.load(path, weights_only=True)
+    edit(obj)
+    torch.save(obj, path)
+    return str(path)
+
+
+def _biggest_record(path) -> tuple[int, int]:
+    """(offset, size) of the largest record's data in a model archive (a weight tensor)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.compress_size)
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset + 26)
+        n, m = np.frombuffer(fh.read(4), dtype="<u2")
+    return info.header_offset + 30 + int(n) + int(m), info.compress_size
+
+
+def test_model_with_flipped_weight_bytes_is_refused_naming_the_file(tmp_path):
+    from svision_big.model import ModelFileError, load_model
+
+    path = make_model((2, 2, 2), bp=1).save(tmp_path / "m.svb")
+    off, size = _biggest_record(path)
+    assert size >= 128
+    data = bytearray(open(path, "rb").read())
+    data[off + size // 2: off + size // 2 + 64] = bytes(b ^ 0xFF for b in data[off + size // 2: off + size // 2 + 64])
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(ModelFileError, match=rf"^{path} is corrupt: record .* fails its checksum"):
+        load_model(path)
+
+
+def test_model_with_edited_weights_or_header_is_refused(tmp_path):
+    from svision_big.model import ModelFileError, load_model
+
+    good = make_model((2, 2, 2), bp=1)
+
+    def flip_weight(obj):
+        t = next(iter(obj["weights"][0].values()))
+        t.view(-1)[:16] += 1.0
+
+    p = _resave(good.save(tmp_path / "w.svb"), flip_weight)
+    with pytest.raises(ModelFileError, match=rf"^{p} is corrupt or was modified.*digest"):
+        load_model(p)
+
+    def edit_factors(obj):
+        head = json.loads(obj["header"])
+        head["factors"] = [4, 4, 4]
+        obj["header"] = json.dumps(head)
+
+    p = _resave(good.save(tmp_path / "f.svb"), edit_factors)
+    with pytest.raises(ModelFileError, match="digest"):
+        load_model(p)
+    # the same edit in a file without a digest (older files): the stages give it away
+    p = _resave(good.save(tmp_path / "f2.svb"), lambda o: (edit_factors(o), o.pop("digest")))
+    with pytest.raises(ModelFileError, match=r"header says factors \(4, 4, 4\) but its stages make \(2, 2, 2\)"):
+        load_model(p)
+    plain = _resave(good.save(tmp_path / "plain.svb"), lambda o: o.pop("digest"))
+    assert load_model(plain).hash == good.hash  # a file without a digest that is intact still loads
+
+
+def test_model_header_sizes_are_checked_before_anything_is_allocated(tmp_path):
+    from svision_big.model import ModelFileError, load_model
+
+    good = make_model((2, 2, 2), bp=1)
+
+    def features(n):
+        def edit(obj):
+            head = json.loads(obj["header"])
+            head["stages"][0]["config"]["features"] = n
+            obj["header"] = json.dumps(head)
+            obj.pop("digest")
+        return edit
+
+    p = _resave(good.save(tmp_path / "big.svb"), features(2000))
+    with pytest.raises(ModelFileError, match=r"stage 0 asks for features=2000, outside 0\.\.512"):
+        load_model(p)
+    p = _resave(good.save(tmp_path / "mid.svb"), features(400))  # plausible size, but not these weights
+    t0 = time.perf_counter()
+    with pytest.raises(ModelFileError, match=r"stage 0's header does not match its weights \(body.0.weight: "
+                                             r"header \(400, 1, 5, 5, 5\), weights \(16, 1, 5, 5, 5\)\)"):
+        load_model(p)
+    assert time.perf_counter() - t0 < 2.0
+
+    def huge_header(obj):
+        head = json.loads(obj["header"])
+        head["info"] = {"pad": "x" * (2 << 20)}
+        obj["header"] = json.dumps(head)
+        obj.pop("digest")
+
+    p = _resave(good.save(tmp_path / "pad.svb"), huge_header)
+    with pytest.raises(ModelFileError, match="byte header"):
+        load_model(p)

@@ -535,3 +535,103 @@ def test_model_header_sizes_are_checked_before_anything_is_allocated(tmp_path):
     p = _resave(good.save(tmp_path / "pad.svb"), huge_header)
     with pytest.raises(ModelFileError, match="byte header"):
         load_model(p)
+
+
+# --------------------------------------------------------------------------- CLI error sweep (issue 14.7)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sweep")
+    _write_input(d / "in.ome.zarr", smooth_volume((16, 32, 32), seed=3, dtype=np.uint16, scale=1000))
+    _write_input(d / "tiny.ome.zarr", smooth_volume((3, 5, 5), seed=3, dtype=np.uint16, scale=1000))
+    _with_nans(d, name="nan.ome.zarr")
+    good = make_model((2, 2, 2), bp=1)
+    good.save(d / "m.svb")
+    make_model((2, 2), bp=0).save(d / "m2d.svb")
+    (d / "garbage.svb").write_bytes(b"not a model")
+    path = good.save(d / "flipped.svb")
+    off, size = _biggest_record(path)
+    data = bytearray(open(path, "rb").read())
+    data[off + size // 2: off + size // 2 + 64] = bytes(64)
+    open(path, "wb").write(bytes(data))
+    (d / "modeldir.svb").mkdir()
+    (d / "theirs").mkdir()
+    (d / "theirs" / "zarr.json").write_text("{}")
+    (d / "theirs" / "thesis.docx").write_bytes(b"years")
+    (d / "image.tif").write_bytes(b"II*\x00garbage")
+    return d
+
+
+_SWEEP = [  # (what, argv with {d} for the fixture folder): each must be exit 2, one line, nothing changed
+    ("missing input", "enhance {d}/nope.ome.zarr {d}/o --model {d}/m.svb --scheduler sync"),
+    ("workers -1", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --workers -1"),
+    ("workers 0", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --workers 0"),
+    ("block 0", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --scheduler sync --block 0"),
+    ("block -8", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --scheduler sync --block -8"),
+    ("block not a multiple", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --scheduler sync --block 7,16,16"),
+    ("block two entries", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --scheduler sync --block 8,16"),
+    ("block words", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --scheduler sync --block a,b"),
+    ("block below halo", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --scheduler sync --block 2,2,2"),
+    ("dtype bogus", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --scheduler sync --dtype bogus"),
+    ("dtype complex", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --scheduler sync --dtype complex64"),
+    ("device cuda", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --scheduler sync --device cuda"),
+    ("device potato", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --scheduler sync --device potato"),
+    ("channel without axis", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --scheduler sync --channel 5"),
+    ("model is a folder", "enhance {d}/in.ome.zarr {d}/o --model {d}/modeldir.svb --scheduler sync"),
+    ("model missing", "enhance {d}/in.ome.zarr {d}/o --model {d}/nope.svb --scheduler sync"),
+    ("model garbage", "enhance {d}/in.ome.zarr {d}/o --model {d}/garbage.svb --scheduler sync"),
+    ("model flipped bytes", "enhance {d}/in.ome.zarr {d}/o --model {d}/flipped.svb --scheduler sync"),
+    ("model 2D on 3D", "enhance {d}/in.ome.zarr {d}/o --model {d}/m2d.svb --scheduler sync"),
+    ("two models, one channel", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --model {d}/m.svb --scheduler sync"),
+    ("output is the input", "enhance {d}/in.ome.zarr {d}/in.ome.zarr --model {d}/m.svb --scheduler sync"),
+    ("output inside the input", "enhance {d}/in.ome.zarr {d}/in.ome.zarr/x --model {d}/m.svb --scheduler sync"),
+    ("output holds user files", "enhance {d}/in.ome.zarr {d}/theirs --model {d}/m.svb --scheduler sync --overwrite"),
+    ("output not ours", "enhance {d}/in.ome.zarr {d}/theirs --model {d}/m.svb --scheduler sync"),
+    ("nan input", "enhance {d}/nan.ome.zarr {d}/o --model {d}/m.svb --scheduler sync"),
+    ("shards on 0.4", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --scheduler sync --shards --ngff 0.4"),
+    ("ngff 0.3", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --scheduler sync --ngff 0.3"),
+    ("precision float16 on cpu", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --scheduler sync --precision float16 --device cpu"),
+    ("storage options not json", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --scheduler sync --storage-options {{x"),
+    ("storage options a list", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --scheduler sync --storage-options [1]"),
+    ("no --model", "enhance {d}/in.ome.zarr {d}/o --scheduler sync"),
+    ("sync and workers", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --scheduler sync --workers 2"),
+    ("unknown flag", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --bogus"),
+    ("train into no folder", "train {d}/in.ome.zarr -o {d}/nodir/m.svb --factor 2 --steps 1"),
+    ("train onto a folder", "train {d}/in.ome.zarr -o {d}/modeldir.svb --factor 2 --steps 1"),
+    ("train over a model", "train {d}/in.ome.zarr -o {d}/m.svb --factor 2 --steps 1"),
+    ("train factor 3", "train {d}/in.ome.zarr -o {d}/new.svb --factor 3 --steps 1"),
+    ("train factor 0", "train {d}/in.ome.zarr -o {d}/new.svb --factor 0 --steps 1"),
+    ("train too small", "train {d}/tiny.ome.zarr -o {d}/new.svb --factor 2 --steps 1"),
+    ("train steps 0", "train {d}/in.ome.zarr -o {d}/new.svb --factor 2 --steps 0"),
+    ("train budget 0", "train {d}/in.ome.zarr -o {d}/new.svb --factor 2 --budget 0"),
+    ("train channel 5", "train {d}/in.ome.zarr -o {d}/new.svb --factor 2 --channel 5"),
+    ("train negative psf", "train {d}/in.ome.zarr -o {d}/new.svb --factor 2 --psf-fwhm -1"),
+    ("train nan input", "train {d}/nan.ome.zarr -o {d}/new.svb --factor 2 --steps 1"),
+    ("train nonfinite bogus", "train {d}/in.ome.zarr -o {d}/new.svb --factor 2 --nonfinite keep"),
+    ("run workers -1", "run {d}/in.ome.zarr {d}/o --factor 2 --steps 1 --workers -1"),
+    ("run dtype bogus", "run {d}/in.ome.zarr {d}/o --factor 2 --steps 1 --dtype bogus --scheduler sync"),
+    ("run too small", "run {d}/tiny.ome.zarr {d}/o --factor 2 --steps 1 --scheduler sync"),
+    ("run into user files", "run {d}/in.ome.zarr {d}/theirs --factor 2 --steps 1 --scheduler sync"),
+    ("info missing", "info {d}/nope.ome.zarr"),
+    ("convert missing", "convert {d}/nope.tif {d}/o"),
+    ("convert garbage tiff", "convert {d}/image.tif {d}/o"),
+    ("no command", ""),
+]
+
+
+@pytest.mark.parametrize("what,argv", _SWEEP, ids=[w for w, _ in _SWEEP])
+def test_every_bad_invocation_is_one_line_exit_2_and_changes_nothing(sweep, what, argv, capsys):
+    if what == "device cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    before = _tree(sweep)
+    try:
+        rc = cli_main(argv.format(d=sweep).split())
+    except SystemExit as exc:  # argparse
+        rc = exc.code
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == 2, (what, err)
+    assert len(lines) == 1 and "Traceback" not in err and "error:" in lines[0], (what, err)
+    assert _tree(sweep) == before, what  # the input, the models and the other folders: unchanged, nothing created
+

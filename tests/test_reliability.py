@@ -635,3 +635,44 @@ def test_every_bad_invocation_is_one_line_exit_2_and_changes_nothing(sweep, what
     assert len(lines) == 1 and "Traceback" not in err and "error:" in lines[0], (what, err)
     assert _tree(sweep) == before, what  # the input, the models and the other folders: unchanged, nothing created
 
+
+
+# --------------------------------------------------------------------------- corrupt input chunk (issue 14.8)
+
+
+def test_corrupt_input_chunk_is_named_retried_then_resumes_after_repair(small, tmp_path, monkeypatch, capsys):
+    from svision_big import execute
+
+    _, model, model_path = small
+    src = _chunked_input(tmp_path)
+    chunk = os.path.join(src, "0", "c", "1", "0", "1")
+    good = open(chunk, "rb").read()
+    open(chunk, "wb").write(b"\x28\xb5\x2f\xfd" + bytes(range(60)))  # a codec header, then garbage
+    out = str(tmp_path / "out.ome.zarr")
+    monkeypatch.setattr(execute, "RETRY_DELAY_S", 0.0)
+    calls = []
+    real_open = execute._open_array
+
+    def counting(url, path, *a, **k):
+        calls.append((url, path, k.get("writable", a[1] if len(a) > 1 else None)))
+        return real_open(url, path, *a, **k)
+
+    monkeypatch.setattr(execute, "_open_array", counting)
+    with pytest.raises(OSError, match=rf"{src}/0: chunk c/1/0/1 cannot be read \(.*\), needed by block \d+ of .*"
+                                      rf"stopped after 3 attempts"):
+        pipeline.enhance(src, out, model, block=(8, 16, 16), **SYNC)
+    assert calls[-3:] == [(src, "0", False)] * 3 and calls[-4][2] is True  # 3 reads of the failing block, no more
+    monkeypatch.undo()
+    done_dir = [d for d in os.listdir(os.path.join(out, "svision_state")) if d.startswith("done-")][0]
+    done = os.listdir(os.path.join(out, "svision_state", done_dir, "p0"))
+    assert 0 < len(done) < 64  # the blocks finished before the bad chunk keep their records
+    rc = cli_main(["enhance", src, out, "--model", model_path, "--scheduler", "sync", "--block", "8,16,16", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "chunk c/1/0/1 cannot be read" in err[0]
+    assert len(os.listdir(os.path.join(out, "svision_state", done_dir, "p0"))) == len(done)  # still there
+    open(chunk, "wb").write(good)  # repaired
+    stats = pipeline.enhance(src, out, model, block=(8, 16, 16), **SYNC)
+    assert stats["total"]["skipped"] == len(done) and stats["total"]["computed"] == 128 - len(done)
+    ref = str(tmp_path / "ref.ome.zarr")
+    pipeline.enhance(src, ref, model, block=(8, 16, 16), **SYNC)
+    _assert_same_image(out, ref)

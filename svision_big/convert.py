@@ -4,12 +4,20 @@ Data is streamed block by block (a memory map for uncompressed TIFFs,
 tifffile's zarr view of the pages otherwise), the pyramid is built from the
 stored level 0, and the OME metadata is written last so that an interrupted
 conversion never looks like a valid image.
+
+The TIFF's own metadata is kept: OME-XML (PhysicalSizeZ/Y/X and their units, channel names and
+colours, the image name) and ImageJ hyperstacks (``spacing``, ``unit``, the X/Y resolution tags,
+display ranges). Units become NGFF names ("nm" -> "nanometer"). Explicit arguments override it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
+import xml.etree.ElementTree as ET
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import dask.array as da
@@ -19,13 +27,17 @@ from .ngff import (
     NgffError,
     format_for,
     multiscales_metadata,
+    ngff_unit,
+    omero_metadata as _omero,
+    open_image,
     open_output_group,
     remove_store,
     store_exists,
 )
 from .pyramid import build_pyramid, level_chunks, pyramid_datasets, pyramid_factors
 
-__all__ = ["convert_tiff", "write_ome_zarr", "default_chunks", "axes_metadata", "omero_metadata"]
+__all__ = ["convert_tiff", "write_ome_zarr", "default_chunks", "axes_metadata", "omero_metadata", "tiff_metadata",
+           "TiffMetadata", "is_tiff", "as_ome_zarr"]
 
 CANONICAL_AXES = "tczyx"
 _AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
@@ -52,13 +64,15 @@ def _canonical(axes: str) -> str:
     return "".join(a for a in CANONICAL_AXES if a in axes)
 
 
-def axes_metadata(axes: str, unit: str | None = "micrometer") -> list[dict]:
-    """NGFF ``axes`` entries for canonical axis letters; spatial axes get ``unit``."""
+def axes_metadata(axes: str, unit: str | dict | None = "micrometer") -> list[dict]:
+    """NGFF ``axes`` entries for canonical axis letters; spatial axes get ``unit`` (one name, or
+    a dict axis letter -> unit), in its NGFF spelling."""
     out = []
     for a in axes:
         entry = {"name": a, "type": _AXIS_TYPES[a]}
-        if entry["type"] == "space" and unit:
-            entry["unit"] = unit
+        u = unit.get(a) if isinstance(unit, dict) else unit
+        if entry["type"] == "space" and u:
+            entry["unit"] = ngff_unit(u)
         out.append(entry)
     return out
 
@@ -89,46 +103,20 @@ def _resolve_chunks(chunks: int | Sequence[int] | None, shape: Sequence[int], ax
     return tuple(min(c, n) for c, n in zip(chunks, shape))
 
 
-def omero_metadata(data: np.ndarray, axes: str, dtype: np.dtype) -> dict:
-    """``omero`` rendering hints, one channel per ``c``; window from the 0.1/99.9 percentiles.
+def omero_metadata(data: np.ndarray, axes: str, dtype: np.dtype, version: str = "0.5",
+                   labels: Sequence[str] | None = None, colors: Sequence[str] | None = None,
+                   windows: Sequence[tuple[float, float]] | None = None, name: str | None = None) -> dict:
+    """``omero`` rendering hints, one channel per ``c``; window from the 0.1/99.9 percentiles
+    (``windows``, e.g. an ImageJ file's display ranges, replace them).
 
     ``data`` should be a small (coarse) level: the window is a global display
     range, not worth reading level 0 for.
     """
-    dtype = np.dtype(dtype)
-    data = np.asarray(data)
-    if "c" in axes:
-        c = axes.index("c")
-        per_channel = [np.take(data, i, axis=c) for i in range(data.shape[c])]
-    else:
-        per_channel = [data]
-    channels = []
-    for i, d in enumerate(per_channel):
-        d = d[np.isfinite(d)] if np.issubdtype(d.dtype, np.floating) else d.ravel()
-        if d.size:
-            lo, hi = (float(v) for v in np.percentile(d, [0.1, 99.9]))
-            dmin, dmax = float(d.min()), float(d.max())
-        else:
-            lo = hi = dmin = dmax = 0.0
-        if np.issubdtype(dtype, np.integer):
-            dmin, dmax = float(np.iinfo(dtype).min), float(np.iinfo(dtype).max)
-        if hi <= lo:
-            hi = lo + 1.0
-        channels.append(
-            {
-                "label": f"ch{i}",
-                "color": "FFFFFF" if len(per_channel) == 1 else _COLORS[i % len(_COLORS)],
-                "active": True,
-                "coefficient": 1.0,
-                "family": "linear",
-                "inverted": False,
-                "window": {"min": dmin, "max": dmax, "start": lo, "end": hi},
-            }
-        )
-    return {
-        "channels": channels,
-        "rdefs": {"model": "greyscale" if len(channels) == 1 else "color"},
-    }
+    previous = None
+    if windows:
+        previous = {"channels": [{"window": {"start": float(lo), "end": float(hi)}} for lo, hi in windows]}
+    return _omero(data, list(axes), dtype, version=version, labels=labels, colors=colors, previous=previous,
+                  name=name)
 
 
 def _prepare_output(out_url: str, storage_options: dict | None, overwrite: bool) -> None:
@@ -143,13 +131,15 @@ def _write_image(
     src_axes: str,
     out_url: str,
     voxel_size: Sequence[float] | None,
-    unit: str,
+    unit: str | dict,
     ngff: str,
     chunks: int | Sequence[int] | None,
     overwrite: bool,
     name: str | None,
     storage_options: dict | None,
     shards: Sequence[int] | None,
+    channels: dict | None = None,
+    extra_attrs: dict | None = None,
 ) -> str:
     """Common path: store level 0, build the pyramid, then write metadata."""
     out_url = os.fspath(out_url)
@@ -200,7 +190,9 @@ def _write_image(
         version=fmt.version,
         extra={"type": "mean", "metadata": {"method": "block mean", "software": "svision_big"}},
     )
-    ome["omero"] = omero_metadata(coarsest, axes, arr.dtype)
+    ome["omero"] = omero_metadata(coarsest, axes, arr.dtype, version=fmt.version, name=name, **(channels or {}))
+    if extra_attrs:
+        group.attrs.update(extra_attrs)
     fmt.write_ome_attrs(group, ome)  # last: the image is only valid once complete
     return out_url
 
@@ -249,11 +241,128 @@ def _tiff_axes(series: Any) -> str:
     return _INFERRED_AXES[ndim]
 
 
+@dataclass
+class TiffMetadata:
+    """What a TIFF says about itself. ``sizes`` / ``units``: per spatial axis letter (z, y, x);
+    ``channel_names``, ``colors`` (hex RGB) and ``windows`` ((start, end) display ranges): per channel."""
+
+    kind: str | None = None  # "ome", "imagej" or None
+    axes: str | None = None  # NGFF letters in the file's dimension order, when the metadata names them
+    sizes: dict = field(default_factory=dict)
+    units: dict = field(default_factory=dict)
+    channel_names: list = field(default_factory=list)
+    colors: list = field(default_factory=list)
+    windows: list = field(default_factory=list)
+    name: str | None = None
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def _ome_color(value: str | None) -> str | None:
+    """OME's Color (a signed 32-bit RGBA integer) as hex RGB."""
+    if value is None:
+        return None
+    try:
+        v = int(value) & 0xFFFFFFFF
+    except ValueError:
+        return None
+    return f"{(v >> 24) & 255:02X}{(v >> 16) & 255:02X}{(v >> 8) & 255:02X}"
+
+
+def _ome_metadata(xml: str, series_index: int = 0) -> TiffMetadata:
+    meta = TiffMetadata(kind="ome")
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return meta
+    images = [e for e in root if _local(e.tag) == "Image"]
+    if not images:
+        return meta
+    image = images[min(series_index, len(images) - 1)]
+    meta.name = image.get("Name") or None
+    pixels = next((e for e in image if _local(e.tag) == "Pixels"), None)
+    if pixels is None:
+        return meta
+    for a in "zyx":
+        size = pixels.get(f"PhysicalSize{a.upper()}")
+        if size is not None:
+            try:
+                v = float(size)
+            except ValueError:
+                continue
+            if v > 0:
+                meta.sizes[a] = v
+                meta.units[a] = ngff_unit(pixels.get(f"PhysicalSize{a.upper()}Unit") or "µm")  # OME's default
+    order = pixels.get("DimensionOrder")
+    if order and sorted(order.upper()) == sorted("XYZCT"):
+        sizes = {a: int(pixels.get(f"Size{a}", "1") or 1) for a in "XYZCT"}
+        # DimensionOrder is fastest first: reversed, it is the array order; size-1 axes are squeezed
+        meta.axes = "".join(a.lower() for a in reversed(order.upper()) if sizes[a] > 1 or a in "YX")
+    for ch in (e for e in pixels if _local(e.tag) == "Channel"):
+        meta.channel_names.append(ch.get("Name") or None)
+        meta.colors.append(_ome_color(ch.get("Color")))
+    return meta
+
+
+def _imagej_metadata(tf: Any, series: Any) -> TiffMetadata:
+    ij = dict(tf.imagej_metadata or {})
+    meta = TiffMetadata(kind="imagej")
+    unit = ij.get("unit")
+    if isinstance(unit, str) and "\\u" in unit:  # ImageJ writes "\u00B5m" for micrometre
+        unit = unit.encode().decode("unicode_escape")
+    unit = ngff_unit(unit)
+    if unit in ("pixel", "pixels"):
+        unit = None  # an uncalibrated image: its resolution tags mean nothing
+    page = series.pages[0] if series.pages else tf.pages[0]
+    for a, tag in (("y", "YResolution"), ("x", "XResolution")):
+        t = page.tags.get(tag)
+        if t is None or unit is None:
+            continue
+        try:
+            num, den = t.value
+            v = float(den) / float(num)  # the tag is pixels per unit
+        except (TypeError, ValueError, ZeroDivisionError):
+            continue
+        if v > 0:
+            meta.sizes[a] = v
+            meta.units[a] = unit
+    spacing = ij.get("spacing")
+    if spacing is not None and "Z" in series.axes.upper():
+        try:
+            if float(spacing) > 0:
+                meta.sizes["z"] = float(spacing)
+                meta.units["z"] = unit or "micrometer"
+        except (TypeError, ValueError):
+            pass
+    ranges = ij.get("Ranges")
+    if ranges is not None and len(ranges) >= 2:
+        r = [float(v) for v in ranges]
+        meta.windows = [(r[i], r[i + 1]) for i in range(0, len(r) - 1, 2)]
+    labels = ij.get("Labels")
+    nch = int(ij.get("channels") or 1)
+    # Labels name the slices of a stack; with one label per channel they name the channels
+    if isinstance(labels, (list, tuple)) and nch > 1 and len(labels) == nch:
+        meta.channel_names = [str(v) if v else None for v in labels]
+    return meta
+
+
+def tiff_metadata(tf: Any, series_index: int = 0) -> TiffMetadata:
+    """Physical sizes, units, channel names and display hints of an open ``tifffile.TiffFile``:
+    from the OME-XML when there is one, else from the ImageJ description and resolution tags."""
+    if getattr(tf, "is_ome", False) and tf.ome_metadata:
+        return _ome_metadata(tf.ome_metadata, series_index)
+    if getattr(tf, "is_imagej", False) and tf.imagej_metadata is not None:
+        return _imagej_metadata(tf, tf.series[series_index])
+    return TiffMetadata()
+
+
 def convert_tiff(
     tiff_path: str | os.PathLike,
     out_url: str | os.PathLike,
     voxel_size: Sequence[float] | None = None,
-    unit: str = "micrometer",
+    unit: str | None = None,
     ngff: str = "0.5",
     chunks: int | Sequence[int] | None = None,
     overwrite: bool = False,
@@ -261,13 +370,21 @@ def convert_tiff(
     storage_options: dict | None = None,
     shards: Sequence[int] | None = None,
     name: str | None = None,
+    channel_names: Sequence[str] | None = None,
+    extra_attrs: dict | None = None,
 ) -> str:
     """Convert the first series of a TIFF to an OME-Zarr pyramid; returns ``out_url``.
 
     Axes come from tifffile's series axes (T, C, Z, Y, X; S samples become
-    channels), else from the number of dimensions (yx, zyx, czyx, tczyx);
-    ``axes`` overrides both, in the TIFF's dimension order. The TIFF is
-    never loaded whole: uncompressed data is memory-mapped, compressed data is
+    channels), else from the OME DimensionOrder, else from the number of dimensions (yx, zyx,
+    czyx, tczyx); ``axes`` overrides them all, in the TIFF's dimension order.
+
+    Voxel sizes and units come from the file (OME-XML PhysicalSize*, ImageJ spacing and
+    resolution), each axis keeping its unit in NGFF spelling ("nm" -> "nanometer"); missing ones
+    are 1.0. ``voxel_size`` (z, y, x) and ``unit`` override the file; without either, micrometer.
+    Channel names (OME Channel Name) and colours, and ImageJ display ranges, go into ``omero``.
+
+    The TIFF is never loaded whole: uncompressed data is memory-mapped, compressed data is
     read in slabs of whole planes through tifffile's zarr interface.
     """
     import tifffile
@@ -285,8 +402,33 @@ def convert_tiff(
         if not tf.series:
             raise NgffError(f"{path} has no image series")
         series = tf.series[0]
-        src_axes = _parse_axes(axes, len(series.shape)) if axes else _tiff_axes(series)
+        meta = tiff_metadata(tf)
+        if axes:
+            src_axes = _parse_axes(axes, len(series.shape))
+        else:
+            try:
+                src_axes = _tiff_axes(series)
+            except NgffError:
+                if meta.axes is None or len(meta.axes) != len(series.shape):
+                    raise
+                src_axes = _parse_axes(meta.axes, len(series.shape))
         canon = _canonical(src_axes)
+        spatial = [a for a in canon if _AXIS_TYPES[a] == "space"]
+        if voxel_size is None and meta.sizes:
+            voxel_size = [meta.sizes.get(a, 1.0) for a in spatial]
+        if unit is not None:
+            units: str | dict = unit
+        elif meta.units:
+            default = next(iter(meta.units.values()))
+            units = {a: meta.units.get(a, default) for a in spatial}
+        else:
+            units = "micrometer"
+        nch = series.shape[src_axes.index("c")] if "c" in src_axes else 1
+        labels = list(channel_names) if channel_names is not None else \
+            (meta.channel_names[:nch] if any(meta.channel_names[:nch]) else None)
+        channels = {"labels": labels,
+                    "colors": meta.colors[:nch] if any(meta.colors[:nch]) else None,
+                    "windows": meta.windows[:nch] if len(meta.windows) >= nch else None}
         canon_shape = tuple(series.shape[src_axes.index(a)] for a in canon)
         c = _resolve_chunks(chunks, canon_shape, canon)
         write = dict(zip(canon, level_chunks(canon_shape, c, shards)[1] or c))
@@ -305,8 +447,68 @@ def convert_tiff(
             lock = True  # one file handle: serialise reads
         src = da.from_array(source, chunks=src_chunks, lock=lock, asarray=True)
         if name is None:
-            name = os.path.basename(path).split(".")[0]
+            name = meta.name or os.path.basename(path).split(".")[0]
         return _write_image(
-            src, src_axes, os.fspath(out_url), voxel_size, unit, ngff, chunks, overwrite, name,
-            storage_options, shards,
+            src, src_axes, os.fspath(out_url), voxel_size, units, ngff, chunks, overwrite, name,
+            storage_options, shards, channels=channels, extra_attrs=extra_attrs,
         )
+
+
+# --------------------------------------------------------------------------
+# TIFF input for run / train
+# --------------------------------------------------------------------------
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+SOURCE_KEY = "svision_big_source"
+
+
+def is_tiff(path: str | os.PathLike) -> bool:
+    """True for a local file that starts like a TIFF (classic or BigTIFF, either byte order)."""
+    p = os.fspath(path)
+    if "://" in p and not p.startswith("file://"):
+        return False
+    p = p[len("file://"):] if p.startswith("file://") else p
+    if not os.path.isfile(p):
+        return False
+    with open(p, "rb") as f:
+        return f.read(4) in _TIFF_MAGIC
+
+
+def as_ome_zarr(input: str | os.PathLike, near: str | os.PathLike | None = None, ngff: str = "0.5",
+                quiet: bool = False, **convert_kwargs) -> str:
+    """``input`` itself, or, when it is a TIFF (OME-TIFF, ImageJ or plain), an OME-Zarr converted
+    from it with its metadata, which ``run`` / ``train`` / ``enhance`` then read.
+
+    The copy lies next to ``near`` (the output) when that is a local path, else in the temporary
+    folder, and is named after the TIFF and a digest of its absolute path, size and modification
+    time: a second run (or a resumed one) on the same TIFF finds and reuses it instead of converting
+    again. ``convert_kwargs`` go to :func:`convert_tiff` (``voxel_size``, ``unit``, ``axes``, ...)."""
+    src = os.fspath(input)
+    if not is_tiff(src):
+        return src
+    path = os.path.abspath(src[len("file://"):] if src.startswith("file://") else src)
+    st = os.stat(path)
+    record = {"tiff": path, "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns), "ngff": str(ngff),
+              "options": {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in sorted(convert_kwargs.items())}}
+    digest = hashlib.sha1(repr(sorted(record.items())).encode()).hexdigest()[:10]
+    near = None if near is None else os.fspath(near)
+    if near and not ("://" in near and not near.startswith("file://")):
+        folder = os.path.dirname(os.path.abspath(near[len("file://"):] if near.startswith("file://") else near))
+    else:
+        folder = os.path.join(tempfile.gettempdir(), "svision_big")
+    os.makedirs(folder, exist_ok=True)
+    stem = os.path.basename(path).split(".")[0] or "image"
+    out = os.path.join(folder, f"{stem}.{digest}.ome.zarr")
+    if store_exists(out):
+        try:
+            img = open_image(out)
+            if img.group.attrs.get(SOURCE_KEY) == record:
+                if not quiet:
+                    print(f"{src}: using the OME-Zarr converted earlier, {out}", flush=True)
+                return out
+        except NgffError:
+            pass  # an interrupted conversion: done again
+    if not quiet:
+        print(f"{src}: a TIFF, converting it to {out}", flush=True)
+    convert_tiff(path, out, ngff=ngff, overwrite=True, extra_attrs={SOURCE_KEY: record}, **convert_kwargs)
+    return out

@@ -704,8 +704,11 @@ def enhanced_name(name: str | None, factors: Sequence[int] | int) -> str:
     return f"{name or 'image'} (svision {scale_label(factors)})"
 
 
-def _sample(level, max_voxels: int = WINDOW_VOXELS) -> np.ndarray:
-    """The whole level when small, else whole chunks spread evenly over it (chunk reads only)."""
+def _sample(level, max_voxels: int | None = None) -> np.ndarray:
+    """The whole level when small, else whole chunks spread evenly over it (chunk reads only);
+    at most ``max_voxels`` (default ``WINDOW_VOXELS``) are read."""
+    if max_voxels is None:
+        max_voxels = WINDOW_VOXELS
     shape = tuple(int(n) for n in level.shape)
     if int(np.prod(shape, dtype=np.int64)) <= max_voxels or not hasattr(level, "chunks"):
         return np.asarray(level[...])
@@ -765,7 +768,7 @@ def omero_metadata(level, axis_names: Sequence[str], dtype=None, version: str = 
         per_channel = []
         for i in range(nc):
             sel = tuple(slice(i, i + 1) if j == ca else slice(None) for j in range(len(names)))
-            per_channel.append(_sample(_Sub(level, sel), WINDOW_VOXELS // max(1, min(nc, 8))))
+            per_channel.append(_sample(_Sub(level, sel), max(1, WINDOW_VOXELS // max(1, min(nc, 8)))))
     else:
         nc = 1
         per_channel = [data]

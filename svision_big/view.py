@@ -105,7 +105,14 @@ def add_image(viewer, url: str | os.PathLike, storage_options: dict | None = Non
     true scale and translation; returns the layers (one per channel)."""
     image = open_image(url, storage_options)
     data, kwargs = layer_kwargs(image, name)
-    layers = viewer.add_image(data, **_supported(viewer.add_image, kwargs))
+    kwargs = _supported(viewer.add_image, kwargs)
+    try:
+        layers = viewer.add_image(data, **kwargs)
+    except Exception:  # a unit napari's pint does not know: place the layer without units
+        if "units" not in kwargs:
+            raise
+        kwargs.pop("units")
+        layers = viewer.add_image(data, **kwargs)
     return layers if isinstance(layers, list) else [layers]
 
 

@@ -149,8 +149,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_cluster_client() -> None:
+    """distributed's client logs a traceback per failed reconnect when the scheduler dies; the run
+    reports that loss itself, in one line (execute.ClusterLost)."""
+    import logging
+
+    for name in ("distributed.client", "distributed.comm", "distributed.core", "distributed.batched"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "scheduler", None) not in (None, "sync"):
+        import distributed  # noqa: F401 - its logging configuration first, then ours on top
+
+        _quiet_cluster_client()
     try:
         return _dispatch(args)
     except KeyboardInterrupt:

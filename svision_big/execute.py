@@ -35,6 +35,11 @@ class InputDataError(ValueError):
     Deterministic: never retried."""
 
 
+class ClusterLost(RuntimeError):
+    """The Dask scheduler went away (killed, or the client's link cut): one line, not a
+    FutureCancelledError traceback; the finished blocks' records stay, so a re-run resumes."""
+
+
 class ChunkReadError(OSError):
     """A chunk that stays unreadable after ``READ_ATTEMPTS``: names the array, chunk key and block."""
 
@@ -343,6 +348,24 @@ def _check_input(job: Job, src, x: np.ndarray, block: Block, index: int) -> dict
     return note
 
 
+def _address(client) -> str:
+    try:
+        return str(client.scheduler.address)
+    except Exception:  # noqa: BLE001
+        return "(unknown address)"
+
+
+def _cluster_gone(client, exc: BaseException) -> bool:
+    """True when ``exc`` means the scheduler is unreachable, not that a task failed."""
+    from concurrent.futures import CancelledError
+
+    from distributed.comm.core import CommClosedError
+
+    if isinstance(exc, (CancelledError, CommClosedError, TimeoutError)):
+        return True
+    return getattr(client, "status", "running") not in ("running", "connecting")
+
+
 def _release_heap() -> None:
     """Hand the block's freed memory back to the OS before the next block (glibc keeps it in its
     arenas otherwise, and a worker's resident memory crept up block after block)."""
@@ -393,25 +416,35 @@ def execute(job: Job, models: dict[str, Model], client=None, progress: bool = Tr
     else:
         from distributed import as_completed
 
-        blobs = {h: m.to_bytes() for h, m in models.items()}
-        plugin = ModelPlugin(blobs, name=f"svision-big-models-{'-'.join(sorted(blobs))}")
-        client.register_plugin(plugin, name=plugin.name)
-        tag = "svb-" + job.done_url.rsplit("done-", 1)[-1].replace("/", "-")
-        window = window or 2 * max(1, sum(client.nthreads().values())) + 2
-        first = [client.submit(run_block, job, i, pure=False, key=f"{tag}-{i}")
-                 for _, i in zip(range(window), todo)]
-        pending = as_completed(first)
-        for fut in pending:
-            idx, _, v = fut.result()
-            fut.release()
-            finished += 1
-            out_voxels += v
-            bar.update(len(done) + finished)
-            if on_block:
-                on_block(idx)
-            nxt = next(todo, None)
-            if nxt is not None:
-                pending.add(client.submit(run_block, job, nxt, pure=False, key=f"{tag}-{nxt}"))
+        try:
+            blobs = {h: m.to_bytes() for h, m in models.items()}
+            plugin = ModelPlugin(blobs, name=f"svision-big-models-{'-'.join(sorted(blobs))}")
+            client.register_plugin(plugin, name=plugin.name)
+            tag = "svb-" + job.done_url.rsplit("done-", 1)[-1].replace("/", "-")
+            window = window or 2 * max(1, sum(client.nthreads().values())) + 2
+            first = [client.submit(run_block, job, i, pure=False, key=f"{tag}-{i}")
+                     for _, i in zip(range(window), todo)]
+            pending = as_completed(first)
+            for fut in pending:
+                idx, _, v = fut.result()
+                fut.release()
+                finished += 1
+                out_voxels += v
+                bar.update(len(done) + finished)
+                if on_block:
+                    on_block(idx)
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.add(client.submit(run_block, job, nxt, pure=False, key=f"{tag}-{nxt}"))
+        except (InputDataError, ChunkReadError):
+            raise  # the data's fault, named by the task
+        except Exception as exc:  # noqa: BLE001
+            if _cluster_gone(client, exc):
+                bar.close()
+                raise ClusterLost(f"lost the Dask scheduler {_address(client)} ({type(exc).__name__}) after "
+                                  f"{len(done) + finished} of {total} blocks: the finished blocks are kept; re-run "
+                                  f"the same command against a running scheduler to resume") from None
+            raise
     bar.close()
     seconds = time.perf_counter() - t0
     out = {"blocks": total, "skipped": len(done), "computed": finished, "todo_at_start": n_todo,

@@ -609,7 +609,10 @@ def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, clien
         return stats
     finally:
         for o in owned:
-            o.close()
+            try:
+                o.close()
+            except Exception:  # noqa: BLE001 - a cluster whose scheduler is gone cannot be closed cleanly
+                pass
         if held is not None:
             held.release()
 

@@ -676,3 +676,98 @@ def test_corrupt_input_chunk_is_named_retried_then_resumes_after_repair(small, t
     ref = str(tmp_path / "ref.ome.zarr")
     pipeline.enhance(src, ref, model, block=(8, 16, 16), **SYNC)
     _assert_same_image(out, ref)
+
+
+# --------------------------------------------------------------------------- distributed faults (issue 14.10)
+
+
+def _dask_cluster(tmp_path, name: str) -> tuple[str, list[subprocess.Popen]]:
+    """A `dask scheduler` and one single-thread `dask worker`, as a user starts them."""
+    dask_bin = os.path.join(os.path.dirname(sys.executable), "dask")
+    sfile = str(tmp_path / f"{name}.json")
+    logs = open(tmp_path / f"{name}.log", "w")
+    procs = [subprocess.Popen([dask_bin, "scheduler", "--scheduler-file", sfile, "--port", "0", "--no-dashboard",
+                               "--host", "127.0.0.1"], env=_env(), stdout=logs, stderr=logs)]
+    deadline = time.time() + 30
+    while not os.path.exists(sfile) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    procs.append(subprocess.Popen([dask_bin, "worker", "--scheduler-file", sfile, "--nworkers", "1", "--nthreads", "1",
+                                   "--no-dashboard", "--host", "127.0.0.1"], env=_env(), stdout=logs, stderr=logs,
+                                  cwd=str(tmp_path)))
+    with open(sfile) as fh:
+        return json.load(fh)["address"], procs
+
+
+def _stop(procs) -> None:
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+def test_killed_scheduler_ends_the_client_with_one_line_and_a_new_one_resumes(small, tmp_path):
+    src, model, model_path = small
+    out = str(tmp_path / "out.ome.zarr")
+    args = ["enhance", src, out, "--model", model_path, "--block", "8,16,16", "--quiet"]
+    addr, procs = _dask_cluster(tmp_path, "first")
+    try:
+        env = dict(_env(), DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT="3s")
+        client = subprocess.Popen([sys.executable, "-m", "svision_big.cli", *args, "--scheduler", addr], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        state = os.path.join(out, "svision_state")
+
+        def done() -> int:
+            dirs = [d for d in os.listdir(state) if d.startswith("done-")] if os.path.isdir(state) else []
+            p0 = os.path.join(state, dirs[0], "p0") if dirs else ""
+            return len(os.listdir(p0)) if os.path.isdir(p0) else 0
+
+        deadline = time.time() + 60
+        while done() < 5 and time.time() < deadline and client.poll() is None:
+            time.sleep(0.02)
+        procs[0].kill()  # the scheduler
+        t0 = time.time()
+        _, err = client.communicate(timeout=60)
+        ended_after = time.time() - t0
+    finally:
+        _stop(procs)
+    lines = err.strip().splitlines()
+    assert client.returncode == 2, err
+    assert len(lines) == 1 and "lost the Dask scheduler" in lines[0] and "Traceback" not in err, err
+    assert ended_after < 30
+    assert zarr.open_group(out, mode="r").attrs["svision_big"]["state"] == "writing level 0"  # cut short
+    addr, procs = _dask_cluster(tmp_path, "second")
+    try:
+        r = subprocess.run([sys.executable, "-m", "svision_big.cli", *args, "--scheduler", addr], env=_env(),
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        _stop(procs)
+    assert r.returncode == 0, r.stderr
+    ref = str(tmp_path / "ref.ome.zarr")
+    pipeline.enhance(src, ref, model, block=(8, 16, 16), **SYNC)
+    _assert_same_image(out, ref)
+
+
+def test_worker_killed_by_pid_mid_run_leaves_a_complete_identical_output(small, tmp_path):
+    import dask
+    from distributed import Client, LocalCluster
+
+    src, model, _ = small
+    out, ref = str(tmp_path / "out.ome.zarr"), str(tmp_path / "ref.ome.zarr")
+    pipeline.enhance(src, ref, model, block=(8, 16, 16), **SYNC)
+    killed = []
+    slow_machine = {"distributed.comm.timeouts.connect": "90s", "distributed.deploy.lost-worker-timeout": "90s"}
+    with dask.config.set(slow_machine), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                         timeout="120s") as cluster, Client(cluster, timeout="120s") as client:
+        pids = client.run(os.getpid)
+
+        def kill_one(i):
+            if not killed:  # at the last pass's first finished block, the other worker mid-task
+                pid = sorted(pids.values())[0]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+        stats = pipeline.enhance(src, out, model, client=client, block=(8, 16, 16), progress=False, on_block=kill_one)
+    assert killed and stats["computed"] == 64
+    _assert_same_image(out, ref)

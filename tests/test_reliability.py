@@ -771,3 +771,41 @@ def test_worker_killed_by_pid_mid_run_leaves_a_complete_identical_output(small, 
         stats = pipeline.enhance(src, out, model, client=client, block=(8, 16, 16), progress=False, on_block=kill_one)
     assert killed and stats["computed"] == 64
     _assert_same_image(out, ref)
+
+
+# --------------------------------------------------------------------------- remote stores (issue 11.2)
+
+
+def test_s3_output_inherits_the_input_options_and_holds_no_state_when_done(s3_server, tmp_path):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.mkdir("rel-bucket")
+    src, out = "s3://rel-bucket/in.ome.zarr", "s3://rel-bucket/out.ome.zarr"
+    write_ome_zarr(smooth_volume((8, 16, 16), seed=2), src, voxel_size=(2, 1, 1), storage_options=s3_server)
+    model = make_model((2, 2, 2), bp=0)
+    stats = pipeline.enhance(src, out, model, block=(16, 32, 32), storage_options=s3_server, **SYNC)
+    assert stats["computed"] == 1 and fs.exists("rel-bucket/out.ome.zarr/zarr.json")
+    fs.invalidate_cache()
+    left = [p for p in fs.find("rel-bucket/out.ome.zarr") if "/svision_state/" in p]
+    assert left == []  # no done-records, scratch, marker or lock once complete
+    assert open_image(out, storage_options=s3_server).group.attrs["svision_big"]["input"] == src
+
+
+def test_unreachable_output_store_fails_in_one_line_before_training(tmp_path, monkeypatch, capsys):
+    src = _write_input(tmp_path / "in.ome.zarr", smooth_volume((8, 16, 16), seed=2))
+    monkeypatch.setattr(pipeline, "train", lambda *a, **k: pytest.fail("trained before checking the output"))
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here
+    opts = json.dumps({"endpoint_url": f"http://127.0.0.1:{port}", "key": "k", "secret": "s",
+                       "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}})
+    t0 = time.perf_counter()
+    rc = cli_main(["run", src, "s3://bucket/out.ome.zarr", "--factor", "2", "--steps", "1", "--scheduler", "sync",
+                   "--output-storage-options", opts])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "cannot reach the output store s3://bucket/out.ome.zarr" in err[0], err
+    assert time.perf_counter() - t0 < 30

@@ -86,6 +86,18 @@ class NoiseBins:
         return float(np.sqrt(self.var[0])) if len(self.var) else 0.0
 
 
+def _bin_edges(mean: np.ndarray, n_bins: int) -> np.ndarray:
+    """Intensity-quantile bin edges; when a large share of voxels ties at the lowest value (an
+    empty background with Poisson noise and no read noise is exactly 0), that share is one bin and
+    the rest is split by quantiles. Without it sparse Poisson-50 beads (98% background) had a
+    single bin and measured no noise at all."""
+    lowest = float(mean.min())
+    rest = mean[mean > lowest]
+    if rest.size == 0 or rest.size > mean.size * (1.0 - 1.0 / n_bins):
+        return np.unique(np.quantile(mean, np.linspace(0.0, 1.0, n_bins + 1)))
+    return np.unique(np.concatenate([[lowest], np.quantile(rest, np.linspace(0.0, 1.0, n_bins))]))
+
+
 def noise_bins(volume: np.ndarray, n_bins: int = 12, max_samples: int = 2_000_000, seed: int = 0) -> NoiseBins:
     """Per-intensity-bin noise variances of a (normalised) volume."""
     empty = NoiseBins(np.zeros(0), np.zeros(0), np.zeros(0))
@@ -101,7 +113,7 @@ def noise_bins(volume: np.ndarray, n_bins: int = 12, max_samples: int = 2_000_00
     if mean.size > max_samples:
         pick = np.random.default_rng(seed).choice(mean.size, max_samples, replace=False)
         r1, r2, mean = [r[pick] for r in r1], [r[pick] for r in r2], mean[pick]
-    edges = np.unique(np.quantile(mean, np.linspace(0.0, 1.0, n_bins + 1)))
+    edges = _bin_edges(mean, n_bins)
     if edges.size < 2:
         return empty
     which = np.clip(np.searchsorted(edges, mean, side="right") - 1, 0, edges.size - 2)

@@ -502,11 +502,18 @@ def test_settings_differ_between_clean_sparse_and_noisy():
     m_clean = svb.fit(clean.observed, factor=2, steps=120, quiet=True, acquisition="integrate")
     m_noisy = svb.fit(noisy.observed, factor=2, steps=120, quiet=True)
     s_clean, s_noisy = m_clean.settings()["stages"][0], m_noisy.settings()["stages"][0]
-    assert s_clean["noise"] is None and s_noisy["noise"] is not None
-    assert s_clean["bp_iters"] > 0
-    assert s_noisy["bp_iters"] == 0  # back-projection would copy the input's noise (train.NOISY_BP)
-    report = m_noisy.stages[0].report.get("trained", [m_noisy.stages[0].report])[0]  # also when cubic won the check
-    assert set(report["bp_val_mse"]) == {"0", "1", "2", "5", "10"}  # the check ran, for the record
+    assert s_clean["noise"] is None and s_clean["bp_iters"] > 0
+    # noisy: either denoised first (a factor-1 stage, then no SR: train.NOISY_SR) or trained with
+    # noise-matched partners; never back-projected (it would copy the input's noise: train.NOISY_BP)
+    denoised = s_noisy["factors"] == [1, 1, 1]
+    assert denoised == bool(m_noisy.info["denoiser"])
+    assert denoised or s_noisy["noise"] is not None
+    assert all(s["bp_iters"] == 0 for s in m_noisy.settings()["stages"]) and m_noisy.settings()["final_bp_iters"] == 0
+    if denoised:
+        assert m_noisy.info["denoise_check"]["used"] and m_noisy.info["noise_estimate"] > 0.03
+    else:
+        report = m_noisy.stages[0].report.get("trained", [m_noisy.stages[0].report])[0]  # also when cubic won the check
+        assert set(report["bp_val_mse"]) == {"0", "1", "2", "5", "10"}  # the check ran, for the record
 
 
 def test_noise_decision_on_sparse_anisotropic_data():

@@ -192,3 +192,46 @@ def test_two_stage_factor_fits_and_enhances():
     assert model.factors == (4, 2, 2)
     out = model.enhance(acq.observed, dtype="float32")
     assert out.shape == acq.truth.shape and np.isfinite(out).all()
+
+
+def test_non_negative_quantities_get_a_floor_and_signed_data_do_not():
+    """Resampling lobes around bright objects (a cubic downscale) and zero-mean read noise keep the
+    floor at 0; signed or mostly negative data get none."""
+    acq = synthetic.make_volume("beads", shape_lr=(16, 48, 48), factor=2, seed=0)
+    lobes = resize(torch.from_numpy(acq.truth.astype(np.float32)), (2, 2, 2), up=False, acquisition="cubic").numpy()
+    assert lobes.min() < 0  # the downscale undershoots: the old rule (min >= 0) gave no floor
+    assert T.measure_normalisation(lobes).floor == 0.0
+    rng = np.random.default_rng(0)
+    read = (lobes + rng.normal(0, 0.01, lobes.shape)).astype(np.float32)
+    assert T.measure_normalisation(read).floor == 0.0
+    signed = rng.normal(0, 1, (16, 32, 32)).astype(np.float32)  # phase, differences: median 0, deep negatives
+    assert T.measure_normalisation(signed).floor is None
+    shifted = (lobes - 0.5 * lobes.max()).astype(np.float32)  # mostly negative
+    assert T.measure_normalisation(shifted).floor is None
+
+
+def test_sparse_poisson_noise_without_read_noise_is_found():
+    """98% of sparse beads sit at exactly 0 under pure Poisson noise: the intensity bins must not
+    collapse into one (they did, and the noise went unnoticed)."""
+    psf = (5.0, 2.0, 2.0)
+    clean = synthetic.make_volume("beads", shape_lr=(16, 64, 64), factor=2, psf_fwhm=psf, seed=0, n=40)
+    c = np.clip(clean.observed.astype(np.float32), 0, None)
+    assert np.mean(c == 0) > 0.5
+    noisy = np.random.default_rng(0).poisson(c / c.max() * 50.0).astype(np.float32)
+    n = T.measure_normalisation(noisy)
+    v = (noisy - n.lo) / (n.hi - n.lo)
+    assert len(T.noise_bins(v).x) > 2
+    assert T.choose_noise(v, "auto") is not None
+    n = T.measure_normalisation(c)
+    assert T.choose_noise((c - n.lo) / (n.hi - n.lo), "auto") is None
+
+
+def test_denoising_refused_when_the_noise_model_exceeds_the_blind_error():
+    """A noise model claiming more noise than the filter's whole blind error is wrong; taking the
+    blind error as all noise would apply the strongest filter there is."""
+    v = np.random.default_rng(0).random((16, 24, 24)).astype(np.float32)
+    nm = T.NoiseModel(gain=0.0, offset=0.02)
+    agree = {"blind_mse": 0.03}
+    assert T.worth_denoising(v, agree, nm) and agree["consistent"]
+    disagree = {"blind_mse": 0.019}
+    assert not T.worth_denoising(v, disagree, nm) and not disagree["consistent"]

@@ -537,7 +537,6 @@ def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, clien
         resuming = verdict == "resume"
         work = f"{STATE_DIR}/work-{fp}"
         paths = [f"{work}/p{k}" for k in range(len(passes) - 1)] + ["0"]
-        done_root = _join(output, STATE_DIR, f"done-{fp}")
         scratch = [(paths[k], full_shape(pl.out_shape), *_scratch_layout(pl.block, block)) for k, pl in enumerate(plans[:-1])]
 
         def level0(group):
@@ -604,7 +603,7 @@ def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, clien
         _remove_intermediate(output, output_storage_options, work)
         group.attrs["svision_big"] = {**provenance, **(provenance_extra or {}), **notes, "state": "complete",
                                       "levels": levels}
-        _clean_state(output, output_storage_options, keep=("models-",))  # `run` moves its models, then removes them
+        _clean_state(output, output_storage_options, keep=("models-",))  # `run` keeps its models in the output itself
         stats.update(output=output, fingerprint=fp, halo=list(plan.halo), block=list(block), levels=levels)
         return stats
     finally:

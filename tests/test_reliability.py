@@ -809,3 +809,18 @@ def test_unreachable_output_store_fails_in_one_line_before_training(tmp_path, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "cannot reach the output store s3://bucket/out.ome.zarr" in err[0], err
     assert time.perf_counter() - t0 < 30
+
+
+def test_wrong_scheduler_address_fails_in_one_line_before_anything_is_written(small, tmp_path, capsys):
+    import dask
+
+    src, _, model_path = small
+    out = tmp_path / "out.ome.zarr"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+        rc = cli_main(["enhance", src, str(out), "--model", model_path, "--scheduler", f"tcp://127.0.0.1:{port}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    assert not out.exists()  # a wrong --scheduler left a partial output before (issue 14.6)

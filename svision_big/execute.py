@@ -25,6 +25,7 @@ from .progress import Progress
 
 _MODELS: dict[str, Model] = {}
 _ARRAYS: dict[tuple, object] = {}
+NO_WORKERS_S = 600.0  # a cluster without a single worker for this long ends the run (one line, resumable)
 READ_ATTEMPTS = 3  # a region that cannot be read is tried this often (transient store errors), then named
 RETRY_DELAY_S = 0.2  # first wait between attempts (doubled each time)
 NONFINITE = ("error", "fill")
@@ -348,6 +349,45 @@ def _check_input(job: Job, src, x: np.ndarray, block: Block, index: int) -> dict
     return note
 
 
+class _NoWorkerWatch:
+    """Cancels the run's futures once the cluster has had no worker for ``limit`` seconds: Dask
+    waits for workers forever, and the soak (docs/reliability.md) once lost both of its workers."""
+
+    def __init__(self, client, limit: float, every: float = 1.0):
+        import threading
+
+        self.client, self.limit, self.every = client, limit, every
+        self.futures: list = []
+        self.fired = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="svision-big-no-worker-watch")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        since = None
+        while not self._stop.wait(self.every):
+            try:
+                n = len(self.client.scheduler_info().get("workers", {}))
+            except Exception:  # noqa: BLE001 - the scheduler itself gone: the main loop says so
+                return
+            if n:
+                since = None
+                continue
+            since = since or time.monotonic()
+            if time.monotonic() - since >= self.limit:
+                self.fired = True
+                try:
+                    self.client.cancel(list(self.futures))
+                except Exception:  # noqa: BLE001
+                    pass
+                return
+
+
 def _address(client) -> str:
     try:
         return str(client.scheduler.address)
@@ -416,7 +456,9 @@ def execute(job: Job, models: dict[str, Model], client=None, progress: bool = Tr
     else:
         from distributed import as_completed
 
+        watch = _NoWorkerWatch(client, NO_WORKERS_S)
         try:
+            watch.start()
             blobs = {h: m.to_bytes() for h, m in models.items()}
             plugin = ModelPlugin(blobs, name=f"svision-big-models-{'-'.join(sorted(blobs))}")
             client.register_plugin(plugin, name=plugin.name)
@@ -424,6 +466,7 @@ def execute(job: Job, models: dict[str, Model], client=None, progress: bool = Tr
             window = window or 2 * max(1, sum(client.nthreads().values())) + 2
             first = [client.submit(run_block, job, i, pure=False, key=f"{tag}-{i}")
                      for _, i in zip(range(window), todo)]
+            watch.futures = first
             pending = as_completed(first)
             for fut in pending:
                 idx, _, v = fut.result()
@@ -435,16 +478,25 @@ def execute(job: Job, models: dict[str, Model], client=None, progress: bool = Tr
                     on_block(idx)
                 nxt = next(todo, None)
                 if nxt is not None:
-                    pending.add(client.submit(run_block, job, nxt, pure=False, key=f"{tag}-{nxt}"))
+                    f = client.submit(run_block, job, nxt, pure=False, key=f"{tag}-{nxt}")
+                    watch.futures.append(f)
+                    pending.add(f)
         except (InputDataError, ChunkReadError):
             raise  # the data's fault, named by the task
         except Exception as exc:  # noqa: BLE001
+            if watch.fired:
+                bar.close()
+                raise ClusterLost(f"the Dask cluster at {_address(client)} had no worker for {watch.limit:.0f} s, after "
+                                  f"{len(done) + finished} of {total} blocks: the finished blocks are kept; re-run the "
+                                  f"same command once workers are up to resume") from None
             if _cluster_gone(client, exc):
                 bar.close()
                 raise ClusterLost(f"lost the Dask scheduler {_address(client)} ({type(exc).__name__}) after "
                                   f"{len(done) + finished} of {total} blocks: the finished blocks are kept; re-run "
                                   f"the same command against a running scheduler to resume") from None
             raise
+        finally:
+            watch.stop()
     bar.close()
     seconds = time.perf_counter() - t0
     out = {"blocks": total, "skipped": len(done), "computed": finished, "todo_at_start": n_todo,

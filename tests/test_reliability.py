@@ -824,3 +824,18 @@ def test_wrong_scheduler_address_fails_in_one_line_before_anything_is_written(sm
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "Traceback" not in err[0], err
     assert not out.exists()  # a wrong --scheduler left a partial output before (issue 14.6)
+
+
+def test_a_cluster_left_without_workers_ends_the_run_in_one_line(small, tmp_path, monkeypatch):
+    from distributed import Client, LocalCluster
+
+    from svision_big import execute
+
+    src, model, _ = small
+    monkeypatch.setattr(execute, "NO_WORKERS_S", 2.0)
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
+        t0 = time.perf_counter()
+        with pytest.raises(execute.ClusterLost, match=r"had no worker for 2 s, after 0 of 64 blocks.*re-run"):
+            pipeline.enhance(src, str(tmp_path / "out.ome.zarr"), model, client=client, block=(8, 16, 16),
+                             progress=False)
+        assert time.perf_counter() - t0 < 30  # it waited forever before

@@ -105,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("output")
     p.add_argument("--voxel-size", type=_floats, help="Z,Y,X physical voxel size")
-    p.add_argument("--unit", default="micrometer")
+    p.add_argument("--unit", default=None, help="unit of --voxel-size (default: the file's, else micrometer)")
+    p.add_argument("--channel-names", type=lambda t: [x.strip() for x in t.split(",")],
+                   help="comma list of channel names (default: the file's)")
     p.add_argument("--ngff", choices=["0.4", "0.5"], default="0.5")
     p.add_argument("--axes", help="axes of the TIFF, e.g. zyx or czyx (default: from the file)")
     p.add_argument("--overwrite", action="store_true")
@@ -142,6 +144,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=int, default=None)
     _add_training_flags(p)
     _add_enhance_flags(p)
+
+    p = sub.add_parser("compare", help="figure + PSNR/SSIM table of a result against its input (and a truth)")
+    p.add_argument("result", help="the enhanced OME-Zarr image")
+    p.add_argument("input", help="the OME-Zarr image it was made from")
+    p.add_argument("--truth", help="a reference OME-Zarr image at the result's resolution")
+    p.add_argument("--png", default="compare.png", help="figure to write (default compare.png)")
+    p.add_argument("--json", default=None, help="also write the numbers as JSON here")
+    p.add_argument("--channel", type=int, default=0)
+    p.add_argument("--time", type=int, default=0)
+    p.add_argument("--acquisition", choices=["cubic", "integrate", "sample"],
+                   help="how to degrade the result back onto the input (default: the result's provenance)")
+    p.add_argument("--storage-options", type=_storage)
+
+    p = sub.add_parser("view", help="open the input and the enhanced output in napari, each at its true place")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--storage-options", type=_storage)
+    p.add_argument("--output-storage-options", type=_storage)
 
     p = sub.add_parser("info", help="describe an OME-Zarr image")
     p.add_argument("path")
@@ -219,9 +239,21 @@ def _dispatch(a) -> int:
         if not os.path.exists(a.input):
             raise ValueError(f"{a.input} does not exist")
         out = convert_tiff(a.input, a.output, voxel_size=a.voxel_size, unit=a.unit, ngff=a.ngff,
-                           overwrite=a.overwrite, axes=a.axes)
+                           overwrite=a.overwrite, axes=a.axes, channel_names=a.channel_names)
         print(f"wrote {out}")
         return 0
+    if a.command == "compare":
+        from .compare import compare
+        compare(a.result, a.input, truth=a.truth, out_png=a.png, out_json=a.json, channel=a.channel,
+                time_index=a.time, acquisition=a.acquisition, storage_options=a.storage_options)
+        return 0
+    if a.command == "view":
+        from .view import view
+        view(a.input, a.output, storage_options=a.storage_options, output_storage_options=a.output_storage_options)
+        return 0
+    if a.command in ("train", "run"):  # an OME-TIFF / ImageJ TIFF is converted on the way, with its metadata
+        from .convert import as_ome_zarr
+        a.input = as_ome_zarr(a.input, near=a.output, quiet=a.quiet)
     if a.command == "train":
         _check_model_output(a.output, a.overwrite)  # before training (minutes), not after it
         kw = {} if a.budget is None else {"budget": a.budget}

@@ -23,7 +23,7 @@ from scipy import ndimage
 from . import __version__
 from .execute import Job, execute
 from .model import Model, load_model
-from .ngff import (Image, NgffError, _make_store, foreign_file, format_for, multiscales_metadata, open_image,
+from .ngff import (viewer_metadata, Image, NgffError, _make_store, foreign_file, format_for, multiscales_metadata, open_image,
                    open_output_group, store_exists, upsampled_transform)
 from .operator import pass_halo, plan_passes, precision_dtype
 from .plan import BlockPlan, default_block
@@ -540,7 +540,7 @@ def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, clien
         scratch = [(paths[k], full_shape(pl.out_shape), *_scratch_layout(pl.block, block)) for k, pl in enumerate(plans[:-1])]
 
         def level0(group):
-            fmt.create_array(group, "0", tuple(out_shape), tuple(chunks), out_dtype, image.axis_names,
+            fmt.create_array(group, "0", tuple(out_shape), tuple(chunks), out_dtype, _axis_names(image),
                              shards=shard_shape, compression=compression)
 
         if resuming:
@@ -598,7 +598,7 @@ def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, clien
         t0 = time.perf_counter()
         group.attrs["svision_big"] = {**provenance, **(provenance_extra or {}), **notes, "state": "building pyramid"}
         levels = _finish(group, fmt, image, out_shape, factors, tuple(chunks), shard_shape, out_dtype, compression, cl,
-                         [m.norm for m in models])
+                         [m.norm for m in models], channel)
         stats["pyramid_seconds"] = round(time.perf_counter() - t0, 3)
         _remove_intermediate(output, output_storage_options, work)
         group.attrs["svision_big"] = {**provenance, **(provenance_extra or {}), **notes, "state": "complete",
@@ -912,12 +912,19 @@ def _check_block_halo(plans: list[BlockPlan], block: tuple[int, ...], out_spatia
         f"use at least --block {','.join(map(str, suggest))}, leave --block out for the default, or pass --force")
 
 
-def _finish(group, fmt, image: Image, out_shape, factors, chunks, shards, dtype, compression, client, norms) -> list[str]:
-    """Pyramid from the stored level 0, then the OME metadata (last)."""
+def _axis_names(image: Image) -> list[str]:
+    """The spec's lower-case axis names (iohub's "T C Z Y X" made outputs ngff-zarr rejects)."""
+    return [n.lower() for n in image.axis_names]
+
+
+def _finish(group, fmt, image: Image, out_shape, factors, chunks, shards, dtype, compression, client, norms,
+            channel: int | None = None) -> list[str]:
+    """Pyramid from the stored level 0, then the OME metadata (last), with a display window
+    for viewers taken from the coarsest level written."""
     spatial = image.spatial_axes
     coarsest = image.level(image.nlevels - 1).shape
     pf = pyramid_factors(tuple(out_shape), spatial, min_shape=64, until_shape=tuple(coarsest))
-    paths = build_pyramid(group, fmt, image.axis_names, "0", spatial, pf, chunks, dtype, client=client,
+    paths = build_pyramid(group, fmt, _axis_names(image), "0", spatial, pf, chunks, dtype, client=client,
                           shards=shards, compression=compression)
     full = [1] * image.ndim
     for ax, f in zip(spatial, factors):
@@ -927,8 +934,7 @@ def _finish(group, fmt, image: Image, out_shape, factors, chunks, shards, dtype,
     ome = multiscales_metadata(image.axes, datasets, name=image.name, version=fmt.version,
                                extra={"type": "mean", "metadata": {"method": "svision_big enhance, block-mean pyramid",
                                                                    "version": __version__}})
-    if image.omero:
-        ome["omero"] = image.omero
+    ome = viewer_metadata(ome, image, group[paths[-1] if paths else "0"], fmt.version, factors, channel)
     fmt.write_ome_attrs(group, ome)
     return ["0", *paths]
 
@@ -1024,9 +1030,9 @@ def run(input: str | os.PathLike, output: str | os.PathLike, factor, *, steps: i
 
 
 MODEL_FILE = "svision_model.svb"  # where `run` keeps the model it trained (per channel: svision_model_c<c>.svb)
-# The models also stay in svision_state/models-<key>/ (copied, not moved): tests/test_pipeline.py
-# (test_run_trains_one_model_per_channel, not this module's owner's) reads them there. False moves them.
-KEEP_STATE_MODELS = True
+# False: a finished output keeps its models only there (moved out of svision_state/models-<key>/,
+# where `run` keeps them while it works so that a resumed run reuses them). True copies them.
+KEEP_STATE_MODELS = False
 
 
 def _keep_models(fs, root: str, output: str, options: dict | None, kept: dict[int, str]) -> None:

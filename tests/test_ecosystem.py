@@ -398,3 +398,25 @@ def test_compare_notebook_runs_and_draws(tmp_path, monkeypatch):
     assert (tmp_path / "nb_compare.png").exists() and (tmp_path / "nb_self.json").exists()
     rep = json.load(open(tmp_path / "nb_compare.json"))
     assert rep["mode"] == "truth" and rep["result"]["psnr"] is not None and rep["cubic"]["psnr"] is not None
+
+
+def test_cli_run_on_a_tiff_then_compare(tmp_path):
+    """The CLI end to end: `run` takes an OME-TIFF (its voxel size kept), `compare` writes the
+    figure and the JSON, and `convert` keeps the file's units when --unit is not given."""
+    from svision_big.cli import main
+
+    data = _rng((8, 24, 24), seed=3)
+    tif = str(tmp_path / "stack.ome.tif")
+    tifffile.imwrite(tif, data, metadata={"axes": "ZYX", "PhysicalSizeZ": 1.0, "PhysicalSizeY": 200.0,
+                                          "PhysicalSizeYUnit": "nm", "PhysicalSizeX": 200.0, "PhysicalSizeXUnit": "nm"})
+    out = str(tmp_path / "out.ome.zarr")
+    assert main(["run", tif, out, "--factor", "2", "--steps", "3", "--scheduler", "sync", "--quiet"]) == 0
+    img = open_image(out)
+    assert img.level(0).shape == (16, 48, 48) and img.scales[0] == [0.5, 100.0, 100.0]
+    assert [a.get("unit") for a in img.axes] == ["micrometer", "nanometer", "nanometer"]
+    src = next(str(tmp_path / f) for f in os.listdir(tmp_path) if f.endswith(".ome.zarr") and f != "out.ome.zarr")
+    png, js = str(tmp_path / "c.png"), str(tmp_path / "c.json")
+    assert main(["compare", out, src, "--png", png, "--json", js]) == 0
+    assert os.path.getsize(png) > 20_000 and json.load(open(js))
+    assert main(["convert", tif, str(tmp_path / "conv.ome.zarr")]) == 0
+    assert [a.get("unit") for a in open_image(str(tmp_path / "conv.ome.zarr")).axes][1:] == ["nanometer", "nanometer"]

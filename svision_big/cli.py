@@ -91,11 +91,18 @@ def _enhance_kwargs(a) -> dict:
                 force=a.force, break_lock=a.break_lock, nonfinite=a.nonfinite, strict=a.strict)
 
 
+def _add_log_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", dest="progress_format", choices=["text", "json"], default="text",
+                   help="progress lines as text or as one JSON object per line (for cluster job logs)")
+    p.add_argument("--log-file", help="also append every progress line to this file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="svision-big", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("demo", help="synthetic volume -> train -> enhance x2 -> PSNR/SSIM vs cubic")
+    _add_log_flags(p)
     p.add_argument("dir", nargs="?", default="svision_demo", help="folder for the demo's files")
     p.add_argument("--steps", type=int, help="training steps (default: the standard budget)")
     p.add_argument("--workers", type=int, default=None)
@@ -113,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("train", help="train a model on a sampled region of an OME-Zarr image")
+    _add_log_flags(p)
     p.add_argument("input")
     p.add_argument("-o", "--output", required=True, help="model file to write (.svb)")
     p.add_argument("--factor", type=_factor, required=True, help="2, 4, or per axis Z,Y,X such as 4,2,2")
@@ -126,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("enhance", help="enhance an OME-Zarr image with a trained model")
+    _add_log_flags(p)
     p.add_argument("input")
     p.add_argument("output")
     p.add_argument("--model", required=True, action="append", help="model file; repeat once per channel")
@@ -135,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_enhance_flags(p)
 
     p = sub.add_parser("run", help="train (one model per channel) and enhance")
+    _add_log_flags(p)
     p.add_argument("input")
     p.add_argument("output")
     p.add_argument("--factor", type=_factor, required=True)
@@ -184,7 +194,12 @@ def main(argv: list[str] | None = None) -> int:
         import distributed  # noqa: F401 - its logging configuration first, then ours on top
 
         _quiet_cluster_client()
+    from . import progress
+
+    saved = dict(progress._SETTINGS)
     try:
+        if hasattr(args, "progress_format"):
+            progress.configure(args.progress_format, args.log_file)
         return _dispatch(args)
     except KeyboardInterrupt:
         print("svision-big: interrupted (re-run the same command to resume)", file=sys.stderr)
@@ -194,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"svision-big: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    finally:
+        progress._SETTINGS.update(saved)  # in-process callers (tests, notebooks) get their settings back
 
 
 def _one_line(exc: BaseException) -> str:

@@ -1,12 +1,31 @@
 """A dependency-free progress line: done/total, rate, ETA and a few live values.
 
 On a terminal it redraws one line; in logs (CI, cluster jobs) it prints a line every few seconds.
+``configure(format="json")`` makes every line a JSON object instead (``--progress json``), and
+``configure(log_file=...)`` also appends each line to a file (``--log-file``), so SLURM or
+dask-jobqueue jobs can be watched without a terminal.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+
+FORMATS = ("text", "json")
+_SETTINGS: dict = {"format": "text", "log_file": None}
+
+
+def configure(format: str | None = None, log_file: str | None = None) -> None:
+    """Process-wide output of every progress line (the CLI's ``--progress`` and ``--log-file``)."""
+    if format is not None:
+        if format not in FORMATS:
+            raise ValueError(f"--progress {format}: choose one of {', '.join(FORMATS)}")
+        _SETTINGS["format"] = format
+    if log_file is not None:
+        with open(log_file, "a"):  # fails now, as one line, if the file cannot be written
+            pass
+        _SETTINGS["log_file"] = log_file
 
 
 def _fmt_time(s: float) -> str:
@@ -38,8 +57,25 @@ class Progress:
         if self.quiet or (not force and now - self.last < self.interval and done < self.total):
             return
         self.last = now
-        self.stream.write(("\r" if self.tty else "") + self.line(now) + ("" if self.tty else "\n"))
+        if _SETTINGS["format"] == "json":
+            self.stream.write(json.dumps(self.record(now)) + "\n")
+        else:
+            self.stream.write(("\r" if self.tty else "") + self.line(now) + ("" if self.tty else "\n"))
         self.stream.flush()
+        if _SETTINGS["log_file"]:
+            with open(_SETTINGS["log_file"], "a") as fh:
+                fh.write((json.dumps(self.record(now)) if _SETTINGS["format"] == "json" else self.line(now)) + "\n")
+
+    def record(self, now: float | None = None) -> dict:
+        """The line as data: one JSON object per line under ``--progress json``."""
+        now = now or time.perf_counter()
+        elapsed = now - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else None
+        return {"event": "progress", "label": self.label, "done": self.done, "total": self.total, "unit": self.unit,
+                "rate_per_s": rate * self.rate_scale, "rate_unit": self.rate_unit or self.unit + "/s",
+                "elapsed_s": round(elapsed, 3), "eta_s": None if eta is None else round(eta, 3),
+                "time": time.time(), **self.values}
 
     def line(self, now: float | None = None) -> str:
         elapsed = (now or time.perf_counter()) - self.start
@@ -54,6 +90,6 @@ class Progress:
     def close(self) -> None:
         if not self.quiet:
             self.update(self.done, force=True)
-            if self.tty:
+            if self.tty and _SETTINGS["format"] == "text":
                 self.stream.write("\n")
                 self.stream.flush()

@@ -324,6 +324,31 @@ def test_run_trains_one_model_per_channel(tmp_path):
 # --------------------------------------------------------------------------- CLI
 
 
+def test_cli_progress_as_json_lines_and_log_file(tmp_path, capsys):
+    """Cluster jobs are watched without a terminal: --progress json makes every progress line a
+    JSON object (training steps, then blocks up to done == total), --log-file gets them too."""
+    import json
+
+    from svision_big import progress
+
+    vol = smooth_volume((8, 32, 32), seed=13, dtype=np.uint16, scale=2000)
+    src = _write_input(tmp_path, vol)
+    out, log = str(tmp_path / "out.ome.zarr"), str(tmp_path / "job.log")
+    assert cli_main(["run", src, out, "--factor", "2", "--steps", "4", "--scheduler", "sync", "--block", "16,32,32",
+                     "--progress", "json", "--log-file", log]) == 0
+    err = capsys.readouterr().err
+    recs = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert recs and all(r["event"] == "progress" and {"done", "total", "eta_s", "rate_per_s"} <= set(r) for r in recs)
+    assert any(r["unit"] == "steps" for r in recs)
+    blocks = [r for r in recs if r["unit"] == "blocks"]
+    assert blocks and blocks[-1]["done"] == blocks[-1]["total"]
+    logged = [json.loads(line) for line in open(log)]
+    assert [r["done"] for r in logged] == [r["done"] for r in recs]
+    assert progress._SETTINGS["format"] == "text"  # restored for in-process callers
+    assert cli_main(["run", src, str(tmp_path / "o2"), "--factor", "2", "--log-file", str(tmp_path / "no" / "x.log")]) == 2
+    assert not (tmp_path / "o2").exists()
+
+
 def test_cli_train_enhance_info_and_errors(tmp_path, capsys):
     vol = smooth_volume((10, 48, 48), seed=12, dtype=np.uint16, scale=2000)
     src = _write_input(tmp_path, vol, ngff="0.4")

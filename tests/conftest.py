@@ -71,3 +71,12 @@ def s3_server(monkeypatch):
 
         gc.collect()  # let s3fs finalizers close their sessions while the server is up
         server.stop()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Dask workers share the 2 cores: one torch thread each avoids OpenMP oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -23,12 +23,7 @@ from svision_big.operator import predict
 T = sys.modules["svision_big.train"]  # the module (``svision_big.train`` the attribute is the OME-Zarr function)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.one_torch_thread
 
 
 def _noisy(kind="filaments", peak=50.0, seed=1):

@@ -27,13 +27,7 @@ from svision_big.operator import plan_passes
 from svision_big.plan import BlockPlan
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Dask workers share the 2 cores: one torch thread each avoids OpenMP oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.one_torch_thread
 
 
 def _tree_hash(path: str) -> str:

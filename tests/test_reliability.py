@@ -29,12 +29,7 @@ from svision_big.state import OutputLock, OutputLocked
 SYNC = dict(scheduler="sync", progress=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.one_torch_thread
 
 
 def _tree(path) -> dict[str, str]:

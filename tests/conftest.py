@@ -1,4 +1,5 @@
-"""Shared test helpers: small random-weight models (no training needed) and synthetic OME-Zarr inputs."""
+"""Shared test helpers: small random-weight models (``svision_big.testing``, no training needed),
+smooth synthetic volumes, a loopback S3 server, one torch thread."""
 
 from __future__ import annotations
 
@@ -8,24 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from svision_big.degrade import Degradation
-from svision_big.model import Model, StageRecord
-from svision_big.network import NetConfig, SVNet
-from svision_big.operator import Normalisation
-from svision_big.train import split_stages
-
-
-def make_model(factors=(2, 2, 2), bp: int = 1, mapping: int = 1, final_bp: int = 0, seed: int = 0,
-               lo: float = 0.0, hi: float = 1.0) -> Model:
-    """A model with random weights: the operator's structure, halo and arithmetic are all real."""
-    torch.manual_seed(seed)
-    stages = []
-    for sf in split_stages(tuple(factors)):
-        net = SVNet(NetConfig(tuple(sf), mapping=mapping))
-        stages.append(StageRecord(net.config, net.state_dict(), Degradation(tuple(sf)), bp))
-    final = Degradation(tuple(factors)) if final_bp and len(stages) > 1 else None
-    return Model(stages=stages, norm=Normalisation(lo, hi, 0.0), factors=tuple(factors), final=final,
-                 final_bp_iters=final_bp if final else 0)
+from svision_big.testing import make_model  # noqa: F401  (tests import it from here)
 
 
 def smooth_volume(shape, seed: int = 0, dtype=np.float32, scale: float = 1.0) -> np.ndarray:

@@ -328,47 +328,70 @@ def test_convert_tiff_inferred_axes_and_channels(tmp_path):
     np.testing.assert_array_equal(img.level(0)[...], data)
 
 
-def test_errors(tmp_path):
-    with pytest.raises(NgffError, match="does not exist"):
-        convert_tiff(str(tmp_path / "missing.tif"), str(tmp_path / "o.zarr"))
-    bad = tmp_path / "bad.tif"
-    bad.write_bytes(b"not a tiff at all")
-    with pytest.raises(NgffError, match="not a readable TIFF"):
-        convert_tiff(str(bad), str(tmp_path / "o.zarr"))
-    assert not (tmp_path / "o.zarr").exists()
-
-    with pytest.raises(NgffError, match=r"does not exist$"):
-        open_image(str(tmp_path / "nothing.zarr"))
+def _plain_group(tmp_path):
     plain = zarr.open_group(str(tmp_path / "plain.zarr"), mode="w-", zarr_format=3)
     plain.create_array("0", shape=(4, 4), dtype="u1")
-    with pytest.raises(NgffError, match="no 'multiscales' metadata"):
-        open_image(str(tmp_path / "plain.zarr"))
-    (tmp_path / "dir").mkdir()
-    with pytest.raises(NgffError, match="not a zarr group"):
-        open_image(str(tmp_path / "dir"))
+    return str(tmp_path / "plain.zarr")
+
+
+def _old_group(tmp_path, multiscales):
     old = zarr.open_group(str(tmp_path / "old.zarr"), mode="w-", zarr_format=2)
     old.create_array("0", shape=(4, 4, 4), dtype="u1")
-    old.attrs["multiscales"] = [{"version": "0.3", "axes": ["z", "y", "x"], "datasets": [{"path": "0"}]}]
-    with pytest.raises(NgffError, match="unsupported NGFF version 0.3"):
-        open_image(str(tmp_path / "old.zarr"))
-    old.attrs["multiscales"] = [{"datasets": [{"path": "0"}]}]  # 0.1/0.2 style, no axes
-    with pytest.raises(NgffError, match="unsupported NGFF version"):
-        open_image(str(tmp_path / "old.zarr"))
-    with pytest.raises(ValueError, match="unsupported NGFF version '0.3': use 0.4 or 0.5"):
-        format_for("0.3")
-    assert isinstance(format_for("0.4"), FormatV04) and format_for("0.5").zarr_format == 3
+    old.attrs["multiscales"] = multiscales
+    return str(tmp_path / "old.zarr")
 
-    # Never truncate an existing store; never delete something that is not zarr.
-    with pytest.raises(NgffError, match="mode 'w'"):
-        open_output_group(str(tmp_path / "plain.zarr"), FormatV05(), mode="w")
-    with pytest.raises(NgffError, match="needs zarr v2"):
-        open_output_group(str(tmp_path / "plain.zarr"), FormatV04())
+
+def _bad_tiff(tmp_path):
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(b"not a tiff at all")
+    return str(bad)
+
+
+def _dir_with_file(tmp_path):
+    (tmp_path / "dir").mkdir()
     (tmp_path / "dir" / "keep.txt").write_text("precious")
-    with pytest.raises(NgffError, match="not a zarr store"):
-        write_ome_zarr(np.zeros((4, 4), np.uint8), str(tmp_path / "dir"), axes="yx", overwrite=True)
-    assert (tmp_path / "dir" / "keep.txt").exists()
-    with pytest.raises(ValueError, match="voxel_size"):
-        write_ome_zarr(np.zeros((4, 4, 4), np.uint8), str(tmp_path / "v.zarr"), voxel_size=(1, 1))
+    return str(tmp_path / "dir")
+
+
+# Each case: (call on tmp_path, exception, message, path that must not exist afterwards or None).
+_ERRORS = {
+    "missing tiff": (lambda t: convert_tiff(str(t / "missing.tif"), str(t / "o.zarr")),
+                     NgffError, "does not exist", "o.zarr"),
+    "not a tiff": (lambda t: convert_tiff(_bad_tiff(t), str(t / "o.zarr")), NgffError, "not a readable TIFF", "o.zarr"),
+    "missing image": (lambda t: open_image(str(t / "nothing.zarr")), NgffError, r"does not exist$", "nothing.zarr"),
+    "no multiscales": (lambda t: open_image(_plain_group(t)), NgffError, "no 'multiscales' metadata", None),
+    "not a group": (lambda t: open_image(_dir_with_file(t)), NgffError, "not a zarr group", None),
+    "version 0.3": (lambda t: open_image(_old_group(t, [{"version": "0.3", "axes": ["z", "y", "x"],
+                                                          "datasets": [{"path": "0"}]}])),
+                    NgffError, "unsupported NGFF version 0.3", None),
+    "no axes (0.1/0.2)": (lambda t: open_image(_old_group(t, [{"datasets": [{"path": "0"}]}])),
+                          NgffError, "unsupported NGFF version", None),
+    "format 0.3": (lambda t: format_for("0.3"), ValueError, "unsupported NGFF version '0.3': use 0.4 or 0.5", None),
+    # Never truncate an existing store; never delete something that is not zarr.
+    "mode w on a store": (lambda t: open_output_group(_plain_group(t), FormatV05(), mode="w"), NgffError, "mode 'w'", None),
+    "v2 format on a v3 store": (lambda t: open_output_group(_plain_group(t), FormatV04()), NgffError, "needs zarr v2", None),
+    "overwrite a non-zarr folder": (lambda t: write_ome_zarr(np.zeros((4, 4), np.uint8), _dir_with_file(t), axes="yx",
+                                                             overwrite=True), NgffError, "not a zarr store", None),
+    "voxel_size length": (lambda t: write_ome_zarr(np.zeros((4, 4, 4), np.uint8), str(t / "v.zarr"), voxel_size=(1, 1)),
+                          ValueError, "voxel_size", None),
+}
+
+
+@pytest.mark.parametrize("case", list(_ERRORS))
+def test_errors(tmp_path, case):
+    call, exc, message, absent = _ERRORS[case]
+    with pytest.raises(exc, match=message):
+        call(tmp_path)
+    if absent is not None:
+        assert not (tmp_path / absent).exists()
+    if (tmp_path / "dir").exists():  # nothing that is not zarr is deleted
+        assert (tmp_path / "dir" / "keep.txt").read_text() == "precious"
+    if (tmp_path / "plain.zarr").exists():  # an existing store is not truncated
+        assert zarr.open_group(str(tmp_path / "plain.zarr"), mode="r")["0"].shape == (4, 4)
+
+
+def test_format_for_known_versions():
+    assert isinstance(format_for("0.4"), FormatV04) and format_for("0.5").zarr_format == 3
 
 
 # --------------------------------------------------------------------------

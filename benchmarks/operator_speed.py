@@ -23,17 +23,13 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from svision_big.degrade import Degradation  # noqa: E402
-from svision_big.model import Model, StageRecord  # noqa: E402
-from svision_big.network import NetConfig, SVNet  # noqa: E402
-from svision_big.operator import Normalisation, enhance_array  # noqa: E402
+from svision_big.model import Model  # noqa: E402
+from svision_big.operator import enhance_array  # noqa: E402
+from svision_big.testing import make_model  # noqa: E402
 
 
 def model(ensemble: int, precision: str) -> tuple[Model, object]:
-    torch.manual_seed(0)
-    net = SVNet(NetConfig((2, 2, 2)))
-    m = Model(stages=[StageRecord(net.config, net.state_dict(), Degradation((2, 2, 2)), 0, ensemble)],
-              norm=Normalisation(0.0, 1.0, 0.0), factors=(2, 2, 2))
+    m = make_model((2, 2, 2), bp=0, mapping=4, seed=0, ensemble=ensemble)  # the default architecture
     return m, m.spec("cpu", precision)
 
 

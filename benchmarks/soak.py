@@ -35,11 +35,9 @@ from distributed.diagnostics.plugin import WorkerPlugin  # noqa: E402
 
 from svision_big import pipeline  # noqa: E402
 from svision_big.convert import write_ome_zarr  # noqa: E402
-from svision_big.degrade import Degradation  # noqa: E402
-from svision_big.model import Model, StageRecord  # noqa: E402
-from svision_big.network import NetConfig, SVNet  # noqa: E402
+from svision_big.model import Model  # noqa: E402
 from svision_big.ngff import open_image  # noqa: E402
-from svision_big.operator import Normalisation  # noqa: E402
+from svision_big.testing import make_model  # noqa: E402
 
 MIN_UP_S = 1.0  # a worker must have been registered this long before it may be killed
 STALL_S = 120  # no task started for this long: the soak gives up and says so
@@ -60,10 +58,7 @@ class StartLog(WorkerPlugin):
 
 def random_model(bp: int = 1, seed: int = 0) -> Model:
     """A x2 model with random weights: the real operator's structure, halo and arithmetic."""
-    torch.manual_seed(seed)
-    net = SVNet(NetConfig((2, 2, 2), mapping=1))
-    return Model(stages=[StageRecord(net.config, net.state_dict(), Degradation((2, 2, 2)), bp)],
-                 norm=Normalisation(0.0, 1000.0, 0.0), factors=(2, 2, 2))
+    return make_model((2, 2, 2), bp=bp, mapping=1, seed=seed, lo=0.0, hi=1000.0)
 
 
 def volume(shape, seed: int = 0) -> np.ndarray:

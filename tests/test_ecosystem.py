@@ -207,7 +207,7 @@ def test_pipeline_writes_viewer_metadata(tmp_path, version):
 
     if "viewer_metadata" not in open(pipeline.__file__).read():
         pytest.skip("pipeline._finish does not call ngff.viewer_metadata yet")
-    from conftest import make_model
+    from svision_big.testing import make_model
 
     src, _ = _upper_case_input(tmp_path)
     out = str(tmp_path / "enh.ome.zarr")

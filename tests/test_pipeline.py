@@ -1,4 +1,4 @@
-"""Out-of-core pipeline: the seven invariants of DESIGN section 2, the CLI, and bad input."""
+"""Out-of-core pipeline: the seven invariants of docs/architecture.md (section "Invariants"), the CLI, and bad input."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import make_model, smooth_volume
+from conftest import smooth_volume
 
 import svision_big as svb
 from svision_big import pipeline
@@ -25,6 +25,7 @@ from svision_big.execute import Job
 from svision_big.ngff import NgffError, open_image
 from svision_big.operator import plan_passes
 from svision_big.plan import BlockPlan
+from svision_big.testing import make_model
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.one_torch_thread
@@ -133,14 +134,16 @@ def test_task_payload_is_small_and_has_no_weights(tmp_path):
     assert len(pickle.dumps(job)) < 2000
 
 
-def test_sharded_output_is_aligned_and_correct(tmp_path):
+@pytest.mark.parametrize("block,inner", [((16, 32, 32), (16, 32, 32)), ((32, 80, 80), (32, 40, 40))])
+def test_sharded_output_is_aligned_and_correct(tmp_path, block, inner):
+    """One shard per writing block; its inner chunks are the largest divisors of the block up to 64."""
     model = make_model((2, 2, 2), bp=1)
     vol = smooth_volume((16, 40, 40), seed=3)
     src = _write_input(tmp_path, vol)
     out = str(tmp_path / "out.ome.zarr")
-    pipeline.enhance(src, out, model, scheduler="sync", block=(16, 32, 32), shards=True, dtype="float32", progress=False)
+    pipeline.enhance(src, out, model, scheduler="sync", block=block, shards=True, dtype="float32", progress=False)
     arr = open_image(out).level(0)
-    assert arr.shards == (16, 32, 32) and arr.chunks == (16, 32, 32)[:0] + tuple(int(c) for c in arr.chunks)
+    assert arr.shards == block and arr.chunks == inner
     assert all(s % c == 0 for s, c in zip(arr.shards, arr.chunks))
     np.testing.assert_allclose(arr[...], model.enhance(vol, dtype="float32"), atol=1e-5)
 
@@ -195,13 +198,20 @@ def test_metadata_is_written_last(tmp_path):
 
     def check(_):
         seen.append(json.dumps(zarr.open_group(out, mode="r").attrs.asdict()))
+        with pytest.raises(NgffError, match="no 'multiscales' metadata"):
+            open_image(out)  # the partial output, while it is being written
+        refused.append(True)
 
+    refused = []
     pipeline.enhance(src, out, model, scheduler="sync", block=(20, 40, 40), progress=False, on_block=check)
-    assert seen and all("multiscales" not in s for s in seen)
-    with pytest.raises(NgffError):
-        # a partial output written by hand (no metadata yet) is not openable as an image
-        open_image(str(tmp_path / "nothing.ome.zarr"))
+    assert seen and all("multiscales" not in s for s in seen) and len(refused) == len(seen)
+    # a partial output written by hand (level 0 array, no metadata yet) is not openable as an image
+    partial = zarr.open_group(str(tmp_path / "partial.ome.zarr"), mode="w-", zarr_format=3)
+    partial.create_array("0", shape=(20, 80, 80), chunks=(20, 40, 40), dtype="f4")
+    with pytest.raises(NgffError, match="no 'multiscales' metadata"):
+        open_image(str(tmp_path / "partial.ome.zarr"))
     assert "multiscales" in json.dumps(zarr.open_group(out, mode="r").attrs.asdict())
+    assert open_image(out).level(0).shape == (20, 80, 80)
 
 
 # --------------------------------------------------------------------------- 6. resumable
@@ -343,34 +353,61 @@ def test_cli_progress_as_json_lines_and_log_file(tmp_path, capsys):
     assert not (tmp_path / "o2").exists()
 
 
-def test_cli_train_enhance_info_and_errors(tmp_path, capsys):
+def test_cli_train_enhance_info(tmp_path, capsys):
     vol = smooth_volume((10, 48, 48), seed=12, dtype=np.uint16, scale=2000)
     src = _write_input(tmp_path, vol, ngff="0.4")
     model_path = str(tmp_path / "m.svb")
     assert cli_main(["train", src, "-o", model_path, "--factor", "2,1,1", "--steps", "5", "--quiet"]) == 0
-    assert cli_main(["train", src, "-o", model_path, "--factor", "2", "--steps", "5", "--quiet"]) == 2
-    assert "already exists" in capsys.readouterr().err
     out = str(tmp_path / "out.ome.zarr")
     assert cli_main(["enhance", src, out, "--model", model_path, "--scheduler", "sync", "--quiet"]) == 0
+    capsys.readouterr()
     assert cli_main(["info", out]) == 0
     text = capsys.readouterr().out
-    assert "0.4" in text and "(20, 48, 48)" in text.replace("[", "(").replace("]", ")") or "20" in text
+    assert "NGFF version: 0.4 (zarr v2)" in text and "0: shape (20, 48, 48)" in text
     img = open_image(out)
     assert img.fmt.version == "0.4" and img.level(0).shape == (20, 48, 48)
-    # bad inputs: one line on stderr, exit 2, nothing created
-    assert cli_main(["enhance", str(tmp_path / "missing.ome.zarr"), str(tmp_path / "o2"), "--model", model_path]) == 2
+
+
+@pytest.fixture(scope="module")
+def cli_inputs(tmp_path_factory):
+    """An NGFF 0.4 input and a model trained on it (5 steps), shared by the bad-invocation cases."""
+    d = tmp_path_factory.mktemp("cli")
+    src = _write_input(d, smooth_volume((10, 48, 48), seed=12, dtype=np.uint16, scale=2000), ngff="0.4")
+    model_path = str(d / "m.svb")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli_main(["train", src, "-o", model_path, "--factor", "2,1,1", "--steps", "5", "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(n)
+    (d / "bad.svb").write_bytes(b"garbage")
+    return d, src, model_path
+
+
+# Each bad invocation: exit 2, the message on stderr, and the output it names not created.
+_CLI_ERRORS = {
+    "model exists": (["train", "{src}", "-o", "{model}", "--factor", "2", "--steps", "5", "--quiet"],
+                     "already exists", None),
+    "missing input": (["enhance", "{d}/missing.ome.zarr", "{d}/o2", "--model", "{model}"], "does not exist", "o2"),
+    "bad model file": (["enhance", "{src}", "{d}/o3", "--model", "{d}/bad.svb", "--scheduler", "sync"],
+                       "not a readable svision-big model", "o3"),
+    "factor 3": (["train", "{src}", "-o", "{d}/m2.svb", "--factor", "3"], "1, 2 or 4", "m2.svb"),
+    "block not a multiple": (["enhance", "{src}", "{d}/o4", "--model", "{model}", "--scheduler", "sync",
+                              "--block", "7,16,16"], "multiple of the factors", "o4"),
+}
+
+
+@pytest.mark.parametrize("case", list(_CLI_ERRORS))
+def test_cli_errors(cli_inputs, capsys, case):
+    d, src, model_path = cli_inputs
+    argv, message, created = _CLI_ERRORS[case]
+    argv = [a.format(d=d, src=src, model=model_path) for a in argv]
+    capsys.readouterr()
+    assert cli_main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("svision-big: error:") and "does not exist" in err and len(err.splitlines()) == 1
-    assert not (tmp_path / "o2").exists()
-    bad_model = tmp_path / "bad.svb"
-    bad_model.write_bytes(b"garbage")
-    assert cli_main(["enhance", src, str(tmp_path / "o3"), "--model", str(bad_model), "--scheduler", "sync"]) == 2
-    assert "not a readable svision-big model" in capsys.readouterr().err
-    assert cli_main(["train", src, "-o", str(tmp_path / "m2.svb"), "--factor", "3"]) == 2
-    assert "1, 2 or 4" in capsys.readouterr().err
-    assert cli_main(["enhance", src, str(tmp_path / "o4"), "--model", model_path, "--scheduler", "sync",
-                     "--block", "7,16,16"]) == 2
-    assert "multiple of the factors" in capsys.readouterr().err
+    assert err.startswith("svision-big: error:") and message in err and len(err.splitlines()) == 1, err
+    if created is not None:
+        assert not (d / created).exists()
 
 
 def test_cli_convert_tiff(tmp_path, capsys):

@@ -18,13 +18,14 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import make_model, smooth_volume
+from conftest import smooth_volume
 
 from svision_big import pipeline
 from svision_big.cli import main as cli_main
 from svision_big.convert import write_ome_zarr
 from svision_big.ngff import NgffError, open_image, remove_store
 from svision_big.state import OutputLock, OutputLocked
+from svision_big.testing import make_model
 
 SYNC = dict(scheduler="sync", progress=False)
 

@@ -105,7 +105,8 @@ def build_model(bp: int, light: bool = False, seed: int = 0):
 
     if light:
         return stand_in_model(FACTORS, bp=bp, lo=DATA_LO, hi=DATA_HI, seed=seed)
-    return make_model(FACTORS, bp=bp, mapping=4, final_bp=0, seed=seed, lo=DATA_LO, hi=DATA_HI)
+    # ensemble=8 spelled out: the default True runs one variant (operator._variants reads True as 1)
+    return make_model(FACTORS, bp=bp, mapping=4, final_bp=0, seed=seed, lo=DATA_LO, hi=DATA_HI, ensemble=8)
 
 
 def synth_volume(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
@@ -295,7 +296,7 @@ def flops_per_output_voxel(model) -> dict:
             return fl
 
         residual = resize_flops(fs, up=True) if cfg.residual else 0.0
-        nv = len(_variants(fs[-2] == fs[-1])) if st.ensemble else 1
+        nv = len(_variants(fs[-2] == fs[-1], st.ensemble))
         # the residual cubic upsampling commutes with the flips/rotations: counted once, not per variant
         ens = nv * (net_per_out + 1) + 1 + residual
         deg = st.degradation

@@ -44,11 +44,14 @@ def _robust_var(r: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class NoiseBins:
-    """Noise variance per intensity bin (median intensity, variance, voxel count), lowest first."""
+    """Noise variance per intensity bin (median intensity, variance, voxel count), lowest first,
+    and each bin's tail ratio: the plain variance of its lag-1 residuals over their robust (MAD)
+    variance (NaN where the robust variance is 0)."""
 
     x: np.ndarray
     var: np.ndarray
     count: np.ndarray
+    tail: np.ndarray | None = None
 
     def least_squares(self) -> NoiseModel:
         """var = gain*I + offset weighted by sqrt(count): the model partners are given."""
@@ -81,6 +84,22 @@ class NoiseBins:
         slope = max(0.0, float(np.median((self.var[j] - self.var[i])[ok] / dx[ok])))
         return NoiseModel(slope, float(max(0.0, np.median(self.var - slope * self.x))))
 
+    def tail_ratio(self) -> float:
+        """Count-weighted median tail ratio over the bins. Poisson-Gaussian noise gives about 1
+        (measured 0.96-1.63 on every noisy benchmark case and 1.04-1.68 on real volumes); sparse
+        structure that no difference filter can tell from noise gives heavy tails (clean no-PSF
+        beads x4 32.6, clean no-PSF nuclei x(4,2,2) 7.8): what the bins then call noise is
+        structure."""
+        if self.tail is None:
+            return 1.0
+        ok = np.isfinite(self.tail)
+        if not ok.any():
+            return 1.0
+        t, w = self.tail[ok], self.count[ok]
+        order = np.argsort(t)
+        cw = np.cumsum(w[order])
+        return float(t[order][np.searchsorted(cw, 0.5 * cw[-1])])
+
     def background_std(self) -> float:
         """Noise std of the darkest bin, where no structure leaks in."""
         return float(np.sqrt(self.var[0])) if len(self.var) else 0.0
@@ -100,7 +119,7 @@ def _bin_edges(mean: np.ndarray, n_bins: int) -> np.ndarray:
 
 def noise_bins(volume: np.ndarray, n_bins: int = 12, max_samples: int = 2_000_000, seed: int = 0) -> NoiseBins:
     """Per-intensity-bin noise variances of a (normalised) volume."""
-    empty = NoiseBins(np.zeros(0), np.zeros(0), np.zeros(0))
+    empty = NoiseBins(np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0))
     v = np.asarray(volume, dtype=np.float32)
     if min(v.shape[-2:]) < 3:
         return empty
@@ -117,21 +136,24 @@ def noise_bins(volume: np.ndarray, n_bins: int = 12, max_samples: int = 2_000_00
     if edges.size < 2:
         return empty
     which = np.clip(np.searchsorted(edges, mean, side="right") - 1, 0, edges.size - 2)
-    xs, vs, ws = [], [], []
+    xs, vs, ws, ts = [], [], [], []
     for b in range(edges.size - 1):
         sel = which == b
         if sel.sum() < 50:
             continue
-        per_axis = []
+        per_axis, tails = [], []
         for a1, a2 in zip(r1, r2):
             v1, v2 = _robust_var(a1[sel]), _robust_var(a2[sel])
+            if v1 > 0:
+                tails.append(float(np.var(a1[sel])) / v1)
             # white noise gives v1 = v2 = var; a locally quadratic signal adds L at lag 1 and 16 L at
             # lag 2: extrapolate the signal's share away (Richardson), never below zero
             per_axis.append(max(0.0, min(v1, (16.0 * v1 - v2) / 15.0)))
         xs.append(float(np.median(mean[sel])))
         vs.append(float(min(per_axis)))
         ws.append(float(sel.sum()))
-    return NoiseBins(np.array(xs), np.array(vs), np.array(ws))
+        ts.append(float(np.median(tails)) if tails else np.nan)
+    return NoiseBins(np.array(xs), np.array(vs), np.array(ws), np.array(ts))
 
 
 def estimate_noise(volume: np.ndarray, n_bins: int = 12, max_samples: int = 2_000_000, seed: int = 0) -> NoiseModel:

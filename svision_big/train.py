@@ -154,6 +154,9 @@ def foreground_threshold(v: np.ndarray) -> float:
     return t
 
 
+NOISE_TAIL_LIMIT = 3.0  # ``NoiseBins.tail_ratio`` above which the measured "noise" is structure
+
+
 def choose_noise(v: np.ndarray, mode: str | bool) -> NoiseModel | None:
     """Noise to add to training partners: estimated from the data; 'auto' applies it only if material.
 
@@ -168,7 +171,7 @@ def choose_noise(v: np.ndarray, mode: str | bool) -> NoiseModel | None:
     if mode in (True, "on"):
         return model
     material = bins.theil_sen().std(0.5) > NOISE_STD_THRESHOLD or bins.background_std() > BACKGROUND_STD_THRESHOLD
-    return model if material else None
+    return model if material and bins.tail_ratio() <= NOISE_TAIL_LIMIT else None
 
 
 # --------------------------------------------------------------------------- one stage

@@ -34,7 +34,7 @@ AUTO_ACQUISITION = "cubic"
 DEFAULT_STEPS = 500  # measured: 500 steps beat 1500 against the truth (x2 beads 51.4 vs 49.3 dB; x4,2,2 48.1 vs 45.4)
 BP_CANDIDATES = (0, 1, 2, 5, 10)
 # Noisy data (noise matching on) never back-project. Back-projection copies the input's noise
-# into the output (DESIGN: -3 to -4.5 dB), and the held-aside check cannot see it there: its
+# into the output (-3 to -4.5 dB in a first re-implementation of the method), and the held-aside check cannot see it there: its
 # recorrupted targets decorrelate from the input only as far as the noise estimate is right, and
 # the estimate runs ~20% low (Poisson-100 x2 mixed data: gain 0.0157 measured vs 0.0198 true;
 # clipping at zero hides the read noise). Measured against the truth, the check picked 1
@@ -362,11 +362,11 @@ def fit(volume: np.ndarray, factor: int | tuple[int, ...] = 2, steps: int | None
         nm = None if first else choose_noise(stage_input, noise)
         deg = Degradation(sf, psf, None if nm is None else (nm.gain, nm.offset), acq)
         net, val, report = train_stage(stage_input, deg, cfg, label=f"stage {i + 1} {'x'.join(map(str, sf))}")
-        op = StageOp(net, deg, 0, ensemble=True)
+        op = StageOp(net, deg, 0, ensemble=TRAIN_ENSEMBLE)
         bp, scores = choose_bp_iters(op, val, norm.bounds_n, cfg.bp_candidates)
         if nm is not None:  # noisy: none, whatever the (biased) check says, see NOISY_BP
             bp = NOISY_BP
-        op = StageOp(net, deg, bp, ensemble=True)
+        op = StageOp(net, deg, bp, ensemble=TRAIN_ENSEMBLE)
         report.update(bp_iters=bp, bp_val_mse=scores, noise=None if nm is None else [nm.gain, nm.offset],
                       noise_std_mid=None if nm is None else nm.std(0.5))
         if not quiet:
@@ -449,6 +449,10 @@ def worth_denoising(v: np.ndarray, report: dict, nm: NoiseModel) -> bool:
                   used=bool(used))
     return report["used"]
 
+# While training, stages run one variant (the back-projection choice, a second stage's input, the
+# closing back-projection); ``do_no_harm`` then picks the ensemble the model keeps. Every measured
+# result since the acquisition models came in ran so: ``ensemble=True`` read as one variant then.
+TRAIN_ENSEMBLE = 1
 DENOISER_ENSEMBLE = 1  # the filter is symmetric already: every variant gives the same
 ENSEMBLE_TOLERANCE = 0.005  # relative MSE a larger ensemble must beat (each halving halves the network's cost)
 WIN_MARGIN = 0.02  # relative MSE the trained operator must beat the cubic baseline by (~0.09 dB): the check is a sample

@@ -18,10 +18,12 @@ def run(input, output, factor, **kwargs) -> dict:
     return _run(input, output, factor, **kwargs)
 
 
-def train(input, factor, **kwargs) -> Model:
-    """Train a model on a sampled region of an OME-Zarr image; see :func:`svision_big.pipeline.train`."""
-    from .pipeline import train as _train
-    return _train(input, factor, **kwargs)
+def train_model(input, factor, **kwargs) -> Model:
+    """Train a model on a sampled region of an OME-Zarr image (path or URL); ``fit`` trains on an
+    array. See :func:`svision_big.pipeline.train`. (Not ``train``: that name is the module
+    ``svision_big.train``.)"""
+    from .pipeline import train
+    return train(input, factor, **kwargs)
 
 
 def convert(tiff_path, output, **kwargs) -> str:
@@ -30,4 +32,4 @@ def convert(tiff_path, output, **kwargs) -> str:
     return convert_tiff(tiff_path, output, **kwargs)
 
 
-__all__ = ["Model", "ModelFileError", "fit", "load_model", "enhance", "run", "train", "convert", "__version__"]
+__all__ = ["Model", "ModelFileError", "fit", "load_model", "enhance", "run", "train_model", "convert", "__version__"]

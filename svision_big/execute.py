@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from .model import Model
-from .operator import Pass, output_offset, run_pass, to_output
-from .plan import Block, BlockPlan
+from .ngff import make_store
+from .operator import Pass, output_offset, run_pass
+from .plan import Block, BlockPlan, on_axes
 from .progress import Progress
+from .state import DoneRecords
+from .values import to_output
 
 _MODELS: dict[str, Model] = {}
 _ARRAYS: dict[tuple, object] = {}
@@ -68,7 +71,7 @@ class Job:
     in_options: dict | None = field(default=None, hash=False, compare=False)
     out_options: dict | None = field(default=None, hash=False, compare=False)
     device: str | None = None  # None: CUDA when the worker has it, else CPU
-    step: Pass | None = None  # None: a single network pass
+    pass_: Pass | None = None  # the pass this job runs (every job the pipeline builds has one)
     in_raw: bool = True  # ``in`` holds raw image values (normalise on read), else normalised float32
     out_raw: bool = True  # write raw values in ``out_dtype``, else normalised float32
     companion_path: str | None = None  # in the output store
@@ -83,12 +86,9 @@ class Job:
 
     def selection(self, block: Block, spatial: tuple[slice, ...], offsets: bool = False) -> tuple:
         """Full-array selection; ``offsets``: map the plan's outer index to the input's (channel choice)."""
-        sel: list = [None] * (len(self.spatial_axes) + len(self.outer_axes))
-        for ax, i, off in zip(self.outer_axes, block.outer, self.outer_offsets):
-            sel[ax] = i + (off if offsets else 0)
-        for ax, s in zip(self.spatial_axes, spatial):
-            sel[ax] = s
-        return tuple(sel)
+        outer = [i + (off if offsets else 0) for i, off in zip(block.outer, self.outer_offsets)]
+        sel = on_axes([None] * (len(self.spatial_axes) + len(self.outer_axes)), self.outer_axes, outer)
+        return tuple(on_axes(sel, self.spatial_axes, spatial))
 
 
 # --------------------------------------------------------------------------- per-process state
@@ -99,12 +99,10 @@ def _open_array(url: str, path: str, options: dict | None, writable: bool, run: 
     reuses stale metadata)."""
     import zarr
 
-    from .ngff import _make_store
-
     key = (url, path, writable, run)
     arr = _ARRAYS.get(key)
     if arr is None:
-        store = _make_store(url, options, read_only=not writable)
+        store = make_store(url, options, read_only=not writable)
         arr = zarr.open_array(store, path=path, mode="r+" if writable else "r")
         while len(_ARRAYS) >= 16:
             _ARRAYS.pop(next(iter(_ARRAYS)))
@@ -141,56 +139,6 @@ class ModelPlugin(WorkerPlugin):
 
 
 
-# --------------------------------------------------------------------------- done records
-
-
-class DoneRecords:
-    """One empty object per finished block under ``done_url``: explicit, survives any crash,
-    cheap to list on resume, and independent of whether chunks equal the fill value."""
-
-    def __init__(self, url: str, options: dict | None = None):
-        import fsspec.core
-
-        self.url = url
-        self.fs, self.root = fsspec.core.url_to_fs(url, **(options or {}))
-
-    def create(self) -> None:
-        self.fs.makedirs(self.root, exist_ok=True)
-
-    def mark(self, index: int) -> None:
-        self.fs.pipe_file(f"{self.root}/{index}", b"")
-
-    def note(self, index: int, note: dict) -> None:
-        """What a block found in its input (missing chunks, non-finite values), beside its record."""
-        import json
-
-        self.fs.pipe_file(f"{self.root}/{index}.json", json.dumps(note).encode())
-
-    def notes(self) -> list[dict]:
-        """Every block's note (only blocks that found something have one)."""
-        import json
-
-        try:
-            self.fs.invalidate_cache(self.root)
-            names = [n for n in self.fs.ls(self.root, detail=False) if n.endswith(".json")]
-        except FileNotFoundError:
-            return []
-        return [json.loads(self.fs.cat_file(n)) for n in names]
-
-    def load(self) -> set[int]:
-        try:
-            self.fs.invalidate_cache(self.root)
-            names = self.fs.ls(self.root, detail=False)
-        except FileNotFoundError:
-            return set()
-        out = set()
-        for n in names:
-            base = n.rstrip("/").rsplit("/", 1)[-1]
-            if base.isdigit():
-                out.add(int(base))
-        return out
-
-
 def run_block(job: Job, index: int) -> tuple[int, float, int]:
     """The task: read block + halo (and the companion), run the pass, write the owned chunks, record done."""
     t0 = time.perf_counter()
@@ -216,14 +164,13 @@ def run_block(job: Job, index: int) -> tuple[int, float, int]:
         c, _ = _read(job, job.out_url, job.companion_path, job.out_options, job.selection(block, hr), index)
         comp = torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32)).to(device)
         del c
-    step = job.step or Pass("net", 0, -1, job.plan.factors, False)
     faces = tuple((r.start == 0, r.stop == n) for r, n in zip(block.read, job.plan.in_shape))
-    y = run_pass(spec, step, xt, comp, faces)
+    y = run_pass(spec, job.pass_, xt, comp, faces)
     del xt, comp
-    off = output_offset(spec, step, faces)
+    off = output_offset(spec, job.pass_, faces)
     crop = tuple(slice(c.start - o, c.stop - o) for c, o in zip(block.crop, off))
     if any(c.start < 0 or c.stop > n for c, n in zip(crop, y.shape)):  # a halo too small for the pass
-        raise RuntimeError(f"{step.label}: block {index} computed {tuple(y.shape)} voxels, not the region {crop}")
+        raise RuntimeError(f"{job.pass_.label}: block {index} computed {tuple(y.shape)} voxels, not the region {crop}")
     y = y[crop]  # only the owned region goes on (the halo's share is dropped first)
     if job.out_raw:
         y = to_output(y, spec.norm, job.out_dtype)
@@ -259,7 +206,7 @@ def _read(job: Job, url: str, path: str, options: dict | None, sel: tuple, index
     cause = (str(last).strip().splitlines() or [type(last).__name__])[0]
     what = f"chunk {key}" if key else "a chunk"
     raise ChunkReadError(f"{where}: {what} cannot be read ({cause}), needed by block {index} of "
-                         f"{job.step.label if job.step else 'the network pass'}; stopped after {READ_ATTEMPTS} "
+                         f"{job.pass_.label}; stopped after {READ_ATTEMPTS} "
                          f"attempts (finished blocks are kept: repair the input and re-run to finish)") from None
 
 
@@ -321,7 +268,7 @@ def _fill(arr) -> float:
 def _check_input(job: Job, src, x: np.ndarray, block: Block, index: int) -> dict:
     """Missing chunks and non-finite values in a block of the raw input: counted (over the block's
     own region, so halos do not count twice), refused, or filled, as the job says. One NaN voxel
-    made 13.8% of an output NaN; a missing chunk changed 5.6% of one without a word (issue 14)."""
+    spreads over the network's whole receptive field; a missing chunk reads as the fill value without a word."""
     where = f"{job.in_url.rstrip('/')}/{job.in_path}"
     note: dict = {}
     sel = job.selection(block, block.read, offsets=True)
@@ -428,6 +375,49 @@ _LIBC = None
 # --------------------------------------------------------------------------- drivers
 
 
+def _run_on_cluster(job: Job, models: dict[str, Model], client, todo, window: int | None,
+                    finished: Callable[[int, int], None], where: Callable[[], str]) -> None:
+    """Submit the blocks ``todo`` windowed (a few tasks per worker in flight, the next submitted as
+    each ends), calling ``finished(index, voxels)`` per block; a lost cluster is one line
+    (:class:`ClusterLost`, ``where()`` says how far the run got)."""
+    from distributed import as_completed
+
+    watch = _NoWorkerWatch(client, NO_WORKERS_S)
+    try:
+        watch.start()
+        blobs = {h: m.to_bytes() for h, m in models.items()}
+        plugin = ModelPlugin(blobs, name=f"svision-big-models-{'-'.join(sorted(blobs))}")
+        client.register_plugin(plugin, name=plugin.name)
+        tag = "svb-" + job.done_url.rsplit("done-", 1)[-1].replace("/", "-")
+        window = window or 2 * max(1, sum(client.nthreads().values())) + 2
+        first = [client.submit(run_block, job, i, pure=False, key=f"{tag}-{i}") for _, i in zip(range(window), todo)]
+        watch.futures = first
+        pending = as_completed(first)
+        for fut in pending:
+            idx, _, v = fut.result()
+            fut.release()
+            finished(idx, v)
+            nxt = next(todo, None)
+            if nxt is not None:
+                f = client.submit(run_block, job, nxt, pure=False, key=f"{tag}-{nxt}")
+                watch.futures.append(f)
+                pending.add(f)
+    except (InputDataError, ChunkReadError):
+        raise  # the data's fault, named by the task
+    except Exception as exc:  # noqa: BLE001
+        if watch.fired:
+            raise ClusterLost(f"the Dask cluster at {_address(client)} had no worker for {watch.limit:.0f} s, after "
+                              f"{where()}: the finished blocks are kept; re-run the same command once workers are up "
+                              f"to resume") from None
+        if _cluster_gone(client, exc):
+            raise ClusterLost(f"lost the Dask scheduler {_address(client)} ({type(exc).__name__}) after {where()}: "
+                              f"the finished blocks are kept; re-run the same command against a running scheduler "
+                              f"to resume") from None
+        raise
+    finally:
+        watch.stop()
+
+
 def execute(job: Job, models: dict[str, Model], client=None, progress: bool = True,
             on_block: Callable[[int], None] | None = None, window: int | None = None, label: str = "enhance") -> dict:
     """Run every block not yet recorded done; return counts and timings."""
@@ -442,64 +432,31 @@ def execute(job: Job, models: dict[str, Model], client=None, progress: bool = Tr
                    rate_scale=voxels_per_block, rate_unit="output voxels/s (approx)")
     bar.done = len(done)
     t0 = time.perf_counter()
-    finished = 0
-    out_voxels = 0
+    count = {"blocks": 0, "voxels": 0}
+
+    def finished(index: int, voxels: int) -> None:
+        count["blocks"] += 1
+        count["voxels"] += voxels
+        bar.update(len(done) + count["blocks"])
+        if on_block:
+            on_block(index)
+
     if client is None:
         register_models(models)
         for i in todo:
             _, _, v = run_block(job, i)
-            finished += 1
-            out_voxels += v
-            bar.update(len(done) + finished)
-            if on_block:
-                on_block(i)
+            finished(i, v)
     else:
-        from distributed import as_completed
-
-        watch = _NoWorkerWatch(client, NO_WORKERS_S)
         try:
-            watch.start()
-            blobs = {h: m.to_bytes() for h, m in models.items()}
-            plugin = ModelPlugin(blobs, name=f"svision-big-models-{'-'.join(sorted(blobs))}")
-            client.register_plugin(plugin, name=plugin.name)
-            tag = "svb-" + job.done_url.rsplit("done-", 1)[-1].replace("/", "-")
-            window = window or 2 * max(1, sum(client.nthreads().values())) + 2
-            first = [client.submit(run_block, job, i, pure=False, key=f"{tag}-{i}")
-                     for _, i in zip(range(window), todo)]
-            watch.futures = first
-            pending = as_completed(first)
-            for fut in pending:
-                idx, _, v = fut.result()
-                fut.release()
-                finished += 1
-                out_voxels += v
-                bar.update(len(done) + finished)
-                if on_block:
-                    on_block(idx)
-                nxt = next(todo, None)
-                if nxt is not None:
-                    f = client.submit(run_block, job, nxt, pure=False, key=f"{tag}-{nxt}")
-                    watch.futures.append(f)
-                    pending.add(f)
-        except (InputDataError, ChunkReadError):
-            raise  # the data's fault, named by the task
-        except Exception as exc:  # noqa: BLE001
-            if watch.fired:
-                bar.close()
-                raise ClusterLost(f"the Dask cluster at {_address(client)} had no worker for {watch.limit:.0f} s, after "
-                                  f"{len(done) + finished} of {total} blocks: the finished blocks are kept; re-run the "
-                                  f"same command once workers are up to resume") from None
-            if _cluster_gone(client, exc):
-                bar.close()
-                raise ClusterLost(f"lost the Dask scheduler {_address(client)} ({type(exc).__name__}) after "
-                                  f"{len(done) + finished} of {total} blocks: the finished blocks are kept; re-run "
-                                  f"the same command against a running scheduler to resume") from None
+            _run_on_cluster(job, models, client, todo, window, finished,
+                            lambda: f"{len(done) + count['blocks']} of {total} blocks")
+        except ClusterLost:
+            bar.close()
             raise
-        finally:
-            watch.stop()
+    computed, out_voxels = count["blocks"], count["voxels"]
     bar.close()
     seconds = time.perf_counter() - t0
-    out = {"blocks": total, "skipped": len(done), "computed": finished, "todo_at_start": n_todo,
+    out = {"blocks": total, "skipped": len(done), "computed": computed, "todo_at_start": n_todo,
            "seconds": round(seconds, 3), "output_voxels": out_voxels,
            "voxels_per_second": out_voxels / seconds if seconds > 0 else 0.0}
     if job.in_raw:  # what the blocks found in the input, this run and earlier ones

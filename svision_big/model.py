@@ -5,8 +5,8 @@ strings only), so loading a model never executes code. Its *hash* is computed ov
 (config JSON + tensor bytes), not the file bytes, so it identifies the operator itself: the
 chunked pipeline keys its resume records and the worker-side model cache on it.
 
-Integrity, checked on every load (issue 14: a model with 64 bytes flipped in its weights changed
-62% of an output, one with edited header factors wrote an output that was 7/8 zeros, both exit 0):
+Integrity, checked on every load (a few flipped bytes in the weights, or edited header factors,
+would otherwise write a wrong output without an error):
 the archive's zip CRCs; the file's *digest* (sha256 of the header text and every tensor, written
 by ``to_bytes``); the header against the weights' shapes (nets built on torch's "meta" device
 first, so a header asking for 2000 features allocates nothing before it is refused); and the
@@ -27,7 +27,8 @@ import torch
 from . import __version__
 from .degrade import Degradation, check_acquisition
 from .network import NetConfig, SVNet
-from .operator import Normalisation, OperatorSpec, StageOp, enhance_array, precision_dtype
+from .operator import OperatorSpec, StageOp, enhance_array, precision_dtype
+from .values import Normalisation
 
 FORMAT = "svision-big-model"
 FORMAT_VERSION = 1
@@ -116,7 +117,7 @@ class Model:
         return [s.degradation for s in self.stages]
 
     def halo(self) -> tuple[int, ...]:
-        from .operator import receptive_halo
+        from .halo import receptive_halo
         return receptive_halo(self.spec())
 
     def settings(self) -> dict:
@@ -179,7 +180,7 @@ class Model:
         return path
 
     @classmethod
-    def from_bytes(cls, data: bytes, where: str = "model") -> "Model":
+    def from_bytes(cls, data: bytes, where: str = "model") -> Model:
         _check_archive(data, where)
         try:
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -271,7 +272,7 @@ def _check_stage(config: NetConfig, weights: dict, where: str, i: int) -> None:
                              f"{expected.get(k)}, weights {got.get(k)}): a damaged or edited model file")
 
 
-def _check_factors(model: "Model", where: str) -> None:
+def _check_factors(model: Model, where: str) -> None:
     """The model's factors against its stages' (an edited header's factors wrote 7/8 zeros)."""
     prod = [1] * model.ndim
     for i, s in enumerate(model.stages):

@@ -6,7 +6,7 @@ kept in one :class:`NgffFormat` subclass, so the rest of the package never
 branches on a version string.
 
 Coordinate transforms are written by us rather than by ome-zarr-py, because
-(see DESIGN.md section 2) its ``write_multiscale(scale=...)`` writes
+(see docs/architecture.md) its ``write_multiscale(scale=...)`` writes
 translations in the wrong units and ``write_image(compute=False)`` writes
 metadata before the data exists.
 """
@@ -39,6 +39,7 @@ __all__ = [
     "multiscales_metadata",
     "open_output_group",
     "store_exists",
+    "make_store",
     "remove_store",
     "foreign_file",
     "describe",
@@ -64,10 +65,6 @@ class NgffFormat(ABC):
     zarr_format: int
 
     @abstractmethod
-    def read_ome_attrs(self, group_attrs: dict) -> dict:
-        """Return the dict that holds ``multiscales`` / ``omero``."""
-
-    @abstractmethod
     def write_ome_attrs(self, group: zarr.Group, ome: dict) -> None:
         """Store the OME dict on ``group``, adding the version marker where the spec wants it.
 
@@ -75,7 +72,6 @@ class NgffFormat(ABC):
         provenance written earlier survives.
         """
 
-    @abstractmethod
     def create_array(
         self,
         group: zarr.Group,
@@ -90,6 +86,21 @@ class NgffFormat(ABC):
         overwrite: bool = False,
     ) -> zarr.Array:
         """Create an image array encoded as this NGFF version requires."""
+        return group.create_array(
+            path,
+            shape=tuple(int(s) for s in shape),
+            chunks=tuple(int(c) for c in chunks),
+            dtype=np.dtype(dtype),
+            fill_value=fill_value,
+            overwrite=overwrite,
+            **self.array_encoding(dimension_names, shards, compression),
+        )
+
+    @abstractmethod
+    def array_encoding(
+        self, dimension_names: Sequence[str], shards: Sequence[int] | None, compression: bool
+    ) -> dict:
+        """The version's ``create_array`` keywords: compressor, chunk keys, shards, dimension names."""
 
     def multiscale_entry(self, entry: dict) -> dict:
         """Add version-specific keys to one ``multiscales`` entry (default: none)."""
@@ -111,9 +122,6 @@ class FormatV04(NgffFormat):
     version = "0.4"
     zarr_format = 2
 
-    def read_ome_attrs(self, group_attrs: dict) -> dict:
-        return dict(group_attrs)
-
     def multiscale_entry(self, entry: dict) -> dict:
         # 0.4 versions each multiscales entry, not the group.
         return {**entry, "version": self.version}
@@ -125,19 +133,9 @@ class FormatV04(NgffFormat):
             ome["multiscales"] = [self.multiscale_entry(m) for m in ome["multiscales"]]
         group.attrs.update(ome)
 
-    def create_array(
-        self,
-        group: zarr.Group,
-        path: str,
-        shape: Sequence[int],
-        chunks: Sequence[int],
-        dtype: Any,
-        dimension_names: Sequence[str],
-        shards: Sequence[int] | None = None,
-        compression: bool = True,
-        fill_value: Any = 0,
-        overwrite: bool = False,
-    ) -> zarr.Array:
+    def array_encoding(
+        self, dimension_names: Sequence[str], shards: Sequence[int] | None, compression: bool
+    ) -> dict:
         # dimension_names cannot be stored in zarr v2; the axes live in .zattrs.
         if shards is not None:
             raise NgffError("sharding needs NGFF 0.5 (zarr v3); NGFF 0.4 cannot shard")
@@ -148,16 +146,7 @@ class FormatV04(NgffFormat):
             if compression
             else None
         )
-        return group.create_array(
-            path,
-            shape=tuple(int(s) for s in shape),
-            chunks=tuple(int(c) for c in chunks),
-            dtype=np.dtype(dtype),
-            compressors=compressor,
-            fill_value=fill_value,
-            chunk_key_encoding={"name": "v2", "separator": "/"},
-            overwrite=overwrite,
-        )
+        return {"compressors": compressor, "chunk_key_encoding": {"name": "v2", "separator": "/"}}
 
 
 class FormatV05(NgffFormat):
@@ -166,9 +155,6 @@ class FormatV05(NgffFormat):
     version = "0.5"
     zarr_format = 3
 
-    def read_ome_attrs(self, group_attrs: dict) -> dict:
-        return dict(group_attrs.get("ome", {}))
-
     def write_ome_attrs(self, group: zarr.Group, ome: dict) -> None:
         ome = copy.deepcopy(dict(ome))
         # 0.5 versions the whole "ome" block; a per-entry version is not allowed.
@@ -176,35 +162,19 @@ class FormatV05(NgffFormat):
             m.pop("version", None)
         group.attrs.update({"ome": {"version": self.version, **ome}})
 
-    def create_array(
-        self,
-        group: zarr.Group,
-        path: str,
-        shape: Sequence[int],
-        chunks: Sequence[int],
-        dtype: Any,
-        dimension_names: Sequence[str],
-        shards: Sequence[int] | None = None,
-        compression: bool = True,
-        fill_value: Any = 0,
-        overwrite: bool = False,
-    ) -> zarr.Array:
+    def array_encoding(
+        self, dimension_names: Sequence[str], shards: Sequence[int] | None, compression: bool
+    ) -> dict:
         from zarr.codecs import BloscCodec
 
         compressors = (
             BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle") if compression else None
         )
-        return group.create_array(
-            path,
-            shape=tuple(int(s) for s in shape),
-            chunks=tuple(int(c) for c in chunks),
-            shards=None if shards is None else tuple(int(s) for s in shards),
-            dtype=np.dtype(dtype),
-            compressors=compressors,
-            fill_value=fill_value,
-            dimension_names=list(dimension_names),
-            overwrite=overwrite,
-        )
+        return {
+            "shards": None if shards is None else tuple(int(s) for s in shards),
+            "compressors": compressors,
+            "dimension_names": list(dimension_names),
+        }
 
 
 _FORMATS: dict[str, NgffFormat] = {"0.4": FormatV04(), "0.5": FormatV05()}
@@ -233,7 +203,8 @@ def _local_path(url: str) -> str:
     return os.path.abspath(os.path.expanduser(url))
 
 
-def _make_store(url: str, storage_options: dict | None, read_only: bool):
+def make_store(url: str, storage_options: dict | None, read_only: bool):
+    """A zarr store for a local path (``LocalStore``) or an fsspec URL (``FsspecStore``)."""
     url = str(url)
     if _is_remote(url):
         return FsspecStore.from_url(url, storage_options=storage_options or {}, read_only=read_only)
@@ -325,7 +296,7 @@ def open_output_group(
         raise NgffError(f"{url} already exists")
     if mode == "r+" and not exists:
         raise NgffError(f"{url} does not exist")
-    store = _make_store(url, storage_options, read_only=False)
+    store = make_store(url, storage_options, read_only=False)
     if exists:
         try:
             group = zarr.open_group(store, mode="r+")
@@ -476,7 +447,7 @@ def _open_group_readonly(url: str, storage_options: dict | None) -> zarr.Group:
     # "directory" on HTTP or S3 is not an object fsspec can always see.
     if not remote and not store_exists(url):
         raise NgffError(f"{url} does not exist")
-    store = _make_store(url, storage_options, read_only=True)
+    store = make_store(url, storage_options, read_only=True)
     try:
         node = zarr.open(store, mode="r")
     except (FileNotFoundError, zarr.errors.NodeNotFoundError):
@@ -821,7 +792,7 @@ class _Sub:
         return np.asarray(self.arr[full])
 
 
-def viewer_metadata(ome: dict, image: "Image", level, version: str, factors: Sequence[int] | int,
+def viewer_metadata(ome: dict, image: Image, level, version: str, factors: Sequence[int] | int,
                     channel: int | None = None) -> dict:
     """Finish an enhanced output's OME dict for viewers: the spec's lower-case axes, the name with
     " (svision x2)", and an ``omero`` block (windows from the output's coarse ``level``; the

@@ -1,47 +1,21 @@
 """The inference operator: ensemble -> back-projection -> clamp, per stage; volume in, volume out.
 
 Everything here is a pure function of (input array, operator spec), so the whole-volume result
-is the reference that chunked inference must reproduce, and ``receptive_halo`` derives the
-exact halo a block needs from the same spec (no guessing, no per-block padding rules).
+is the reference that chunked inference must reproduce. The exact halo a block needs is derived
+from the same spec in ``halo.py``; the mapping between raw and normalised values is ``values.py``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 import torch
 
-from functools import lru_cache
-
-from .degrade import UP_KIND, Degradation, apply_window, phase_kernels, phase_table, valid_window
+from .degrade import Degradation, apply_window, phase_kernels, valid_window
 from .network import SVNet
-
-
-@dataclass(frozen=True)
-class Normalisation:
-    """Global intensity mapping x_n = (x - lo) / (hi - lo); measured once, never per block."""
-
-    lo: float
-    hi: float
-    floor: float | None  # clamp value in raw units (0 for non-negative data), None = no clamp
-    ceiling: float | None = None  # the input's saturation value (raw), None = not saturated
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.lo) / (self.hi - self.lo)
-
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return y * (self.hi - self.lo) + self.lo
-
-    @property
-    def floor_n(self) -> float | None:
-        return None if self.floor is None else (self.floor - self.lo) / (self.hi - self.lo)
-
-    @property
-    def bounds_n(self) -> tuple[float | None, float | None]:
-        """(floor, ceiling) in normalised units: the output never leaves what the input could record."""
-        ceil = None if self.ceiling is None else (self.ceiling - self.lo) / (self.hi - self.lo)
-        return self.floor_n, ceil
+from .values import Normalisation, to_output
 
 
 def clamp_(y: torch.Tensor, bounds) -> torch.Tensor:
@@ -95,8 +69,8 @@ def precision_dtype(precision: str, device: str | torch.device = "cpu") -> torch
     """The torch dtype the networks run in.
 
     float32 is the reference (the seamless invariant is stated for it). bfloat16 halves the
-    convolutions' time on CPUs with AVX512-BF16 or AMX (measured 1.8x per convolution here) at a
-    cost measured in ``benchmarks/``; cubic upsampling, the ensemble mean and back-projection stay
+    convolutions' time on CPUs with AVX512-BF16 or AMX, at an accuracy cost measured in
+    ``benchmarks/``; cubic upsampling, the ensemble mean and back-projection stay
     float32. float16 is for CUDA devices only."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
@@ -225,7 +199,7 @@ def add_upsampled(acc: torch.Tensor, x: torch.Tensor, factors: tuple[int, ...], 
     return acc
 
 
-def output_offset(spec: "OperatorSpec", p: "Pass", faces) -> tuple[int, ...]:
+def output_offset(spec: OperatorSpec, p: Pass, faces) -> tuple[int, ...]:
     """Where a pass's output starts inside its read region times ``p.factors``, in high-res voxels,
     per axis: on sides that are not volume faces the network leaves out its convolution radius,
     and back-projection the margin its iterations cannot compute exactly."""
@@ -239,7 +213,7 @@ def output_offset(spec: "OperatorSpec", p: "Pass", faces) -> tuple[int, ...]:
     return tuple(_bp_start(tuple(deg.factors), psf, deg.acquisition, a, iters, lo) for a, (lo, _) in enumerate(faces))
 
 
-def _bp_settings(spec: "OperatorSpec", p: "Pass") -> tuple[Degradation | None, int]:
+def _bp_settings(spec: OperatorSpec, p: Pass) -> tuple[Degradation | None, int]:
     if p.kind == "bp":
         st = spec.stages[p.stage]
         return st.degradation, st.bp_iters
@@ -316,7 +290,7 @@ def back_project(y: torch.Tensor, x: torch.Tensor, deg: Degradation, iters: int,
         r = x[(slice(None),) * lead + tuple(slice(w[i][2][0], w[i][2][1]) for w in wins)] - t
         del t
         for a in reversed(range(nd)):  # innermost axis first, on the smallest volume: its interleaved
-            _, _, q, nv = wins[a][i]      # writes cost the most per voxel (2 x2 iterations at 160^3: 46 -> 40 ms)
+            _, _, q, nv = wins[a][i]      # writes cost the most per voxel
             if kers[a][2] is not None:
                 r = apply_window(r, lead + a, kers[a][2], q[0], x.shape[lead + a], nv, faces[a])
             else:
@@ -332,32 +306,53 @@ def back_project(y: torch.Tensor, x: torch.Tensor, deg: Degradation, iters: int,
 # --------------------------------------------------------------------------- passes
 
 
+IMAGE = "image"  # the input image, as a pass input
+
+
+def output_name(k: int) -> str:
+    """The name of pass ``k``'s output, as other passes list it in their ``inputs``."""
+    return f"p{k}"
+
+
 @dataclass(frozen=True)
 class Pass:
     """One blockwise sweep of the operator, so that each part gets its own (small) halo.
 
     Run in one sweep, back-projection's wide halo (about 3 low-res voxels per iteration) would
-    make every block re-run the network over that whole margin: measured 937% halo overhead at
-    bp 10. Split into passes, the network runs with its own radius (8) and back-projection
-    reads the stored network output.
+    make every block re-run the network over that whole margin. Split into passes, the network
+    runs with its own radius and back-projection reads the stored network output.
 
     ``kind``: "net" (ensemble network, clamp), "bp" (iterative back-projection of the previous
     pass's output against this stage's input) or "final" (closing full-factor back-projection
-    against the original input). ``ref``: which pass made this pass's low-res input (-1: the
-    input image). ``companion``: also reads the previous pass's output (high-res, at the read
-    region times ``factors``).
+    against the original input). ``inputs`` names what the pass reads (as daisy's upstream
+    tasks): first its low-res input (``source``: ``IMAGE`` or ``output_name(k)`` of an earlier
+    pass), then, for "bp" and "final", the high-res estimate it corrects (``companion``, read at
+    the read region times ``factors``).
     """
 
     kind: str
     stage: int
-    ref: int
     factors: tuple[int, ...]
-    companion: bool
+    inputs: tuple[str, ...]
+
+    @property
+    def source(self) -> str:
+        return self.inputs[0]
+
+    @property
+    def companion(self) -> str | None:
+        return self.inputs[1] if len(self.inputs) > 1 else None
 
     @property
     def label(self) -> str:
         return {"net": f"stage {self.stage + 1} network", "bp": f"stage {self.stage + 1} back-projection",
                 "final": "closing back-projection"}[self.kind]
+
+
+def readers(passes, k: int) -> tuple[int, ...]:
+    """The passes (indices) that read pass ``k``'s output."""
+    name = output_name(k)
+    return tuple(i for i, q in enumerate(passes) if name in q.inputs)
 
 
 def plan_passes(specs) -> tuple[Pass, ...]:
@@ -368,14 +363,14 @@ def plan_passes(specs) -> tuple[Pass, ...]:
     if any(len(s.stages) != len(first.stages) or s.factors != first.factors for s in specs):
         raise ValueError("operators with different stages cannot share passes")
     passes: list[Pass] = []
-    ref = -1
+    source = IMAGE
     for i, st in enumerate(first.stages):
-        passes.append(Pass("net", i, ref, st.factors, False))
+        passes.append(Pass("net", i, st.factors, (source,)))
         if any(s.stages[i].bp_iters > 0 for s in specs):
-            passes.append(Pass("bp", i, ref, st.factors, True))
-        ref = len(passes) - 1
+            passes.append(Pass("bp", i, st.factors, (source, output_name(len(passes) - 1))))
+        source = output_name(len(passes) - 1)
     if any(s.final is not None and s.final_bp_iters > 0 for s in specs):
-        passes.append(Pass("final", len(first.stages), -1, first.factors, True))
+        passes.append(Pass("final", len(first.stages), first.factors, (IMAGE, output_name(len(passes) - 1))))
     return tuple(passes)
 
 
@@ -403,37 +398,14 @@ def run_pass(spec: OperatorSpec, p: Pass, x: torch.Tensor, companion: torch.Tens
 def apply_normalised(x: torch.Tensor, spec: OperatorSpec, upto: int | None = None) -> torch.Tensor:
     """All passes (or those of the first ``upto`` stages, without the closing back-projection),
     in normalised units: exactly the sequence the chunked pipeline runs block by block."""
-    outs: list[torch.Tensor] = []
-    for p in plan_passes(spec):
+    outs = {IMAGE: x}
+    last = IMAGE
+    for k, p in enumerate(plan_passes(spec)):
         if upto is not None and (p.kind == "final" or p.stage >= upto):
             break
-        ref = x if p.ref < 0 else outs[p.ref]
-        outs.append(run_pass(spec, p, ref, outs[-1] if p.companion else None))
-    return outs[-1] if outs else x
-
-
-def cast_output(y: np.ndarray, dtype: np.dtype, own: bool = False) -> np.ndarray:
-    """Round and clip to an integer dtype's range; plain cast for floats. ``own``: ``y`` may be
-    overwritten (no float temporary)."""
-    dtype = np.dtype(dtype)
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        y = np.rint(y, out=y if own else None)
-        return np.clip(y, info.min, info.max, out=y).astype(dtype)
-    return y.astype(dtype, copy=False)
-
-
-def to_output(y: torch.Tensor, norm: Normalisation, dtype: np.dtype, chunk: int = 32) -> np.ndarray:
-    """Normalised result (or a view into it) -> raw values in ``dtype``, ``chunk`` slices of axis 0
-    at a time: a block's owned region used to be copied, inverted into a new tensor and rounded
-    into a third (three 256^3 float32 arrays, 200 MB, at once)."""
-    dtype = np.dtype(dtype)
-    a, b = norm.hi - norm.lo, norm.lo
-    out = np.empty(tuple(y.shape), dtype)
-    for c0 in range(0, y.shape[0], chunk):
-        t = torch.mul(y[c0:c0 + chunk], a).add_(b)  # the same two roundings as ``Normalisation.inverse``
-        out[c0:c0 + chunk] = cast_output(t.cpu().numpy(), dtype, own=True)
-    return out
+        last = output_name(k)
+        outs[last] = run_pass(spec, p, outs[p.source], outs[p.companion] if p.companion else None)
+    return outs[last]
 
 
 def enhance_array(volume: np.ndarray, spec: OperatorSpec, dtype: np.dtype | str | None = None, device: str | torch.device = "cpu") -> np.ndarray:
@@ -447,124 +419,3 @@ def enhance_array(volume: np.ndarray, spec: OperatorSpec, dtype: np.dtype | str 
     out_dtype = np.dtype(dtype) if dtype is not None else volume.dtype
     x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)).to(device)
     return to_output(apply_normalised(spec.norm.forward(x), spec), spec.norm, out_dtype)
-
-
-# --------------------------------------------------------------------------- receptive field
-
-
-def _through(mask: np.ndarray, table: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    idx, w = table
-    return np.any(mask[idx] & (w != 0.0), axis=1)
-
-
-def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
-    out = mask.copy()
-    for s in range(1, r + 1):
-        out[s:] |= mask[:-s]
-        out[:-s] |= mask[s:]
-    return out
-
-
-def _bp_mask(y: np.ndarray, x: np.ndarray, deg: Degradation, axis: int, iters: int) -> np.ndarray:
-    blur_k, down_k, up_k = deg.kernels(axis)
-    for _ in range(iters):
-        d = y
-        if blur_k is not None:
-            d = _through(d, phase_table(blur_k, len(d)))
-        if down_k is not None:
-            d = _through(d, phase_table(down_k, len(d)))
-            u = _through(x | d, phase_table(up_k, len(x)))
-        else:
-            u = x | d
-        y = y | u
-    return y
-
-
-def _influence(spec: OperatorSpec, axis: int, n: int) -> np.ndarray:
-    """Which outputs (high-res, along one axis) an impulse at the centre of ``n`` inputs touches."""
-    x0 = np.zeros(n, dtype=bool)
-    x0[n // 2] = True
-    x = x0
-    for stage in spec.stages:
-        f = stage.factors[axis]
-        r = stage.net.config.radius()
-        y = np.repeat(_dilate(x, r), f)
-        x = _bp_mask(y, x, stage.degradation, axis, stage.bp_iters)
-    if spec.final is not None and spec.final_bp_iters > 0:
-        x = _bp_mask(x, x0, spec.final, axis, spec.final_bp_iters)
-    return x
-
-
-def receptive_halo(spec: OperatorSpec) -> tuple[int, ...]:
-    """Exact halo (input voxels per spatial axis) so a block's write region is unaffected by its edges.
-
-    Propagates the structural dependence of one input voxel through the very tap tables and
-    network radii the operator uses. Rotations in the ensemble mix y and x, so both lateral
-    axes get the larger of the two.
-    """
-    total = spec.factors
-    halo = []
-    for axis in range(spec.ndim):
-        n = 65
-        while True:
-            m = _influence(spec, axis, n)
-            hit = np.nonzero(m)[0]
-            if hit[0] > 0 and hit[-1] < len(m) - 1:
-                break
-            n = 2 * n + 1
-        lr = hit // total[axis]
-        halo.append(int(max(n // 2 - lr.min(), lr.max() - n // 2)))
-    if spec.ndim >= 2 and any(ensemble_size(s.ensemble, s.factors) > 1 for s in spec.stages):
-        lat = max(halo[-2], halo[-1])
-        halo[-2] = halo[-1] = lat
-    return tuple(halo)
-
-
-def _pass_influences(spec: OperatorSpec, p: Pass, axis: int, n: int) -> list[tuple[np.ndarray, int]]:
-    """High-res outputs (along one axis) touched by an impulse in each of the pass's inputs,
-    with the low-res cell the impulse sits in."""
-    f = p.factors[axis]
-    c = n // 2
-    x0 = np.zeros(n, dtype=bool)
-    x0[c] = True
-    if p.kind == "net":
-        r = spec.stages[p.stage].net.config.radius()
-        return [(np.repeat(_dilate(x0, r), f), c)]
-    if p.kind == "bp":
-        deg, iters = spec.stages[p.stage].degradation, spec.stages[p.stage].bp_iters
-    else:
-        deg, iters = spec.final, spec.final_bp_iters
-        if deg is None or iters <= 0:
-            iters = 0
-    out = [(_bp_mask(np.zeros(n * f, dtype=bool), x0, deg, axis, iters) if iters else np.repeat(np.zeros(n, dtype=bool), f), c)]
-    for phase in range(f):  # an impulse in the companion, at each sub-voxel position of cell c
-        y0 = np.zeros(n * f, dtype=bool)
-        y0[c * f + phase] = True
-        out.append((_bp_mask(y0, np.zeros(n, dtype=bool), deg, axis, iters) if iters else y0, c))
-    return out
-
-
-def pass_halo(spec: OperatorSpec, p: Pass) -> tuple[int, ...]:
-    """Exact halo of one pass, in voxels of its low-res input per side (as ``receptive_halo``)."""
-    halo = []
-    for axis in range(spec.ndim):
-        f = p.factors[axis]
-        n = 65
-        while True:
-            found, inside = 0, True
-            for m, c in _pass_influences(spec, p, axis, n):
-                hit = np.nonzero(m)[0]
-                if len(hit) == 0:
-                    continue
-                if hit[0] == 0 or hit[-1] == len(m) - 1:
-                    inside = False
-                    break
-                lr = hit // f
-                found = max(found, int(max(c - lr.min(), lr.max() - c)))
-            if inside:
-                break
-            n = 2 * n + 1
-        halo.append(found)
-    if p.kind == "net" and spec.ndim >= 2 and ensemble_size(spec.stages[p.stage].ensemble, p.factors) > 1:
-        halo[-2] = halo[-1] = max(halo[-2], halo[-1])
-    return tuple(halo)

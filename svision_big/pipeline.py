@@ -12,50 +12,54 @@ import hashlib
 import json
 import math
 import os
-import re
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
 from . import __version__
 from .execute import Job, execute
+from .halo import pass_halo
 from .model import Model, load_model
-from .ngff import (viewer_metadata, Image, NgffError, _make_store, foreign_file, format_for, multiscales_metadata, open_image,
-                   open_output_group, store_exists, upsampled_transform)
-from .operator import pass_halo, plan_passes, precision_dtype
-from .plan import BlockPlan, default_block
+from .ngff import (
+    Image,
+    NgffError,
+    format_for,
+    multiscales_metadata,
+    open_image,
+    open_output_group,
+    store_exists,
+    upsampled_transform,
+    viewer_metadata,
+)
+from .operator import IMAGE, Pass, output_name, plan_passes, precision_dtype, readers
+from .plan import BlockPlan, default_block, on_axes
 from .pyramid import build_pyramid, pyramid_datasets, pyramid_factors
-from .state import LOCK_NAME, OutputLock
+from .state import OutputState
 from .train import fit, parse_factors
 
-STATE_DIR = "svision_state"
 DEFAULT_TRAIN_VOXELS = 4_000_000
-# Output chunks for viewers, and each pass's block (output voxels per axis, whole chunks), chosen
-# from `python benchmarks/pipeline.py --only blocks` (benchmarks/README): bigger blocks repeat less
-# halo and the streamed network runs as fast per voxel at any size, so its block is as large as
-# ~0.6 GB per single-thread worker allows: 256^3, 1.55 M output voxels/s per core (128^3: 1.28).
-# Back-projection runs as fast or faster in 128^3 blocks (windowed: bp 10 2.13 M/s per core
-# against 2.15 at 256^3, bp 2 45 against 19) at half the memory (bp 10: 0.52 against 1.06 GB).
-DEFAULT_BLOCK = 128  # a user's integer block, and the default chunk
+# Output chunks for viewers, and each pass's default block (output voxels per axis, whole chunks).
+# Bigger blocks repeat less halo and the streamed network runs as fast per voxel at any size, so
+# its block is as large as a single-threaded worker's memory allows; back-projection runs as fast
+# in smaller blocks, at half the memory. `python benchmarks/pipeline.py --only blocks` measures them.
 DEFAULT_CHUNK = 128
 DEFAULT_PASS_BLOCK = {"net": 256, "bp": 128, "final": 128}
 # A back-projection pass whose halo is no wider than the network's (2 iterations or fewer at x2)
-# takes the network's block instead: its compute is negligible (bp 2, 128^3: 0.04 s), so what it
-# costs is reading the staged float32 output, and 128^3 blocks read 78% extra against 34% at
-# 256^3, in 8x as many tasks (bp 2 end to end 0.87 -> 0.95 of bp 0); at 256^3 it needs 0.58 GB in
-# one thread against the network pass's 0.46-0.51, and a bp 2 tree peaks at 1.94-1.99 GB.
+# takes the network's block instead: its compute is negligible, so what it costs is reading the
+# staged float32 output, and smaller blocks re-read a larger share of halo, in more tasks.
 NARROW_BP_HALO = 8
 # The smallest volume `fit` trains on: every spatial axis at least 5 voxels (the noise estimate's
-# lag-2 second differences need 5; measured: 3 or 4 voxels on any axis failed with an IndexError
-# inside numpy, 5 trained for x2, x4, x(2,1,1), x(4,2,2) and 2D x2/x4, clean and noisy).
+# lag-2 second differences need 5).
 MIN_TRAIN_EDGE = 5
-# Blocks smaller than twice the halo on a split axis repeat more work than they do: `--block 2,2,2`
-# planned 65,536 blocks at a halo overhead of 3.6 million percent and ran for hours. They are
-# refused (unless ``force``) once the repeated work passes this many input voxels (a few
-# core-minutes), so small test volumes may still be cut into many small blocks.
+# Blocks smaller than twice the halo on a split axis repeat more work than they do (a few voxels
+# per block can mean hours of halo). They are refused (unless ``force``) once the repeated work
+# passes this many input voxels (a few core-minutes), so small test volumes may still be cut into
+# many small blocks.
 MAX_REPEATED_VOXELS = 2 ** 24
 
 
@@ -78,6 +82,10 @@ def _same_or_nested(a: str, b: str) -> bool:
 
 def _join(url: str, *parts: str) -> str:
     return "/".join([url.rstrip("/"), *parts])
+
+
+def _fingerprint(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _outer_axes(image: Image) -> list[int]:
@@ -182,7 +190,7 @@ def _check_coarse_finite(image: Image, input: str, max_voxels: int = 2 ** 24) ->
 
 def _output_options(input: str, output: str, storage_options: dict | None, output_storage_options: dict | None):
     """The output's fsspec options: its own, else the input's when both live on the same kind of
-    remote store (issue 11: an S3 output did not inherit --storage-options)."""
+    remote store (so an S3 output inherits --storage-options)."""
     if output_storage_options is not None:
         return output_storage_options
     proto = lambda u: u.split("://", 1)[0] if "://" in u and not u.startswith("file://") else None  # noqa: E731
@@ -191,7 +199,7 @@ def _output_options(input: str, output: str, storage_options: dict | None, outpu
 
 def _check_reachable(url: str, options: dict | None, what: str) -> None:
     """A remote store that cannot be reached fails here, as one line, before any training or write
-    (a wrong endpoint was a 136-line botocore traceback after 24 s of training)."""
+    (not as a botocore traceback after training)."""
     if "://" not in url or url.startswith("file://"):
         return  # a local folder is made as needed
     import fsspec.core
@@ -283,9 +291,7 @@ def train(input: str | os.PathLike, factor, steps: int | None = None, channel: i
     _check_trainable(image, budget, input)
     outer = _outer_selection(image, channel, time_index)
     box, level = training_region(image, outer, budget)
-    sel = [outer.get(i, slice(None)) for i in range(image.ndim)]
-    for ax, s in zip(spatial, box):
-        sel[ax] = s
+    sel = on_axes([outer.get(i, slice(None)) for i in range(image.ndim)], spatial, box)
     sample = np.asarray(image.level(0)[tuple(sel)])
     sample = _finite_sample(sample, image, input, box, nonfinite, quiet)
     if not quiet:
@@ -353,16 +359,64 @@ def _outer_selection(image: Image, channel: int | None, time_index: int | None) 
 
 @dataclass(frozen=True)
 class EnhanceSettings:
-    block: tuple[int, ...] | None = None
-    dtype: str | None = None
-    ngff: str | None = None
+    """Everything ``enhance`` is asked besides its input, output and model(s); see ``enhance``."""
+
+    # what the output is
+    block: tuple[int, ...] | int | None = None  # output voxels per task of the last pass; None: the defaults
+    dtype: str | None = None  # None: the input's
+    ngff: str | None = None  # NGFF version; None: the input's
     shards: bool = False
     compression: bool = True
-    channel: int | None = None  # None = every channel
+    channel: int | None = None  # None: every channel
+    precision: str = "float32"
+    nonfinite: str = "error"
+    strict: bool = False
+    # what the run may do
+    overwrite: bool = False
+    force: bool = False
+    break_lock: bool = False
+    # where and how it runs
+    device: str | None = None
+    client: Any = None
+    workers: int | None = None
+    scheduler: str | None = None
+    storage_options: dict | None = None
+    output_storage_options: dict | None = None
+    progress: bool = True
+    on_block: Callable[[int], None] | None = None
+    provenance_extra: dict | None = None  # recorded beside the provenance (``run``: its key and model files)
 
 
-def _fingerprint(parts: dict) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+@dataclass(frozen=True)
+class _Outer:
+    """The non-spatial axes (t, c) of a run: positions, sizes processed, the chosen channel's offset."""
+
+    axes: tuple[int, ...]
+    shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    model_axis: int | None  # which outer axis selects the model (one model per channel)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The passes, their block plans, and the output's level 0 (full axes)."""
+
+    passes: tuple[Pass, ...]
+    plans: list[BlockPlan]
+    block: tuple[int, ...]  # the last pass's block (output voxels per spatial axis)
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    shards: tuple[int, ...] | None
+    fmt: Any = None  # the output's NgffFormat and dtype name, once `_output_format` has checked them
+    dtype: str = ""
+
+
+def _full_shape(image: Image, outer: _Outer, spatial_shape) -> tuple[int, ...]:
+    return tuple(on_axes(on_axes(image.shape, image.spatial_axes, spatial_shape), outer.axes, outer.shape))
+
+
+def _full_chunks(image: Image, spatial_chunks) -> tuple[int, ...] | None:
+    return None if spatial_chunks is None else tuple(on_axes([1] * image.ndim, image.spatial_axes, spatial_chunks))
 
 
 def _open_cluster(client, workers: int | None, scheduler: str | None):
@@ -380,7 +434,12 @@ def _open_cluster(client, workers: int | None, scheduler: str | None):
 
     n = workers or os.cpu_count() or 1
     # distributed's nanny sets MALLOC_TRIM_THRESHOLD_=65536, which makes every tensor over 128 KiB a
-    # fresh mmap: measured 1.53x slower end to end (benchmarks/README, bottleneck 2); drop it
+    # fresh mmap. Dropping it: 1.3x faster end to end for 20% more peak worker memory, measured as
+    # enhance(96x192x192 float32, x2 with bp 2, random-weight model, client=LocalCluster(n_workers=2,
+    # threads_per_worker=1)) with the variable kept or popped from "distributed.nanny.pre-spawn-environ",
+    # alternating, a fresh process each (2 shared cores): 13.5-15.7 s (median 14.6) against 17.5-20.8 s
+    # (18.9), peak worker RSS 587-599 against 490-493 MiB (6 runs each; a round on a busier machine
+    # was mixed).
     env = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ", {}).items()
            if k != "MALLOC_TRIM_THRESHOLD_"}
     with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
@@ -412,208 +471,285 @@ def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, clien
     halo. ``break_lock``: take the output's lock even from a live run or another host. ``nonfinite``:
     NaN/Inf in a float input stop the run ("error") or read as the fill value ("fill", counted in
     the provenance). ``strict``: a missing input chunk stops the run (else: counted, warned about).
-    The output is locked (``state.OutputLock``) from before its first write to the end.
+    The output is locked (``state.OutputLock``) from before its first write to the end. The keywords
+    are those of :class:`EnhanceSettings`; ``enhance_with`` takes them as one.
     """
+    return enhance_with(input, output, model, EnhanceSettings(
+        block=block, dtype=dtype, ngff=ngff, shards=shards, compression=compression, channel=channel,
+        precision=precision, nonfinite=nonfinite, strict=strict, overwrite=overwrite, force=force,
+        break_lock=break_lock, device=device, client=client, workers=workers, scheduler=scheduler,
+        storage_options=storage_options, output_storage_options=output_storage_options, progress=progress,
+        on_block=on_block, provenance_extra=provenance_extra))
+
+
+def enhance_with(input: str | os.PathLike, output: str | os.PathLike, model, settings: EnhanceSettings) -> dict:
+    """``enhance`` with its settings as one :class:`EnhanceSettings`."""
     input, output = os.fspath(input), os.fspath(output)
-    _check_workers(workers)
-    _check_nonfinite(nonfinite)
-    output_storage_options = _output_options(input, output, storage_options, output_storage_options)
-    if client is None and scheduler in (None, "sync"):
-        _check_device(device)  # a remote cluster's workers are asked once it is open
-    precision_dtype(precision, device or _default_device())  # a bad name fails before anything is opened
+    s = _check_request(input, output, settings)
+    image = open_image(input, s.storage_options)
+    models = _models_for(image, model, input)
+    outer = _outer_layout(image, s.channel, len(models), input)
+    lay = _output_format(image, input, output, _layout(image, models, outer, s), s)
+    fp, provenance = _identity(input, image, models, lay, s)
+    state = OutputState(output, s.output_storage_options)
+    lock = state.lock(s.break_lock)
+    if state.checked_verdict(fp, s.overwrite, lock) == "resume" and state.provenance().get("state") == "complete" \
+            and not state.has_leftovers():  # reads only: no lock, no cluster
+        return _already_complete(output, fp, lay)
+    cl, owned = _open_cluster(s.client, s.workers, s.scheduler)  # a wrong --scheduler fails before any write
+    held = None
+    try:
+        if cl is not None and s.client is None and s.scheduler not in (None, "sync"):
+            _check_device(s.device, cl)  # the workers of a cluster given by address
+        held = lock.acquire()  # before the output's first write, until its last
+        group, resuming = _prepare_output(state, image, outer, lay, fp, provenance, s)
+        if group is None:
+            return _already_complete(output, fp, lay)
+        jobs = _jobs(input, output, image, models, outer, lay, state, fp, s)
+        if s.progress:
+            _announce(models[0].factors, output, resuming, lay)
+        stats, notes = _run_passes(jobs, models, cl, state, s, input)
+        return _finish_output(group, state, image, models, lay, fp, {**provenance, **(s.provenance_extra or {}), **notes},
+                              stats, cl, s, output)
+    finally:
+        _close(owned, held)
+
+
+def _check_request(input: str, output: str, s: EnhanceSettings) -> EnhanceSettings:
+    """What can be checked before the input is opened (and, in ``run``, before training); returns the
+    settings with the output's storage options resolved."""
+    _check_workers(s.workers)
+    _check_nonfinite(s.nonfinite)
+    s = replace(s, output_storage_options=_output_options(input, output, s.storage_options, s.output_storage_options))
+    if s.client is None and s.scheduler in (None, "sync"):
+        _check_device(s.device)  # a remote cluster's workers are asked once it is open
+    precision_dtype(s.precision, s.device or _default_device())  # a bad name fails before anything is opened
     if _same_or_nested(input, output):
         raise NgffError(f"the output {output} must not be the input or lie inside it (or contain it)")
-    image = open_image(input, storage_options)
-    spatial = image.spatial_axes
+    return s
+
+
+def _check_channel(image: Image, channel: int | None, input: str) -> None:
+    cax = _channel_axis(image)
+    if channel not in (None, 0) and cax is None:
+        raise NgffError(f"--channel {channel}: {input} has no channel axis")
+    if cax is not None and channel is not None and not 0 <= channel < image.shape[cax]:
+        raise NgffError(f"channel {channel} is out of range: the image has {image.shape[cax]}")
+
+
+def _models_for(image: Image, model, input: str) -> list[Model]:
+    """The model(s), loaded, and checked against each other and the image."""
     models = [_as_model(m) for m in (model if isinstance(model, (list, tuple)) else [model])]
     factors = models[0].factors
     if any(m.factors != factors for m in models):
         raise ValueError("all per-channel models must share the same factors")
-    if len(spatial) != len(factors):
-        raise NgffError(f"the model is {len(factors)}D but {input} has {len(spatial)} spatial axes")
+    if len(image.spatial_axes) != len(factors):
+        raise NgffError(f"the model is {len(factors)}D but {input} has {len(image.spatial_axes)} spatial axes")
+    return models
+
+
+def _outer_layout(image: Image, channel: int | None, n_models: int, input: str) -> _Outer:
+    """Which part of the non-spatial axes the run processes: every index, or the chosen channel."""
+    _check_channel(image, channel, input)
     cax = _channel_axis(image)
-    if channel not in (None, 0) and cax is None:
-        raise NgffError(f"--channel {channel}: {input} has no channel axis")
-    outer_axes = _outer_axes(image)
-    outer_shape, offsets = [], []
-    for ax in outer_axes:
-        if ax == cax and channel is not None:
-            if not 0 <= channel < image.shape[ax]:
-                raise NgffError(f"channel {channel} is out of range: the image has {image.shape[ax]}")
-            outer_shape.append(1)
-            offsets.append(channel)
-        else:
-            outer_shape.append(image.shape[ax])
-            offsets.append(0)
+    axes = _outer_axes(image)
+    chosen = [ax == cax and channel is not None for ax in axes]
+    shape = tuple(1 if c else image.shape[ax] for ax, c in zip(axes, chosen))
+    offsets = tuple(channel if c else 0 for c in chosen)
     n_channels = image.shape[cax] if cax is not None and channel is None else 1
-    if len(models) not in (1, n_channels):
-        raise ValueError(f"{len(models)} models for {n_channels} channels: give one, or one per channel")
+    if n_models not in (1, n_channels):
+        raise ValueError(f"{n_models} models for {n_channels} channels: give one, or one per channel")
+    return _Outer(tuple(axes), shape, offsets, axes.index(cax) if (cax is not None and n_models > 1) else None)
+
+
+def _blocks(given, passes, specs, out_spatial, factors) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(the last pass's block, the output's chunk), output voxels per spatial axis: the ``given``
+    size (one for every axis, or one per axis) for both, else chunks for viewers and blocks of
+    whole chunks as large as the pass's kind pays for."""
+    if given is None:
+        chunk = default_block(out_spatial, factors, DEFAULT_CHUNK)
+        last_halo = tuple(max(h) for h in zip(*(pass_halo(sp, passes[-1]) for sp in specs)))
+        block = default_block(out_spatial, factors, _default_pass_block(passes[-1].kind, last_halo))
+        return _whole_chunks(block, chunk, out_spatial), chunk
+    _check_block(given, len(out_spatial))
+    if not isinstance(given, (int, np.integer)) and len(given) == 1:
+        given = given[0]  # one size for every axis, as ``--block 128``
+    if isinstance(given, (int, np.integer)):
+        given = default_block(out_spatial, factors, int(given))
+    block = tuple(int(b) for b in given)
+    return block, block
+
+
+def _layout(image: Image, models: list[Model], outer: _Outer, s: EnhanceSettings) -> _Layout:
+    """Passes, block plans, and level 0's shape, chunks and shards."""
+    spatial = image.spatial_axes
+    factors = models[0].factors
     in_shape = tuple(image.shape[a] for a in spatial)
     out_spatial = tuple(n * f for n, f in zip(in_shape, factors))
-    given = block
     specs = [m.spec() for m in models]
     passes = plan_passes(specs)
-    if block is None:  # chunks for viewers; blocks (whole chunks) as large as the measurements say pays
-        chunk_block = default_block(out_spatial, factors, DEFAULT_CHUNK)
-        last_halo = tuple(max(h) for h in zip(*(pass_halo(s, passes[-1]) for s in specs)))
-        block = _whole_chunks(default_block(out_spatial, factors, _default_pass_block(passes[-1].kind, last_halo)),
-                              chunk_block, out_spatial)
-    else:
-        _check_block(block, len(spatial))
-        if not isinstance(block, (int, np.integer)) and len(block) == 1:
-            block = block[0]  # one size for every axis, as ``--block 128``
-        if isinstance(block, (int, np.integer)):
-            block = default_block(out_spatial, factors, int(block))
-        block = tuple(int(b) for b in block)
-        chunk_block = block
-    plans = _pass_plans(passes, specs, in_shape, block, tuple(outer_shape), given is None)
-    plan = plans[-1]
-    if given is not None and not force:
-        _check_block_halo(plans, block, out_spatial, factors, math.prod(outer_shape))
-    fmt = format_for(ngff or image.fmt.version)
-    out_dtype = _output_dtype(dtype, image.dtype)
-    if shards and fmt.zarr_format == 2:
+    block, chunk = _blocks(s.block, passes, specs, out_spatial, factors)
+    plans = _pass_plans(passes, specs, in_shape, block, outer.shape, s.block is None)
+    if s.block is not None and not s.force:
+        _check_block_halo(plans, block, out_spatial, factors, math.prod(outer.shape))
+    chunks = _full_chunks(image, chunk)
+    shards = None
+    if s.shards:
+        shards = chunks
+        chunks = tuple(c if ax not in spatial else _inner_chunk(c) for ax, c in enumerate(chunks))
+    return _Layout(passes, plans, block, _full_shape(image, outer, out_spatial), chunks, shards)
+
+
+def _output_format(image: Image, input: str, output: str, lay: _Layout, s: EnhanceSettings) -> _Layout:
+    """The layout with the output's NGFF format and dtype, once every check that needs no write passed."""
+    fmt = format_for(s.ngff or image.fmt.version)
+    dtype = _output_dtype(s.dtype, image.dtype)
+    if s.shards and fmt.zarr_format == 2:
         raise NgffError("sharding needs NGFF 0.5 (zarr v3)")
-    if nonfinite == "error":
+    if s.nonfinite == "error":
         _check_coarse_finite(image, input)  # most NaN/Inf inputs fail here, before anything is written
-    _check_reachable(output, output_storage_options, "output")
+    _check_reachable(output, s.output_storage_options, "output")
+    return replace(lay, fmt=fmt, dtype=dtype)
 
-    def full_shape(spatial_shape):
-        shape = list(image.shape)
-        for ax, n in zip(spatial, spatial_shape):
-            shape[ax] = n
-        for ax, n in zip(outer_axes, outer_shape):
-            shape[ax] = n
-        return tuple(shape)
 
-    def full_chunks(blk):
-        chunks = [1] * image.ndim
-        for ax, b in zip(spatial, blk):
-            chunks[ax] = b
-        return chunks
-
-    out_shape = list(full_shape(out_spatial))
-    chunks = full_chunks(chunk_block)
-    shard_shape = None
-    if shards:
-        shard_shape = tuple(chunks)
-        chunks = [c if ax not in spatial else _inner_chunk(c) for ax, c in enumerate(chunks)]
-
-    model_hashes = tuple(m.hash for m in models)
-    fp = _fingerprint({
-        "models": model_hashes, "input": os.path.abspath(input) if "://" not in input else input,
-        "input_shape": list(image.shape), "input_dtype": str(image.dtype), "input_path": image.paths[0],
-        "block": list(block), "passes": [[p.kind, p.stage, list(pl.block), list(pl.halo)] for p, pl in zip(passes, plans)],
-        "dtype": out_dtype, "ngff": fmt.version, "channel": channel,
-        "chunks": list(chunks), "shards": shard_shape, "compression": compression,
-        **({"precision": precision} if precision != "float32" else {}),  # float32 keeps older fingerprints
-        **({"nonfinite": nonfinite} if nonfinite != "error" else {}),  # so does reading NaN as an error
-    })
-    provenance = {
-        "package": "svision-big", "version": __version__, "fingerprint": fp, "model_hash": list(model_hashes),
-        "factors": list(factors), "halo": list(plan.halo), "block": list(block),
+def _identity(input: str, image: Image, models: list[Model], lay: _Layout, s: EnhanceSettings) -> tuple[str, dict]:
+    """(fingerprint, provenance). The provenance records the run; the fingerprint hashes what makes
+    two runs write the same output (a match resumes, a mismatch refuses), under the key names
+    older versions hashed, so that their outputs still resume."""
+    rec = {
+        "package": "svision-big", "version": __version__, "fingerprint": None, "model_hash": [m.hash for m in models],
+        "factors": list(models[0].factors), "halo": list(lay.plans[-1].halo), "block": list(lay.block),
         "input": os.path.abspath(input) if "://" not in input else input,
         "passes": [{"kind": p.kind, "stage": p.stage, "block": list(pl.block), "halo": list(pl.halo)}
-                   for p, pl in zip(passes, plans)],
+                   for p, pl in zip(lay.passes, lay.plans)],
         "normalisation": [{"lo": m.norm.lo, "hi": m.norm.hi, "floor": m.norm.floor} for m in models],
-        "settings": [m.settings() for m in models], "channel": channel, "dtype": out_dtype,
-        "precision": precision, "nonfinite": nonfinite, "strict": strict,
+        "settings": [m.settings() for m in models], "channel": s.channel, "dtype": lay.dtype,
+        "precision": s.precision, "nonfinite": s.nonfinite, "strict": s.strict,
     }
+    rec["fingerprint"] = _fingerprint({
+        **{k: rec[k] for k in ("input", "block", "dtype", "channel")}, "models": rec["model_hash"],
+        "passes": [list(q.values()) for q in rec["passes"]], "input_shape": list(image.shape),
+        "input_dtype": str(image.dtype), "input_path": image.paths[0], "ngff": lay.fmt.version,
+        "chunks": list(lay.chunks), "shards": lay.shards, "compression": s.compression,
+        **({"precision": s.precision} if s.precision != "float32" else {}),  # float32 keeps older fingerprints
+        **({"nonfinite": s.nonfinite} if s.nonfinite != "error" else {}),  # so does reading NaN as an error
+    })
+    return rec["fingerprint"], rec
 
-    lock = OutputLock(_join(output, STATE_DIR, LOCK_NAME), output_storage_options, break_lock, what=output)
-    if _checked(lambda: _output_verdict(output, output_storage_options, fp, overwrite), lock) == "resume" and \
-            _state_of(output, output_storage_options) == "complete" and \
-            not _leftover_state(output, output_storage_options):  # reads only: no lock, no cluster
-        return {"output": output, "state": "already complete", "fingerprint": fp, "blocks": len(plan), "computed": 0}
-    cl, owned = _open_cluster(client, workers, scheduler)  # a wrong --scheduler fails before any write
-    held = None
-    try:
-        if cl is not None and client is None and scheduler not in (None, "sync"):
-            _check_device(device, cl)  # the workers of a cluster given by address
-        held = lock.acquire()  # before the output's first write, until its last
-        verdict = _output_verdict(output, output_storage_options, fp, overwrite)  # again: under the lock
-        if verdict in ("replace", "restart"):
-            _clear_output(output, output_storage_options)
-        resuming = verdict == "resume"
-        work = f"{STATE_DIR}/work-{fp}"
-        paths = [f"{work}/p{k}" for k in range(len(passes) - 1)] + ["0"]
-        scratch = [(paths[k], full_shape(pl.out_shape), *_scratch_layout(pl.block, block)) for k, pl in enumerate(plans[:-1])]
 
-        def level0(group):
-            fmt.create_array(group, "0", tuple(out_shape), tuple(chunks), out_dtype, _axis_names(image),
-                             shards=shard_shape, compression=compression)
+def _already_complete(output: str, fp: str, lay: _Layout) -> dict:
+    return {"output": output, "state": "already complete", "fingerprint": fp, "blocks": len(lay.plans[-1]),
+            "computed": 0}
 
-        if resuming:
-            group = open_output_group(output, fmt, output_storage_options, mode="a")
-            if group.attrs.get("svision_big", {}).get("state") == "complete":
-                _clean_state(output, output_storage_options, keep=("models-",))
-                return {"output": output, "state": "already complete", "fingerprint": fp, "blocks": len(plan),
-                        "computed": 0}
-            _ensure_arrays(output, output_storage_options, group, scratch, full_chunks, level0)
-        else:
-            group = _set_up(output, output_storage_options, fmt, fp, {**provenance, **(provenance_extra or {})},
-                            scratch, full_chunks, level0)
-        base = dict(in_url=input, in_path=image.paths[0], out_url=output, spatial_axes=tuple(spatial),
-                    outer_axes=tuple(outer_axes), outer_offsets=tuple(offsets), models=model_hashes,
-                    model_axis=outer_axes.index(cax) if (cax is not None and len(models) > 1) else None,
-                    out_dtype=out_dtype, in_options=storage_options, out_options=output_storage_options, device=device,
-                    precision=precision, nonfinite=nonfinite, strict=strict)
-        jobs = []
-        for k, (p, pl) in enumerate(zip(passes, plans)):
-            from_image = p.ref < 0
-            jobs.append(Job(**{**base, "in_url": input if from_image else output,
-                               "in_path": image.paths[0] if from_image else paths[p.ref]},
-                            out_path=paths[k], plan=pl, done_url=_join(output, STATE_DIR, f"done-{fp}", f"p{k}"),
-                            step=p, in_raw=from_image, out_raw=k == len(passes) - 1,
-                            companion_path=paths[k - 1] if p.companion else None))
-        if progress:
-            print(f"enhance: factors {factors}, {'resuming' if resuming else 'new output'} {output}; "
-                  f"{len(passes)} pass(es):", flush=True)
-            for p, pl in zip(passes, plans):
-                print(f"  {p.label}: {len(pl)} blocks of {pl.block} output voxels, halo {pl.halo} input voxels "
-                      f"(halo overhead {pl.overhead():.0%})", flush=True)
-        stats: dict = {"passes": []}
-        for k, (p, job) in enumerate(zip(passes, jobs)):
-            s = execute(job, {m.hash: m for m in models}, client=cl, progress=progress,
-                        on_block=on_block if k == len(passes) - 1 else None,
-                        label=f"pass {k + 1}/{len(passes)} {p.label}")
-            stats["passes"].append({"kind": p.kind, "stage": p.stage, **s})
-            for j in range(k + 1):  # intermediates no remaining pass reads
-                if j < len(passes) - 1 and not any(q.ref == j or (q.companion and i - 1 == j)
-                                                   for i, q in enumerate(passes) if i > k):
-                    _remove_intermediate(output, output_storage_options, paths[j])
-        last = stats["passes"][-1]
-        total_s = sum(q["seconds"] for q in stats["passes"])
-        stats.update({k: last[k] for k in ("blocks", "skipped", "computed", "todo_at_start", "output_voxels")})
-        # the level-0 pass above (the API's meaning); every pass here: a resume skips earlier passes too
-        stats["total"] = {k: sum(q[k] for q in stats["passes"]) for k in ("blocks", "skipped", "computed")}
-        notes = _run_notes(stats["passes"])
-        if notes.get("input_missing_chunks"):
-            print(f"svision-big: warning: {notes['input_missing_chunks']} chunks of {input} are missing and were read "
-                  f"as the fill value (e.g. {', '.join(notes['input_missing_examples'])}); --strict makes this an error",
-                  file=sys.stderr, flush=True)
-        stats.update({k: notes[k] for k in ("input_nonfinite", "input_missing_chunks") if k in notes})
-        stats["seconds"] = round(total_s, 3)
-        stats["voxels_per_second"] = last["output_voxels"] / total_s if total_s > 0 else 0.0
-        t0 = time.perf_counter()
-        group.attrs["svision_big"] = {**provenance, **(provenance_extra or {}), **notes, "state": "building pyramid"}
-        levels = _finish(group, fmt, image, out_shape, factors, tuple(chunks), shard_shape, out_dtype, compression, cl,
-                         [m.norm for m in models], channel)
-        stats["pyramid_seconds"] = round(time.perf_counter() - t0, 3)
-        _remove_intermediate(output, output_storage_options, work)
-        group.attrs["svision_big"] = {**provenance, **(provenance_extra or {}), **notes, "state": "complete",
-                                      "levels": levels}
-        _clean_state(output, output_storage_options, keep=("models-",))  # `run` keeps its models in the output itself
-        stats.update(output=output, fingerprint=fp, halo=list(plan.halo), block=list(block), levels=levels)
-        return stats
-    finally:
-        for o in owned:
-            try:
-                o.close()
-            except Exception:  # noqa: BLE001 - a cluster whose scheduler is gone cannot be closed cleanly
-                pass
-        if held is not None:
-            held.release()
+
+def _prepare_output(state: OutputState, image: Image, outer: _Outer, lay: _Layout, fp: str, provenance: dict,
+                    s: EnhanceSettings):
+    """Under the lock: set up a new output (or clear and set up again), or reopen one to resume.
+    Returns (group, resuming), or (None, True) when the output turns out complete."""
+    verdict = state.verdict(fp, s.overwrite)  # again: under the lock
+    if verdict in ("replace", "restart"):
+        state.clear()
+    scratch = [(state.scratch_path(fp, k), _full_shape(image, outer, pl.out_shape),
+                *(_full_chunks(image, c) for c in _scratch_layout(pl.block, lay.block)))
+               for k, pl in enumerate(lay.plans[:-1])]
+
+    def level0(group):
+        lay.fmt.create_array(group, "0", lay.shape, lay.chunks, lay.dtype, _axis_names(image), shards=lay.shards,
+                             compression=s.compression)
+
+    if verdict != "resume":
+        return state.set_up(lay.fmt, fp, {**provenance, **(s.provenance_extra or {})}, scratch, level0,
+                            after_step=_after_setup_step), False
+    group = open_output_group(state.output, lay.fmt, state.options, mode="a")
+    if group.attrs.get("svision_big", {}).get("state") == "complete":
+        state.clean(keep_models=True)
+        return None, True
+    state.ensure_arrays(group, scratch, level0)
+    return group, True
+
+
+def _after_setup_step(step: str) -> None:
+    """Called after each step of setting up a new output. Nothing happens here: tests replace it to
+    kill a run at each step and check the re-run completes."""
+
+
+def _jobs(input: str, output: str, image: Image, models: list[Model], outer: _Outer, lay: _Layout,
+          state: OutputState, fp: str, s: EnhanceSettings) -> list[Job]:
+    """One job per pass: where it reads each of its inputs, where it writes, where its done-records go."""
+    last = len(lay.passes) - 1
+    where = {IMAGE: (input, image.paths[0]), output_name(last): (output, "0"),
+             **{output_name(k): (output, state.scratch_path(fp, k)) for k in range(last)}}
+    base = dict(out_url=output, spatial_axes=tuple(image.spatial_axes), outer_axes=outer.axes,
+                outer_offsets=outer.offsets, models=tuple(m.hash for m in models), model_axis=outer.model_axis,
+                out_dtype=lay.dtype, in_options=s.storage_options, out_options=s.output_storage_options,
+                device=s.device, precision=s.precision, nonfinite=s.nonfinite, strict=s.strict)
+    return [Job(**base, in_url=where[p.source][0], in_path=where[p.source][1], out_path=where[output_name(k)][1],
+                plan=pl, done_url=state.done_url(fp, k), pass_=p, in_raw=p.source == IMAGE, out_raw=k == last,
+                companion_path=where[p.companion][1] if p.companion else None)
+            for k, (p, pl) in enumerate(zip(lay.passes, lay.plans))]
+
+
+def _announce(factors, output: str, resuming: bool, lay: _Layout) -> None:
+    print(f"enhance: factors {factors}, {'resuming' if resuming else 'new output'} {output}; "
+          f"{len(lay.passes)} pass(es):", flush=True)
+    for p, pl in zip(lay.passes, lay.plans):
+        print(f"  {p.label}: {len(pl)} blocks of {pl.block} output voxels, halo {pl.halo} input voxels "
+              f"(halo overhead {pl.overhead():.0%})", flush=True)
+
+
+def _run_passes(jobs: list[Job], models: list[Model], cl, state: OutputState, s: EnhanceSettings,
+                input: str) -> tuple[dict, dict]:
+    """Every pass in turn, each staged output removed once no remaining pass reads it. Returns the
+    stats, and the notes the provenance records about the input as read."""
+    passes = [j.pass_ for j in jobs]
+    last = len(jobs) - 1
+    stats: dict = {"passes": []}
+    for k, (p, job) in enumerate(zip(passes, jobs)):
+        q = execute(job, {m.hash: m for m in models}, client=cl, progress=s.progress,
+                    on_block=s.on_block if k == last else None, label=f"pass {k + 1}/{len(jobs)} {p.label}")
+        stats["passes"].append({"kind": p.kind, "stage": p.stage, **q})
+        for j in range(min(k + 1, last)):
+            if all(i <= k for i in readers(passes, j)):
+                state.remove(jobs[j].out_path)
+    final = stats["passes"][-1]
+    total_s = sum(q["seconds"] for q in stats["passes"])
+    stats.update({k: final[k] for k in ("blocks", "skipped", "computed", "todo_at_start", "output_voxels")})
+    # the level-0 pass above (the API's meaning); every pass here: a resume skips earlier passes too
+    stats["total"] = {k: sum(q[k] for q in stats["passes"]) for k in ("blocks", "skipped", "computed")}
+    notes = _run_notes(stats["passes"])
+    if notes.get("input_missing_chunks"):
+        print(f"svision-big: warning: {notes['input_missing_chunks']} chunks of {input} are missing and were read "
+              f"as the fill value (e.g. {', '.join(notes['input_missing_examples'])}); --strict makes this an error",
+              file=sys.stderr, flush=True)
+    stats.update({k: notes[k] for k in ("input_nonfinite", "input_missing_chunks") if k in notes})
+    stats["seconds"] = round(total_s, 3)
+    stats["voxels_per_second"] = final["output_voxels"] / total_s if total_s > 0 else 0.0
+    return stats, notes
+
+
+def _finish_output(group, state: OutputState, image: Image, models: list[Model], lay: _Layout, fp: str,
+                   provenance: dict, stats: dict, cl, s: EnhanceSettings, output: str) -> dict:
+    """The pyramid from the stored level 0, the state removed, the output marked complete (last)."""
+    t0 = time.perf_counter()
+    group.attrs["svision_big"] = {**provenance, "state": "building pyramid"}
+    levels = _finish(group, lay.fmt, image, lay.shape, models[0].factors, lay.chunks, lay.shards, lay.dtype,
+                     s.compression, cl, s.channel)
+    stats["pyramid_seconds"] = round(time.perf_counter() - t0, 3)
+    state.remove(state.work_dir(fp))
+    group.attrs["svision_big"] = {**provenance, "state": "complete", "levels": levels}
+    state.clean(keep_models=True)  # `run` keeps its models in the output itself
+    stats.update(output=output, fingerprint=fp, halo=list(lay.plans[-1].halo), block=list(lay.block), levels=levels)
+    return stats
+
+
+def _close(owned: list, held) -> None:
+    for o in owned:
+        try:
+            o.close()
+        except Exception:  # noqa: BLE001 - a cluster whose scheduler is gone cannot be closed cleanly
+            pass
+    if held is not None:
+        held.release()
 
 
 def _run_notes(passes: list[dict]) -> dict:
@@ -629,87 +765,6 @@ def _run_notes(passes: list[dict]) -> dict:
     return notes
 
 
-def _after_setup_step(step: str) -> None:
-    """Called after each step of setting up a new output. Nothing happens here: tests replace it to
-    kill a run at each step and check the re-run completes (issue 14: a run killed after the
-    provenance, before the arrays, never resumed)."""
-
-
-SETUP_MARKER = "setup"  # svision_state/setup: written first, so a half set-up output is known as ours
-
-
-def _set_up(output: str, options: dict | None, fmt, fp: str, provenance: dict, scratch, full_chunks, level0):
-    """Create a new output: marker, group, scratch arrays, level 0, then the provenance (last).
-    Killed before the provenance, the output holds only svision-big files and the marker, and the
-    next run starts its setup again (``_output_verdict``: "restart"); killed after it, every array
-    exists and the run resumes."""
-    import fsspec.core
-
-    fs, marker = fsspec.core.url_to_fs(_join(output, STATE_DIR, SETUP_MARKER), **(options or {}))
-    fs.makedirs(marker.rsplit("/", 1)[0], exist_ok=True)
-    fs.pipe_file(marker, fp.encode())
-    _after_setup_step("marker")
-    group = open_output_group(output, fmt, options, mode="a")
-    _after_setup_step("group")
-    for path, shape, inner, shard in scratch:
-        _create_intermediate(output, options, path, shape, full_chunks(inner), None if shard is None else full_chunks(shard))
-        _after_setup_step(f"scratch {path.rsplit('/', 1)[-1]}")
-    level0(group)
-    _after_setup_step("level 0")
-    group.attrs["svision_big"] = {**provenance, "state": "writing level 0"}
-    _after_setup_step("provenance")
-    return group
-
-
-def _ensure_arrays(output: str, options: dict | None, group, scratch, full_chunks, level0) -> None:
-    """On resume, create any array the output lacks (an output set up by an older version, killed
-    between its provenance and its arrays, failed every re-run with ArrayNotFoundError). An
-    existing array is never re-created: its chunks are the work already done."""
-    import zarr
-
-    for path, shape, inner, shard in scratch:
-        try:
-            zarr.open_array(_make_store(_join(output, path), options, read_only=True), mode="r")
-        except Exception:
-            _create_intermediate(output, options, path, shape, full_chunks(inner),
-                                 None if shard is None else full_chunks(shard))
-    try:
-        zarr.open_array(_make_store(output, options, read_only=True), path="0", mode="r")
-    except Exception:
-        level0(group)
-
-
-def _state_entries(output: str, options: dict | None) -> list[str]:
-    """Names in the output's state folder, the lock left out."""
-    import fsspec.core
-
-    fs, root = fsspec.core.url_to_fs(_join(output, STATE_DIR), **(options or {}))
-    try:
-        fs.invalidate_cache(root)
-        return [n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(root, detail=False)
-                if n.rstrip("/").rsplit("/", 1)[-1] != LOCK_NAME]
-    except FileNotFoundError:
-        return []
-
-
-def _leftover_state(output: str, options: dict | None) -> bool:
-    """True when a complete output still holds run state (a run killed while cleaning up)."""
-    return bool(_state_entries(output, options))
-
-
-def _clean_state(output: str, options: dict | None, keep: tuple[str, ...] = ()) -> None:
-    """Remove the done-records, scratch arrays and setup marker of a complete output (issue 11: they
-    were 65 of 106 objects of a 32-block S3 run), keeping the lock (released by its owner) and the
-    entries named in ``keep``; the folder goes once it is empty."""
-    import fsspec.core
-
-    fs, root = fsspec.core.url_to_fs(_join(output, STATE_DIR), **(options or {}))
-    for name in _state_entries(output, options):
-        if name not in keep and not any(name.startswith(k) for k in keep):
-            fs.rm(f"{root.rstrip('/')}/{name}", recursive=True)
-    fs.invalidate_cache(root)
-
-
 def _whole_chunks(block: tuple[int, ...], chunk: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
     """Round a block down to whole chunks per axis (one writer per chunk), unless it spans the axis."""
     return tuple(b if b >= n else max(c, b - b % c) for b, c, n in zip(block, chunk, shape))
@@ -718,12 +773,12 @@ def _whole_chunks(block: tuple[int, ...], chunk: tuple[int, ...], shape: tuple[i
 def _pass_plans(passes, specs, in_shape, block, outer_shape, defaults: bool = True) -> list[BlockPlan]:
     """One plan per pass, on that pass's low-res input; the last pass writes the output in ``block``s,
     earlier passes use their kind's default block (``defaults``) or the same block size."""
-    shapes: list[tuple[int, ...]] = []
+    shapes = {IMAGE: tuple(in_shape)}  # each input's low-res shape, by name
     plans = []
     for k, p in enumerate(passes):
-        ref = in_shape if p.ref < 0 else shapes[p.ref]
+        ref = shapes[p.source]
         out = tuple(n * f for n, f in zip(ref, p.factors))
-        shapes.append(out)
+        shapes[output_name(k)] = out
         halo = tuple(max(h) for h in zip(*(pass_halo(s, p) for s in specs)))
         if k == len(passes) - 1:
             blk = block
@@ -743,32 +798,13 @@ MIN_SCRATCH_INNER = 16  # smaller inner chunks cost more per-chunk overhead than
 def _scratch_layout(writer: tuple[int, ...], last: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
     """(chunks, shards) of a staged pass output. One shard per writer block (one writer per shard),
     split into inner chunks of up to 64 voxels, so the next pass decodes little beyond its block
-    and halo: with whole-block 256^3 chunks an interior block + 14-voxel halo decoded 27 chunks
-    (20x the voxels it needed); reading 284^3 from 256^3 float32 chunks took 0.72 s, from 64^3
-    inner chunks of 256^3 shards 0.13 s (one thread, local disk). Blocks without such a divisor
-    fall back to plain chunks no bigger than either block (one writer per chunk)."""
+    and halo (whole-block chunks made an interior block decode its neighbours' chunks whole, many
+    times the voxels it needed). Blocks without such a divisor fall back to plain chunks no bigger
+    than either block (one writer per chunk)."""
     inner = tuple(_inner_chunk(b) for b in writer)
     if all(c >= min(MIN_SCRATCH_INNER, b) for c, b in zip(inner, writer)):
         return inner, tuple(writer)
     return tuple(math.gcd(a, b) for a, b in zip(writer, last)), None
-
-
-def _create_intermediate(url: str, options: dict | None, path: str, shape, chunks, shards=None) -> None:
-    """A float32 scratch array (zarr v3, uncompressed: written once and read once) in the output's state folder."""
-    import zarr
-
-    # a store rooted at the array itself: no group metadata lands in the output (a v2 image stays pure v2)
-    zarr.create_array(_make_store(_join(url, path), options, read_only=False), shape=tuple(shape), chunks=tuple(chunks),
-                      shards=None if shards is None else tuple(shards), dtype="float32", fill_value=0.0,
-                      compressors=None, overwrite=True, zarr_format=3)
-
-
-def _remove_intermediate(url: str, options: dict | None, path: str) -> None:
-    import fsspec.core
-
-    fs, root = fsspec.core.url_to_fs(_join(url, path), **(options or {}))
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
 
 
 def _inner_chunk(b: int) -> int:
@@ -780,113 +816,6 @@ def _inner_chunk(b: int) -> int:
 
 
 # What an svision-big output consists of (paths relative to the output): the image group, its
-# pyramid levels and their chunks, and the state folder. `--overwrite` deletes only these; any other
-# file (a thesis.docx beside zarr.json) makes it refuse, and delete nothing.
-_OUR_FILES = re.compile(r"""(?x)^(?:
-    zarr\.json | \.zgroup | \.zattrs                                             # the image group
-  | \d+/(?:zarr\.json | \.zarray | \.zattrs | c | (?:c[/.])?\d+(?:[/.]\d+)*)      # levels and their chunks
-  | svision_state/(?:
-        lock(?:\.[0-9a-f]+)?                                  # the lock (and a killed run's private copy)
-      | setup                                                 # the setup marker
-      | done-[0-9a-f]+/p\d+/\d+(?:\.json)?                    # done-records (and their notes)
-      | work-[0-9a-f]+/p\d+/(?:zarr\.json | c(?:/\d+)*)        # staged pass outputs
-      | models-[0-9a-f]+/c\d+\.svb                            # models `run` trained for this output
-    )
-  | svision_model(?:_c\d+)?\.svb                             # ... and where they stay once it is complete
-)$""")
-
-
-def _our_file(rel: str) -> bool:
-    return bool(_OUR_FILES.match(rel))
-
-
-def _state_of(output: str, options: dict | None) -> str | None:
-    """The ``state`` an svision-big output records (None when there is none)."""
-    try:
-        import zarr
-
-        prev = zarr.open_group(_make_store(output, options, read_only=True), mode="r").attrs.get("svision_big")
-    except Exception:
-        return None
-    return prev.get("state") if isinstance(prev, dict) else None
-
-
-def _output_verdict(output: str, options: dict | None, fp: str, overwrite: bool) -> str:
-    """"new", "resume" (same fingerprint) or "replace" (``overwrite``, and it holds nothing but an
-    svision-big output); refuses anything else. Reads only: nothing is written or deleted here."""
-    if not store_exists(output, options):
-        return "new"
-    prev = None
-    try:
-        import zarr
-
-        prev = zarr.open_group(_make_store(output, options, read_only=True), mode="r").attrs.get("svision_big")
-    except Exception:
-        prev = None
-    if isinstance(prev, dict) and prev.get("fingerprint") == fp:
-        return "resume"
-    if prev is None and _only_state(output, options):
-        return "new"  # holds nothing but svision-big state: a lock, models that `run` saved for this output
-    if prev is None and SETUP_MARKER in _state_entries(output, options) and \
-            foreign_file(output, options, allowed=_our_file) is None:
-        return "restart"  # a run killed while setting it up: no block was computed yet, start the setup again
-    if not overwrite:
-        why = (f"was made with other settings (fingerprint {prev.get('fingerprint')}, now {fp})"
-               if isinstance(prev, dict) else "is not an svision-big output")
-        raise NgffError(f"{output} already exists and {why}: pass --overwrite to replace it")
-    import fsspec.core
-
-    fs, root = fsspec.core.url_to_fs(output, **(options or {}))
-    if not fs.isdir(root):
-        raise NgffError(f"{output} exists and is not a folder: refusing to replace it")
-    stray = foreign_file(output, options, allowed=_our_file)
-    if stray is not None:
-        raise NgffError(f"{output} holds {stray}, which is not part of an svision-big output: refusing to "
-                        f"delete anything (move it elsewhere, or choose another output)")
-    return "replace"
-
-
-def _checked(verdict, lock: OutputLock) -> str:
-    """Run a read-only output check; when it refuses while another run holds the lock (say, that
-    run is half-way through creating the output), report the lock, the real cause."""
-    try:
-        return verdict()
-    except NgffError:
-        owner = lock.owner()
-        if owner is not None:
-            raise lock._refusal(owner) from None
-        raise
-
-
-def _clear_output(output: str, options: dict | None) -> None:
-    """Delete an svision-big output's contents, keeping its lock (held by this run) and the models
-    `run` trained for it (keyed by their settings). ``_output_verdict`` has checked that nothing
-    else is in it."""
-    import fsspec.core
-
-    fs, root = fsspec.core.url_to_fs(output, **(options or {}))
-    root = root.rstrip("/")
-    for entry in fs.ls(root, detail=False):
-        name = entry.rstrip("/").rsplit("/", 1)[-1]
-        if name != STATE_DIR:
-            fs.rm(entry, recursive=True)
-            continue
-        for inner in fs.ls(entry, detail=False):
-            base = inner.rstrip("/").rsplit("/", 1)[-1]
-            if base != LOCK_NAME and not base.startswith("models-"):
-                fs.rm(inner, recursive=True)
-    fs.invalidate_cache(root)
-
-
-def _only_state(output: str, options: dict | None) -> bool:
-    import fsspec.core
-
-    fs, root = fsspec.core.url_to_fs(output, **(options or {}))
-    try:
-        names = [n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(root, detail=False)]
-    except FileNotFoundError:
-        return True
-    return set(names) <= {STATE_DIR}
 
 
 def _check_block_halo(plans: list[BlockPlan], block: tuple[int, ...], out_spatial: tuple[int, ...],
@@ -917,7 +846,7 @@ def _axis_names(image: Image) -> list[str]:
     return [n.lower() for n in image.axis_names]
 
 
-def _finish(group, fmt, image: Image, out_shape, factors, chunks, shards, dtype, compression, client, norms,
+def _finish(group, fmt, image: Image, out_shape, factors, chunks, shards, dtype, compression, client,
             channel: int | None = None) -> list[str]:
     """Pyramid from the stored level 0, then the OME metadata (last), with a display window
     for viewers taken from the coarsest level written."""
@@ -926,9 +855,7 @@ def _finish(group, fmt, image: Image, out_shape, factors, chunks, shards, dtype,
     pf = pyramid_factors(tuple(out_shape), spatial, min_shape=64, until_shape=tuple(coarsest))
     paths = build_pyramid(group, fmt, _axis_names(image), "0", spatial, pf, chunks, dtype, client=client,
                           shards=shards, compression=compression)
-    full = [1] * image.ndim
-    for ax, f in zip(spatial, factors):
-        full[ax] = f
+    full = on_axes([1] * image.ndim, spatial, factors)
     s0, t0 = upsampled_transform(image.scales[0], image.translations[0], full)
     datasets = pyramid_datasets(s0, t0, spatial, pf, paths)
     ome = multiscales_metadata(image.axes, datasets, name=image.name, version=fmt.version,
@@ -946,112 +873,80 @@ def run(input: str | os.PathLike, output: str | os.PathLike, factor, *, steps: i
         channel: int | None = None, budget: int = DEFAULT_TRAIN_VOXELS, storage_options: dict | None = None,
         output_storage_options: dict | None = None, quiet: bool = False, overwrite: bool = False,
         acquisition: str = "auto", psf_fwhm=None, **kwargs) -> dict:
-    """Train one model per channel on sampled regions, then enhance. Trained models are kept in the
-    output's state folder, so re-running after a crash reuses them instead of training again."""
+    """Train one model per channel on sampled regions, then enhance (``kwargs``: the other
+    :class:`EnhanceSettings`). Trained models are kept in the output's state folder, so re-running
+    after a crash reuses them instead of training again."""
     input, output = os.fspath(input), os.fspath(output)
     # every check that needs no model runs before training (minutes) and before any write
-    _check_workers(kwargs.get("workers"))
     _check_training_args(steps, budget)
-    _check_nonfinite(kwargs.get("nonfinite", "error"))
-    output_storage_options = _output_options(os.fspath(input), os.fspath(output), storage_options,
-                                             output_storage_options)
-    if kwargs.get("client") is None and kwargs.get("scheduler") in (None, "sync"):
-        _check_device(kwargs.get("device"))
-    precision_dtype(kwargs.get("precision", "float32"), kwargs.get("device") or _default_device())
-    if _same_or_nested(input, output):
-        raise NgffError(f"the output {output} must not be the input or lie inside it (or contain it)")
-    image = open_image(input, storage_options)
-    spatial = image.spatial_axes
-    if len(spatial) not in (2, 3):
-        raise NgffError(f"{input}: needs 2 or 3 spatial axes, found {len(spatial)}")
-    parse_factors(factor, len(spatial))
+    s = _check_request(input, output, EnhanceSettings(
+        channel=channel, storage_options=storage_options, output_storage_options=output_storage_options,
+        progress=not quiet, overwrite=overwrite, **kwargs))
+    image = _check_run_input(input, output, factor, budget, s)
     cax = _channel_axis(image)
-    if channel not in (None, 0) and cax is None:
-        raise NgffError(f"--channel {channel}: {input} has no channel axis")
-    if cax is not None and channel is not None and not 0 <= channel < image.shape[cax]:
-        raise NgffError(f"channel {channel} is out of range: the image has {image.shape[cax]}")
-    _check_trainable(image, budget, input)
-    _check_block(kwargs.get("block"), len(spatial))
-    _output_dtype(kwargs.get("dtype"), image.dtype)
-    if kwargs.get("ngff") is not None:
-        format_for(kwargs["ngff"])
-    _check_reachable(output, output_storage_options, "output")  # before training (minutes), not after
     channels = [channel] if channel is not None else (list(range(image.shape[cax])) if cax is not None else [0])
     key = _fingerprint({"input": input, "factor": str(factor), "steps": steps, "seed": seed, "budget": budget,
                         "shape": list(image.shape), "version": __version__, "acquisition": acquisition,
                         "psf_fwhm": None if psf_fwhm is None else list(np.atleast_1d(psf_fwhm))})
-    import fsspec.core
-
-    fs, root = fsspec.core.url_to_fs(_join(output, STATE_DIR, f"models-{key}"), **(output_storage_options or {}))
-    kept = {c: MODEL_FILE if len(channels) == 1 else f"svision_model_c{c}.svb" for c in channels}
-    lock = OutputLock(_join(output, STATE_DIR, LOCK_NAME), output_storage_options, kwargs.get("break_lock", False),
-                      what=output)
-    prev = _provenance_of(output, output_storage_options)
+    state = OutputState(output, s.output_storage_options)
+    kept = {c: state.model_file(c, len(channels)) for c in channels}
+    lock = state.lock(s.break_lock)
+    prev = state.provenance()
     if prev.get("run_key") == key and prev.get("state") == "complete":  # this run finished earlier
-        if _leftover_state(output, output_storage_options):
+        if state.has_leftovers():
             with lock:
-                _keep_models(fs, root, output, output_storage_options, kept)
-                _clean_state(output, output_storage_options, keep=("models-",) if KEEP_STATE_MODELS else ())
+                state.finish_run(key, kept)
         return {"output": output, "state": "already complete", "fingerprint": prev.get("fingerprint"),
                 "computed": 0, "models": [_join(output, n) for n in kept.values()]}
-    fresh = store_exists(output, output_storage_options) and not fs.exists(root)  # not an earlier run of this one
+    fs, root = state.models_root(key)
+    fresh = store_exists(output, s.output_storage_options) and not fs.exists(root)  # not an earlier run of this one
     if fresh:
-        _checked(lambda: _output_verdict(output, output_storage_options, "-", overwrite), lock)  # refuses unless --overwrite
+        state.checked_verdict("-", overwrite, lock)  # refuses unless --overwrite
     held = lock.acquire()  # training writes models into the output: the lock covers it, and enhance re-enters it
     try:
         if fresh:
-            if _output_verdict(output, output_storage_options, "-", overwrite) == "replace":
-                _clear_output(output, output_storage_options)
+            if state.verdict("-", overwrite) == "replace":
+                state.clear()
             overwrite = False
-        models = []
-        for c in channels:
-            path = f"{root}/c{c}.svb"
-            if fs.exists(path):
-                models.append(Model.from_bytes(fs.cat_file(path), where=path))
-                if not quiet:
-                    print(f"channel {c}: reusing the model trained earlier ({path})", flush=True)
-                continue
-            m = train(input, factor, steps=steps, channel=c, seed=seed, budget=budget,
-                      storage_options=storage_options, quiet=quiet, acquisition=acquisition, psf_fwhm=psf_fwhm,
-                      nonfinite=kwargs.get("nonfinite", "error"))
-            fs.makedirs(root, exist_ok=True)
-            fs.pipe_file(path, m.to_bytes())
-            models.append(m)
-        stats = enhance(input, output, models if len(models) > 1 else models[0], channel=channel,
-                        storage_options=storage_options, output_storage_options=output_storage_options,
-                        progress=not quiet, overwrite=overwrite,
-                        provenance_extra={"run_key": key, "model_files": sorted(kept.values())}, **kwargs)
-        _keep_models(fs, root, output, output_storage_options, kept)
-        _clean_state(output, output_storage_options, keep=("models-",) if KEEP_STATE_MODELS else ())
+        train_kw = dict(steps=steps, seed=seed, budget=budget, storage_options=storage_options, quiet=quiet,
+                        acquisition=acquisition, psf_fwhm=psf_fwhm, nonfinite=s.nonfinite)
+        models = [_channel_model(fs, root, input, factor, c, train_kw) for c in channels]
+        stats = enhance_with(input, output, models if len(models) > 1 else models[0], replace(
+            s, overwrite=overwrite, provenance_extra={"run_key": key, "model_files": sorted(kept.values())}))
+        state.finish_run(key, kept)
         stats["models"] = [_join(output, n) for n in kept.values()]
         return stats
     finally:
         held.release()
 
 
-MODEL_FILE = "svision_model.svb"  # where `run` keeps the model it trained (per channel: svision_model_c<c>.svb)
-# False: a finished output keeps its models only there (moved out of svision_state/models-<key>/,
-# where `run` keeps them while it works so that a resumed run reuses them). True copies them.
-KEEP_STATE_MODELS = False
+def _check_run_input(input: str, output: str, factor, budget: int, s: EnhanceSettings) -> Image:
+    """The input opened, and every check on it and the settings that needs no model (before training)."""
+    image = open_image(input, s.storage_options)
+    spatial = image.spatial_axes
+    if len(spatial) not in (2, 3):
+        raise NgffError(f"{input}: needs 2 or 3 spatial axes, found {len(spatial)}")
+    parse_factors(factor, len(spatial))
+    _check_channel(image, s.channel, input)
+    _check_trainable(image, budget, input)
+    _check_block(s.block, len(spatial))
+    _output_dtype(s.dtype, image.dtype)
+    if s.ngff is not None:
+        format_for(s.ngff)
+    _check_reachable(output, s.output_storage_options, "output")  # before training (minutes), not after
+    return image
 
 
-def _keep_models(fs, root: str, output: str, options: dict | None, kept: dict[int, str]) -> None:
-    """Move the models `run` trained from the state folder to their documented place in the output."""
-    import fsspec.core
-
-    out_root = fsspec.core.url_to_fs(output, **(options or {}))[1].rstrip("/")
-    for c, name in kept.items():
-        src = f"{root}/c{c}.svb"
-        if fs.exists(src):
-            (fs.copy if KEEP_STATE_MODELS else fs.mv)(src, f"{out_root}/{name}")
-
-
-def _provenance_of(output: str, options: dict | None) -> dict:
-    """The svision_big attributes of an output ({} when there are none or it cannot be read)."""
-    try:
-        import zarr
-
-        prev = zarr.open_group(_make_store(output, options, read_only=True), mode="r").attrs.get("svision_big")
-    except Exception:
-        return {}
-    return prev if isinstance(prev, dict) else {}
+def _channel_model(fs, root: str, input: str, factor, channel: int, train_kw: dict) -> Model:
+    """The model for one channel: the one trained earlier for this run (in the state folder), else
+    trained now and saved there."""
+    path = f"{root}/c{channel}.svb"
+    if fs.exists(path):
+        m = Model.from_bytes(fs.cat_file(path), where=path)
+        if not train_kw["quiet"]:
+            print(f"channel {channel}: reusing the model trained earlier ({path})", flush=True)
+        return m
+    m = train(input, factor, channel=channel, **train_kw)
+    fs.makedirs(root, exist_ok=True)
+    fs.pipe_file(path, m.to_bytes())
+    return m

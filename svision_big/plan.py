@@ -9,8 +9,8 @@ from their flat index, so a plan of a million blocks costs no memory and no time
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 
 @dataclass(frozen=True)
@@ -24,10 +24,6 @@ class Block:
     @property
     def write_voxels(self) -> int:
         return math.prod(s.stop - s.start for s in self.write)
-
-    @property
-    def read_voxels(self) -> int:
-        return math.prod(s.stop - s.start for s in self.read)
 
 
 @dataclass(frozen=True)
@@ -119,3 +115,12 @@ def default_block(out_shape: tuple[int, ...], factors: tuple[int, ...], target: 
         b = max(f, b - b % f)
         out.append(b)
     return tuple(out)
+
+
+def on_axes(base, axes, values) -> list:
+    """``base`` (one entry per array axis) with the entries at ``axes`` replaced by ``values``: how
+    per-spatial-axis (or per-outer-axis) values, as a plan holds them, become a full array's."""
+    out = list(base)
+    for ax, v in zip(axes, values):
+        out[ax] = v
+    return out

@@ -17,6 +17,8 @@ import numpy as np
 import zarr
 
 from .ngff import NgffFormat, downsampled_transform
+from .plan import on_axes
+from .values import cast_output
 
 __all__ = [
     "build_pyramid",
@@ -81,9 +83,7 @@ def _full_factors(factors: Sequence[int], ndim: int, spatial_axes: Sequence[int]
     if len(factors) == ndim:
         full = factors
     elif len(factors) == len(spatial_axes):
-        full = [1] * ndim
-        for a, f in zip(spatial_axes, factors):
-            full[a] = f
+        full = on_axes([1] * ndim, spatial_axes, factors)
     else:
         raise ValueError(f"{len(factors)} factors for {ndim} axes ({len(spatial_axes)} spatial)")
     if any(f < 1 for f in full) or any(full[a] != 1 for a in range(ndim) if a not in spatial_axes):
@@ -140,12 +140,11 @@ def level_chunks(
 
 
 def _cast(block: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        return np.clip(np.round(block), info.min, info.max).astype(dtype)
+    """A reduced block in the level's dtype: the output's casting rule, and a mask's mean
+    thresholded at one half."""
     if dtype == np.bool_:
         return block >= 0.5
-    return block.astype(dtype)
+    return cast_output(block, dtype)
 
 
 def build_pyramid(

@@ -1,7 +1,9 @@
-"""The output's lock: one run at a time writes into an output.
+"""The output's run state: its lock, and ``OutputState``, the owner of ``OUT/svision_state/``.
 
-Two runs into one output, started at the same instant, corrupted it silently (issue 14: level 0
-differed from a clean run in 6 of 32 blocks, and the output was marked complete). A run takes
+The lock: one run at a time writes into an output.
+
+Two runs writing into one output at once would corrupt it silently (blocks of either run, the
+output marked complete all the same). A run takes
 ``OUT/svision_state/lock`` before it writes anything else into an output and gives it back when it
 ends, also on error. The lock is a small JSON file naming its owner (host, pid, start time), so a
 refused run can say who holds it.
@@ -27,14 +29,17 @@ import datetime
 import errno
 import json
 import os
+import re
 import socket
 import sys
 import time
 import uuid
 
+from .ngff import NgffError, foreign_file, make_store, open_output_group, store_exists
+
 LOCK_NAME = "lock"
 REMOTE_SETTLE_S = 0.5  # read-back delay for stores without exclusive create
-_HELD: dict[str, "OutputLock"] = {}  # lock url -> the lock this process holds (re-entrant: run -> enhance)
+_HELD: dict[str, OutputLock] = {}  # lock url -> the lock this process holds (re-entrant: run -> enhance)
 
 
 class OutputLocked(RuntimeError):
@@ -95,7 +100,7 @@ class OutputLock:
 
     # ------------------------------------------------------------------ public
 
-    def acquire(self) -> "OutputLock":
+    def acquire(self) -> OutputLock:
         held = _HELD.get(self.url)
         if held is not None:  # this process already holds it (run -> enhance)
             held.depth += 1
@@ -162,7 +167,7 @@ class OutputLock:
         finally:
             os.close(fd)
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -333,3 +338,305 @@ class OutputLock:
         how = "breaking the lock" if broken else "taking over the stale lock"
         why = "" if broken else " (no longer running)"
         print(f"svision-big: note: {how} of {describe_owner(rec)}{why} on {self.what}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- the state folder
+
+STATE_DIR = "svision_state"
+SETUP_MARKER = "setup"  # svision_state/setup: written first, so a half set-up output is known as ours
+MODEL_FILE = "svision_model.svb"  # where `run` keeps the model it trained (per channel: svision_model_c<c>.svb)
+# False: a finished output keeps its models only there (moved out of svision_state/models-<key>/,
+# where `run` keeps them while it works so that a resumed run reuses them). True copies them.
+KEEP_STATE_MODELS = False
+
+# What an svision-big output consists of (paths relative to the output): the image group, its
+# pyramid levels and their chunks, and the state folder. `--overwrite` deletes only these; any other
+# file (a thesis.docx beside zarr.json) makes it refuse, and delete nothing.
+_OUR_FILES = re.compile(r"""(?x)^(?:
+    zarr\.json | \.zgroup | \.zattrs                                             # the image group
+  | \d+/(?:zarr\.json | \.zarray | \.zattrs | c | (?:c[/.])?\d+(?:[/.]\d+)*)      # levels and their chunks
+  | svision_state/(?:
+        lock(?:\.[0-9a-f]+)?                                  # the lock (and a killed run's private copy)
+      | setup                                                 # the setup marker
+      | done-[0-9a-f]+/p\d+/\d+(?:\.json)?                    # done-records (and their notes)
+      | work-[0-9a-f]+/p\d+/(?:zarr\.json | c(?:/\d+)*)        # staged pass outputs
+      | models-[0-9a-f]+/c\d+\.svb                            # models `run` trained for this output
+    )
+  | svision_model(?:_c\d+)?\.svb                             # ... and where they stay once it is complete
+)$""")
+
+
+def _join(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/"), *parts])
+
+
+def _fs(url: str, options: dict | None):
+    import fsspec.core
+
+    return fsspec.core.url_to_fs(url, **(options or {}))
+
+
+def _no_step(step: str) -> None:
+    pass
+
+
+class DoneRecords:
+    """One empty object per finished block under ``url``: explicit, survives any crash,
+    cheap to list on resume, and independent of whether chunks equal the fill value."""
+
+    def __init__(self, url: str, options: dict | None = None):
+        self.url = url
+        self.fs, self.root = _fs(url, options)
+
+    def create(self) -> None:
+        self.fs.makedirs(self.root, exist_ok=True)
+
+    def mark(self, index: int) -> None:
+        self.fs.pipe_file(f"{self.root}/{index}", b"")
+
+    def note(self, index: int, note: dict) -> None:
+        """What a block found in its input (missing chunks, non-finite values), beside its record."""
+        self.fs.pipe_file(f"{self.root}/{index}.json", json.dumps(note).encode())
+
+    def notes(self) -> list[dict]:
+        """Every block's note (only blocks that found something have one)."""
+        try:
+            self.fs.invalidate_cache(self.root)
+            names = [n for n in self.fs.ls(self.root, detail=False) if n.endswith(".json")]
+        except FileNotFoundError:
+            return []
+        return [json.loads(self.fs.cat_file(n)) for n in names]
+
+    def load(self) -> set[int]:
+        try:
+            self.fs.invalidate_cache(self.root)
+            names = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return set()
+        out = set()
+        for n in names:
+            base = n.rstrip("/").rsplit("/", 1)[-1]
+            if base.isdigit():
+                out.add(int(base))
+        return out
+
+
+class OutputState:
+    """The run state of one output, ``OUT/svision_state/``, and what may be done to the output:
+
+    - ``lock``: one run at a time (:class:`OutputLock`);
+    - ``setup``: the marker of a setup in progress;
+    - ``work-<fingerprint>/p<k>``: pass ``k``'s staged float32 output (the last pass writes level 0);
+    - ``done-<fingerprint>/p<k>/<block>``: pass ``k``'s done-records (:class:`DoneRecords`);
+    - ``models-<run key>/c<channel>.svb``: the models `run` trained, until the output is complete.
+
+    Reading (``provenance``, ``verdict``) never writes; every write happens under the lock.
+    """
+
+    def __init__(self, output: str, options: dict | None = None):
+        self.output = output
+        self.options = options
+
+    def url(self, *parts: str) -> str:
+        return _join(self.output, STATE_DIR, *parts)
+
+    def lock(self, break_lock: bool = False) -> OutputLock:
+        return OutputLock(self.url(LOCK_NAME), self.options, break_lock, what=self.output)
+
+    # ------------------------------------------------------------------ the output as a whole
+
+    def provenance(self) -> dict:
+        """The svision_big attributes of the output ({} when there are none or it cannot be read)."""
+        try:
+            import zarr
+
+            prev = zarr.open_group(make_store(self.output, self.options, read_only=True), mode="r").attrs.get("svision_big")
+        except Exception:
+            return {}
+        return prev if isinstance(prev, dict) else {}
+
+    def verdict(self, fp: str, overwrite: bool) -> str:
+        """"new", "resume" (same fingerprint), "restart" (a setup was killed before any block) or
+        "replace" (``overwrite``, and it holds nothing but an svision-big output); refuses anything
+        else. Reads only: nothing is written or deleted here."""
+        if not store_exists(self.output, self.options):
+            return "new"
+        prev = self.provenance() or None
+        if prev is not None and prev.get("fingerprint") == fp:
+            return "resume"
+        if prev is None and self._only_state():
+            return "new"  # holds nothing but svision-big state: a lock, models that `run` saved for this output
+        if prev is None and SETUP_MARKER in self.entries() and \
+                foreign_file(self.output, self.options, allowed=_our_file) is None:
+            return "restart"  # a run killed while setting it up: no block was computed yet, start the setup again
+        if not overwrite:
+            why = (f"was made with other settings (fingerprint {prev.get('fingerprint')}, now {fp})"
+                   if prev is not None else "is not an svision-big output")
+            raise NgffError(f"{self.output} already exists and {why}: pass --overwrite to replace it")
+        fs, root = _fs(self.output, self.options)
+        if not fs.isdir(root):
+            raise NgffError(f"{self.output} exists and is not a folder: refusing to replace it")
+        stray = foreign_file(self.output, self.options, allowed=_our_file)
+        if stray is not None:
+            raise NgffError(f"{self.output} holds {stray}, which is not part of an svision-big output: refusing to "
+                            f"delete anything (move it elsewhere, or choose another output)")
+        return "replace"
+
+    def checked_verdict(self, fp: str, overwrite: bool, lock: OutputLock) -> str:
+        """``verdict`` without the lock; when it refuses while another run holds the lock (say, that
+        run is half-way through creating the output), report the lock, the real cause."""
+        try:
+            return self.verdict(fp, overwrite)
+        except NgffError:
+            owner = lock.owner()
+            if owner is not None:
+                raise lock._refusal(owner) from None
+            raise
+
+    def clear(self) -> None:
+        """Delete the output's contents, keeping its lock (held by this run) and the models `run`
+        trained for it (keyed by their settings). ``verdict`` has checked that nothing else is in it."""
+        fs, root = _fs(self.output, self.options)
+        root = root.rstrip("/")
+        for entry in fs.ls(root, detail=False):
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            if name != STATE_DIR:
+                fs.rm(entry, recursive=True)
+                continue
+            for inner in fs.ls(entry, detail=False):
+                base = inner.rstrip("/").rsplit("/", 1)[-1]
+                if base != LOCK_NAME and not base.startswith("models-"):
+                    fs.rm(inner, recursive=True)
+        fs.invalidate_cache(root)
+
+    def _only_state(self) -> bool:
+        fs, root = _fs(self.output, self.options)
+        try:
+            names = [n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(root, detail=False)]
+        except FileNotFoundError:
+            return True
+        return set(names) <= {STATE_DIR}
+
+    # ------------------------------------------------------------------ the state folder
+
+    def entries(self) -> list[str]:
+        """Names in the state folder, the lock left out."""
+        fs, root = _fs(self.url(), self.options)
+        try:
+            fs.invalidate_cache(root)
+            return [n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(root, detail=False)
+                    if n.rstrip("/").rsplit("/", 1)[-1] != LOCK_NAME]
+        except FileNotFoundError:
+            return []
+
+    def has_leftovers(self) -> bool:
+        """True when the state folder holds more than the lock (a complete output: a run killed
+        while cleaning up)."""
+        return bool(self.entries())
+
+    def clean(self, keep_models: bool = True) -> None:
+        """Remove the done-records, scratch arrays and setup marker of a complete output (on an object
+        store, most of its objects), keeping the lock (released by its owner) and, with
+        ``keep_models``, the models `run` trained; the folder goes once it is empty."""
+        fs, root = _fs(self.url(), self.options)
+        for name in self.entries():
+            if not (keep_models and name.startswith("models-")):
+                fs.rm(f"{root.rstrip('/')}/{name}", recursive=True)
+        fs.invalidate_cache(root)
+
+    # ------------------------------------------------------------------ one enhance run's state
+
+    @staticmethod
+    def work_dir(fp: str) -> str:
+        """Where the staged pass outputs of the run with fingerprint ``fp`` live (path in the output)."""
+        return f"{STATE_DIR}/work-{fp}"
+
+    def scratch_path(self, fp: str, k: int) -> str:
+        return f"{self.work_dir(fp)}/p{k}"
+
+    def done_url(self, fp: str, k: int) -> str:
+        """Where pass ``k``'s done-records live (:class:`DoneRecords`)."""
+        return self.url(f"done-{fp}", f"p{k}")
+
+    def set_up(self, fmt, fp: str, provenance: dict, scratch, level0, after_step=_no_step):
+        """Create a new output: marker, group, scratch arrays, level 0, then the provenance (last).
+        Killed before the provenance, the output holds only svision-big files and the marker, and the
+        next run starts its setup again (``verdict``: "restart"); killed after it, every array exists
+        and the run resumes. ``scratch``: (path, shape, chunks, shards) per staged pass output;
+        ``level0(group)`` creates level 0; ``after_step(name)`` is called after each step."""
+        fs, marker = _fs(self.url(SETUP_MARKER), self.options)
+        fs.makedirs(marker.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(marker, fp.encode())
+        after_step("marker")
+        group = open_output_group(self.output, fmt, self.options, mode="a")
+        after_step("group")
+        for path, shape, chunks, shards in scratch:
+            self.create_scratch(path, shape, chunks, shards)
+            after_step(f"scratch {path.rsplit('/', 1)[-1]}")
+        level0(group)
+        after_step("level 0")
+        group.attrs["svision_big"] = {**provenance, "state": "writing level 0"}
+        after_step("provenance")
+        return group
+
+    def ensure_arrays(self, group, scratch, level0) -> None:
+        """On resume, create any array the output lacks (an older version could be killed between
+        writing the provenance and creating the arrays). An existing array is never re-created: its
+        chunks are the work already done."""
+        import zarr
+
+        for path, shape, chunks, shards in scratch:
+            try:
+                zarr.open_array(make_store(_join(self.output, path), self.options, read_only=True), mode="r")
+            except Exception:
+                self.create_scratch(path, shape, chunks, shards)
+        try:
+            zarr.open_array(make_store(self.output, self.options, read_only=True), path="0", mode="r")
+        except Exception:
+            level0(group)
+
+    def create_scratch(self, path: str, shape, chunks, shards=None) -> None:
+        """A float32 scratch array (zarr v3, uncompressed: written once and read once) in the state folder."""
+        import zarr
+
+        # a store rooted at the array itself: no group metadata lands in the output (a v2 image stays pure v2)
+        zarr.create_array(make_store(_join(self.output, path), self.options, read_only=False), shape=tuple(shape),
+                          chunks=tuple(chunks), shards=None if shards is None else tuple(shards), dtype="float32",
+                          fill_value=0.0, compressors=None, overwrite=True, zarr_format=3)
+
+    def remove(self, path: str) -> None:
+        """Remove a scratch array or folder (a path in the output) when it exists."""
+        fs, root = _fs(_join(self.output, path), self.options)
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+
+    # ------------------------------------------------------------------ models `run` trains
+
+    @staticmethod
+    def model_file(channel: int, n_channels: int) -> str:
+        """Where a complete output keeps the model `run` trained for ``channel``."""
+        return MODEL_FILE if n_channels == 1 else f"svision_model_c{channel}.svb"
+
+    def models_root(self, key: str) -> tuple:
+        """(filesystem, folder) of the models `run` trains with settings ``key``."""
+        return _fs(self.url(f"models-{key}"), self.options)
+
+    def finish_run(self, key: str, kept: dict[int, str]) -> None:
+        """After `run` completed the output: its models to their place (``keep_models``), then the
+        state removed (the models' state copies too, unless ``KEEP_STATE_MODELS``)."""
+        self.keep_models(key, kept)
+        self.clean(keep_models=KEEP_STATE_MODELS)
+
+    def keep_models(self, key: str, kept: dict[int, str]) -> None:
+        """Move the models `run` trained from the state folder to their place in the output (``kept``:
+        channel -> file name)."""
+        fs, root = self.models_root(key)
+        out_root = _fs(self.output, self.options)[1].rstrip("/")
+        for c, name in kept.items():
+            src = f"{root}/c{c}.svb"
+            if fs.exists(src):
+                (fs.copy if KEEP_STATE_MODELS else fs.mv)(src, f"{out_root}/{name}")
+
+
+def _our_file(rel: str) -> bool:
+    return bool(_OUR_FILES.match(rel))

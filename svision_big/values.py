@@ -1,0 +1,66 @@
+"""Value mapping between raw image units and the operator's normalised units.
+
+The operator works on normalised float32 values; an image stores raw values in its dtype. This
+module holds the one global mapping between them (:class:`Normalisation`, measured once, never
+per block), and the one casting rule from float results to a stored dtype (round and clip for
+integers), used by block outputs and pyramid levels alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """Global intensity mapping x_n = (x - lo) / (hi - lo); measured once, never per block."""
+
+    lo: float
+    hi: float
+    floor: float | None  # clamp value in raw units (0 for non-negative data), None = no clamp
+    ceiling: float | None = None  # the input's saturation value (raw), None = not saturated
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.lo) / (self.hi - self.lo)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return y * (self.hi - self.lo) + self.lo
+
+    @property
+    def floor_n(self) -> float | None:
+        return None if self.floor is None else (self.floor - self.lo) / (self.hi - self.lo)
+
+    @property
+    def bounds_n(self) -> tuple[float | None, float | None]:
+        """(floor, ceiling) in normalised units: the output never leaves what the input could record."""
+        ceil = None if self.ceiling is None else (self.ceiling - self.lo) / (self.hi - self.lo)
+        return self.floor_n, ceil
+
+
+def cast_output(y: np.ndarray, dtype: np.dtype, own: bool = False) -> np.ndarray:
+    """Round and clip to an integer dtype's range; plain cast for floats. ``own``: ``y`` may be
+    overwritten (no float temporary). Integer values are only clipped: rounding them through a
+    float would lose int64 precision."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        if y.dtype.kind != "f":
+            return np.clip(y, info.min, info.max).astype(dtype)
+        y = np.rint(y, out=y if own else None)
+        return np.clip(y, info.min, info.max, out=y).astype(dtype)
+    return y.astype(dtype, copy=False)
+
+
+def to_output(y: torch.Tensor, norm: Normalisation, dtype: np.dtype, chunk: int = 32) -> np.ndarray:
+    """Normalised result (or a view into it) -> raw values in ``dtype``, ``chunk`` slices of axis 0
+    at a time, so that at most one chunk's float temporary exists beside the result."""
+    dtype = np.dtype(dtype)
+    a, b = norm.hi - norm.lo, norm.lo
+    out = np.empty(tuple(y.shape), dtype)
+    for c0 in range(0, y.shape[0], chunk):
+        t = torch.mul(y[c0:c0 + chunk], a).add_(b)  # the same two roundings as ``Normalisation.inverse``
+        out[c0:c0 + chunk] = cast_output(t.cpu().numpy(), dtype, own=True)
+    return out

@@ -91,13 +91,6 @@ def gaussian_table(n: int, fwhm: float) -> tuple[np.ndarray, np.ndarray]:
     return _compact(_reflect(idx, n), w)
 
 
-def table_radius(idx: np.ndarray, n_in: int, scale: float) -> float:
-    """Largest distance (in input voxels) between an output centre and one of its taps, ignoring reflection."""
-    i = np.arange(idx.shape[0], dtype=np.float64)
-    u = (i + 0.5) / scale - 0.5
-    return float(np.max(np.abs(idx - u[:, None])))
-
-
 def apply_table(x: torch.Tensor, axis: int, table: tuple[np.ndarray, np.ndarray]) -> torch.Tensor:
     """Gather-and-sum along ``axis``: one ``index_select`` per tap, no loops over voxels."""
     idx_np, w_np = table

@@ -253,8 +253,7 @@ class SVNet(nn.Module):
         """An inference copy whose grouped convolutions are dense with block-diagonal weights.
 
         Same arithmetic (zeros off the diagonal blocks), but the CPU's dense convolution kernels are
-        far faster than its grouped ones: measured 1.64x for the whole learned part
-        (benchmarks/README, bottleneck 3)."""
+        faster than its grouped ones (``python benchmarks/grouped_vs_dense.py`` measures it)."""
         import copy
 
         dense = copy.deepcopy(self)

@@ -155,7 +155,3 @@ def noise_bins(volume: np.ndarray, n_bins: int = 12, max_samples: int = 2_000_00
         ts.append(float(np.median(tails)) if tails else np.nan)
     return NoiseBins(np.array(xs), np.array(vs), np.array(ws), np.array(ts))
 
-
-def estimate_noise(volume: np.ndarray, n_bins: int = 12, max_samples: int = 2_000_000, seed: int = 0) -> NoiseModel:
-    """Fit var = gain*I + offset to per-intensity-bin noise variances of a (normalised) volume."""
-    return noise_bins(volume, n_bins, max_samples, seed).least_squares()

@@ -85,15 +85,20 @@ def precision_dtype(precision: str, device: str | torch.device = "cpu") -> torch
 ENSEMBLES = (8, 4, 1)  # variants the held-aside check chooses from: each halving halves the network's cost
 
 
+_FLIPS = [(0, False), (0, True), (2, False), (2, True)]
+
+
 def _variants(rotations: bool, size: int | bool = True) -> list[tuple[int, bool]]:
     """Lateral (y, x) symmetries: the 8 of the square (rot90 x flip) or, when y and x are
     upsampled differently (rotation would swap their factors), or 4 are asked for, the 4 flips
     (none, x, y and x, y); ``size`` 1 or False: the identity. True = as many as the factors allow."""
+    if size is True:  # before the size test: True == 1 in Python
+        return [(k, flip) for k in range(4) for flip in (False, True)] if rotations else _FLIPS
     if size is False or size == 1:
         return [(0, False)]
-    if rotations and (size is True or size >= 8):
+    if rotations and size >= 8:
         return [(k, flip) for k in range(4) for flip in (False, True)]
-    return [(0, False), (0, True), (2, False), (2, True)]
+    return _FLIPS
 
 
 def ensemble_size(ensemble: int | bool, factors: tuple[int, ...]) -> int:

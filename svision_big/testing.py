@@ -14,10 +14,7 @@ from svision_big.model import Model, StageRecord
 from svision_big.network import NetConfig, SVNet
 from svision_big.train import split_stages
 
-try:  # the value mapping's home (svision_big.values); older trees kept it in operator
-    from svision_big.values import Normalisation
-except ImportError:  # pragma: no cover
-    from svision_big.operator import Normalisation
+from svision_big.values import Normalisation
 
 __all__ = ["make_model", "stand_in_model"]
 

@@ -51,13 +51,22 @@ def main(argv=None) -> int:
         diff = float((net(x) - dense(x)).abs().max())
     t_grouped = best_time(net, x, args.repeats)
     t_dense = best_time(dense, x, args.repeats)
-    row = {"input": list(shape), "threads": torch.get_num_threads(), "grouped_s": round(t_grouped, 4),
-           "dense_s": round(t_dense, 4), "speedup": round(t_grouped / t_dense, 3), "max_abs_difference": diff,
-           "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
+    row = {
+        "input": list(shape),
+        "threads": torch.get_num_threads(),
+        "grouped_s": round(t_grouped, 4),
+        "dense_s": round(t_dense, 4),
+        "speedup": round(t_grouped / t_dense, 3),
+        "max_abs_difference": diff,
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+    }
     print("| input | threads | grouped (s) | dense (s) | dense speed-up | max difference |")
     print("|---|---|---|---|---|---|")
-    print(f"| {'x'.join(map(str, shape))} | {row['threads']} | {t_grouped:.4f} | {t_dense:.4f} | "
-          f"{row['speedup']:.2f}x | {diff:.1e} |")
+    print(
+        f"| {'x'.join(map(str, shape))} | {row['threads']} | {t_grouped:.4f} | {t_dense:.4f} | "
+        f"{row['speedup']:.2f}x | {diff:.1e} |"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(row, indent=1))
     return 0

@@ -49,9 +49,9 @@ PSF_AXIAL_RATIO = 2.5
 # Low-res shape per factor. Lateral 96 (x2 lateral) or 128 (z-only) low-res voxels lets training
 # hold aside a validation slab disjoint from its crops; x4 in z keeps 16 low-res slices (>= 12).
 SHAPE_LR = {
-    "x2": (32, 96, 96),     # high-res 64 x 192 x 192
-    "x4": (16, 96, 96),     # high-res 64 x 384 x 384
-    "x422": (16, 96, 96),   # high-res 64 x 192 x 192
+    "x2": (32, 96, 96),  # high-res 64 x 192 x 192
+    "x4": (16, 96, 96),  # high-res 64 x 384 x 384
+    "x422": (16, 96, 96),  # high-res 64 x 192 x 192
     "x211": (32, 128, 128),  # high-res 64 x 128 x 128
     "x411": (16, 128, 128),  # high-res 64 x 128 x 128
 }
@@ -147,8 +147,9 @@ QUICK_CASES: list[Case] = [
 # --------------------------------------------------------------------------- structures
 
 
-def nuclei(shape: tuple[int, ...], rng: np.random.Generator, fill: float = 0.25,
-           radius: tuple[float, float] = (4.0, 10.0)) -> np.ndarray:
+def nuclei(
+    shape: tuple[int, ...], rng: np.random.Generator, fill: float = 0.25, radius: tuple[float, float] = (4.0, 10.0)
+) -> np.ndarray:
     """Nuclei-like blobs: randomly rotated ellipsoids (semi-axes in ``radius``, high-res voxels),
     soft one-voxel edges, brightness 0.5-1 each, interiors modulated by a band-limited texture
     (chromatin) and a slight dimming towards the centre. ``fill`` = target volume fraction."""
@@ -212,6 +213,7 @@ def acquire(truth: np.ndarray, factors: tuple[int, ...], how: str) -> np.ndarray
         import torch
 
         from svision_big.degrade import resize
+
         return resize(torch.from_numpy(truth), tuple(factors), up=False).numpy()
     if how == "integrate":
         split = []
@@ -282,15 +284,19 @@ class NoiseInfo:
         variance model var_n(v) = gain * v + offset in those units."""
         if self.photons is None and self.read == 0:
             return {"noise": "none"}
-        out = {"photons_at_peak": self.photons, "read_std_of_peak": self.read,
-               "std_at_half_peak_of_peak": round(self.std_at(0.5 * self.peak) / self.peak, 5)}
+        out = {
+            "photons_at_peak": self.photons,
+            "read_std_of_peak": self.read,
+            "std_at_half_peak_of_peak": round(self.std_at(0.5 * self.peak) / self.peak, 5),
+        }
         if norm_lo is not None and norm_hi is not None and norm_hi > norm_lo:
             rng_ = norm_hi - norm_lo
             mid = norm_lo + 0.5 * rng_
             out["std_at_mid_normalised"] = round(self.std_at(mid) / rng_, 5)
             gain = 0.0 if self.scale is None else 1.0 / (self.scale * rng_)
-            offset = (0.0 if self.scale is None else max(norm_lo, 0.0) / (self.scale * rng_ ** 2)) \
-                + (self.read * self.peak / rng_) ** 2
+            offset = (0.0 if self.scale is None else max(norm_lo, 0.0) / (self.scale * rng_**2)) + (
+                self.read * self.peak / rng_
+            ) ** 2
             out["true_gain_offset_normalised"] = [round(gain, 7), round(offset, 9)]
         return out
 

@@ -56,6 +56,7 @@ import types
 def _torchvision_placeholder() -> None:
     try:
         import torchvision  # noqa: F401
+
         return
     except Exception:  # not installed, or a CUDA build that cannot load against CPU torch
         for k in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
@@ -65,8 +66,10 @@ def _torchvision_placeholder() -> None:
         def __getattr__(self, name):
             if name.startswith("__"):
                 raise AttributeError(name)
-            raise RuntimeError(f"{self.__name__}.{name}: torchvision is not available in this "
-                               "environment (see benchmarks/n2v_baseline.py); N2V should not need it")
+            raise RuntimeError(
+                f"{self.__name__}.{name}: torchvision is not available in this "
+                "environment (see benchmarks/n2v_baseline.py); N2V should not need it"
+            )
 
     # torchmetrics and lightning probe for torchvision when first imported: import them before the
     # placeholder exists, so they record it as absent and skip their torchvision-based features.
@@ -117,12 +120,19 @@ def denoise(volume, epochs: int, steps: int, patch: tuple[int, int, int], batch:
     from careamics import CAREamist
     from careamics import config as cfgmod
 
-    make = getattr(cfgmod, "create_n2v_config", None) or getattr(cfgmod, "create_n2v_configuration")
-    kwargs = dict(experiment_name="n2v_baseline", data_type="array", axes="ZYX", patch_size=list(patch),
-                  batch_size=batch, num_epochs=epochs, num_steps=steps,
-                  n_val_patches=n_val_patches(volume.shape, patch))
+    make = getattr(cfgmod, "create_n2v_config", None) or cfgmod.create_n2v_configuration
+    kwargs = dict(
+        experiment_name="n2v_baseline",
+        data_type="array",
+        axes="ZYX",
+        patch_size=list(patch),
+        batch_size=batch,
+        num_epochs=epochs,
+        num_steps=steps,
+        n_val_patches=n_val_patches(volume.shape, patch),
+    )
     try:  # the advanced factory takes a seed and the dataloader workers
-        make_adv = getattr(cfgmod, "create_advanced_n2v_config")
+        make_adv = cfgmod.create_advanced_n2v_config
         config = make_adv(**kwargs, seed=seed + 1, num_workers=0, logger="none")  # seed must be > 0
     except (AttributeError, TypeError):
         config = make(**kwargs)
@@ -148,8 +158,12 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="default: from --budget-voxels")
     p.add_argument("--steps", type=int, default=20, help="batches per epoch")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--budget-voxels", type=float, default=BUDGET_VOXELS,
-                   help="training patch voxels in all (epochs = budget / (steps * batch * patch voxels))")
+    p.add_argument(
+        "--budget-voxels",
+        type=float,
+        default=BUDGET_VOXELS,
+        help="training patch voxels in all (epochs = budget / (steps * batch * patch voxels))",
+    )
     p.add_argument("--patch", default=None, help="Z,Y,X (powers of 2, >= 8); default fits the volume")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
@@ -158,14 +172,17 @@ def main(argv=None) -> int:
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _torchvision_placeholder()
+    import careamics
     import numpy as np
     import torch
 
-    import careamics
     if args.threads:
         torch.set_num_threads(args.threads)
-    info = {"careamics": careamics.__version__, "torch": torch.__version__,
-            "torchvision": getattr(sys.modules.get("torchvision"), "__version__", None)}
+    info = {
+        "careamics": careamics.__version__,
+        "torch": torch.__version__,
+        "torchvision": getattr(sys.modules.get("torchvision"), "__version__", None),
+    }
     if args.check:
         print(json.dumps(info))
         return 0
@@ -184,8 +201,15 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="n2v_") as wd:
         out, times = denoise(vol, args.epochs, args.steps, patch, args.batch, args.seed, wd)
     np.save(args.output, out)
-    info.update(times, seconds=round(time.perf_counter() - t0, 1), patch=list(patch), epochs=args.epochs,
-                steps_per_epoch=args.steps, batch=args.batch, shape=list(vol.shape))
+    info.update(
+        times,
+        seconds=round(time.perf_counter() - t0, 1),
+        patch=list(patch),
+        epochs=args.epochs,
+        steps_per_epoch=args.steps,
+        batch=args.batch,
+        shape=list(vol.shape),
+    )
     print("N2V_RESULT " + json.dumps(info), flush=True)
     return 0
 

@@ -83,8 +83,13 @@ def run_case(name: str, kind: str) -> dict:
     t0 = time.perf_counter()
     net, val, _ = T.train_stage(v, deg, T.TrainConfig(quiet=True))
     checks = T._check_pairs(val, deg)
-    row = {"case": name, "noise": noise_rows(obs, truth, norm), "train_seconds": round(time.perf_counter() - t0, 1),
-           "cubic": Q.quality(truth, Q.cubic(obs, factors), dr), "scales": []}
+    row = {
+        "case": name,
+        "noise": noise_rows(obs, truth, norm),
+        "train_seconds": round(time.perf_counter() - t0, 1),
+        "cubic": Q.quality(truth, Q.cubic(obs, factors), dr),
+        "scales": [],
+    }
     for a in SCALES:
         na = scaled(net, a)
         entry = {"a": a}
@@ -104,19 +109,27 @@ def markdown(rows: list[dict]) -> str:
     lines = []
     for r in rows:
         n = r["noise"]
-        lines += [f"#### {r['case']}", "",
-                  "| mean intensity (normalised) | " + " | ".join(f"{b['intensity']:.3f}" for b in n["bins"]) + " |",
-                  "|---|" + "---|" * len(n["bins"]),
-                  "| estimated variance | " + " | ".join(f"{b['estimated_var']:.5f}" for b in n["bins"]) + " |",
-                  "| true variance | " + " | ".join(f"{b['true_var']:.5f}" for b in n["bins"]) + " |", "",
-                  f"Fitted var = gain x I + offset: estimated gain {n['estimated'][0]:.4f}, offset {n['estimated'][1]:.6f}; "
-                  f"true gain {n['true'][0]:.4f}, offset {n['true'][1]:.6f}.", "",
-                  f"Cubic: {r['cubic']['psnr']:.2f} dB, SSIM {r['cubic']['ssim']:.4f}.", "",
-                  "| a (output = cubic + a x correction) | check MSE, bp 0 | truth, bp 0 (dB / SSIM) | check MSE, bp 1 | truth, bp 1 |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            f"#### {r['case']}",
+            "",
+            "| mean intensity (normalised) | " + " | ".join(f"{b['intensity']:.3f}" for b in n["bins"]) + " |",
+            "|---|" + "---|" * len(n["bins"]),
+            "| estimated variance | " + " | ".join(f"{b['estimated_var']:.5f}" for b in n["bins"]) + " |",
+            "| true variance | " + " | ".join(f"{b['true_var']:.5f}" for b in n["bins"]) + " |",
+            "",
+            f"Fitted var = gain x I + offset: estimated gain {n['estimated'][0]:.4f}, offset {n['estimated'][1]:.6f}; "
+            f"true gain {n['true'][0]:.4f}, offset {n['true'][1]:.6f}.",
+            "",
+            f"Cubic: {r['cubic']['psnr']:.2f} dB, SSIM {r['cubic']['ssim']:.4f}.",
+            "",
+            "| a (output = cubic + a x correction) | check MSE, bp 0 | truth, bp 0 (dB / SSIM) | check MSE, bp 1 | truth, bp 1 |",
+            "|---|---|---|---|---|",
+        ]
         for e in r["scales"]:
-            lines.append(f"| {e['a']} | {e['bp0']['check_mse']:.6g} | {e['bp0']['psnr']:.2f} / {e['bp0']['ssim']:.4f} "
-                         f"| {e['bp1']['check_mse']:.6g} | {e['bp1']['psnr']:.2f} / {e['bp1']['ssim']:.4f} |")
+            lines.append(
+                f"| {e['a']} | {e['bp0']['check_mse']:.6g} | {e['bp0']['psnr']:.2f} / {e['bp0']['ssim']:.4f} "
+                f"| {e['bp1']['check_mse']:.6g} | {e['bp1']['psnr']:.2f} / {e['bp1']['ssim']:.4f} |"
+            )
         lines.append("")
     return "\n".join(lines)
 

@@ -53,8 +53,15 @@ def main(argv=None) -> int:
                 enhance_array(x, spec)
                 best = min(best, time.perf_counter() - t0)
             vox = int(np.prod(shape)) * 8
-            rows.append({"precision": precision, "ensemble": ens, "seconds": round(best, 3), "output_voxels": vox,
-                         "mvox_per_s": round(vox / best / 1e6, 3)})
+            rows.append(
+                {
+                    "precision": precision,
+                    "ensemble": ens,
+                    "seconds": round(best, 3),
+                    "output_voxels": vox,
+                    "mvox_per_s": round(vox / best / 1e6, 3),
+                }
+            )
             print(f"{precision} ensemble {ens}: {rows[-1]['mvox_per_s']} M output voxels/s", flush=True)
     base = {r["ensemble"]: r["mvox_per_s"] for r in rows if r["precision"] == "float32"}
     print("\n| precision | ensemble 8 | ensemble 4 | ensemble 1 |\n|---|---|---|---|")
@@ -62,9 +69,16 @@ def main(argv=None) -> int:
         vals = {r["ensemble"]: r["mvox_per_s"] for r in rows if r["precision"] == p}
         print(f"| {p} | " + " | ".join(f"{vals[e]:.3g} M/s ({vals[e] / base[8]:.2f}x)" for e in (8, 4, 1)) + " |")
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    res = {"benchmark": "operator_speed", "input_shape": list(shape), "threads": torch.get_num_threads(),
-           "cpu": platform.processor() or next((l.split(":")[1].strip() for l in flags.splitlines() if "model name" in l), "?"),
-           "avx512_bf16": "avx512_bf16" in flags, "torch": torch.__version__, "rows": rows}
+    res = {
+        "benchmark": "operator_speed",
+        "input_shape": list(shape),
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor()
+        or next((l.split(":")[1].strip() for l in flags.splitlines() if "model name" in l), "?"),
+        "avx512_bf16": "avx512_bf16" in flags,
+        "torch": torch.__version__,
+        "rows": rows,
+    }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1))
     print(f"wrote {a.out}")

@@ -43,17 +43,26 @@ DEFAULT_RUN = {"throughput", "memory", "planning", "blocks", "halo"}  # profile:
 
 def report(res: dict) -> str:
     lines = [machine_line(res), ""]
-    for name, rep in (("throughput", report_throughput), ("profile", report_profile), ("memory", report_memory),
-                      ("planning", report_planning), ("blocks", report_blocks), ("halo", report_halo)):
+    for name, rep in (
+        ("throughput", report_throughput),
+        ("profile", report_profile),
+        ("memory", report_memory),
+        ("planning", report_planning),
+        ("blocks", report_blocks),
+        ("halo", report_halo),
+    ):
         if name in res:
             lines += rep(res)
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    args = parse_args(__doc__.split("\n")[0], "pipeline", argv,
-                      extra=lambda ap: ap.add_argument("--only", default=None,
-                                                       help="comma list of sections: " + ",".join(SECTIONS)))
+    args = parse_args(
+        __doc__.split("\n")[0],
+        "pipeline",
+        argv,
+        extra=lambda ap: ap.add_argument("--only", default=None, help="comma list of sections: " + ",".join(SECTIONS)),
+    )
     if args.report:
         with open(args.report) as fh:
             print(report(json.load(fh)))

@@ -61,11 +61,17 @@ def child_blocks(spec: dict) -> dict:
         if time.perf_counter() - t0 >= spec.get("min_seconds", 0.0):
             break
     sec = (time.perf_counter() - t0) / reps
-    write = size ** 3
-    return {"kind": p.kind, "bp": spec["bp"], "size": size, "halo": list(halo), "read": read, "seconds": sec,
-            "write_voxels_per_second": write / sec,
-            "read_voxels_per_second": math.prod(n * f for n, f in zip(read, p.factors)) / sec}
-
+    write = size**3
+    return {
+        "kind": p.kind,
+        "bp": spec["bp"],
+        "size": size,
+        "halo": list(halo),
+        "read": read,
+        "seconds": sec,
+        "write_voxels_per_second": write / sec,
+        "read_voxels_per_second": math.prod(n * f for n, f in zip(read, p.factors)) / sec,
+    }
 
 
 def section_blocks(cfg: dict, log) -> dict:
@@ -98,9 +104,14 @@ def section_halo(cfg: dict, blocks: dict | None = None) -> dict:
         for p in plan_passes(spec):
             halo = pass_halo(spec, p)
             d = min(_default_pass_block(p.kind, halo), min(out_shape))
-            row = {"bp": bp, "pass": p.kind, "halo": list(halo), "default_block": d,
-                   "default_overhead": BlockPlan(big_in, FACTORS, (d,) * 3, halo).overhead(),
-                   "by_block": [BlockPlan(big_in, FACTORS, (s,) * 3, halo).overhead() for s in sizes]}
+            row = {
+                "bp": bp,
+                "pass": p.kind,
+                "halo": list(halo),
+                "default_block": d,
+                "default_overhead": BlockPlan(big_in, FACTORS, (d,) * 3, halo).overhead(),
+                "by_block": [BlockPlan(big_in, FACTORS, (s,) * 3, halo).overhead() for s in sizes],
+            }
             rows.append(row)
     # the network pass runs unpadded convolutions on halo sides: layer l computes only the write
     # region plus the radius the layers after it still need. Work-weighted by each layer's FLOPs:
@@ -111,18 +122,25 @@ def section_halo(cfg: dict, blocks: dict | None = None) -> dict:
         cum += r
         flops = 2 * conv.in_channels * conv.out_channels * conv.kernel_size[0] ** 3
         layers.append((flops, net.conv_radius() - cum))
+
     def valid_overhead(size):
         w = size // FACTORS[0]
         work = sum(fl * (w + 2 * rest) ** 3 for fl, rest in layers)
-        return work / sum(fl * w ** 3 for fl, _ in layers) - 1.0
+        return work / sum(fl * w**3 for fl, _ in layers) - 1.0
+
     for row in rows:
         if row["pass"] == "net":
             row["valid_conv_by_block"] = [valid_overhead(s) for s in sizes]
             row["valid_conv_default"] = valid_overhead(row["default_block"])
     fused = {bp: list(build_model(bp).halo()) for bp in (0, 10)}
     single = {bp: BlockPlan(big_in, FACTORS, (128,) * 3, fused[bp]).overhead() for bp in fused}
-    return {"volume_input": list(big_in), "rows": rows, "sizes": list(sizes),
-            "single_pass_halo": fused, "single_pass_overhead_128": single}
+    return {
+        "volume_input": list(big_in),
+        "rows": rows,
+        "sizes": list(sizes),
+        "single_pass_halo": fused,
+        "single_pass_overhead_128": single,
+    }
 
 
 def run_blocks(cfg: dict, workdir: Path, log, only=("blocks", "halo")) -> dict:
@@ -143,8 +161,10 @@ def report_blocks(res: dict) -> list[str]:
     L.append("| pass | output block | halo | read side | seconds | output voxels/s per core | peak RSS |")
     L.append("|---|---|---|---|---|---|---|")
     for r in res["blocks"]["rows"]:
-        L.append(f"| {r['kind']} (bp {r['bp']}) | {r['size']}^3 | {r['halo'][0]} | {r['read'][0]} | {r['seconds']:.2f} | "
-                 f"{_mv(r['write_voxels_per_second'])} | {r['peak_rss_bytes'] / 2**30:.2f} GB |")
+        L.append(
+            f"| {r['kind']} (bp {r['bp']}) | {r['size']}^3 | {r['halo'][0]} | {r['read'][0]} | {r['seconds']:.2f} | "
+            f"{_mv(r['write_voxels_per_second'])} | {r['peak_rss_bytes'] / 2**30:.2f} GB |"
+        )
     L.append("")
     return L
 
@@ -154,23 +174,35 @@ def report_halo(res: dict) -> list[str]:
     if "halo" not in res:
         return L
     h = res["halo"]
-    L.append("### 4. Halo overhead per pass (input voxels run through the pass more than once, fraction), "
-             f"input {'x'.join(map(str, h['volume_input']))}")
+    L.append(
+        "### 4. Halo overhead per pass (input voxels run through the pass more than once, fraction), "
+        f"input {'x'.join(map(str, h['volume_input']))}"
+    )
     L.append("")
     L.append("| model | pass | halo | " + " | ".join(f"{s}^3" for s in h["sizes"]) + " | at its default block |")
     L.append("|---|---|---|" + "---|" * (len(h["sizes"]) + 1))
     for r in h["rows"]:
-        L.append(f"| bp {r['bp']} | {r['pass']} (input voxels read) | {r['halo'][0]} | "
-                 + " | ".join(f"{100 * o:.0f}%" for o in r["by_block"])
-                 + f" | {100 * r['default_overhead']:.0f}% ({r['default_block']}^3) |")
+        L.append(
+            f"| bp {r['bp']} | {r['pass']} (input voxels read) | {r['halo'][0]} | "
+            + " | ".join(f"{100 * o:.0f}%" for o in r["by_block"])
+            + f" | {100 * r['default_overhead']:.0f}% ({r['default_block']}^3) |"
+        )
         if "valid_conv_by_block" in r:
-            L.append(f"| bp {r['bp']} | net, work computed (unpadded convolutions on halo sides, FLOP-weighted) | "
-                     f"{r['halo'][0]} | " + " | ".join(f"{100 * o:.0f}%" for o in r["valid_conv_by_block"])
-                     + f" | **{100 * r['valid_conv_default']:.0f}%** ({r['default_block']}^3) |")
+            L.append(
+                f"| bp {r['bp']} | net, work computed (unpadded convolutions on halo sides, FLOP-weighted) | "
+                f"{r['halo'][0]} | "
+                + " | ".join(f"{100 * o:.0f}%" for o in r["valid_conv_by_block"])
+                + f" | **{100 * r['valid_conv_default']:.0f}%** ({r['default_block']}^3) |"
+            )
     L.append("")
-    L.append("Before passes (one sweep, network recomputed over back-projection's halo) at 128^3: "
-             + ", ".join(f"bp {bp} halo {h['single_pass_halo'][bp][0]}: {100 * o:.0f}%"
-                         for bp, o in h["single_pass_overhead_128"].items()) + ".")
+    L.append(
+        "Before passes (one sweep, network recomputed over back-projection's halo) at 128^3: "
+        + ", ".join(
+            f"bp {bp} halo {h['single_pass_halo'][bp][0]}: {100 * o:.0f}%"
+            for bp, o in h["single_pass_overhead_128"].items()
+        )
+        + "."
+    )
     L.append("")
     return L
 
@@ -178,8 +210,12 @@ def report_halo(res: dict) -> list[str]:
 def main(argv=None) -> int:
     from pipeline_common import finish, machine_line, parse_args, start
 
-    args = parse_args("Pipeline benchmark 4: each pass against block size, and halo overhead.", "pipeline_blocks", argv,
-                      extra=lambda ap: ap.add_argument("--only", default="blocks,halo", help="comma list: blocks,halo"))
+    args = parse_args(
+        "Pipeline benchmark 4: each pass against block size, and halo overhead.",
+        "pipeline_blocks",
+        argv,
+        extra=lambda ap: ap.add_argument("--only", default="blocks,halo", help="comma list: blocks,halo"),
+    )
 
     def report(r):
         return "\n".join([machine_line(r), ""] + report_blocks(r) + report_halo(r))

@@ -55,9 +55,16 @@ DATA_LO, DATA_HI = 100.0, 2100.0
 
 
 # child mode -> the script (module in benchmarks/) that defines child_<mode>
-CHILD_MODULES = {"convrate": "pipeline_throughput", "inmem": "pipeline_throughput", "map_overlap": "pipeline_throughput",
-                 "enhance": "pipeline_common", "profile": "pipeline_profile", "levers": "pipeline_profile",
-                 "plan": "pipeline_planning", "blocks": "pipeline_blocks"}
+CHILD_MODULES = {
+    "convrate": "pipeline_throughput",
+    "inmem": "pipeline_throughput",
+    "map_overlap": "pipeline_throughput",
+    "enhance": "pipeline_common",
+    "profile": "pipeline_profile",
+    "levers": "pipeline_profile",
+    "plan": "pipeline_planning",
+    "blocks": "pipeline_blocks",
+}
 
 # =========================================================================== helpers
 
@@ -83,12 +90,21 @@ def machine() -> dict:
     except OSError:
         pass
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
-        "python": platform.python_version(), "torch": torch.__version__, "dask": dask.__version__,
-        "distributed": distributed.__version__, "zarr": zarr.__version__, "numpy": np.__version__,
-        "numcodecs": numcodecs.__version__, "mkldnn": bool(torch.backends.mkldnn.is_available()),
-        "platform": platform.platform(), "date": _now(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "dask": dask.__version__,
+        "distributed": distributed.__version__,
+        "zarr": zarr.__version__,
+        "numpy": np.__version__,
+        "numcodecs": numcodecs.__version__,
+        "mkldnn": bool(torch.backends.mkldnn.is_available()),
+        "platform": platform.platform(),
+        "date": _now(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
 
 
@@ -118,16 +134,16 @@ def synth_volume(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
     c = 8
     coarse = ndimage.gaussian_filter(rng.random((z // c + 2, y // c + 2, x // c + 2)), 1.0)
     coarse = (coarse - coarse.min()) / max(1e-12, coarse.max() - coarse.min())
-    coarse = coarse ** 4  # bright structures on a dim background
+    coarse = coarse**4  # bright structures on a dim background
     out = np.empty(shape, np.uint16)
     slab = 32
     for z0 in range(0, z, slab):
         z1 = min(z, z0 + slab)
         cz0 = z0 // c
         cz1 = -(-z1 // c) + 1
-        f = ndimage.zoom(coarse[cz0:cz1 + 1].astype(np.float32), c, order=1)
+        f = ndimage.zoom(coarse[cz0 : cz1 + 1].astype(np.float32), c, order=1)
         off = z0 - cz0 * c
-        f = f[off:off + (z1 - z0), :y, :x]
+        f = f[off : off + (z1 - z0), :y, :x]
         noise = rng.standard_normal(f.shape, dtype=np.float32)
         v = DATA_LO + (DATA_HI - DATA_LO) * f
         v += noise * np.sqrt(np.maximum(v, 1.0)) * 1.5
@@ -199,9 +215,13 @@ class TreeSampler(threading.Thread):
         self._halt.set()
         self.join()
         procs = sorted(self.peak_proc.items(), key=lambda kv: -kv[1])
-        return {"peak_total_bytes": self.peak_total, "samples": self.samples, "processes": len(procs),
-                "peak_per_process_bytes": [int(v) for _, v in procs],
-                "largest_process": self.names.get(procs[0][0], "?") if procs else None}
+        return {
+            "peak_total_bytes": self.peak_total,
+            "samples": self.samples,
+            "processes": len(procs),
+            "peak_per_process_bytes": [int(v) for _, v in procs],
+            "largest_process": self.names.get(procs[0][0], "?") if procs else None,
+        }
 
 
 def run_children(specs: list[dict], timeout: float = 3600) -> list[dict]:
@@ -209,8 +229,15 @@ def run_children(specs: list[dict], timeout: float = 3600) -> list[dict]:
     the memory of all of them."""
     procs = []
     for spec in specs:
-        procs.append(subprocess.Popen([sys.executable, str(BENCH / "pipeline_common.py"), "--child", json.dumps(spec)],
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO)))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(BENCH / "pipeline_common.py"), "--child", json.dumps(spec)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=str(REPO),
+            )
+        )
     load0 = os.getloadavg()[0]
     sampler = TreeSampler([p.pid for p in procs])
     sampler.start()
@@ -229,7 +256,7 @@ def run_children(specs: list[dict], timeout: float = 3600) -> list[dict]:
         line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
         if rc != 0 or not line:
             raise RuntimeError(f"child {spec['mode']} failed (rc {rc}):\n{out[-3000:]}\n{err[-5000:]}")
-        res = json.loads(line[-1][len("RESULT "):])
+        res = json.loads(line[-1][len("RESULT ") :])
         results.append(res)
     if len(results) == 1:
         results[0]["memory"] = mem
@@ -276,7 +303,7 @@ def flops_per_output_voxel(model) -> dict:
         convs = [(1, cfg.features, ke, 1), (cfg.features, cfg.shrink, k, 1)]
         convs += [(cfg.shrink, cfg.shrink, k, cfg.groups)] * cfg.mapping
         convs += [(cfg.shrink, fprod, k, 1)]
-        per_in = sum(2 * (ci // g) * co * kk ** d for ci, co, kk, g in convs)  # per low-res voxel
+        per_in = sum(2 * (ci // g) * co * kk**d for ci, co, kk, g in convs)  # per low-res voxel
         prelu = 2 * (cfg.features + cfg.shrink * (1 + cfg.mapping))
         bias = sum(co for _, co, _, _ in convs)
         net_per_out = (per_in + prelu + bias) / fprod
@@ -309,10 +336,15 @@ def flops_per_output_voxel(model) -> dict:
         bp = st.bp_iters * bp_iter
         # stage output voxels relative to the final output
         scale = fprod / f_all
-        parts[f"stage{si}"] = {"conv_flops_per_lowres_voxel": per_in, "network_per_output_voxel": round(net_per_out, 1),
-                               "variants": nv, "residual_cubic_per_output_voxel": round(residual, 1),
-                               "ensemble_per_output_voxel": round(ens, 1), "bp_iters": st.bp_iters,
-                               "bp_per_iteration_per_output_voxel": round(bp_iter, 1)}
+        parts[f"stage{si}"] = {
+            "conv_flops_per_lowres_voxel": per_in,
+            "network_per_output_voxel": round(net_per_out, 1),
+            "variants": nv,
+            "residual_cubic_per_output_voxel": round(residual, 1),
+            "ensemble_per_output_voxel": round(ens, 1),
+            "bp_iters": st.bp_iters,
+            "bp_per_iteration_per_output_voxel": round(bp_iter, 1),
+        }
         total += (ens + bp + 2) * scale  # + normalise/clamp
     parts["total_per_output_voxel"] = round(total, 1)
     return parts
@@ -325,6 +357,7 @@ def _set_threads(n: int = 1) -> None:
     import torch
 
     torch.set_num_threads(n)
+
 
 def child_enhance(spec: dict) -> dict:
     from svision_big.model import load_model
@@ -342,17 +375,27 @@ def child_enhance(spec: dict) -> dict:
         env = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
         env.pop("MALLOC_TRIM_THRESHOLD_", None)
         with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
-            cluster = LocalCluster(n_workers=spec.get("workers", 2), threads_per_worker=1, processes=True,
-                                   dashboard_address=None)
+            cluster = LocalCluster(
+                n_workers=spec.get("workers", 2), threads_per_worker=1, processes=True, dashboard_address=None
+            )
             client = Client(cluster)
     try:
         if spec.get("scheduler") == "sync":
             import torch
 
             torch.set_num_threads(1)
-        stats = enhance(spec["input"], spec["output"], model, workers=spec.get("workers", 2), block=spec.get("block"),
-                        progress=False, dtype="uint16", client=client, scheduler=spec.get("scheduler"),
-                        precision=spec.get("precision", "float32"))
+        stats = enhance(
+            spec["input"],
+            spec["output"],
+            model,
+            workers=spec.get("workers", 2),
+            block=spec.get("block"),
+            progress=False,
+            dtype="uint16",
+            client=client,
+            scheduler=spec.get("scheduler"),
+            precision=spec.get("precision", "float32"),
+        )
         if client is not None:
             stats["worker_env"] = list(client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_")).values())
     finally:
@@ -363,11 +406,23 @@ def child_enhance(spec: dict) -> dict:
     out_bytes = 0
     for root, _, files in os.walk(spec["output"]):
         out_bytes += sum(os.path.getsize(os.path.join(root, f)) for f in files)
-    keep = {k: stats.get(k) for k in ("seconds", "voxels_per_second", "pyramid_seconds", "blocks", "computed",
-                                      "output_voxels", "halo", "block", "levels", "worker_env")}
+    keep = {
+        k: stats.get(k)
+        for k in (
+            "seconds",
+            "voxels_per_second",
+            "pyramid_seconds",
+            "blocks",
+            "computed",
+            "output_voxels",
+            "halo",
+            "block",
+            "levels",
+            "worker_env",
+        )
+    }
     keep.update(wall=wall, stored_bytes=out_bytes)
     return keep
-
 
 
 def fresh(path: Path) -> str:
@@ -378,10 +433,12 @@ def fresh(path: Path) -> str:
 
 def machine_line(res: dict) -> str:
     m = res["machine"]
-    return (f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM; torch {m['torch']}, dask {m['dask']}, "
-            f"distributed {m['distributed']}, zarr {m['zarr']}, numcodecs {m['numcodecs']}; "
-            f"load average at start {m['load_avg_at_start']}; {m['date']}; mode `{res['mode']}`, "
-            f"total {res['total_seconds']:.0f} s.")
+    return (
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM; torch {m['torch']}, dask {m['dask']}, "
+        f"distributed {m['distributed']}, zarr {m['zarr']}, numcodecs {m['numcodecs']}; "
+        f"load average at start {m['load_avg_at_start']}; {m['date']}; mode `{res['mode']}`, "
+        f"total {res['total_seconds']:.0f} s."
+    )
 
 
 # =========================================================================== configurations
@@ -410,8 +467,11 @@ DEFAULT = {
     # with the last block, 10% of the run)
     "throughput_in": (128, 384, 512),
     # bp 2: what clean x2 data choose (benchmarks/quality.py), so the full operator as users run it
-    "throughput_bps": [(0, (128, 384, 512), (128, 384, 256)), (2, (128, 384, 512), (128, 384, 256)),
-                       (10, (128, 384, 512), (128, 384, 256))],
+    "throughput_bps": [
+        (0, (128, 384, 512), (128, 384, 256)),
+        (2, (128, 384, 512), (128, 384, 256)),
+        (10, (128, 384, 512), (128, 384, 256)),
+    ],
     "map_overlap_bps": (0,),
     "malloc_bps": (),
     "bf16_bps": (0, 2, 10),
@@ -421,15 +481,20 @@ DEFAULT = {
     "profile_bps": (0, 10),
     "lever_reps": 2,
     # volumes whose blocks are all full 256^3 (the default): 4, 32 and 256 blocks
-    "memory_runs": [("1x", 1, (128, 256, 256), True), ("8x", 8, (256, 512, 512), True),
-                    ("64x", 64, (512, 1024, 1024), True)],
+    "memory_runs": [
+        ("1x", 1, (128, 256, 256), True),
+        ("8x", 8, (256, 512, 512), True),
+        ("64x", 64, (512, 1024, 1024), True),
+    ],
     "plan_sides": (47, 100),  # 103,823 and 10^6 blocks
     "block_sizes": {"net": (128, 192, 256, 320), "bp2": (128, 192, 256, 320), "bp10": (128, 192, 256, 320)},
     "block_seconds": 2.0,
     "iterate_max": 10**6,
     "records": 100_000,
-    "overhead_runs": [("8x", (128, 512, 512), "2 workers without MALLOC_TRIM_THRESHOLD_"),
-                      ("8x", (128, 512, 512), "in-process (scheduler='sync'), 1 thread")],
+    "overhead_runs": [
+        ("8x", (128, 512, 512), "2 workers without MALLOC_TRIM_THRESHOLD_"),
+        ("8x", (128, 512, 512), "in-process (scheduler='sync'), 1 thread"),
+    ],
 }
 
 
@@ -445,9 +510,14 @@ def parse_args(description: str, name: str, argv=None, extra=None):
     """The options every pipeline benchmark script takes."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--quick", action="store_true", help="smoke run (small volumes, short timings)")
-    ap.add_argument("--out", default=str(BENCH / "results" / f"{name}.json"), help="where the JSON goes (git ignores it)")
-    ap.add_argument("--workdir", default=os.environ.get("SVB_BENCH_DIR", "/tmp/svb-pipeline-bench"),
-                    help="scratch space for inputs (cached) and outputs (removed after each run)")
+    ap.add_argument(
+        "--out", default=str(BENCH / "results" / f"{name}.json"), help="where the JSON goes (git ignores it)"
+    )
+    ap.add_argument(
+        "--workdir",
+        default=os.environ.get("SVB_BENCH_DIR", "/tmp/svb-pipeline-bench"),
+        help="scratch space for inputs (cached) and outputs (removed after each run)",
+    )
     ap.add_argument("--report", default=None, metavar="JSON", help="print the report of an earlier run's JSON and exit")
     if extra:
         extra(ap)

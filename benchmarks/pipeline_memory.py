@@ -37,35 +37,66 @@ def section_memory(cfg: dict, workdir: Path, log, throughput: dict | None = None
         out = fresh(workdir / f"mem_{label}_{'light' if light else 'real'}.ome.zarr")
         e = run_child({"mode": "enhance", "input": src, "output": out, "model": str(mpath), "block": block})
         shutil.rmtree(out, ignore_errors=True)
-        rows.append({"volume": label, "multiple": mult, "operator": "stand-in (light)" if light else "real (bp 0)",
-                     "input_shape": list(in_shape), "output_shape": out_shape,
-                     "output_gb_uint16": math.prod(out_shape) * 2 / 1e9, "blocks": e["blocks"],
-                     "seconds": e["seconds"], "pyramid_seconds": e["pyramid_seconds"], "wall": e["wall"],
-                     "stored_gb": e["stored_bytes"] / 1e9, "input_generation_seconds": round(gen, 1),
-                     "peak_rss_total_bytes": e["memory"]["peak_total_bytes"],
-                     "peak_rss_largest_process_bytes": e["memory"]["peak_per_process_bytes"][0],
-                     "peak_rss_per_process_bytes": e["memory"]["peak_per_process_bytes"],
-                     "processes": e["memory"]["processes"], "load_avg_1min": e["memory"]["load_avg_1min"],
-                     "voxels_per_second": e["output_voxels"] / (e["seconds"] + e["pyramid_seconds"])})
+        rows.append(
+            {
+                "volume": label,
+                "multiple": mult,
+                "operator": "stand-in (light)" if light else "real (bp 0)",
+                "input_shape": list(in_shape),
+                "output_shape": out_shape,
+                "output_gb_uint16": math.prod(out_shape) * 2 / 1e9,
+                "blocks": e["blocks"],
+                "seconds": e["seconds"],
+                "pyramid_seconds": e["pyramid_seconds"],
+                "wall": e["wall"],
+                "stored_gb": e["stored_bytes"] / 1e9,
+                "input_generation_seconds": round(gen, 1),
+                "peak_rss_total_bytes": e["memory"]["peak_total_bytes"],
+                "peak_rss_largest_process_bytes": e["memory"]["peak_per_process_bytes"][0],
+                "peak_rss_per_process_bytes": e["memory"]["peak_per_process_bytes"],
+                "processes": e["memory"]["processes"],
+                "load_avg_1min": e["memory"]["load_avg_1min"],
+                "voxels_per_second": e["output_voxels"] / (e["seconds"] + e["pyramid_seconds"]),
+            }
+        )
     over = []
     for r in rows:  # the stand-in runs above, as shipped
         if r["operator"].startswith("stand-in") and any(o[0] == r["volume"] for o in cfg.get("overhead_runs", [])):
-            over.append({"volume": r["volume"], "how": "2 workers (as shipped; the memory run above)", "blocks": r["blocks"],
-                         "seconds": r["seconds"], "pyramid_seconds": r["pyramid_seconds"],
-                         "blocks_per_second": r["blocks"] / r["seconds"], "load_avg_1min": r["load_avg_1min"]})
+            over.append(
+                {
+                    "volume": r["volume"],
+                    "how": "2 workers (as shipped; the memory run above)",
+                    "blocks": r["blocks"],
+                    "seconds": r["seconds"],
+                    "pyramid_seconds": r["pyramid_seconds"],
+                    "blocks_per_second": r["blocks"] / r["seconds"],
+                    "load_avg_1min": r["load_avg_1min"],
+                }
+            )
     for label, in_shape, how in cfg.get("overhead_runs", []):
         src, _ = make_input(workdir, tuple(in_shape))
         mpath = workdir / "model_light.svb"
         build_model(0, light=True).save(mpath)
         log(f"pipeline overhead: stand-in operator, {label}, {how}")
         out = fresh(workdir / "overhead.ome.zarr")
-        extra = {"scheduler": "sync"} if how == "in-process (scheduler='sync'), 1 thread" else (
-            {"no_malloc_trim": True} if how.startswith("2 workers without") else {})
+        extra = (
+            {"scheduler": "sync"}
+            if how == "in-process (scheduler='sync'), 1 thread"
+            else ({"no_malloc_trim": True} if how.startswith("2 workers without") else {})
+        )
         e = run_child({"mode": "enhance", "input": src, "output": out, "model": str(mpath), **extra})
         shutil.rmtree(out, ignore_errors=True)
-        over.append({"volume": label, "how": how, "blocks": e["blocks"], "seconds": e["seconds"],
-                     "pyramid_seconds": e["pyramid_seconds"], "blocks_per_second": e["blocks"] / e["seconds"],
-                     "load_avg_1min": e["memory"]["load_avg_1min"]})
+        over.append(
+            {
+                "volume": label,
+                "how": how,
+                "blocks": e["blocks"],
+                "seconds": e["seconds"],
+                "pyramid_seconds": e["pyramid_seconds"],
+                "blocks_per_second": e["blocks"] / e["seconds"],
+                "load_avg_1min": e["memory"]["load_avg_1min"],
+            }
+        )
     return {"rows": rows, "overhead": over}
 
 
@@ -75,14 +106,25 @@ def add_flatness(mem: dict, throughput: dict | None = None) -> dict:
     if throughput:
         r0 = throughput["rows"][0]
         e = r0["enhance"]
-        mem["rows"].insert(0, {
-            "volume": "1x (throughput run)", "multiple": 1, "operator": "real (bp 0)",
-            "input_shape": r0["input_shape"], "output_shape": [n * 2 for n in r0["input_shape"]],
-            "output_gb_uint16": r0["output_voxels"] * 2 / 1e9, "blocks": e["blocks"], "seconds": e["seconds"],
-            "pyramid_seconds": e["pyramid_seconds"], "wall": e["wall"],
-            "peak_rss_total_bytes": e["peak_rss_total_bytes"],
-            "peak_rss_largest_process_bytes": e["peak_rss_largest_process_bytes"], "processes": e["processes"],
-            "voxels_per_second": e["voxels_per_second"]})
+        mem["rows"].insert(
+            0,
+            {
+                "volume": "1x (throughput run)",
+                "multiple": 1,
+                "operator": "real (bp 0)",
+                "input_shape": r0["input_shape"],
+                "output_shape": [n * 2 for n in r0["input_shape"]],
+                "output_gb_uint16": r0["output_voxels"] * 2 / 1e9,
+                "blocks": e["blocks"],
+                "seconds": e["seconds"],
+                "pyramid_seconds": e["pyramid_seconds"],
+                "wall": e["wall"],
+                "peak_rss_total_bytes": e["peak_rss_total_bytes"],
+                "peak_rss_largest_process_bytes": e["peak_rss_largest_process_bytes"],
+                "processes": e["processes"],
+                "voxels_per_second": e["voxels_per_second"],
+            },
+        )
     flat = {}
     for op in {r["operator"] for r in mem["rows"]}:
         peaks = [r["peak_rss_total_bytes"] for r in mem["rows"] if r["operator"] == op]
@@ -99,30 +141,47 @@ def run_memory(cfg: dict, workdir: Path, log) -> dict:
 def report_memory(res: dict) -> list[str]:
     L = []
     mem = res["memory"]
-    L.append("### 2. Memory: peak RSS of the whole process tree (client + scheduler + 2 nannies + 2 workers), default block")
+    L.append(
+        "### 2. Memory: peak RSS of the whole process tree (client + scheduler + 2 nannies + 2 workers), default block"
+    )
     L.append("")
-    L.append("| volume | operator | input -> output (uint16) | blocks | peak RSS, sum of processes | largest process | level 0 + pyramid | throughput |")
+    L.append(
+        "| volume | operator | input -> output (uint16) | blocks | peak RSS, sum of processes | largest process | level 0 + pyramid | throughput |"
+    )
     L.append("|---|---|---|---|---|---|---|---|")
     for r in mem["rows"]:
-        L.append(f"| {r['volume']} | {r['operator']} | {'x'.join(map(str, r['input_shape']))} -> {'x'.join(map(str, r['output_shape']))} "
-                 f"({r['output_gb_uint16']:.2f} GB) | {r['blocks']} | {_gb(r['peak_rss_total_bytes']):.2f} GB | "
-                 f"{_gb(r['peak_rss_largest_process_bytes']):.2f} GB | {r['seconds']:.0f} s + {r['pyramid_seconds']:.0f} s | "
-                 f"{_mv(r['voxels_per_second'])} M/s |")
+        L.append(
+            f"| {r['volume']} | {r['operator']} | {'x'.join(map(str, r['input_shape']))} -> {'x'.join(map(str, r['output_shape']))} "
+            f"({r['output_gb_uint16']:.2f} GB) | {r['blocks']} | {_gb(r['peak_rss_total_bytes']):.2f} GB | "
+            f"{_gb(r['peak_rss_largest_process_bytes']):.2f} GB | {r['seconds']:.0f} s + {r['pyramid_seconds']:.0f} s | "
+            f"{_mv(r['voxels_per_second'])} M/s |"
+        )
     for k, v in mem.get("flatness", {}).items():
         L.append(f"\nFlatness ({k}): largest / smallest peak = {v:.3f}")
     L.append("")
     if mem.get("overhead"):
-        L.append("Per-block pipeline cost with the stand-in operator (almost no compute: read, cast, compress, write, "
-                 "done-record, scheduling):")
+        L.append(
+            "Per-block pipeline cost with the stand-in operator (almost no compute: read, cast, compress, write, "
+            "done-record, scheduling):"
+        )
         L.append("")
         L.append("| volume | how | blocks | level 0 | blocks/s | 1-min load start/end |")
         L.append("|---|---|---|---|---|---|")
         for r in mem["overhead"]:
-            L.append(f"| {r['volume']} | {r['how']} | {r['blocks']} | {r['seconds']:.1f} s | {r['blocks_per_second']:.1f} | "
-                     f"{'/'.join(str(v) for v in r['load_avg_1min'])} |")
+            L.append(
+                f"| {r['volume']} | {r['how']} | {r['blocks']} | {r['seconds']:.1f} s | {r['blocks_per_second']:.1f} | "
+                f"{'/'.join(str(v) for v in r['load_avg_1min'])} |"
+            )
         L.append("")
     return L
 
 
 if __name__ == "__main__":
-    sys.exit(section_main('Pipeline benchmark 2: peak memory of the whole process tree against volume size.', "memory", run_memory, report_memory))
+    sys.exit(
+        section_main(
+            "Pipeline benchmark 2: peak memory of the whole process tree against volume size.",
+            "memory",
+            run_memory,
+            report_memory,
+        )
+    )

@@ -81,9 +81,20 @@ def child_plan(spec: dict) -> dict:
     t = time.perf_counter()
     res["overhead"] = plan.overhead()
     res["overhead_seconds"] = time.perf_counter() - t
-    job = Job(in_url="/x.zarr", in_path="0", out_url="/y.zarr", out_path="0", plan=plan, spatial_axes=(0, 1, 2),
-              outer_axes=(), outer_offsets=(), models=("0" * 16,), model_axis=None, out_dtype="uint16",
-              done_url="/y.zarr/svision_state/done-0123456789abcdef")
+    job = Job(
+        in_url="/x.zarr",
+        in_path="0",
+        out_url="/y.zarr",
+        out_path="0",
+        plan=plan,
+        spatial_axes=(0, 1, 2),
+        outer_axes=(),
+        outer_offsets=(),
+        models=("0" * 16,),
+        model_axis=None,
+        out_dtype="uint16",
+        done_url="/y.zarr/svision_state/done-0123456789abcdef",
+    )
     res["task_payload_bytes"] = len(pickle.dumps((job, n - 1)))
     # memory: Python allocations of planning + walking the first 10^4 blocks (walking keeps nothing)
     del plan
@@ -172,10 +183,18 @@ def section_planning(cfg: dict, workdir: Path, log) -> dict:
     rows = []
     halo = list(build_model(0).halo())
     for i, n_side in enumerate(cfg["plan_sides"]):
-        log(f"planning {n_side ** 3:,} blocks")
+        log(f"planning {n_side**3:,} blocks")
         last = i == len(cfg["plan_sides"]) - 1
-        r = run_child({"mode": "plan", "n_side": n_side, "halo": halo, "workdir": str(workdir),
-                       "records": cfg["records"] if last else 0, "iterate": n_side ** 3 <= cfg["iterate_max"]})
+        r = run_child(
+            {
+                "mode": "plan",
+                "n_side": n_side,
+                "halo": halo,
+                "workdir": str(workdir),
+                "records": cfg["records"] if last else 0,
+                "iterate": n_side**3 <= cfg["iterate_max"],
+            }
+        )
         r.pop("memory", None)
         rows.append(r)
     return {"rows": rows, "halo": halo}
@@ -186,25 +205,42 @@ def report_planning(res: dict) -> list[str]:
     pl = res["planning"]
     L.append("### 3. Planning (client side; halo of the real bp=0 model)")
     L.append("")
-    L.append("| blocks | input shape | BlockPlan | iterate every block (plan[i]) | overhead() | task payload | Python peak (tracemalloc) | RSS delta | `enhance` to first block (metadata-only input) | its Python peak |")
+    L.append(
+        "| blocks | input shape | BlockPlan | iterate every block (plan[i]) | overhead() | task payload | Python peak (tracemalloc) | RSS delta | `enhance` to first block (metadata-only input) | its Python peak |"
+    )
     L.append("|---|---|---|---|---|---|---|---|---|---|")
     for r in pl["rows"]:
-        L.append(f"| {r['blocks']:,} | {'x'.join(map(str, r['in_shape']))} | {r['plan_seconds'] * 1e6:.0f} us | "
-                 + (f"{r['iterate_all_blocks_seconds']:.2f} s ({r['iterate_per_block_us']:.1f} us/block)" if "iterate_all_blocks_seconds" in r
-                    else "not run (--quick)") + f" | {r['overhead_seconds'] * 1e3:.1f} ms | "
-                 f"{r['task_payload_bytes']} B | {r['tracemalloc_peak_bytes'] / 1e6:.2f} MB | {r['rss_delta_bytes'] / 1e6:.1f} MB | "
-                 f"{r.get('enhance_to_first_block_seconds', float('nan')):.2f} s | {r.get('enhance_tracemalloc_peak_bytes', 0) / 1e6:.1f} MB |")
+        L.append(
+            f"| {r['blocks']:,} | {'x'.join(map(str, r['in_shape']))} | {r['plan_seconds'] * 1e6:.0f} us | "
+            + (
+                f"{r['iterate_all_blocks_seconds']:.2f} s ({r['iterate_per_block_us']:.1f} us/block)"
+                if "iterate_all_blocks_seconds" in r
+                else "not run (--quick)"
+            )
+            + f" | {r['overhead_seconds'] * 1e3:.1f} ms | "
+            f"{r['task_payload_bytes']} B | {r['tracemalloc_peak_bytes'] / 1e6:.2f} MB | {r['rss_delta_bytes'] / 1e6:.1f} MB | "
+            f"{r.get('enhance_to_first_block_seconds', float('nan')):.2f} s | {r.get('enhance_tracemalloc_peak_bytes', 0) / 1e6:.1f} MB |"
+        )
     L.append("")
     for r in pl["rows"]:
         if r.get("records"):
-            L.append(f"Resume: listing {r['records']:,} done-records (one empty file per block, local disk) takes "
-                     f"{r['records_load_seconds']:.2f} s and {r['records_load_tracemalloc_peak_bytes'] / 1e6:.1f} MB of Python memory "
-                     f"(writing them took {r['records_write_seconds']:.1f} s); per million blocks that is "
-                     f"{r['records_load_seconds'] * 1e6 / r['records']:.0f} s and "
-                     f"{r['records_load_tracemalloc_peak_bytes'] * 1e6 / r['records'] / 1e9:.2f} GB.")
+            L.append(
+                f"Resume: listing {r['records']:,} done-records (one empty file per block, local disk) takes "
+                f"{r['records_load_seconds']:.2f} s and {r['records_load_tracemalloc_peak_bytes'] / 1e6:.1f} MB of Python memory "
+                f"(writing them took {r['records_write_seconds']:.1f} s); per million blocks that is "
+                f"{r['records_load_seconds'] * 1e6 / r['records']:.0f} s and "
+                f"{r['records_load_tracemalloc_peak_bytes'] * 1e6 / r['records'] / 1e9:.2f} GB."
+            )
     L.append("")
     return L
 
 
 if __name__ == "__main__":
-    sys.exit(section_main('Pipeline benchmark 3: client-side planning cost for 10^5 and 10^6 blocks.', "planning", section_planning, report_planning))
+    sys.exit(
+        section_main(
+            "Pipeline benchmark 3: client-side planning cost for 10^5 and 10^6 blocks.",
+            "planning",
+            section_planning,
+            report_planning,
+        )
+    )

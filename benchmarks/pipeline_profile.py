@@ -102,8 +102,17 @@ def _op_category(name: str) -> str:
         return "PReLU"
     if name in ("aten::index_select", "aten::mul", "aten::add_", "aten::mul_"):
         return "tap-table gathers (cubic resize: index_select, mul, add_)"
-    if name in ("aten::flip", "aten::rot90", "aten::copy_", "aten::clone", "aten::contiguous", "aten::permute",
-                "aten::reshape", "aten::_to_copy", "aten::to"):
+    if name in (
+        "aten::flip",
+        "aten::rot90",
+        "aten::copy_",
+        "aten::clone",
+        "aten::contiguous",
+        "aten::permute",
+        "aten::reshape",
+        "aten::_to_copy",
+        "aten::to",
+    ):
         return "layout copies (flip, rot90, channels-last, pixel shuffle)"
     return "other elementwise (add, div, clamp, sub, ...)"
 
@@ -157,7 +166,10 @@ def child_profile(spec: dict) -> dict:
         predict(st.net, torch.rand(8, 8, 8), st.ensemble)  # warm-up
         gc.collect()
         rss0 = psutil.Process().memory_info().rss
-        x = timed("to tensor + normalise", lambda: opspec.norm.forward(torch.from_numpy(np.ascontiguousarray(x_np, dtype=np.float32))))
+        x = timed(
+            "to tensor + normalise",
+            lambda: opspec.norm.forward(torch.from_numpy(np.ascontiguousarray(x_np, dtype=np.float32))),
+        )
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             y = timed("network ensemble (predict)", lambda: predict(st.net, x, st.ensemble).clamp_(min=floor))
         cats: dict[str, float] = {}
@@ -165,7 +177,9 @@ def child_profile(spec: dict) -> dict:
             if ev.key.startswith("aten::") or "conv" in ev.key:
                 cats[_op_category(ev.key)] = cats.get(_op_category(ev.key), 0.0) + ev.self_cpu_time_total / 1e6
         if st.bp_iters:
-            y = timed(f"back-projection ({st.bp_iters} it)", lambda: back_project(y, x, st.degradation, st.bp_iters, floor))
+            y = timed(
+                f"back-projection ({st.bp_iters} it)", lambda: back_project(y, x, st.degradation, st.bp_iters, floor)
+            )
         out = timed("denormalise + cast to uint16", lambda: cast_output(opspec.norm.inverse(y).numpy(), np.uint16))
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     tmp = tempfile.mkdtemp(prefix="svb-prof-")
@@ -189,10 +203,20 @@ def child_profile(spec: dict) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     total = sum(v for k, v in times.items() if not k.startswith("(of which"))
-    return {"block": list(block), "halo": list(halo), "read_shape": list(x_np.shape), "write_voxels": b.write_voxels,
-            "times": times, "ensemble_ops": cats, "total": total, "compressed_ratio": crop.nbytes / nbytes,
-            "roundtrip_ok": zarr_ok, "operator_output_voxels": int(out.size),
-            "operator_peak_rss_delta_bytes": peak - rss0, "bytes_per_read_voxel": (peak - rss0) / x_np.size}
+    return {
+        "block": list(block),
+        "halo": list(halo),
+        "read_shape": list(x_np.shape),
+        "write_voxels": b.write_voxels,
+        "times": times,
+        "ensemble_ops": cats,
+        "total": total,
+        "compressed_ratio": crop.nbytes / nbytes,
+        "roundtrip_ok": zarr_ok,
+        "operator_output_voxels": int(out.size),
+        "operator_peak_rss_delta_bytes": peak - rss0,
+        "bytes_per_read_voxel": (peak - rss0) / x_np.size,
+    }
 
 
 def child_levers(spec: dict) -> dict:
@@ -232,7 +256,9 @@ def child_levers(spec: dict) -> dict:
         x3 = x[0, 0]
         fac = net.config.factors
         out["residual cubic upsample (once per block)"] = bench(lambda: resize(x3, fac, up=True))
-        out["residual cubic upsample, strided views instead of gathers"] = bench(lambda: _resize_views(x3, fac, up=True))
+        out["residual cubic upsample, strided views instead of gathers"] = bench(
+            lambda: _resize_views(x3, fac, up=True)
+        )
         d_views = float((resize(x3, fac, up=True) - _resize_views(x3, fac, up=True)).abs().max())
         from svision_big.degrade import Degradation
 
@@ -240,9 +266,11 @@ def child_levers(spec: dict) -> dict:
         yy = resize(x3, fac, up=True)
         d_views = max(d_views, float((deg.down(yy) - _resize_views(yy, fac, up=False)).abs().max()))
         out["one back-projection iteration (shipped tap-table gathers)"] = bench(
-            lambda: (yy + deg.up(x3 - deg.down(yy))).clamp_(min=0.0))
+            lambda: (yy + deg.up(x3 - deg.down(yy))).clamp_(min=0.0)
+        )
         out["one back-projection iteration, strided views"] = bench(
-            lambda: (yy + _resize_views(x3 - _resize_views(yy, fac, up=False), fac, up=True)).clamp_(min=0.0))
+            lambda: (yy + _resize_views(x3 - _resize_views(yy, fac, up=False), fac, up=True)).clamp_(min=0.0)
+        )
         # grouped mapping convs as dense convs with block-diagonal weights (2x the MACs, better kernels)
         net_d = copy.deepcopy(net)
         for i, layer in enumerate(net_d.body):
@@ -253,7 +281,7 @@ def child_levers(spec: dict) -> dict:
                 w = torch.zeros_like(dense.weight)
                 cig, cog = ci // g, co // g
                 for gi in range(g):
-                    w[gi * cog:(gi + 1) * cog, gi * cig:(gi + 1) * cig] = layer.weight[gi * cog:(gi + 1) * cog]
+                    w[gi * cog : (gi + 1) * cog, gi * cig : (gi + 1) * cig] = layer.weight[gi * cog : (gi + 1) * cog]
                 dense.weight.copy_(w)
                 dense.bias.copy_(layer.bias)
                 net_d.body[i] = dense
@@ -268,9 +296,14 @@ def child_levers(spec: dict) -> dict:
             out["learned part, bfloat16, channels-last"] = bench(lambda: learned(net_bf, xbf))
         except (RuntimeError, NotImplementedError) as exc:  # not every CPU/oneDNN build has bf16 convs
             d_bf = f"unavailable: {type(exc).__name__}"
-    return {"read": list(r), "seconds": out, "max_abs_diff_dense": d_dense, "max_abs_diff_bf16": d_bf,
-            "max_abs_diff_views": d_views,
-            "output_range": float(ref.abs().max())}
+    return {
+        "read": list(r),
+        "seconds": out,
+        "max_abs_diff_dense": d_dense,
+        "max_abs_diff_bf16": d_bf,
+        "max_abs_diff_views": d_views,
+        "output_range": float(ref.abs().max()),
+    }
 
 
 def section_profile(cfg: dict, workdir: Path, log) -> dict:
@@ -305,33 +338,66 @@ def report_profile(res: dict) -> list[str]:
             t = pr[c]["times"].get(k)
             cells.append("-" if t is None else f"{t:.3f} s ({100 * t / pr[c]['total']:.1f}%)")
         L.append(f"| {k} | " + " | ".join(cells) + " |")
-    L.append("| **total** | " + " | ".join(f"{pr[c]['total']:.2f} s = {pr[c]['write_voxels'] / pr[c]['total'] / 1e6:.3f} M written voxels/s "
-                                              f"(compression {pr[c]['compressed_ratio']:.1f}x)" for c in cols) + " |")
+    L.append(
+        "| **total** | "
+        + " | ".join(
+            f"{pr[c]['total']:.2f} s = {pr[c]['write_voxels'] / pr[c]['total'] / 1e6:.3f} M written voxels/s "
+            f"(compression {pr[c]['compressed_ratio']:.1f}x)"
+            for c in cols
+        )
+        + " |"
+    )
     L.append("")
     for c in cols:
         ops = pr[c].get("ensemble_ops") or {}
         tot = sum(ops.values()) or 1.0
-        L.append(f"Inside the ensemble ({c}, torch profiler, self time): " + ", ".join(
-            f"{k} {100 * v / tot:.0f}%" for k, v in sorted(ops.items(), key=lambda kv: -kv[1])) + ".")
+        L.append(
+            f"Inside the ensemble ({c}, torch profiler, self time): "
+            + ", ".join(f"{k} {100 * v / tot:.0f}%" for k, v in sorted(ops.items(), key=lambda kv: -kv[1]))
+            + "."
+        )
     L.append("")
     lv = pr["levers"]
     sec = lv["seconds"]
     base = "learned part, channels-last input (as predict runs it)"
     bf = lv["max_abs_diff_bf16"]
     pairs = [
-        ("learned part of one ensemble variant: NCDHW layout instead of channels-last", base,
-         "learned part, default (NCDHW) layout", "exact"),
-        ("... grouped 6->6 convs rewritten as dense block-diagonal convs (2x the MACs)", base,
-         "learned part, grouped convs as dense, channels-last", f"{lv['max_abs_diff_dense']:.0e}"),
-        ("... 2 ensemble variants batched in one call", base, "learned part, 2 variants batched (per variant)", "exact"),
-        ("... bfloat16 weights and activations", base, "learned part, bfloat16, channels-last",
-         bf if isinstance(bf, str) else f"{bf:.0e} (outputs up to {lv['output_range']:.2f})"),
-        ("residual cubic upsample: strided views of a padded copy instead of index_select gathers",
-         "residual cubic upsample (once per block)", "residual cubic upsample, strided views instead of gathers",
-         f"{lv.get('max_abs_diff_views', float('nan')):.0e}"),
-        ("one back-projection iteration: same, for the down- and up-resize",
-         "one back-projection iteration (shipped tap-table gathers)", "one back-projection iteration, strided views",
-         f"{lv.get('max_abs_diff_views', float('nan')):.0e}"),
+        (
+            "learned part of one ensemble variant: NCDHW layout instead of channels-last",
+            base,
+            "learned part, default (NCDHW) layout",
+            "exact",
+        ),
+        (
+            "... grouped 6->6 convs rewritten as dense block-diagonal convs (2x the MACs)",
+            base,
+            "learned part, grouped convs as dense, channels-last",
+            f"{lv['max_abs_diff_dense']:.0e}",
+        ),
+        (
+            "... 2 ensemble variants batched in one call",
+            base,
+            "learned part, 2 variants batched (per variant)",
+            "exact",
+        ),
+        (
+            "... bfloat16 weights and activations",
+            base,
+            "learned part, bfloat16, channels-last",
+            bf if isinstance(bf, str) else f"{bf:.0e} (outputs up to {lv['output_range']:.2f})",
+        ),
+        (
+            "residual cubic upsample: strided views of a padded copy instead of index_select gathers",
+            "residual cubic upsample (once per block)",
+            "residual cubic upsample, strided views instead of gathers",
+            f"{lv.get('max_abs_diff_views', float('nan')):.0e}",
+        ),
+        (
+            "one back-projection iteration: same, for the down- and up-resize",
+            "one back-projection iteration (shipped tap-table gathers)",
+            "one back-projection iteration, strided views",
+            f"{lv.get('max_abs_diff_views', float('nan')):.0e}",
+        ),
     ]
     L.append(f"Levers measured on one block's {'x'.join(map(str, lv['read']))} read region (1 thread; bp 0 model):")
     L.append("")
@@ -345,4 +411,11 @@ def report_profile(res: dict) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.exit(section_main('Pipeline benchmark: one block phase by phase, and levers measured on it.', "profile", section_profile, report_profile))
+    sys.exit(
+        section_main(
+            "Pipeline benchmark: one block phase by phase, and levers measured on it.",
+            "profile",
+            section_profile,
+            report_profile,
+        )
+    )

@@ -88,12 +88,11 @@ for _p in (str(REPO), str(HERE)):
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import matrix  # noqa: E402
+import real_volumes  # noqa: E402
 import svision_big  # noqa: E402
 from svision_big.degrade import resize  # noqa: E402
 from svision_big.metrics import bead_fwhm, psnr, ssim  # noqa: E402
-
-import matrix  # noqa: E402
-import real_volumes  # noqa: E402
 
 PEERS_PYTHON = HERE / ".venv-peers" / "bin" / "python"
 N2V_SCRIPT = HERE / "n2v_baseline.py"
@@ -145,10 +144,18 @@ def machine() -> dict:
         affinity = os.cpu_count()
     commit = None
     try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = (
+            subprocess.run(
+                ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         if commit and dirty:
             commit += "+dirty"
     except (OSError, subprocess.SubprocessError):
@@ -158,10 +165,18 @@ def machine() -> dict:
     except OSError:
         load = None
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "usable_cores": affinity, "torch_threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_avg_1min_at_start": load,
-        "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
-        "platform": platform.platform(), "svision_big": svision_big.__version__, "git": commit,
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "usable_cores": affinity,
+        "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "load_avg_1min_at_start": load,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "svision_big": svision_big.__version__,
+        "git": commit,
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
 
@@ -200,8 +215,11 @@ def fitted(x: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, tuple[float, float
 
 def scores(truth: np.ndarray, out: np.ndarray, dr: float, with_ssim: bool = True) -> dict:
     fx, (a, b) = fitted(out, truth)
-    s = {"psnr": round(psnr(truth, out, dr), 3), "fit_psnr": round(psnr(truth, fx, dr), 3),
-         "fit_ab": [round(a, 5), round(b, 6)]}
+    s = {
+        "psnr": round(psnr(truth, out, dr), 3),
+        "fit_psnr": round(psnr(truth, fx, dr), 3),
+        "fit_ab": [round(a, 5), round(b, 6)],
+    }
     if with_ssim:
         s["ssim"] = round(ssim(truth, out, dr), 4)
         s["fit_ssim"] = round(ssim(truth, fx, dr), 4)
@@ -248,7 +266,7 @@ def n2v_denoise(lr: np.ndarray, quick: bool, threads: int) -> tuple[np.ndarray |
             return None, {**info, "error": " | ".join(tail)}
         for line in r.stdout.splitlines():
             if line.startswith("N2V_RESULT "):
-                info.update(json.loads(line[len("N2V_RESULT "):]))
+                info.update(json.loads(line[len("N2V_RESULT ") :]))
         return np.load(dst), info
 
 
@@ -271,10 +289,16 @@ def model_settings(model) -> dict:
     """What the model chose from its data (best effort: the package's internals may change)."""
     out = {}
     try:
-        out["stages"] = [{"factors": list(s.degradation.factors), "bp_iters": getattr(s, "bp_iters", None),
-                          "noise": None if getattr(s.degradation, "noise", None) is None else list(s.degradation.noise),
-                          "acquisition": getattr(s.degradation, "acquisition", None),
-                          "ensemble": getattr(s, "ensemble", None)} for s in model.stages]
+        out["stages"] = [
+            {
+                "factors": list(s.degradation.factors),
+                "bp_iters": getattr(s, "bp_iters", None),
+                "noise": None if getattr(s.degradation, "noise", None) is None else list(s.degradation.noise),
+                "acquisition": getattr(s.degradation, "acquisition", None),
+                "ensemble": getattr(s, "ensemble", None),
+            }
+            for s in model.stages
+        ]
         out["final_bp_iters"] = getattr(model, "final_bp_iters", None)
     except Exception as e:  # noqa: BLE001
         out["error"] = repr(e)
@@ -299,11 +323,22 @@ def make_inputs(case) -> dict:
     """truth, lr, and what is known about them, for a synthetic or a real case."""
     if isinstance(case, matrix.Case):
         syn = matrix.simulate(case)
-        return {"kind": "synthetic", "truth": syn.truth, "lr": syn.observed, "noise": syn.noise,
-                "noisy": case.noisy, "desc": {
-                    "structure": case.structure, "acquisition": case.acquisition, "psf_lr": case.psf_lr,
-                    "psf_fwhm_hr": None if case.psf_fwhm_hr() is None else [round(p, 3) for p in case.psf_fwhm_hr()],
-                    "noise": case.noise, "seed": case.seed, "authors_beads": case.authors_beads}}
+        return {
+            "kind": "synthetic",
+            "truth": syn.truth,
+            "lr": syn.observed,
+            "noise": syn.noise,
+            "noisy": case.noisy,
+            "desc": {
+                "structure": case.structure,
+                "acquisition": case.acquisition,
+                "psf_lr": case.psf_lr,
+                "psf_fwhm_hr": None if case.psf_fwhm_hr() is None else [round(p, 3) for p in case.psf_fwhm_hr()],
+                "noise": case.noise,
+                "seed": case.seed,
+                "authors_beads": case.authors_beads,
+            },
+        }
     got = real_volumes.load(case.volume)
     if got is None:
         raise FileNotFoundError(f"{case.volume} is not cached: run bash benchmarks/setup_peers.sh")
@@ -314,10 +349,25 @@ def make_inputs(case) -> dict:
     vol = vol[tuple(slice(0, s - s % k) for s, k in zip(vol.shape, f))]  # divisible by the factor
     truth = np.ascontiguousarray(vol, dtype=np.float32)
     lr = matrix.acquire(truth, f, case.acquisition)
-    return {"kind": "real", "truth": truth, "lr": lr, "noise": None, "noisy": False, "desc": {
-        "structure": "real", "volume": case.volume, "acquisition": case.acquisition, "noise": "own (real data)",
-        "package": meta["package"], "version": meta.get("installed_version", meta["version"]), "file": meta["file"],
-        "modality": meta["modality"], "voxel_um": meta["voxel_um"], "crop": case.crop or meta["crop"]}}
+    return {
+        "kind": "real",
+        "truth": truth,
+        "lr": lr,
+        "noise": None,
+        "noisy": False,
+        "desc": {
+            "structure": "real",
+            "volume": case.volume,
+            "acquisition": case.acquisition,
+            "noise": "own (real data)",
+            "package": meta["package"],
+            "version": meta.get("installed_version", meta["version"]),
+            "file": meta["file"],
+            "modality": meta["modality"],
+            "voxel_um": meta["voxel_um"],
+            "crop": case.crop or meta["crop"],
+        },
+    }
 
 
 def run_case(case, steps: int | None, n2v: bool, quick: bool, verbose: bool) -> dict:
@@ -326,8 +376,14 @@ def run_case(case, steps: int | None, n2v: bool, quick: bool, verbose: bool) -> 
     inp = make_inputs(case)
     truth, lr = inp["truth"], inp["lr"]
     dr = float(truth.max() - truth.min())
-    row = {"case": case.name, "kind": inp["kind"], **inp["desc"], "factor": list(factors),
-           "shape_lr": list(lr.shape), "shape_hr": list(truth.shape)}
+    row = {
+        "case": case.name,
+        "kind": inp["kind"],
+        **inp["desc"],
+        "factor": list(factors),
+        "shape_lr": list(lr.shape),
+        "shape_hr": list(truth.shape),
+    }
 
     kwargs = {} if steps is None else {"steps": steps}
     t0 = time.perf_counter()
@@ -427,13 +483,17 @@ def _model_text(mi: dict) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| case | low-res | fit (s) | fit-PSNR cubic / result / N2V+cubic (dB) | gain (dB) "
-            "| fit-SSIM cubic / result / N2V+cubic | PSNR cubic / result (raw) | cubic used "
-            "| model: acquisition / baseline / ensemble | noise std at mid, true / est | targets |")
+    head = (
+        "| case | low-res | fit (s) | fit-PSNR cubic / result / N2V+cubic (dB) | gain (dB) "
+        "| fit-SSIM cubic / result / N2V+cubic | PSNR cubic / result (raw) | cubic used "
+        "| model: acquisition / baseline / ensemble | noise std at mid, true / est | targets |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['case']} | - | - | ERROR: {r['error'][:80]} | - | - | - | - | - | - | **MISSED** (error) |")
+            lines.append(
+                f"| {r['case']} | - | - | ERROR: {r['error'][:80]} | - | - | - | - | - | - | **MISSED** (error) |"
+            )
             continue
         q = r["quality"]
         n = q.get("n2v_cubic", {})
@@ -445,11 +505,17 @@ def markdown(rows: list[dict]) -> str:
             f"| {q['cubic']['fit_psnr']:.2f} / {q['result']['fit_psnr']:.2f} / {_f(n.get('fit_psnr'))} "
             f"| {r['gain_db']:+.2f} | {q['cubic']['fit_ssim']:.4f} / {q['result']['fit_ssim']:.4f} / "
             f"{_f(n.get('fit_ssim'), '{:.4f}')} | {q['cubic']['psnr']:.2f} / {q['result']['psnr']:.2f} "
-            f"| {r['cubic_variant']} | {_model_text(mi)} | {_noise_text(r)} | {tgt} |")
+            f"| {r['cubic_variant']} | {_model_text(mi)} | {_noise_text(r)} | {tgt} |"
+        )
     beads = [r for r in rows if "bead_fwhm" in r]
     if beads:
-        lines += ["", "Bead FWHM (median of the 20 brightest isolated beads, high-res voxels):", "",
-                  "| case | lateral truth / cubic / result | axial truth / cubic / result |", "|---|---|---|"]
+        lines += [
+            "",
+            "Bead FWHM (median of the 20 brightest isolated beads, high-res voxels):",
+            "",
+            "| case | lateral truth / cubic / result | axial truth / cubic / result |",
+            "|---|---|---|",
+        ]
         for r in beads:
             b = r["bead_fwhm"]
             lat = " / ".join(_f(b[k]["lateral"]) for k in ("truth", "cubic", "result"))
@@ -476,8 +542,10 @@ def summary(rows: list[dict]) -> tuple[str, dict]:
             continue
         missed = [r["case"] for r in judged if not r["targets"][key]]
         out[key] = {"met": len(judged) - len(missed), "of": len(judged), "missed": missed}
-        lines.append(f"- {text}: {len(judged) - len(missed)}/{len(judged)} met"
-                     + (f"; missed: {', '.join(missed)}" if missed else ""))
+        lines.append(
+            f"- {text}: {len(judged) - len(missed)}/{len(judged)} met"
+            + (f"; missed: {', '.join(missed)}" if missed else "")
+        )
     errors = [r["case"] for r in rows if "error" in r]
     if errors:
         out["errors"] = errors
@@ -501,8 +569,14 @@ def _run_safe(case, steps, n2v, quick, verbose) -> dict:
     try:
         return run_case(case, steps, n2v, quick, verbose)
     except Exception as e:  # noqa: BLE001 - one broken case must not end a 60-minute run
-        return {"case": case.name, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
-                "targets": {"floor": False}, "met": False, "case_seconds": round(time.perf_counter() - t0, 1)}
+        return {
+            "case": case.name,
+            "error": f"{type(e).__name__}: {e}",
+            "traceback": traceback.format_exc(),
+            "targets": {"floor": False},
+            "met": False,
+            "case_seconds": round(time.perf_counter() - t0, 1),
+        }
 
 
 def _progress(i: int, n: int, row: dict) -> None:
@@ -512,16 +586,23 @@ def _progress(i: int, n: int, row: dict) -> None:
     q = row["quality"]
     n2v = q.get("n2v_cubic")
     missed = [k for k, v in row["targets"].items() if not v]
-    print(f"[{i}/{n}] {row['case']}: {row['case_seconds']:.0f} s (fit {row['fit_seconds']:.0f}), gain "
-          f"{row['gain_db']:+.2f} dB (fit PSNR cubic {q['cubic']['fit_psnr']:.2f} -> {q['result']['fit_psnr']:.2f}"
-          + (f", N2V+cubic {n2v['fit_psnr']:.2f}" if n2v else "") + f"; fit SSIM {q['cubic']['fit_ssim']:.4f} -> "
-          f"{q['result']['fit_ssim']:.4f}); {'met' if not missed else 'MISSED ' + ','.join(missed)}", flush=True)
+    print(
+        f"[{i}/{n}] {row['case']}: {row['case_seconds']:.0f} s (fit {row['fit_seconds']:.0f}), gain "
+        f"{row['gain_db']:+.2f} dB (fit PSNR cubic {q['cubic']['fit_psnr']:.2f} -> {q['result']['fit_psnr']:.2f}"
+        + (f", N2V+cubic {n2v['fit_psnr']:.2f}" if n2v else "")
+        + f"; fit SSIM {q['cubic']['fit_ssim']:.4f} -> "
+        f"{q['result']['fit_ssim']:.4f}); {'met' if not missed else 'MISSED ' + ','.join(missed)}",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help=f"3 small synthetic cases + 1 small real one, {QUICK_STEPS} "
-                   "steps, tiny N2V (smoke test, < 5 min)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"3 small synthetic cases + 1 small real one, {QUICK_STEPS} steps, tiny N2V (smoke test, < 5 min)",
+    )
     p.add_argument("--only", default=None, help="run only cases whose name contains this text")
     p.add_argument("--steps", type=int, default=None, help="training steps per stage (default: the package default)")
     p.add_argument("--no-n2v", action="store_true", help="skip the Noise2Void + cubic peer")
@@ -535,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = list(matrix.QUICK_CASES if args.quick else matrix.CASES)
     skipped = []
     if not args.no_real:
-        for rc in (QUICK_REAL if args.quick else REAL_CASES):
+        for rc in QUICK_REAL if args.quick else REAL_CASES:
             if real_volumes.load(rc.volume) is None:
                 skipped.append(f"{rc.name} (volume not cached: bash benchmarks/setup_peers.sh)")
             else:
@@ -556,10 +637,12 @@ def main(argv: list[str] | None = None) -> int:
     if not n2v_ok or not any(getattr(c, "noisy", False) for c in cases):
         n2v_note = n2v_note if not n2v_ok else n2v_note + " (no noisy case selected)"
     info = machine()
-    print(f"# quality benchmark: {len(cases)} cases, steps {steps or 'default'}, {info['cpu']}, "
-          f"{info['usable_cores']} cores, torch {info['torch']} ({info['torch_threads']} threads); "
-          f"N2V: {('on' + (' (tiny budget: plumbing check only)' if args.quick else '') + ', ' + n2v_note) if n2v_ok else 'off, ' + n2v_note}",
-          flush=True)
+    print(
+        f"# quality benchmark: {len(cases)} cases, steps {steps or 'default'}, {info['cpu']}, "
+        f"{info['usable_cores']} cores, torch {info['torch']} ({info['torch_threads']} threads); "
+        f"N2V: {('on' + (' (tiny budget: plumbing check only)' if args.quick else '') + ', ' + n2v_note) if n2v_ok else 'off, ' + n2v_note}",
+        flush=True,
+    )
     for s in skipped:
         print(f"# skipped: {s}", flush=True)
 
@@ -573,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         import concurrent.futures as cf
         import multiprocessing as mp
+
         threads = max(1, (info["usable_cores"] or 1) // args.jobs)
         with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as ex:
             futs = {ex.submit(_worker, c, steps, n2v_ok, args.quick, args.verbose, threads): c for c in cases}
@@ -591,11 +675,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntotal {total:.0f} s. Targets (reported, not asserted):\n{summ_text}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": "quality", "machine": info, "command": [sys.executable, *sys.argv],
-              "quick": args.quick, "steps": steps or "default", "n2v": {"enabled": n2v_ok, "note": n2v_note},
-              "skipped": skipped, "targets": TARGET_TEXT, "summary": summ, "total_seconds": round(total, 1),
-              "real_volumes": {k: v.__dict__ for k, v in real_volumes.VOLUMES.items()},
-              "rows": rows, "table": table}
+    result = {
+        "benchmark": "quality",
+        "machine": info,
+        "command": [sys.executable, *sys.argv],
+        "quick": args.quick,
+        "steps": steps or "default",
+        "n2v": {"enabled": n2v_ok, "note": n2v_note},
+        "skipped": skipped,
+        "targets": TARGET_TEXT,
+        "summary": summ,
+        "total_seconds": round(total, 1),
+        "real_volumes": {k: v.__dict__ for k, v in real_volumes.VOLUMES.items()},
+        "rows": rows,
+        "table": table,
+    }
     out.write_text(json.dumps(result, indent=2, default=_jsonable))
     print(f"wrote {out}")
     return 0

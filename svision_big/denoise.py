@@ -74,8 +74,14 @@ def fit_blind_filter(v: np.ndarray, seed: int = 0) -> tuple[np.ndarray, float, d
         if t != centre:
             w[tuple(d + RADIUS for d in o)] = coef[classes.index(t)]
     pred = a_mat @ coef
-    report = {"kind": "J-invariant linear filter", "width": 2 * RADIUS + 1, "samples": int(len(pick)),
-              "blind_mse": float(np.mean((pred - target) ** 2)), "weight_sum": float(w.sum()), "offset": float(coef[-1])}
+    report = {
+        "kind": "J-invariant linear filter",
+        "width": 2 * RADIUS + 1,
+        "samples": int(len(pick)),
+        "blind_mse": float(np.mean((pred - target) ** 2)),
+        "weight_sum": float(w.sum()),
+        "offset": float(coef[-1]),
+    }
     return w, float(coef[-1]), report
 
 
@@ -85,8 +91,9 @@ def as_network(w: np.ndarray, offset: float) -> SVNet:
     with mirrored volume faces (zero padding darkened the two outer slices of each face: on a
     24-slice x2 volume it cost 1.7-3 dB)."""
     nd = w.ndim
-    cfg = NetConfig(factors=(1,) * nd, features=1, shrink=1, mapping=0, groups=1, extract_kernel=w.shape[0], kernel=1,
-                    face="mirror")
+    cfg = NetConfig(
+        factors=(1,) * nd, features=1, shrink=1, mapping=0, groups=1, extract_kernel=w.shape[0], kernel=1, face="mirror"
+    )
     net = SVNet(cfg)
     with torch.no_grad():
         for p in net.parameters():

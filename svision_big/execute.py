@@ -138,7 +138,6 @@ class ModelPlugin(WorkerPlugin):
             torch.set_num_threads(max(1, int(n)))
 
 
-
 def run_block(job: Job, index: int) -> tuple[int, float, int]:
     """The task: read block + halo (and the companion), run the pass, write the owned chunks, record done."""
     t0 = time.perf_counter()
@@ -200,14 +199,16 @@ def _read(job: Job, url: str, path: str, options: dict | None, sel: tuple, index
             last = exc
             _ARRAYS.pop((url, path, False, job.done_url), None)
             if attempt + 1 < READ_ATTEMPTS:
-                time.sleep(RETRY_DELAY_S * 2 ** attempt)
+                time.sleep(RETRY_DELAY_S * 2**attempt)
     where = f"{url.rstrip('/')}/{path}"
     key = _bad_chunk(arr, sel) if arr is not None else None
     cause = (str(last).strip().splitlines() or [type(last).__name__])[0]
     what = f"chunk {key}" if key else "a chunk"
-    raise ChunkReadError(f"{where}: {what} cannot be read ({cause}), needed by block {index} of "
-                         f"{job.pass_.label}; stopped after {READ_ATTEMPTS} "
-                         f"attempts (finished blocks are kept: repair the input and re-run to finish)") from None
+    raise ChunkReadError(
+        f"{where}: {what} cannot be read ({cause}), needed by block {index} of "
+        f"{job.pass_.label}; stopped after {READ_ATTEMPTS} "
+        f"attempts (finished blocks are kept: repair the input and re-run to finish)"
+    ) from None
 
 
 def _chunk_coords(arr, sel: tuple):
@@ -275,21 +276,27 @@ def _check_input(job: Job, src, x: np.ndarray, block: Block, index: int) -> dict
     missing = _missing_chunks(src, sel)
     if missing:
         if job.strict:
-            raise InputDataError(f"{where}: chunk {missing[0]} is missing (needed by block {index}; "
-                                 f"{len(missing)} missing in its region); without --strict it reads as the fill "
-                                 f"value {src.fill_value}")
+            raise InputDataError(
+                f"{where}: chunk {missing[0]} is missing (needed by block {index}; "
+                f"{len(missing)} missing in its region); without --strict it reads as the fill "
+                f"value {src.fill_value}"
+            )
         note["missing"] = missing
     if x.dtype.kind == "f":
         bad = ~np.isfinite(x)
         if bad.any():
-            core = tuple(slice(w.start // f - r.start, w.stop // f - r.start)
-                         for w, r, f in zip(block.write, block.read, job.plan.factors))
+            core = tuple(
+                slice(w.start // f - r.start, w.stop // f - r.start)
+                for w, r, f in zip(block.write, block.read, job.plan.factors)
+            )
             n = int(np.count_nonzero(bad[core]))
             if job.nonfinite != "fill":
                 total = int(np.count_nonzero(bad))
-                raise InputDataError(f"{where}: {total:,} NaN/Inf voxels in the region block {index} reads: a "
-                                     f"network spreads them over the output; pass --nonfinite fill to read them as "
-                                     f"the fill value ({_fill(src)})")
+                raise InputDataError(
+                    f"{where}: {total:,} NaN/Inf voxels in the region block {index} reads: a "
+                    f"network spreads them over the output; pass --nonfinite fill to read them as "
+                    f"the fill value ({_fill(src)})"
+                )
             x[bad] = _fill(src)
             if n:
                 note["nonfinite"] = n
@@ -375,8 +382,15 @@ _LIBC = None
 # --------------------------------------------------------------------------- drivers
 
 
-def _run_on_cluster(job: Job, models: dict[str, Model], client, todo, window: int | None,
-                    finished: Callable[[int, int], None], where: Callable[[], str]) -> None:
+def _run_on_cluster(
+    job: Job,
+    models: dict[str, Model],
+    client,
+    todo,
+    window: int | None,
+    finished: Callable[[int, int], None],
+    where: Callable[[], str],
+) -> None:
     """Submit the blocks ``todo`` windowed (a few tasks per worker in flight, the next submitted as
     each ends), calling ``finished(index, voxels)`` per block; a lost cluster is one line
     (:class:`ClusterLost`, ``where()`` says how far the run got)."""
@@ -406,20 +420,31 @@ def _run_on_cluster(job: Job, models: dict[str, Model], client, todo, window: in
         raise  # the data's fault, named by the task
     except Exception as exc:  # noqa: BLE001
         if watch.fired:
-            raise ClusterLost(f"the Dask cluster at {_address(client)} had no worker for {watch.limit:.0f} s, after "
-                              f"{where()}: the finished blocks are kept; re-run the same command once workers are up "
-                              f"to resume") from None
+            raise ClusterLost(
+                f"the Dask cluster at {_address(client)} had no worker for {watch.limit:.0f} s, after "
+                f"{where()}: the finished blocks are kept; re-run the same command once workers are up "
+                f"to resume"
+            ) from None
         if _cluster_gone(client, exc):
-            raise ClusterLost(f"lost the Dask scheduler {_address(client)} ({type(exc).__name__}) after {where()}: "
-                              f"the finished blocks are kept; re-run the same command against a running scheduler "
-                              f"to resume") from None
+            raise ClusterLost(
+                f"lost the Dask scheduler {_address(client)} ({type(exc).__name__}) after {where()}: "
+                f"the finished blocks are kept; re-run the same command against a running scheduler "
+                f"to resume"
+            ) from None
         raise
     finally:
         watch.stop()
 
 
-def execute(job: Job, models: dict[str, Model], client=None, progress: bool = True,
-            on_block: Callable[[int], None] | None = None, window: int | None = None, label: str = "enhance") -> dict:
+def execute(
+    job: Job,
+    models: dict[str, Model],
+    client=None,
+    progress: bool = True,
+    on_block: Callable[[int], None] | None = None,
+    window: int | None = None,
+    label: str = "enhance",
+) -> dict:
     """Run every block not yet recorded done; return counts and timings."""
     records = DoneRecords(job.done_url, job.out_options)
     records.create()
@@ -428,8 +453,14 @@ def execute(job: Job, models: dict[str, Model], client=None, progress: bool = Tr
     todo = (i for i in range(total) if i not in done)
     n_todo = total - len(done)
     voxels_per_block = math.prod(job.plan.block)
-    bar = Progress(total, label, unit="blocks", quiet=not progress,
-                   rate_scale=voxels_per_block, rate_unit="output voxels/s (approx)")
+    bar = Progress(
+        total,
+        label,
+        unit="blocks",
+        quiet=not progress,
+        rate_scale=voxels_per_block,
+        rate_unit="output voxels/s (approx)",
+    )
     bar.done = len(done)
     t0 = time.perf_counter()
     count = {"blocks": 0, "voxels": 0}
@@ -448,17 +479,24 @@ def execute(job: Job, models: dict[str, Model], client=None, progress: bool = Tr
             finished(i, v)
     else:
         try:
-            _run_on_cluster(job, models, client, todo, window, finished,
-                            lambda: f"{len(done) + count['blocks']} of {total} blocks")
+            _run_on_cluster(
+                job, models, client, todo, window, finished, lambda: f"{len(done) + count['blocks']} of {total} blocks"
+            )
         except ClusterLost:
             bar.close()
             raise
     computed, out_voxels = count["blocks"], count["voxels"]
     bar.close()
     seconds = time.perf_counter() - t0
-    out = {"blocks": total, "skipped": len(done), "computed": computed, "todo_at_start": n_todo,
-           "seconds": round(seconds, 3), "output_voxels": out_voxels,
-           "voxels_per_second": out_voxels / seconds if seconds > 0 else 0.0}
+    out = {
+        "blocks": total,
+        "skipped": len(done),
+        "computed": computed,
+        "todo_at_start": n_todo,
+        "seconds": round(seconds, 3),
+        "output_voxels": out_voxels,
+        "voxels_per_second": out_voxels / seconds if seconds > 0 else 0.0,
+    }
     if job.in_raw:  # what the blocks found in the input, this run and earlier ones
         notes = records.notes()
         missing = sorted({k for n in notes for k in n.get("missing", ())})

@@ -85,8 +85,9 @@ def receptive_halo(spec: OperatorSpec) -> tuple[int, ...]:
 
     Rotations in the ensemble mix y and x, so both lateral axes get the larger of the two.
     """
-    halo = [_reach(lambda n, a=axis: [(_influence(spec, a, n), n // 2)], spec.factors[axis])
-            for axis in range(spec.ndim)]
+    halo = [
+        _reach(lambda n, a=axis: [(_influence(spec, a, n), n // 2)], spec.factors[axis]) for axis in range(spec.ndim)
+    ]
     if spec.ndim >= 2 and any(ensemble_size(s.ensemble, s.factors) > 1 for s in spec.stages):
         halo[-2] = halo[-1] = max(halo[-2], halo[-1])
     return tuple(halo)
@@ -108,7 +109,14 @@ def _pass_influences(spec: OperatorSpec, p: Pass, axis: int, n: int) -> list[tup
         deg, iters = spec.final, spec.final_bp_iters
         if deg is None or iters <= 0:
             iters = 0
-    out = [(_bp_mask(np.zeros(n * f, dtype=bool), x0, deg, axis, iters) if iters else np.repeat(np.zeros(n, dtype=bool), f), c)]
+    out = [
+        (
+            _bp_mask(np.zeros(n * f, dtype=bool), x0, deg, axis, iters)
+            if iters
+            else np.repeat(np.zeros(n, dtype=bool), f),
+            c,
+        )
+    ]
     for phase in range(f):  # an impulse in the companion, at each sub-voxel position of cell c
         y0 = np.zeros(n * f, dtype=bool)
         y0[c * f + phase] = True

@@ -141,9 +141,7 @@ def bead_fwhm(
     lo, hi = float(vol.min()), float(vol.max())
     if hi <= lo:
         return math.nan
-    is_max = (vol == ndimage.maximum_filter(vol, size=isolation, mode="nearest")) & (
-        vol > lo + 0.1 * (hi - lo)
-    )
+    is_max = (vol == ndimage.maximum_filter(vol, size=isolation, mode="nearest")) & (vol > lo + 0.1 * (hi - lo))
     coords = np.argwhere(is_max)
     order = np.argsort(-vol[tuple(coords.T)], kind="stable")
     coords = coords[order]

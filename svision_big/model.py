@@ -43,17 +43,23 @@ class ModelFileError(ValueError):
 def _deg_to_dict(d: Degradation | None) -> dict | None:
     if d is None:
         return None
-    return {"factors": list(d.factors), "psf_fwhm": None if d.psf_fwhm is None else list(d.psf_fwhm),
-            "noise": None if d.noise is None else list(d.noise), "acquisition": d.acquisition}
+    return {
+        "factors": list(d.factors),
+        "psf_fwhm": None if d.psf_fwhm is None else list(d.psf_fwhm),
+        "noise": None if d.noise is None else list(d.noise),
+        "acquisition": d.acquisition,
+    }
 
 
 def _deg_from_dict(d: dict | None) -> Degradation | None:
     if d is None:
         return None
-    return Degradation(tuple(int(f) for f in d["factors"]),
-                       None if d.get("psf_fwhm") is None else tuple(float(x) for x in d["psf_fwhm"]),
-                       None if d.get("noise") is None else (float(d["noise"][0]), float(d["noise"][1])),
-                       check_acquisition(str(d.get("acquisition", "cubic"))))
+    return Degradation(
+        tuple(int(f) for f in d["factors"]),
+        None if d.get("psf_fwhm") is None else tuple(float(x) for x in d["psf_fwhm"]),
+        None if d.get("noise") is None else (float(d["noise"][0]), float(d["noise"][1])),
+        check_acquisition(str(d.get("acquisition", "cubic"))),
+    )
 
 
 def _ensemble(v) -> int | bool:
@@ -107,7 +113,9 @@ class Model:
             self._specs[key] = OperatorSpec(tuple(ops), self.norm, self.final, self.final_bp_iters, precision)
         return self._specs[key]
 
-    def enhance(self, volume: np.ndarray, dtype: str | np.dtype | None = None, precision: str = "float32") -> np.ndarray:
+    def enhance(
+        self, volume: np.ndarray, dtype: str | np.dtype | None = None, precision: str = "float32"
+    ) -> np.ndarray:
         """Whole-array inference in memory; output upsampled by ``factors`` in the input's dtype.
         ``precision``: the networks' arithmetic, float32 (the reference) or bfloat16 (faster on
         CPUs with AVX512-BF16, see ``operator.precision_dtype``)."""
@@ -118,18 +126,30 @@ class Model:
 
     def halo(self) -> tuple[int, ...]:
         from .halo import receptive_halo
+
         return receptive_halo(self.spec())
 
     def settings(self) -> dict:
         """The data-chosen settings, for printing and provenance."""
         return {
             "factors": list(self.factors),
-            "stages": [{"factors": list(s.degradation.factors), "bp_iters": s.bp_iters, "ensemble": s.ensemble,
-                        "noise": None if s.degradation.noise is None else list(s.degradation.noise),
-                        "psf_fwhm": None if s.degradation.psf_fwhm is None else list(s.degradation.psf_fwhm)}
-                       for s in self.stages],
+            "stages": [
+                {
+                    "factors": list(s.degradation.factors),
+                    "bp_iters": s.bp_iters,
+                    "ensemble": s.ensemble,
+                    "noise": None if s.degradation.noise is None else list(s.degradation.noise),
+                    "psf_fwhm": None if s.degradation.psf_fwhm is None else list(s.degradation.psf_fwhm),
+                }
+                for s in self.stages
+            ],
             "final_bp_iters": self.final_bp_iters,
-            "normalisation": {"lo": self.norm.lo, "hi": self.norm.hi, "floor": self.norm.floor, "ceiling": self.norm.ceiling},
+            "normalisation": {
+                "lo": self.norm.lo,
+                "hi": self.norm.hi,
+                "floor": self.norm.floor,
+                "ceiling": self.norm.ceiling,
+            },
             "acquisition": self.degradations()[0].acquisition,
             "baseline": self.info.get("baseline"),
         }
@@ -138,12 +158,23 @@ class Model:
 
     def _header(self) -> dict:
         return {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "package_version": self.version,
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "package_version": self.version,
             "factors": list(self.factors),
             "norm": {"lo": self.norm.lo, "hi": self.norm.hi, "floor": self.norm.floor, "ceiling": self.norm.ceiling},
-            "final": _deg_to_dict(self.final), "final_bp_iters": self.final_bp_iters,
-            "stages": [{"config": s.config.to_dict(), "degradation": _deg_to_dict(s.degradation),
-                        "bp_iters": s.bp_iters, "ensemble": s.ensemble, "report": s.report} for s in self.stages],
+            "final": _deg_to_dict(self.final),
+            "final_bp_iters": self.final_bp_iters,
+            "stages": [
+                {
+                    "config": s.config.to_dict(),
+                    "degradation": _deg_to_dict(s.degradation),
+                    "bp_iters": s.bp_iters,
+                    "ensemble": s.ensemble,
+                    "report": s.report,
+                }
+                for s in self.stages
+            ],
             "info": self.info,
         }
 
@@ -190,37 +221,64 @@ class Model:
             if not isinstance(obj, dict) or not isinstance(obj.get("header"), str):
                 raise ModelFileError(f"{where} is not an svision-big model file (no header)")
             if len(obj["header"]) > MAX_HEADER_BYTES:
-                raise ModelFileError(f"{where} has a {len(obj['header']):,}-byte header (at most {MAX_HEADER_BYTES:,}): "
-                                     f"not an svision-big model file")
+                raise ModelFileError(
+                    f"{where} has a {len(obj['header']):,}-byte header (at most {MAX_HEADER_BYTES:,}): "
+                    f"not an svision-big model file"
+                )
             head = json.loads(obj["header"])
             if not isinstance(head, dict) or head.get("format") != FORMAT:
-                raise ModelFileError(f"{where} is not an svision-big model file (format "
-                                     f"{head.get('format') if isinstance(head, dict) else None!r})")
+                raise ModelFileError(
+                    f"{where} is not an svision-big model file (format "
+                    f"{head.get('format') if isinstance(head, dict) else None!r})"
+                )
             if int(head["format_version"]) > FORMAT_VERSION:
-                raise ModelFileError(f"{where} uses model format {head['format_version']}, newer than this svision-big reads ({FORMAT_VERSION}): upgrade svision-big")
+                raise ModelFileError(
+                    f"{where} uses model format {head['format_version']}, newer than this svision-big reads ({FORMAT_VERSION}): upgrade svision-big"
+                )
             weights = obj["weights"]
             if "digest" in obj and obj["digest"] != _digest(obj["header"], weights):
-                raise ModelFileError(f"{where} is corrupt or was modified: its content does not match the digest it "
-                                     f"carries (re-train, or restore the file)")
+                raise ModelFileError(
+                    f"{where} is corrupt or was modified: its content does not match the digest it "
+                    f"carries (re-train, or restore the file)"
+                )
             stages = []
             for i, (s, w) in enumerate(zip(head["stages"], weights, strict=True)):
                 config = NetConfig.from_dict(s["config"])
                 _check_stage(config, w, where, i)  # before anything the size of the header is allocated
-                stages.append(StageRecord(config, dict(w), _deg_from_dict(s["degradation"]), int(s["bp_iters"]),
-                                          _ensemble(s["ensemble"]), s.get("report", {})))
+                stages.append(
+                    StageRecord(
+                        config,
+                        dict(w),
+                        _deg_from_dict(s["degradation"]),
+                        int(s["bp_iters"]),
+                        _ensemble(s["ensemble"]),
+                        s.get("report", {}),
+                    )
+                )
             n = head["norm"]
-            model = cls(stages=stages, norm=Normalisation(float(n["lo"]), float(n["hi"]), n["floor"],
-                                                               None if n.get("ceiling") is None else float(n["ceiling"])),
-                        factors=tuple(int(f) for f in head["factors"]), final=_deg_from_dict(head["final"]),
-                        final_bp_iters=int(head["final_bp_iters"]), info=head.get("info", {}),
-                        version=head.get("package_version", "?"))
+            model = cls(
+                stages=stages,
+                norm=Normalisation(
+                    float(n["lo"]),
+                    float(n["hi"]),
+                    n["floor"],
+                    None if n.get("ceiling") is None else float(n["ceiling"]),
+                ),
+                factors=tuple(int(f) for f in head["factors"]),
+                final=_deg_from_dict(head["final"]),
+                final_bp_iters=int(head["final_bp_iters"]),
+                info=head.get("info", {}),
+                version=head.get("package_version", "?"),
+            )
             _check_factors(model, where)
             model.spec()  # builds the nets: shape mismatches surface here, not in a worker
         except ModelFileError:
             raise
         except Exception as exc:
             text = (str(exc).strip().splitlines() or [""])[0][:200]
-            raise ModelFileError(f"{where} is a damaged svision-big model file ({type(exc).__name__}: {text})") from None
+            raise ModelFileError(
+                f"{where} is a damaged svision-big model file ({type(exc).__name__}: {text})"
+            ) from None
         return model
 
 
@@ -252,12 +310,19 @@ def _check_archive(data: bytes, where: str) -> None:
 
 def _check_stage(config: NetConfig, weights: dict, where: str, i: int) -> None:
     """The header's architecture against the stored weights, on the meta device (no memory)."""
-    sizes = {"features": config.features, "shrink": config.shrink, "mapping": config.mapping, "groups": config.groups,
-             "extract_kernel": config.extract_kernel, "kernel": config.kernel}
+    sizes = {
+        "features": config.features,
+        "shrink": config.shrink,
+        "mapping": config.mapping,
+        "groups": config.groups,
+        "extract_kernel": config.extract_kernel,
+        "kernel": config.kernel,
+    }
     for name, v in sizes.items():
         if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_FEATURES:
-            raise ModelFileError(f"{where}: stage {i} asks for {name}={v!r}, outside 0..{MAX_FEATURES}: a damaged or "
-                                 f"edited model file")
+            raise ModelFileError(
+                f"{where}: stage {i} asks for {name}={v!r}, outside 0..{MAX_FEATURES}: a damaged or edited model file"
+            )
     if not all(isinstance(f, int) and 1 <= f <= 8 for f in config.factors):
         raise ModelFileError(f"{where}: stage {i} has factors {config.factors}: a damaged or edited model file")
     if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
@@ -268,8 +333,10 @@ def _check_stage(config: NetConfig, weights: dict, where: str, i: int) -> None:
     if expected != got:
         diff = sorted(set(expected) ^ set(got)) or [k for k in expected if expected[k] != got[k]]
         k = diff[0]
-        raise ModelFileError(f"{where}: stage {i}'s header does not match its weights ({k}: header "
-                             f"{expected.get(k)}, weights {got.get(k)}): a damaged or edited model file")
+        raise ModelFileError(
+            f"{where}: stage {i}'s header does not match its weights ({k}: header "
+            f"{expected.get(k)}, weights {got.get(k)}): a damaged or edited model file"
+        )
 
 
 def _check_factors(model: Model, where: str) -> None:
@@ -277,15 +344,21 @@ def _check_factors(model: Model, where: str) -> None:
     prod = [1] * model.ndim
     for i, s in enumerate(model.stages):
         if s.config.factors != s.degradation.factors or len(s.config.factors) != model.ndim:
-            raise ModelFileError(f"{where}: stage {i} has net factors {s.config.factors} but degradation factors "
-                                 f"{s.degradation.factors}: a damaged or edited model file")
+            raise ModelFileError(
+                f"{where}: stage {i} has net factors {s.config.factors} but degradation factors "
+                f"{s.degradation.factors}: a damaged or edited model file"
+            )
         prod = [p * f for p, f in zip(prod, s.config.factors)]
     if tuple(prod) != model.factors:
-        raise ModelFileError(f"{where}: the header says factors {model.factors} but its stages make "
-                             f"{tuple(prod)}: a damaged or edited model file")
+        raise ModelFileError(
+            f"{where}: the header says factors {model.factors} but its stages make "
+            f"{tuple(prod)}: a damaged or edited model file"
+        )
     if model.final is not None and model.final.factors != model.factors:
-        raise ModelFileError(f"{where}: the final back-projection's factors {model.final.factors} are not the "
-                             f"model's {model.factors}: a damaged or edited model file")
+        raise ModelFileError(
+            f"{where}: the final back-projection's factors {model.final.factors} are not the "
+            f"model's {model.factors}: a damaged or edited model file"
+        )
 
 
 def load_model(path: str | os.PathLike) -> Model:

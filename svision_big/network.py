@@ -40,7 +40,7 @@ class NetConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "NetConfig":
+    def from_dict(cls, d: dict) -> NetConfig:
         d = dict(d)
         d["factors"] = tuple(int(f) for f in d["factors"])
         return cls(**d)
@@ -181,7 +181,7 @@ class SVNet(nn.Module):
 
         def lateral(t, conv, r):  # zero-pad the lateral face sides, then an unpadded convolution
             pad = []
-            for (lo, hi) in reversed(faces[nd - 2:]):
+            for lo, hi in reversed(faces[nd - 2 :]):
                 pad += [r if lo else 0, r if hi else 0]
             if any(pad):
                 t = nn.functional.pad(t, pad).contiguous(memory_format=fmt)
@@ -209,13 +209,19 @@ class SVNet(nn.Module):
             (ph0, ph1), (pw0, pw1) = lateral_pad(r)
             n, c, s, h, w = t.shape
             d0 = kept.shape[2]
-            buf = torch.empty((n, c, d0 + s + tail, h + ph0 + ph1, w + pw0 + pw1), dtype=t.dtype, device=t.device,
-                              memory_format=fmt)
+            buf = torch.empty(
+                (n, c, d0 + s + tail, h + ph0 + ph1, w + pw0 + pw1), dtype=t.dtype, device=t.device, memory_format=fmt
+            )
             buf[:, :, :d0].copy_(kept)
-            new = buf[:, :, d0:d0 + s]
-            new[:, :, :, ph0:ph0 + h, pw0:pw0 + w].copy_(t)
-            for sl in (new[:, :, :, :ph0], new[:, :, :, ph0 + h:], new[:, :, :, ph0:ph0 + h, :pw0],
-                       new[:, :, :, ph0:ph0 + h, pw0 + w:], buf[:, :, d0 + s:]):
+            new = buf[:, :, d0 : d0 + s]
+            new[:, :, :, ph0 : ph0 + h, pw0 : pw0 + w].copy_(t)
+            for sl in (
+                new[:, :, :, :ph0],
+                new[:, :, :, ph0 + h :],
+                new[:, :, :, ph0 : ph0 + h, :pw0],
+                new[:, :, :, ph0 : ph0 + h, pw0 + w :],
+                buf[:, :, d0 + s :],
+            ):
                 if sl.numel():
                     sl.zero_()
             return buf
@@ -224,20 +230,24 @@ class SVNet(nn.Module):
         depth, done = x.shape[2], 0
         for z0 in range(0, depth, slab):
             last = z0 + slab >= depth
-            t = x[:, :, z0:z0 + slab]
+            t = x[:, :, z0 : z0 + slab]
             for i, (conv, act) in enumerate(layers):
                 r = conv.padding[0]
                 if bufs[i] is None:  # the first slab: r zero slices before a low z face
                     (ph0, ph1), (pw0, pw1) = lateral_pad(r)
                     n, c, _, h, w = t.shape
-                    bufs[i] = torch.empty((n, c, r if z_lo else 0, h + ph0 + ph1, w + pw0 + pw1), dtype=t.dtype,
-                                          device=t.device, memory_format=fmt).zero_()
+                    bufs[i] = torch.empty(
+                        (n, c, r if z_lo else 0, h + ph0 + ph1, w + pw0 + pw1),
+                        dtype=t.dtype,
+                        device=t.device,
+                        memory_format=fmt,
+                    ).zero_()
                 buf = extend(bufs[i], t, r, r if last and z_hi else 0)
                 if buf.shape[2] < 2 * r + 1:
                     bufs[i], t = buf, None
                     break
                 y = _conv3d(buf, conv, (0, 0, 0))
-                bufs[i] = buf[:, :, buf.shape[2] - 2 * r:]
+                bufs[i] = buf[:, :, buf.shape[2] - 2 * r :]
                 t = _activate(y, act)
             if t is not None and t.shape[2]:
                 yield done * fz, pixel_shuffle_nd(t, self.config.factors)
@@ -249,7 +259,7 @@ class SVNet(nn.Module):
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def densified(self) -> "SVNet":
+    def densified(self) -> SVNet:
         """An inference copy whose grouped convolutions are dense with block-diagonal weights.
 
         Same arithmetic (zeros off the diagonal blocks), but the CPU's dense convolution kernels are
@@ -264,7 +274,7 @@ class SVNet(nn.Module):
                 full = torch.zeros(c_out, c_in_g * g, *w.shape[2:], dtype=w.dtype)
                 per = c_out // g
                 for k in range(g):
-                    full[k * per:(k + 1) * per, k * c_in_g:(k + 1) * c_in_g] = w[k * per:(k + 1) * per]
+                    full[k * per : (k + 1) * per, k * c_in_g : (k + 1) * c_in_g] = w[k * per : (k + 1) * per]
                 conv = type(layer)(c_in_g * g, c_out, layer.kernel_size, padding=layer.padding)
                 conv.weight.data.copy_(full)
                 conv.bias.data.copy_(layer.bias.data)

@@ -97,9 +97,7 @@ class NgffFormat(ABC):
         )
 
     @abstractmethod
-    def array_encoding(
-        self, dimension_names: Sequence[str], shards: Sequence[int] | None, compression: bool
-    ) -> dict:
+    def array_encoding(self, dimension_names: Sequence[str], shards: Sequence[int] | None, compression: bool) -> dict:
         """The version's ``create_array`` keywords: compressor, chunk keys, shards, dimension names."""
 
     def multiscale_entry(self, entry: dict) -> dict:
@@ -133,18 +131,14 @@ class FormatV04(NgffFormat):
             ome["multiscales"] = [self.multiscale_entry(m) for m in ome["multiscales"]]
         group.attrs.update(ome)
 
-    def array_encoding(
-        self, dimension_names: Sequence[str], shards: Sequence[int] | None, compression: bool
-    ) -> dict:
+    def array_encoding(self, dimension_names: Sequence[str], shards: Sequence[int] | None, compression: bool) -> dict:
         # dimension_names cannot be stored in zarr v2; the axes live in .zattrs.
         if shards is not None:
             raise NgffError("sharding needs NGFF 0.5 (zarr v3); NGFF 0.4 cannot shard")
         import numcodecs
 
         compressor = (
-            numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)
-            if compression
-            else None
+            numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE) if compression else None
         )
         return {"compressors": compressor, "chunk_key_encoding": {"name": "v2", "separator": "/"}}
 
@@ -162,14 +156,10 @@ class FormatV05(NgffFormat):
             m.pop("version", None)
         group.attrs.update({"ome": {"version": self.version, **ome}})
 
-    def array_encoding(
-        self, dimension_names: Sequence[str], shards: Sequence[int] | None, compression: bool
-    ) -> dict:
+    def array_encoding(self, dimension_names: Sequence[str], shards: Sequence[int] | None, compression: bool) -> dict:
         from zarr.codecs import BloscCodec
 
-        compressors = (
-            BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle") if compression else None
-        )
+        compressors = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle") if compression else None
         return {
             "shards": None if shards is None else tuple(int(s) for s in shards),
             "compressors": compressors,
@@ -250,7 +240,7 @@ def foreign_file(url: str, storage_options: dict | None = None, allowed=None) ->
     root = root.rstrip("/")
     ok = allowed or (lambda rel: bool(_ZARR_FILE.match(rel.rsplit("/", 1)[-1])))
     for p in sorted(fs.find(root, withdirs=False)):
-        rel = p[len(root) + 1:] if p.startswith(root + "/") else p
+        rel = p[len(root) + 1 :] if p.startswith(root + "/") else p
         if not ok(rel):
             return rel
     return None
@@ -270,14 +260,14 @@ def remove_store(url: str, storage_options: dict | None = None) -> None:
         raise NgffError(f"{url} exists and is not a zarr store: refusing to delete it")
     stray = foreign_file(url, storage_options)
     if stray is not None:
-        raise NgffError(f"{url} holds {stray}, which is not part of a zarr store: refusing to delete it "
-                        f"(move it elsewhere, or choose another output)")
+        raise NgffError(
+            f"{url} holds {stray}, which is not part of a zarr store: refusing to delete it "
+            f"(move it elsewhere, or choose another output)"
+        )
     fs.rm(path, recursive=True)
 
 
-def open_output_group(
-    url: str, fmt: NgffFormat, storage_options: dict | None = None, mode: str = "a"
-) -> zarr.Group:
+def open_output_group(url: str, fmt: NgffFormat, storage_options: dict | None = None, mode: str = "a") -> zarr.Group:
     """Create or open a group for writing.
 
     ``mode`` is 'a' (open or create), 'r+' (must exist) or 'w-' (must not
@@ -307,8 +297,7 @@ def open_output_group(
             return zarr.open_group(store, mode="a", zarr_format=fmt.zarr_format)
         if group.metadata.zarr_format != fmt.zarr_format:
             raise NgffError(
-                f"{url} is a zarr v{group.metadata.zarr_format} group; NGFF {fmt.version} "
-                f"needs zarr v{fmt.zarr_format}"
+                f"{url} is a zarr v{group.metadata.zarr_format} group; NGFF {fmt.version} needs zarr v{fmt.zarr_format}"
             )
         return group
     return zarr.open_group(store, mode="w-", zarr_format=fmt.zarr_format)
@@ -383,9 +372,7 @@ class Image:
         return None if shards is None else tuple(shards)
 
 
-def _transforms(
-    transforms: list[dict] | None, ndim: int, where: str
-) -> tuple[list[float], list[float]]:
+def _transforms(transforms: list[dict] | None, ndim: int, where: str) -> tuple[list[float], list[float]]:
     scale = [1.0] * ndim
     translation = [0.0] * ndim
     for t in transforms or []:
@@ -425,8 +412,7 @@ def _detect_format(group: zarr.Group, where: str) -> tuple[NgffFormat, dict]:
     if not isinstance(multiscales, list) or not multiscales:
         if "bioformats2raw.layout" in attrs:
             raise NgffError(
-                f"no OME-Zarr image at {where}: a bioformats2raw container; open its "
-                f"image, e.g. {where.rstrip('/')}/0"
+                f"no OME-Zarr image at {where}: a bioformats2raw container; open its image, e.g. {where.rstrip('/')}/0"
             )
         raise NgffError(f"no OME-Zarr image at {where}: no 'multiscales' metadata")
     first = multiscales[0]
@@ -508,9 +494,7 @@ def open_image(url_or_group: str | os.PathLike | zarr.Group, storage_options: di
     except KeyError:
         raise NgffError(f"no OME-Zarr image at {where}: dataset '{paths[0]}' is missing") from None
     if level0.ndim != ndim:
-        raise NgffError(
-            f"no OME-Zarr image at {where}: {ndim} axes but level 0 has {level0.ndim} dimensions"
-        )
+        raise NgffError(f"no OME-Zarr image at {where}: {ndim} axes but level 0 has {level0.ndim} dimensions")
     return image
 
 
@@ -609,26 +593,96 @@ def multiscales_metadata(
 
 # The NGFF unit names (the spec's list, from UDUNITS-2) for the spellings microscopes write.
 _UNIT_ALIASES = {
-    "m": "meter", "meter": "meter", "metre": "meter",
-    "cm": "centimeter", "mm": "millimeter",
-    "um": "micrometer", "µm": "micrometer", "μm": "micrometer", "micron": "micrometer",
-    "microns": "micrometer", "micrometre": "micrometer", "\\u00b5m": "micrometer",
-    "nm": "nanometer", "nanometre": "nanometer", "pm": "picometer",
-    "a": "angstrom", "å": "angstrom", "Å": "angstrom", "ångström": "angstrom",
-    "km": "kilometer", "in": "inch", "ft": "foot",
-    "s": "second", "sec": "second", "ms": "millisecond", "us": "microsecond", "µs": "microsecond",
-    "μs": "microsecond", "ns": "nanosecond", "min": "minute", "h": "hour", "hr": "hour",
+    "m": "meter",
+    "meter": "meter",
+    "metre": "meter",
+    "cm": "centimeter",
+    "mm": "millimeter",
+    "um": "micrometer",
+    "µm": "micrometer",
+    "μm": "micrometer",
+    "micron": "micrometer",
+    "microns": "micrometer",
+    "micrometre": "micrometer",
+    "\\u00b5m": "micrometer",
+    "nm": "nanometer",
+    "nanometre": "nanometer",
+    "pm": "picometer",
+    "a": "angstrom",
+    "å": "angstrom",
+    "Å": "angstrom",
+    "ångström": "angstrom",
+    "km": "kilometer",
+    "in": "inch",
+    "ft": "foot",
+    "s": "second",
+    "sec": "second",
+    "ms": "millisecond",
+    "us": "microsecond",
+    "µs": "microsecond",
+    "μs": "microsecond",
+    "ns": "nanosecond",
+    "min": "minute",
+    "h": "hour",
+    "hr": "hour",
 }
-NGFF_SPACE_UNITS = frozenset((
-    "angstrom", "attometer", "centimeter", "decimeter", "exameter", "femtometer", "foot", "gigameter",
-    "hectometer", "inch", "kilometer", "megameter", "meter", "micrometer", "mile", "millimeter", "nanometer",
-    "parsec", "petameter", "picometer", "terameter", "yard", "yoctometer", "yottameter", "zeptometer",
-    "zettameter"))
-NGFF_TIME_UNITS = frozenset((
-    "attosecond", "centisecond", "day", "decisecond", "exasecond", "femtosecond", "gigasecond",
-    "hectosecond", "hour", "kilosecond", "megasecond", "microsecond", "millisecond", "minute", "nanosecond",
-    "petasecond", "picosecond", "second", "terasecond", "yoctosecond", "yottasecond", "zeptosecond",
-    "zettasecond"))
+NGFF_SPACE_UNITS = frozenset(
+    (
+        "angstrom",
+        "attometer",
+        "centimeter",
+        "decimeter",
+        "exameter",
+        "femtometer",
+        "foot",
+        "gigameter",
+        "hectometer",
+        "inch",
+        "kilometer",
+        "megameter",
+        "meter",
+        "micrometer",
+        "mile",
+        "millimeter",
+        "nanometer",
+        "parsec",
+        "petameter",
+        "picometer",
+        "terameter",
+        "yard",
+        "yoctometer",
+        "yottameter",
+        "zeptometer",
+        "zettameter",
+    )
+)
+NGFF_TIME_UNITS = frozenset(
+    (
+        "attosecond",
+        "centisecond",
+        "day",
+        "decisecond",
+        "exasecond",
+        "femtosecond",
+        "gigasecond",
+        "hectosecond",
+        "hour",
+        "kilosecond",
+        "megasecond",
+        "microsecond",
+        "millisecond",
+        "minute",
+        "nanosecond",
+        "petasecond",
+        "picosecond",
+        "second",
+        "terasecond",
+        "yoctosecond",
+        "yottasecond",
+        "zeptosecond",
+        "zettasecond",
+    )
+)
 _COLORS = ("00FF00", "FF00FF", "00FFFF", "FF0000", "0000FF", "FFFF00", "FFFFFF")
 # voxels read to choose a display window: whole chunks spread over the level, never the whole of a big one
 WINDOW_VOXELS = 1 << 22
@@ -665,7 +719,7 @@ def spec_axes(axes: Sequence[dict]) -> list[dict]:
 
 
 def scale_label(factors: Sequence[int] | int) -> str:
-    """"x2" for equal factors, "x(4,2,2)" otherwise."""
+    """ "x2" for equal factors, "x(4,2,2)" otherwise."""
     f = [int(v) for v in np.atleast_1d(factors)]
     return f"x{f[0]}" if len(set(f)) == 1 else "x(" + ",".join(map(str, f)) + ")"
 
@@ -719,10 +773,17 @@ def display_window(data, dtype=None, percentiles: tuple[float, float] = (0.1, 99
     return {"min": dmin, "max": dmax, "start": lo, "end": hi}
 
 
-def omero_metadata(level, axis_names: Sequence[str], dtype=None, version: str = "0.5",
-                   labels: Sequence[str] | None = None, colors: Sequence[str] | None = None,
-                   name: str | None = None, previous: dict | None = None,
-                   channels: Sequence[int] | None = None) -> dict:
+def omero_metadata(
+    level,
+    axis_names: Sequence[str],
+    dtype=None,
+    version: str = "0.5",
+    labels: Sequence[str] | None = None,
+    colors: Sequence[str] | None = None,
+    name: str | None = None,
+    previous: dict | None = None,
+    channels: Sequence[int] | None = None,
+) -> dict:
     """An ``omero`` block for an image whose coarse level is ``level`` (array or zarr array; big
     levels are sampled by whole chunks): one channel per index along ``c`` (or one), windows from
     the 0.1/99.9 percentiles, ``version`` = the output's NGFF version.
@@ -757,14 +818,27 @@ def omero_metadata(level, axis_names: Sequence[str], dtype=None, version: str = 
         except (KeyError, TypeError, ValueError):
             pass
         label = (labels[i] if labels is not None and i < len(labels) else None) or src.get("label") or f"ch{i}"
-        color = (colors[i] if colors is not None and i < len(colors) else None) or src.get("color") or \
-            ("FFFFFF" if nc == 1 else _COLORS[i % len(_COLORS)])
-        out.append({"label": str(label), "color": str(color).upper().lstrip("#"),
-                    "active": bool(src.get("active", True)), "coefficient": float(src.get("coefficient", 1.0)),
-                    "family": str(src.get("family", "linear")), "inverted": bool(src.get("inverted", False)),
-                    "window": win})
-    omero: dict[str, Any] = {"version": str(version), "channels": out,
-                             "rdefs": {"model": "greyscale" if nc == 1 else "color"}}
+        color = (
+            (colors[i] if colors is not None and i < len(colors) else None)
+            or src.get("color")
+            or ("FFFFFF" if nc == 1 else _COLORS[i % len(_COLORS)])
+        )
+        out.append(
+            {
+                "label": str(label),
+                "color": str(color).upper().lstrip("#"),
+                "active": bool(src.get("active", True)),
+                "coefficient": float(src.get("coefficient", 1.0)),
+                "family": str(src.get("family", "linear")),
+                "inverted": bool(src.get("inverted", False)),
+                "window": win,
+            }
+        )
+    omero: dict[str, Any] = {
+        "version": str(version),
+        "channels": out,
+        "rdefs": {"model": "greyscale" if nc == 1 else "color"},
+    }
     if name is not None:
         omero["name"] = str(name)
     for k in ("id",):
@@ -787,13 +861,16 @@ class _Sub:
     def __getitem__(self, key):
         if key is Ellipsis:
             key = tuple(slice(None) for _ in self.shape)
-        full = tuple(slice(s.start + (k.start or 0), s.start + (k.stop if k.stop is not None else n))
-                     for s, k, n in zip(self.sel, key, self.shape))
+        full = tuple(
+            slice(s.start + (k.start or 0), s.start + (k.stop if k.stop is not None else n))
+            for s, k, n in zip(self.sel, key, self.shape)
+        )
         return np.asarray(self.arr[full])
 
 
-def viewer_metadata(ome: dict, image: Image, level, version: str, factors: Sequence[int] | int,
-                    channel: int | None = None) -> dict:
+def viewer_metadata(
+    ome: dict, image: Image, level, version: str, factors: Sequence[int] | int, channel: int | None = None
+) -> dict:
     """Finish an enhanced output's OME dict for viewers: the spec's lower-case axes, the name with
     " (svision x2)", and an ``omero`` block (windows from the output's coarse ``level``; the
     input's labels, colours and windows carried over; ``version`` = the output's ``version``).
@@ -803,9 +880,14 @@ def viewer_metadata(ome: dict, image: Image, level, version: str, factors: Seque
     entry["axes"] = spec_axes(entry.get("axes") or image.axes)
     entry["name"] = enhanced_name(image.name, factors)
     names = [a["name"] for a in entry["axes"]]
-    ome["omero"] = omero_metadata(level, names, version=version, previous=image.omero,
-                                  channels=None if channel is None else [channel],
-                                  name=entry["name"])
+    ome["omero"] = omero_metadata(
+        level,
+        names,
+        version=version,
+        previous=image.omero,
+        channels=None if channel is None else [channel],
+        name=entry["name"],
+    )
     return ome
 
 

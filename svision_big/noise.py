@@ -154,4 +154,3 @@ def noise_bins(volume: np.ndarray, n_bins: int = 12, max_samples: int = 2_000_00
         ws.append(float(sel.sum()))
         ts.append(float(np.median(tails)) if tails else np.nan)
     return NoiseBins(np.array(xs), np.array(vs), np.array(ws), np.array(ts))
-

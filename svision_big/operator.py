@@ -158,7 +158,7 @@ def predict(net: SVNet, x: torch.Tensor, ensemble: bool = True, faces=None) -> t
         xt = _forward_t(x, k, flip)[None, None].to(net_dtype).contiguous(memory_format=fmt)
         for z0, y in net.correction_slabs(xt, SLAB, _transform_faces(faces, k, flip)):
             y = _inverse_t(y[0, 0], k, flip)
-            acc[z0:z0 + y.shape[0]] += y
+            acc[z0 : z0 + y.shape[0]] += y
     if len(variants) > 1:
         acc /= len(variants)
     if net.config.residual:
@@ -177,15 +177,19 @@ def mirror_faces(x: torch.Tensor, faces, r: int):
             n = x.shape[axis]
             if n < r:
                 raise ValueError(f"a block of {n} voxels along axis {axis} is thinner than the mirrored margin {r}")
-            parts = ([torch.flip(x.narrow(axis, 0, r), (axis,))] if lo else []) + [x] + \
-                    ([torch.flip(x.narrow(axis, n - r, r), (axis,))] if hi else [])
+            parts = (
+                ([torch.flip(x.narrow(axis, 0, r), (axis,))] if lo else [])
+                + [x]
+                + ([torch.flip(x.narrow(axis, n - r, r), (axis,))] if hi else [])
+            )
             x = torch.cat(parts, axis)
         out.append((False, False))
     return x, tuple(out)
 
 
-def add_upsampled(acc: torch.Tensor, x: torch.Tensor, factors: tuple[int, ...], start: list[int], faces,
-                  chunk: int = 32) -> torch.Tensor:
+def add_upsampled(
+    acc: torch.Tensor, x: torch.Tensor, factors: tuple[int, ...], start: list[int], faces, chunk: int = 32
+) -> torch.Tensor:
     """``acc += resize(x, factors, up=True)[start : start + acc.shape]``, ``chunk`` high-res slices
     of axis 0 at a time, each axis through ``apply_window`` (tap for tap the whole resize). The
     whole upsampled block and its intermediates (about 150 MB for a 256^3 block) were the largest
@@ -194,7 +198,7 @@ def add_upsampled(acc: torch.Tensor, x: torch.Tensor, factors: tuple[int, ...], 
     for c0 in range(0, acc.shape[0], chunk):
         c1 = min(acc.shape[0], c0 + chunk)
         t = x
-        for d, (f, ker) in enumerate(zip(factors, kers)):
+        for d, ker in enumerate(kers):
             o = (start[d] + c0, start[d] + c1) if d == 0 else (start[d], start[d] + acc.shape[d])
             if ker is None:
                 t = t.narrow(d, o[0], o[1] - o[0])
@@ -254,8 +258,9 @@ def bp_windows(deg: Degradation, axis: int, iters: int, n_lr: int, faces: tuple[
 
 
 @lru_cache(maxsize=256)
-def _bp_start(factors: tuple[int, ...], psf: tuple[float, ...] | None, acquisition: str, axis: int, iters: int,
-              lo_face: bool) -> int:
+def _bp_start(
+    factors: tuple[int, ...], psf: tuple[float, ...] | None, acquisition: str, axis: int, iters: int, lo_face: bool
+) -> int:
     """High-res start of back-projection's exact output in a block whose low side is (not) a face:
     it does not depend on the block's length, so a stand-in axis long enough that the windows
     never meet gives it (every iteration trims at most all its taps from each side)."""
@@ -267,8 +272,7 @@ def _bp_start(factors: tuple[int, ...], psf: tuple[float, ...] | None, acquisiti
     return wins[-1][3][0]
 
 
-def back_project(y: torch.Tensor, x: torch.Tensor, deg: Degradation, iters: int, floor,
-                 faces=None) -> torch.Tensor:
+def back_project(y: torch.Tensor, x: torch.Tensor, deg: Degradation, iters: int, floor, faces=None) -> torch.Tensor:
     """Iterative back-projection y += up(x - down(y)), clamped inside every iteration.
 
     ``faces`` (per axis, (low, high)): which sides of the block are volume faces; on the others
@@ -295,7 +299,7 @@ def back_project(y: torch.Tensor, x: torch.Tensor, deg: Degradation, iters: int,
         r = x[(slice(None),) * lead + tuple(slice(w[i][2][0], w[i][2][1]) for w in wins)] - t
         del t
         for a in reversed(range(nd)):  # innermost axis first, on the smallest volume: its interleaved
-            _, _, q, nv = wins[a][i]      # writes cost the most per voxel
+            _, _, q, nv = wins[a][i]  # writes cost the most per voxel
             if kers[a][2] is not None:
                 r = apply_window(r, lead + a, kers[a][2], q[0], x.shape[lead + a], nv, faces[a])
             else:
@@ -350,8 +354,11 @@ class Pass:
 
     @property
     def label(self) -> str:
-        return {"net": f"stage {self.stage + 1} network", "bp": f"stage {self.stage + 1} back-projection",
-                "final": "closing back-projection"}[self.kind]
+        return {
+            "net": f"stage {self.stage + 1} network",
+            "bp": f"stage {self.stage + 1} back-projection",
+            "final": "closing back-projection",
+        }[self.kind]
 
 
 def readers(passes, k: int) -> tuple[int, ...]:
@@ -379,8 +386,9 @@ def plan_passes(specs) -> tuple[Pass, ...]:
     return tuple(passes)
 
 
-def run_pass(spec: OperatorSpec, p: Pass, x: torch.Tensor, companion: torch.Tensor | None = None,
-             faces=None) -> torch.Tensor:
+def run_pass(
+    spec: OperatorSpec, p: Pass, x: torch.Tensor, companion: torch.Tensor | None = None, faces=None
+) -> torch.Tensor:
     """One pass on normalised tensors: ``x`` is the pass's low-res input, ``companion`` the previous
     pass's high-res output (bp and final passes). ``faces``: see ``predict`` (passes
     return less than the whole region where a side is halo; ``output_offset`` says where)."""
@@ -413,7 +421,9 @@ def apply_normalised(x: torch.Tensor, spec: OperatorSpec, upto: int | None = Non
     return outs[last]
 
 
-def enhance_array(volume: np.ndarray, spec: OperatorSpec, dtype: np.dtype | str | None = None, device: str | torch.device = "cpu") -> np.ndarray:
+def enhance_array(
+    volume: np.ndarray, spec: OperatorSpec, dtype: np.dtype | str | None = None, device: str | torch.device = "cpu"
+) -> np.ndarray:
     """Whole-array inference: the reference every chunked result must equal.
 
     ``volume`` has the operator's spatial dims ((z, y, x) or (y, x)); the result is upsampled by

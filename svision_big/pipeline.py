@@ -60,7 +60,7 @@ MIN_TRAIN_EDGE = 5
 # per block can mean hours of halo). They are refused (unless ``force``) once the repeated work
 # passes this many input voxels (a few core-minutes), so small test volumes may still be cut into
 # many small blocks.
-MAX_REPEATED_VOXELS = 2 ** 24
+MAX_REPEATED_VOXELS = 2**24
 
 
 def _default_pass_block(kind: str, halo: tuple[int, ...]) -> int:
@@ -162,7 +162,9 @@ def _output_dtype(dtype: str | None, image_dtype) -> str:
     except TypeError:
         raise ValueError(f"--dtype {dtype}: not a data type (e.g. uint8, uint16, float32)") from None
     if dt.kind not in "uif":
-        raise ValueError(f"--dtype {dtype or dt.name}: the output needs an integer or floating-point type, not {dt.name}")
+        raise ValueError(
+            f"--dtype {dtype or dt.name}: the output needs an integer or floating-point type, not {dt.name}"
+        )
     return dt.name
 
 
@@ -173,7 +175,7 @@ def _check_nonfinite(mode: str) -> None:
         raise ValueError(f"--nonfinite {mode}: use one of {', '.join(NONFINITE)}")
 
 
-def _check_coarse_finite(image: Image, input: str, max_voxels: int = 2 ** 24) -> None:
+def _check_coarse_finite(image: Image, input: str, max_voxels: int = 2**24) -> None:
     """NaN/Inf in a float input, found on its coarsest level (a mean pyramid carries them up)
     before anything is written; the blocks check every voxel they read as well."""
     if np.dtype(image.dtype).kind != "f":
@@ -184,8 +186,10 @@ def _check_coarse_finite(image: Image, input: str, max_voxels: int = 2 ** 24) ->
         return
     n = int(np.count_nonzero(~np.isfinite(np.asarray(arr[...]))))
     if n:
-        raise NgffError(f"{input}: {n:,} NaN/Inf voxels on level {level} of {math.prod(arr.shape):,}: a network "
-                        f"spreads them over the output; pass --nonfinite fill to read them as the fill value")
+        raise NgffError(
+            f"{input}: {n:,} NaN/Inf voxels on level {level} of {math.prod(arr.shape):,}: a network "
+            f"spreads them over the output; pass --nonfinite fill to read them as the fill value"
+        )
 
 
 def _output_options(input: str, output: str, storage_options: dict | None, output_storage_options: dict | None):
@@ -214,8 +218,10 @@ def _check_reachable(url: str, options: dict | None, what: str) -> None:
         raise
     except Exception as exc:  # noqa: BLE001 - botocore, aiohttp, gcsfs ... each have their own
         cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise NgffError(f"cannot reach the {what} store {url}: {cause} (check --{'output-' if what == 'output' else ''}"
-                        f"storage-options)") from None
+        raise NgffError(
+            f"cannot reach the {what} store {url}: {cause} (check --{'output-' if what == 'output' else ''}"
+            f"storage-options)"
+        ) from None
 
 
 def _check_block(block, n_axes: int) -> None:
@@ -242,8 +248,9 @@ def _box_size(shape: tuple[int, ...], budget: int) -> list[int]:
     return size
 
 
-def training_region(image: Image, outer: dict[int, int], budget: int = DEFAULT_TRAIN_VOXELS,
-                    coarse_voxels: int = 2_000_000) -> tuple[tuple[slice, ...], int]:
+def training_region(
+    image: Image, outer: dict[int, int], budget: int = DEFAULT_TRAIN_VOXELS, coarse_voxels: int = 2_000_000
+) -> tuple[tuple[slice, ...], int]:
     """Where to train: a level-0 box of at most ``budget`` voxels centred on the most signal,
     found on a coarse pyramid level so the whole volume is never read. Returns (box, level used)."""
     spatial = image.spatial_axes
@@ -273,9 +280,20 @@ def training_region(image: Image, outer: dict[int, int], budget: int = DEFAULT_T
     return tuple(box), level
 
 
-def train(input: str | os.PathLike, factor, steps: int | None = None, channel: int = 0, time_index: int = 0,
-          seed: int = 0, budget: int = DEFAULT_TRAIN_VOXELS, storage_options: dict | None = None,
-          quiet: bool = False, psf_fwhm=None, acquisition: str = "auto", nonfinite: str = "error") -> Model:
+def train(
+    input: str | os.PathLike,
+    factor,
+    steps: int | None = None,
+    channel: int = 0,
+    time_index: int = 0,
+    seed: int = 0,
+    budget: int = DEFAULT_TRAIN_VOXELS,
+    storage_options: dict | None = None,
+    quiet: bool = False,
+    psf_fwhm=None,
+    acquisition: str = "auto",
+    nonfinite: str = "error",
+) -> Model:
     """Train a model on a sampled region of an OME-Zarr image (one channel, one time point).
     ``nonfinite``: NaN/Inf in the sample stop training, naming how many ("error"), or are replaced
     by the array's fill value ("fill")."""
@@ -295,12 +313,27 @@ def train(input: str | os.PathLike, factor, steps: int | None = None, channel: i
     sample = np.asarray(image.level(0)[tuple(sel)])
     sample = _finite_sample(sample, image, input, box, nonfinite, quiet)
     if not quiet:
-        print(f"training on level-0 region {[(s.start, s.stop) for s in box]} ({sample.size:,} voxels, "
-              f"found on level {level}), channel {channel}", flush=True)
-    model = fit(sample, factor=parse_factors(factor, len(spatial)), steps=steps, seed=seed, quiet=quiet, psf_fwhm=psf_fwhm,
-                acquisition=acquisition)
-    model.info["source"] = {"url": str(input), "channel": channel, "time": time_index,
-                            "region": [[s.start, s.stop] for s in box], "coarse_level": level}
+        print(
+            f"training on level-0 region {[(s.start, s.stop) for s in box]} ({sample.size:,} voxels, "
+            f"found on level {level}), channel {channel}",
+            flush=True,
+        )
+    model = fit(
+        sample,
+        factor=parse_factors(factor, len(spatial)),
+        steps=steps,
+        seed=seed,
+        quiet=quiet,
+        psf_fwhm=psf_fwhm,
+        acquisition=acquisition,
+    )
+    model.info["source"] = {
+        "url": str(input),
+        "channel": channel,
+        "time": time_index,
+        "region": [[s.start, s.stop] for s in box],
+        "coarse_level": level,
+    }
     return model
 
 
@@ -315,8 +348,10 @@ def _finite_sample(sample: np.ndarray, image: Image, input: str, box, nonfinite:
         return sample
     region = "x".join(f"{s.start}:{s.stop}" for s in box)
     if nonfinite != "fill":
-        raise NgffError(f"{input}: the training region [{region}] holds {n:,} NaN/Inf voxels of {sample.size:,}: "
-                        f"svision-big cannot train on them; pass --nonfinite fill to read them as the fill value")
+        raise NgffError(
+            f"{input}: the training region [{region}] holds {n:,} NaN/Inf voxels of {sample.size:,}: "
+            f"svision-big cannot train on them; pass --nonfinite fill to read them as the fill value"
+        )
     from .execute import _fill
 
     sample = np.where(bad, _fill(image.level(0)), sample)
@@ -330,15 +365,19 @@ def _check_trainable(image: Image, budget: int, input: str) -> None:
     volume was an IndexError inside numpy after reading the data."""
     shape = tuple(image.shape[a] for a in image.spatial_axes)
     if min(shape) < MIN_TRAIN_EDGE:
-        raise NgffError(f"{input}: a volume of {'x'.join(map(str, shape))} voxels is too small to train on: "
-                        f"every spatial axis needs at least {MIN_TRAIN_EDGE} voxels")
+        raise NgffError(
+            f"{input}: a volume of {'x'.join(map(str, shape))} voxels is too small to train on: "
+            f"every spatial axis needs at least {MIN_TRAIN_EDGE} voxels"
+        )
     box = _box_size(shape, budget)
     if min(box) < MIN_TRAIN_EDGE:
         need = budget
         while min(_box_size(shape, need)) < MIN_TRAIN_EDGE:
             need *= 2
-        raise ValueError(f"--budget {budget}: a training box of {'x'.join(map(str, box))} voxels is too small "
-                         f"(every axis needs at least {MIN_TRAIN_EDGE}): use a budget of at least {need}")
+        raise ValueError(
+            f"--budget {budget}: a training box of {'x'.join(map(str, box))} voxels is too small "
+            f"(every axis needs at least {MIN_TRAIN_EDGE}): use a budget of at least {need}"
+        )
 
 
 def _outer_selection(image: Image, channel: int | None, time_index: int | None) -> dict[int, int]:
@@ -440,8 +479,11 @@ def _open_cluster(client, workers: int | None, scheduler: str | None):
     # alternating, a fresh process each (2 shared cores): 13.5-15.7 s (median 14.6) against 17.5-20.8 s
     # (18.9), peak worker RSS 587-599 against 490-493 MiB (6 runs each; a round on a busier machine
     # was mixed).
-    env = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ", {}).items()
-           if k != "MALLOC_TRIM_THRESHOLD_"}
+    env = {
+        k: v
+        for k, v in dask.config.get("distributed.nanny.pre-spawn-environ", {}).items()
+        if k != "MALLOC_TRIM_THRESHOLD_"
+    }
     with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
     c = Client(cluster)
@@ -455,13 +497,33 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, client=None, workers: int | None = None,
-            scheduler: str | None = None, block: tuple[int, ...] | int | None = None, dtype: str | None = None,
-            ngff: str | None = None, overwrite: bool = False, shards: bool = False, compression: bool = True,
-            channel: int | None = None, storage_options: dict | None = None,
-            output_storage_options: dict | None = None, progress: bool = True, device: str | None = None,
-            precision: str = "float32", on_block=None, force: bool = False, break_lock: bool = False,
-            nonfinite: str = "error", strict: bool = False, provenance_extra: dict | None = None) -> dict:
+def enhance(
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    model,
+    *,
+    client=None,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    block: tuple[int, ...] | int | None = None,
+    dtype: str | None = None,
+    ngff: str | None = None,
+    overwrite: bool = False,
+    shards: bool = False,
+    compression: bool = True,
+    channel: int | None = None,
+    storage_options: dict | None = None,
+    output_storage_options: dict | None = None,
+    progress: bool = True,
+    device: str | None = None,
+    precision: str = "float32",
+    on_block=None,
+    force: bool = False,
+    break_lock: bool = False,
+    nonfinite: str = "error",
+    strict: bool = False,
+    provenance_extra: dict | None = None,
+) -> dict:
     """Enhance an OME-Zarr image into a new, upsampled, multiscale OME-Zarr image.
 
     ``model``: a Model, a model path, or a list of them (one per channel). ``scheduler``: a Dask
@@ -474,12 +536,34 @@ def enhance(input: str | os.PathLike, output: str | os.PathLike, model, *, clien
     The output is locked (``state.OutputLock``) from before its first write to the end. The keywords
     are those of :class:`EnhanceSettings`; ``enhance_with`` takes them as one.
     """
-    return enhance_with(input, output, model, EnhanceSettings(
-        block=block, dtype=dtype, ngff=ngff, shards=shards, compression=compression, channel=channel,
-        precision=precision, nonfinite=nonfinite, strict=strict, overwrite=overwrite, force=force,
-        break_lock=break_lock, device=device, client=client, workers=workers, scheduler=scheduler,
-        storage_options=storage_options, output_storage_options=output_storage_options, progress=progress,
-        on_block=on_block, provenance_extra=provenance_extra))
+    return enhance_with(
+        input,
+        output,
+        model,
+        EnhanceSettings(
+            block=block,
+            dtype=dtype,
+            ngff=ngff,
+            shards=shards,
+            compression=compression,
+            channel=channel,
+            precision=precision,
+            nonfinite=nonfinite,
+            strict=strict,
+            overwrite=overwrite,
+            force=force,
+            break_lock=break_lock,
+            device=device,
+            client=client,
+            workers=workers,
+            scheduler=scheduler,
+            storage_options=storage_options,
+            output_storage_options=output_storage_options,
+            progress=progress,
+            on_block=on_block,
+            provenance_extra=provenance_extra,
+        ),
+    )
 
 
 def enhance_with(input: str | os.PathLike, output: str | os.PathLike, model, settings: EnhanceSettings) -> dict:
@@ -493,8 +577,11 @@ def enhance_with(input: str | os.PathLike, output: str | os.PathLike, model, set
     fp, provenance = _identity(input, image, models, lay, s)
     state = OutputState(output, s.output_storage_options)
     lock = state.lock(s.break_lock)
-    if state.checked_verdict(fp, s.overwrite, lock) == "resume" and state.provenance().get("state") == "complete" \
-            and not state.has_leftovers():  # reads only: no lock, no cluster
+    if (
+        state.checked_verdict(fp, s.overwrite, lock) == "resume"
+        and state.provenance().get("state") == "complete"
+        and not state.has_leftovers()
+    ):  # reads only: no lock, no cluster
         return _already_complete(output, fp, lay)
     cl, owned = _open_cluster(s.client, s.workers, s.scheduler)  # a wrong --scheduler fails before any write
     held = None
@@ -509,8 +596,19 @@ def enhance_with(input: str | os.PathLike, output: str | os.PathLike, model, set
         if s.progress:
             _announce(models[0].factors, output, resuming, lay)
         stats, notes = _run_passes(jobs, models, cl, state, s, input)
-        return _finish_output(group, state, image, models, lay, fp, {**provenance, **(s.provenance_extra or {}), **notes},
-                              stats, cl, s, output)
+        return _finish_output(
+            group,
+            state,
+            image,
+            models,
+            lay,
+            fp,
+            {**provenance, **(s.provenance_extra or {}), **notes},
+            stats,
+            cl,
+            s,
+            output,
+        )
     finally:
         _close(owned, held)
 
@@ -617,49 +715,88 @@ def _identity(input: str, image: Image, models: list[Model], lay: _Layout, s: En
     two runs write the same output (a match resumes, a mismatch refuses), under the key names
     older versions hashed, so that their outputs still resume."""
     rec = {
-        "package": "svision-big", "version": __version__, "fingerprint": None, "model_hash": [m.hash for m in models],
-        "factors": list(models[0].factors), "halo": list(lay.plans[-1].halo), "block": list(lay.block),
+        "package": "svision-big",
+        "version": __version__,
+        "fingerprint": None,
+        "model_hash": [m.hash for m in models],
+        "factors": list(models[0].factors),
+        "halo": list(lay.plans[-1].halo),
+        "block": list(lay.block),
         "input": os.path.abspath(input) if "://" not in input else input,
-        "passes": [{"kind": p.kind, "stage": p.stage, "block": list(pl.block), "halo": list(pl.halo)}
-                   for p, pl in zip(lay.passes, lay.plans)],
+        "passes": [
+            {"kind": p.kind, "stage": p.stage, "block": list(pl.block), "halo": list(pl.halo)}
+            for p, pl in zip(lay.passes, lay.plans)
+        ],
         "normalisation": [{"lo": m.norm.lo, "hi": m.norm.hi, "floor": m.norm.floor} for m in models],
-        "settings": [m.settings() for m in models], "channel": s.channel, "dtype": lay.dtype,
-        "precision": s.precision, "nonfinite": s.nonfinite, "strict": s.strict,
+        "settings": [m.settings() for m in models],
+        "channel": s.channel,
+        "dtype": lay.dtype,
+        "precision": s.precision,
+        "nonfinite": s.nonfinite,
+        "strict": s.strict,
     }
-    rec["fingerprint"] = _fingerprint({
-        **{k: rec[k] for k in ("input", "block", "dtype", "channel")}, "models": rec["model_hash"],
-        "passes": [list(q.values()) for q in rec["passes"]], "input_shape": list(image.shape),
-        "input_dtype": str(image.dtype), "input_path": image.paths[0], "ngff": lay.fmt.version,
-        "chunks": list(lay.chunks), "shards": lay.shards, "compression": s.compression,
-        **({"precision": s.precision} if s.precision != "float32" else {}),  # float32 keeps older fingerprints
-        **({"nonfinite": s.nonfinite} if s.nonfinite != "error" else {}),  # so does reading NaN as an error
-    })
+    rec["fingerprint"] = _fingerprint(
+        {
+            **{k: rec[k] for k in ("input", "block", "dtype", "channel")},
+            "models": rec["model_hash"],
+            "passes": [list(q.values()) for q in rec["passes"]],
+            "input_shape": list(image.shape),
+            "input_dtype": str(image.dtype),
+            "input_path": image.paths[0],
+            "ngff": lay.fmt.version,
+            "chunks": list(lay.chunks),
+            "shards": lay.shards,
+            "compression": s.compression,
+            **({"precision": s.precision} if s.precision != "float32" else {}),  # float32 keeps older fingerprints
+            **({"nonfinite": s.nonfinite} if s.nonfinite != "error" else {}),  # so does reading NaN as an error
+        }
+    )
     return rec["fingerprint"], rec
 
 
 def _already_complete(output: str, fp: str, lay: _Layout) -> dict:
-    return {"output": output, "state": "already complete", "fingerprint": fp, "blocks": len(lay.plans[-1]),
-            "computed": 0}
+    return {
+        "output": output,
+        "state": "already complete",
+        "fingerprint": fp,
+        "blocks": len(lay.plans[-1]),
+        "computed": 0,
+    }
 
 
-def _prepare_output(state: OutputState, image: Image, outer: _Outer, lay: _Layout, fp: str, provenance: dict,
-                    s: EnhanceSettings):
+def _prepare_output(
+    state: OutputState, image: Image, outer: _Outer, lay: _Layout, fp: str, provenance: dict, s: EnhanceSettings
+):
     """Under the lock: set up a new output (or clear and set up again), or reopen one to resume.
     Returns (group, resuming), or (None, True) when the output turns out complete."""
     verdict = state.verdict(fp, s.overwrite)  # again: under the lock
     if verdict in ("replace", "restart"):
         state.clear()
-    scratch = [(state.scratch_path(fp, k), _full_shape(image, outer, pl.out_shape),
-                *(_full_chunks(image, c) for c in _scratch_layout(pl.block, lay.block)))
-               for k, pl in enumerate(lay.plans[:-1])]
+    scratch = [
+        (
+            state.scratch_path(fp, k),
+            _full_shape(image, outer, pl.out_shape),
+            *(_full_chunks(image, c) for c in _scratch_layout(pl.block, lay.block)),
+        )
+        for k, pl in enumerate(lay.plans[:-1])
+    ]
 
     def level0(group):
-        lay.fmt.create_array(group, "0", lay.shape, lay.chunks, lay.dtype, _axis_names(image), shards=lay.shards,
-                             compression=s.compression)
+        lay.fmt.create_array(
+            group,
+            "0",
+            lay.shape,
+            lay.chunks,
+            lay.dtype,
+            _axis_names(image),
+            shards=lay.shards,
+            compression=s.compression,
+        )
 
     if verdict != "resume":
-        return state.set_up(lay.fmt, fp, {**provenance, **(s.provenance_extra or {})}, scratch, level0,
-                            after_step=_after_setup_step), False
+        return state.set_up(
+            lay.fmt, fp, {**provenance, **(s.provenance_extra or {})}, scratch, level0, after_step=_after_setup_step
+        ), False
     group = open_output_group(state.output, lay.fmt, state.options, mode="a")
     if group.attrs.get("svision_big", {}).get("state") == "complete":
         state.clean(keep_models=True)
@@ -673,40 +810,86 @@ def _after_setup_step(step: str) -> None:
     kill a run at each step and check the re-run completes."""
 
 
-def _jobs(input: str, output: str, image: Image, models: list[Model], outer: _Outer, lay: _Layout,
-          state: OutputState, fp: str, s: EnhanceSettings) -> list[Job]:
+def _jobs(
+    input: str,
+    output: str,
+    image: Image,
+    models: list[Model],
+    outer: _Outer,
+    lay: _Layout,
+    state: OutputState,
+    fp: str,
+    s: EnhanceSettings,
+) -> list[Job]:
     """One job per pass: where it reads each of its inputs, where it writes, where its done-records go."""
     last = len(lay.passes) - 1
-    where = {IMAGE: (input, image.paths[0]), output_name(last): (output, "0"),
-             **{output_name(k): (output, state.scratch_path(fp, k)) for k in range(last)}}
-    base = dict(out_url=output, spatial_axes=tuple(image.spatial_axes), outer_axes=outer.axes,
-                outer_offsets=outer.offsets, models=tuple(m.hash for m in models), model_axis=outer.model_axis,
-                out_dtype=lay.dtype, in_options=s.storage_options, out_options=s.output_storage_options,
-                device=s.device, precision=s.precision, nonfinite=s.nonfinite, strict=s.strict)
-    return [Job(**base, in_url=where[p.source][0], in_path=where[p.source][1], out_path=where[output_name(k)][1],
-                plan=pl, done_url=state.done_url(fp, k), pass_=p, in_raw=p.source == IMAGE, out_raw=k == last,
-                companion_path=where[p.companion][1] if p.companion else None)
-            for k, (p, pl) in enumerate(zip(lay.passes, lay.plans))]
+    where = {
+        IMAGE: (input, image.paths[0]),
+        output_name(last): (output, "0"),
+        **{output_name(k): (output, state.scratch_path(fp, k)) for k in range(last)},
+    }
+    base = dict(
+        out_url=output,
+        spatial_axes=tuple(image.spatial_axes),
+        outer_axes=outer.axes,
+        outer_offsets=outer.offsets,
+        models=tuple(m.hash for m in models),
+        model_axis=outer.model_axis,
+        out_dtype=lay.dtype,
+        in_options=s.storage_options,
+        out_options=s.output_storage_options,
+        device=s.device,
+        precision=s.precision,
+        nonfinite=s.nonfinite,
+        strict=s.strict,
+    )
+    return [
+        Job(
+            **base,
+            in_url=where[p.source][0],
+            in_path=where[p.source][1],
+            out_path=where[output_name(k)][1],
+            plan=pl,
+            done_url=state.done_url(fp, k),
+            pass_=p,
+            in_raw=p.source == IMAGE,
+            out_raw=k == last,
+            companion_path=where[p.companion][1] if p.companion else None,
+        )
+        for k, (p, pl) in enumerate(zip(lay.passes, lay.plans))
+    ]
 
 
 def _announce(factors, output: str, resuming: bool, lay: _Layout) -> None:
-    print(f"enhance: factors {factors}, {'resuming' if resuming else 'new output'} {output}; "
-          f"{len(lay.passes)} pass(es):", flush=True)
+    print(
+        f"enhance: factors {factors}, {'resuming' if resuming else 'new output'} {output}; {len(lay.passes)} pass(es):",
+        flush=True,
+    )
     for p, pl in zip(lay.passes, lay.plans):
-        print(f"  {p.label}: {len(pl)} blocks of {pl.block} output voxels, halo {pl.halo} input voxels "
-              f"(halo overhead {pl.overhead():.0%})", flush=True)
+        print(
+            f"  {p.label}: {len(pl)} blocks of {pl.block} output voxels, halo {pl.halo} input voxels "
+            f"(halo overhead {pl.overhead():.0%})",
+            flush=True,
+        )
 
 
-def _run_passes(jobs: list[Job], models: list[Model], cl, state: OutputState, s: EnhanceSettings,
-                input: str) -> tuple[dict, dict]:
+def _run_passes(
+    jobs: list[Job], models: list[Model], cl, state: OutputState, s: EnhanceSettings, input: str
+) -> tuple[dict, dict]:
     """Every pass in turn, each staged output removed once no remaining pass reads it. Returns the
     stats, and the notes the provenance records about the input as read."""
     passes = [j.pass_ for j in jobs]
     last = len(jobs) - 1
     stats: dict = {"passes": []}
     for k, (p, job) in enumerate(zip(passes, jobs)):
-        q = execute(job, {m.hash: m for m in models}, client=cl, progress=s.progress,
-                    on_block=s.on_block if k == last else None, label=f"pass {k + 1}/{len(jobs)} {p.label}")
+        q = execute(
+            job,
+            {m.hash: m for m in models},
+            client=cl,
+            progress=s.progress,
+            on_block=s.on_block if k == last else None,
+            label=f"pass {k + 1}/{len(jobs)} {p.label}",
+        )
         stats["passes"].append({"kind": p.kind, "stage": p.stage, **q})
         for j in range(min(k + 1, last)):
             if all(i <= k for i in readers(passes, j)):
@@ -718,22 +901,47 @@ def _run_passes(jobs: list[Job], models: list[Model], cl, state: OutputState, s:
     stats["total"] = {k: sum(q[k] for q in stats["passes"]) for k in ("blocks", "skipped", "computed")}
     notes = _run_notes(stats["passes"])
     if notes.get("input_missing_chunks"):
-        print(f"svision-big: warning: {notes['input_missing_chunks']} chunks of {input} are missing and were read "
-              f"as the fill value (e.g. {', '.join(notes['input_missing_examples'])}); --strict makes this an error",
-              file=sys.stderr, flush=True)
+        print(
+            f"svision-big: warning: {notes['input_missing_chunks']} chunks of {input} are missing and were read "
+            f"as the fill value (e.g. {', '.join(notes['input_missing_examples'])}); --strict makes this an error",
+            file=sys.stderr,
+            flush=True,
+        )
     stats.update({k: notes[k] for k in ("input_nonfinite", "input_missing_chunks") if k in notes})
     stats["seconds"] = round(total_s, 3)
     stats["voxels_per_second"] = final["output_voxels"] / total_s if total_s > 0 else 0.0
     return stats, notes
 
 
-def _finish_output(group, state: OutputState, image: Image, models: list[Model], lay: _Layout, fp: str,
-                   provenance: dict, stats: dict, cl, s: EnhanceSettings, output: str) -> dict:
+def _finish_output(
+    group,
+    state: OutputState,
+    image: Image,
+    models: list[Model],
+    lay: _Layout,
+    fp: str,
+    provenance: dict,
+    stats: dict,
+    cl,
+    s: EnhanceSettings,
+    output: str,
+) -> dict:
     """The pyramid from the stored level 0, the state removed, the output marked complete (last)."""
     t0 = time.perf_counter()
     group.attrs["svision_big"] = {**provenance, "state": "building pyramid"}
-    levels = _finish(group, lay.fmt, image, lay.shape, models[0].factors, lay.chunks, lay.shards, lay.dtype,
-                     s.compression, cl, s.channel)
+    levels = _finish(
+        group,
+        lay.fmt,
+        image,
+        lay.shape,
+        models[0].factors,
+        lay.chunks,
+        lay.shards,
+        lay.dtype,
+        s.compression,
+        cl,
+        s.channel,
+    )
     stats["pyramid_seconds"] = round(time.perf_counter() - t0, 3)
     state.remove(state.work_dir(fp))
     group.attrs["svision_big"] = {**provenance, "state": "complete", "levels": levels}
@@ -818,8 +1026,9 @@ def _inner_chunk(b: int) -> int:
 # What an svision-big output consists of (paths relative to the output): the image group, its
 
 
-def _check_block_halo(plans: list[BlockPlan], block: tuple[int, ...], out_spatial: tuple[int, ...],
-                      factors: tuple[int, ...], n_outer: int) -> None:
+def _check_block_halo(
+    plans: list[BlockPlan], block: tuple[int, ...], out_spatial: tuple[int, ...], factors: tuple[int, ...], n_outer: int
+) -> None:
     """Refuse blocks smaller than twice their pass's halo (input voxels, on an axis cut into more
     than one block) once the halos would repeat more than ``MAX_REPEATED_VOXELS`` of work."""
     need = [0] * len(block)  # output voxels per axis for blocks of twice the halo in every pass
@@ -838,7 +1047,8 @@ def _check_block_halo(plans: list[BlockPlan], block: tuple[int, ...], out_spatia
     raise ValueError(
         f"--block {','.join(map(str, block))}: blocks smaller than twice the halo ({max(max(pl.halo) for pl in plans)} "
         f"input voxels) repeat more work than they do ({len(plans[-1]):,} blocks, halo overhead {overhead:.0%}); "
-        f"use at least --block {','.join(map(str, suggest))}, leave --block out for the default, or pass --force")
+        f"use at least --block {','.join(map(str, suggest))}, leave --block out for the default, or pass --force"
+    )
 
 
 def _axis_names(image: Image) -> list[str]:
@@ -846,21 +1056,40 @@ def _axis_names(image: Image) -> list[str]:
     return [n.lower() for n in image.axis_names]
 
 
-def _finish(group, fmt, image: Image, out_shape, factors, chunks, shards, dtype, compression, client,
-            channel: int | None = None) -> list[str]:
+def _finish(
+    group, fmt, image: Image, out_shape, factors, chunks, shards, dtype, compression, client, channel: int | None = None
+) -> list[str]:
     """Pyramid from the stored level 0, then the OME metadata (last), with a display window
     for viewers taken from the coarsest level written."""
     spatial = image.spatial_axes
     coarsest = image.level(image.nlevels - 1).shape
     pf = pyramid_factors(tuple(out_shape), spatial, min_shape=64, until_shape=tuple(coarsest))
-    paths = build_pyramid(group, fmt, _axis_names(image), "0", spatial, pf, chunks, dtype, client=client,
-                          shards=shards, compression=compression)
+    paths = build_pyramid(
+        group,
+        fmt,
+        _axis_names(image),
+        "0",
+        spatial,
+        pf,
+        chunks,
+        dtype,
+        client=client,
+        shards=shards,
+        compression=compression,
+    )
     full = on_axes([1] * image.ndim, spatial, factors)
     s0, t0 = upsampled_transform(image.scales[0], image.translations[0], full)
     datasets = pyramid_datasets(s0, t0, spatial, pf, paths)
-    ome = multiscales_metadata(image.axes, datasets, name=image.name, version=fmt.version,
-                               extra={"type": "mean", "metadata": {"method": "svision_big enhance, block-mean pyramid",
-                                                                   "version": __version__}})
+    ome = multiscales_metadata(
+        image.axes,
+        datasets,
+        name=image.name,
+        version=fmt.version,
+        extra={
+            "type": "mean",
+            "metadata": {"method": "svision_big enhance, block-mean pyramid", "version": __version__},
+        },
+    )
     ome = viewer_metadata(ome, image, group[paths[-1] if paths else "0"], fmt.version, factors, channel)
     fmt.write_ome_attrs(group, ome)
     return ["0", *paths]
@@ -869,25 +1098,57 @@ def _finish(group, fmt, image: Image, out_shape, factors, chunks, shards, dtype,
 # --------------------------------------------------------------------------- run = train + enhance
 
 
-def run(input: str | os.PathLike, output: str | os.PathLike, factor, *, steps: int | None = None, seed: int = 0,
-        channel: int | None = None, budget: int = DEFAULT_TRAIN_VOXELS, storage_options: dict | None = None,
-        output_storage_options: dict | None = None, quiet: bool = False, overwrite: bool = False,
-        acquisition: str = "auto", psf_fwhm=None, **kwargs) -> dict:
+def run(
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    factor,
+    *,
+    steps: int | None = None,
+    seed: int = 0,
+    channel: int | None = None,
+    budget: int = DEFAULT_TRAIN_VOXELS,
+    storage_options: dict | None = None,
+    output_storage_options: dict | None = None,
+    quiet: bool = False,
+    overwrite: bool = False,
+    acquisition: str = "auto",
+    psf_fwhm=None,
+    **kwargs,
+) -> dict:
     """Train one model per channel on sampled regions, then enhance (``kwargs``: the other
     :class:`EnhanceSettings`). Trained models are kept in the output's state folder, so re-running
     after a crash reuses them instead of training again."""
     input, output = os.fspath(input), os.fspath(output)
     # every check that needs no model runs before training (minutes) and before any write
     _check_training_args(steps, budget)
-    s = _check_request(input, output, EnhanceSettings(
-        channel=channel, storage_options=storage_options, output_storage_options=output_storage_options,
-        progress=not quiet, overwrite=overwrite, **kwargs))
+    s = _check_request(
+        input,
+        output,
+        EnhanceSettings(
+            channel=channel,
+            storage_options=storage_options,
+            output_storage_options=output_storage_options,
+            progress=not quiet,
+            overwrite=overwrite,
+            **kwargs,
+        ),
+    )
     image = _check_run_input(input, output, factor, budget, s)
     cax = _channel_axis(image)
     channels = [channel] if channel is not None else (list(range(image.shape[cax])) if cax is not None else [0])
-    key = _fingerprint({"input": input, "factor": str(factor), "steps": steps, "seed": seed, "budget": budget,
-                        "shape": list(image.shape), "version": __version__, "acquisition": acquisition,
-                        "psf_fwhm": None if psf_fwhm is None else list(np.atleast_1d(psf_fwhm))})
+    key = _fingerprint(
+        {
+            "input": input,
+            "factor": str(factor),
+            "steps": steps,
+            "seed": seed,
+            "budget": budget,
+            "shape": list(image.shape),
+            "version": __version__,
+            "acquisition": acquisition,
+            "psf_fwhm": None if psf_fwhm is None else list(np.atleast_1d(psf_fwhm)),
+        }
+    )
     state = OutputState(output, s.output_storage_options)
     kept = {c: state.model_file(c, len(channels)) for c in channels}
     lock = state.lock(s.break_lock)
@@ -896,8 +1157,13 @@ def run(input: str | os.PathLike, output: str | os.PathLike, factor, *, steps: i
         if state.has_leftovers():
             with lock:
                 state.finish_run(key, kept)
-        return {"output": output, "state": "already complete", "fingerprint": prev.get("fingerprint"),
-                "computed": 0, "models": [_join(output, n) for n in kept.values()]}
+        return {
+            "output": output,
+            "state": "already complete",
+            "fingerprint": prev.get("fingerprint"),
+            "computed": 0,
+            "models": [_join(output, n) for n in kept.values()],
+        }
     fs, root = state.models_root(key)
     fresh = store_exists(output, s.output_storage_options) and not fs.exists(root)  # not an earlier run of this one
     if fresh:
@@ -908,11 +1174,23 @@ def run(input: str | os.PathLike, output: str | os.PathLike, factor, *, steps: i
             if state.verdict("-", overwrite) == "replace":
                 state.clear()
             overwrite = False
-        train_kw = dict(steps=steps, seed=seed, budget=budget, storage_options=storage_options, quiet=quiet,
-                        acquisition=acquisition, psf_fwhm=psf_fwhm, nonfinite=s.nonfinite)
+        train_kw = dict(
+            steps=steps,
+            seed=seed,
+            budget=budget,
+            storage_options=storage_options,
+            quiet=quiet,
+            acquisition=acquisition,
+            psf_fwhm=psf_fwhm,
+            nonfinite=s.nonfinite,
+        )
         models = [_channel_model(fs, root, input, factor, c, train_kw) for c in channels]
-        stats = enhance_with(input, output, models if len(models) > 1 else models[0], replace(
-            s, overwrite=overwrite, provenance_extra={"run_key": key, "model_files": sorted(kept.values())}))
+        stats = enhance_with(
+            input,
+            output,
+            models if len(models) > 1 else models[0],
+            replace(s, overwrite=overwrite, provenance_extra={"run_key": key, "model_files": sorted(kept.values())}),
+        )
         state.finish_run(key, kept)
         stats["models"] = [_join(output, n) for n in kept.values()]
         return stats

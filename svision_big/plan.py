@@ -39,7 +39,9 @@ class BlockPlan:
     def __post_init__(self):
         for b, f, n in zip(self.block, self.factors, self.in_shape):
             if b < f or b % f:
-                raise ValueError(f"block {self.block} must be a positive multiple of the factors {self.factors} on every axis")
+                raise ValueError(
+                    f"block {self.block} must be a positive multiple of the factors {self.factors} on every axis"
+                )
             if n < 1:
                 raise ValueError(f"empty input shape {self.in_shape}")
         if not (len(self.in_shape) == len(self.factors) == len(self.block) == len(self.halo)):
@@ -72,7 +74,7 @@ class BlockPlan:
 
     def __getitem__(self, index: int) -> Block:
         pos = self.unravel(index)
-        outer, grid_pos = pos[: len(self.outer_shape)], pos[len(self.outer_shape):]
+        outer, grid_pos = pos[: len(self.outer_shape)], pos[len(self.outer_shape) :]
         read, write, crop = [], [], []
         for g, b, f, n, h in zip(grid_pos, self.block, self.factors, self.in_shape, self.halo):
             w0 = g * b

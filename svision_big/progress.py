@@ -38,8 +38,17 @@ def _fmt_time(s: float) -> str:
 
 
 class Progress:
-    def __init__(self, total: int, label: str, unit: str = "it", quiet: bool = False,
-                 rate_scale: float = 1.0, rate_unit: str | None = None, stream=None, interval: float = 5.0):
+    def __init__(
+        self,
+        total: int,
+        label: str,
+        unit: str = "it",
+        quiet: bool = False,
+        rate_scale: float = 1.0,
+        rate_unit: str | None = None,
+        stream=None,
+        interval: float = 5.0,
+    ):
         self.total, self.label, self.unit, self.quiet = total, label, unit, quiet
         self.rate_scale, self.rate_unit = rate_scale, rate_unit
         self.stream = stream or sys.stderr
@@ -72,10 +81,19 @@ class Progress:
         elapsed = now - self.start
         rate = self.done / elapsed if elapsed > 0 else 0.0
         eta = (self.total - self.done) / rate if rate > 0 else None
-        return {"event": "progress", "label": self.label, "done": self.done, "total": self.total, "unit": self.unit,
-                "rate_per_s": rate * self.rate_scale, "rate_unit": self.rate_unit or self.unit + "/s",
-                "elapsed_s": round(elapsed, 3), "eta_s": None if eta is None else round(eta, 3),
-                "time": time.time(), **self.values}
+        return {
+            "event": "progress",
+            "label": self.label,
+            "done": self.done,
+            "total": self.total,
+            "unit": self.unit,
+            "rate_per_s": rate * self.rate_scale,
+            "rate_unit": self.rate_unit or self.unit + "/s",
+            "elapsed_s": round(elapsed, 3),
+            "eta_s": None if eta is None else round(eta, 3),
+            "time": time.time(),
+            **self.values,
+        }
 
     def line(self, now: float | None = None) -> str:
         elapsed = (now or time.perf_counter()) - self.start
@@ -84,8 +102,10 @@ class Progress:
         shown_rate = f"{rate * self.rate_scale:.3g} {self.rate_unit or self.unit + '/s'}"
         extra = " ".join(f"{k}={v}" for k, v in self.values.items())
         pct = 100.0 * self.done / self.total if self.total else 100.0
-        return (f"{self.label}: {self.done}/{self.total} {self.unit} ({pct:3.0f}%) {shown_rate} "
-                f"elapsed {_fmt_time(elapsed)} ETA {_fmt_time(eta)} {extra}").rstrip()
+        return (
+            f"{self.label}: {self.done}/{self.total} {self.unit} ({pct:3.0f}%) {shown_rate} "
+            f"elapsed {_fmt_time(elapsed)} ETA {_fmt_time(eta)} {extra}"
+        ).rstrip()
 
     def close(self) -> None:
         if not self.quiet:

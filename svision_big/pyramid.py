@@ -41,9 +41,7 @@ def _per_spatial(value: int | Sequence[int], shape: Sequence[int], spatial_axes:
         return value
     if len(value) == len(shape):
         return [value[a] for a in spatial_axes]
-    raise ValueError(
-        f"expected {len(spatial_axes)} (spatial) or {len(shape)} (all axes) values, got {len(value)}"
-    )
+    raise ValueError(f"expected {len(spatial_axes)} (spatial) or {len(shape)} (all axes) values, got {len(value)}")
 
 
 def pyramid_factors(

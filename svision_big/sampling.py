@@ -29,7 +29,9 @@ class Region:
         return tuple(b - a for a, b in zip(self.start, self.stop))
 
 
-def split_regions(shape: tuple[int, ...], patch: tuple[int, ...], val_fraction: float = 0.2) -> tuple[Region, Region, bool]:
+def split_regions(
+    shape: tuple[int, ...], patch: tuple[int, ...], val_fraction: float = 0.2
+) -> tuple[Region, Region, bool]:
     """Hold aside a slab of the longest lateral axis for validation; (train, val, disjoint)."""
     nd = len(shape)
     axis = max(range(nd - 2, nd), key=lambda a: shape[a])
@@ -65,14 +67,24 @@ def patch_shape(region: tuple[int, ...], factors: tuple[int, ...], target: int) 
 class PairSampler:
     """Draws (low-res, high-res) training pairs from one region of a normalised volume."""
 
-    def __init__(self, volume: np.ndarray, region: Region, patch: tuple[int, ...], degradation: Degradation,
-                 fg_threshold: float, fg_fraction: float = 0.85, lateral_rotations: bool = True):
+    def __init__(
+        self,
+        volume: np.ndarray,
+        region: Region,
+        patch: tuple[int, ...],
+        degradation: Degradation,
+        fg_threshold: float,
+        fg_fraction: float = 0.85,
+        lateral_rotations: bool = True,
+    ):
         self.volume = volume
         self.region = region
         self.patch = patch
         self.deg = degradation
         self.fg_fraction = fg_fraction
-        self.rotations = lateral_rotations and patch[-1] == patch[-2] and degradation.factors[-1] == degradation.factors[-2]
+        self.rotations = (
+            lateral_rotations and patch[-1] == patch[-2] and degradation.factors[-1] == degradation.factors[-2]
+        )
         sub = volume[tuple(slice(a, b) for a, b in zip(region.start, region.stop))]
         fg = np.argwhere(sub > fg_threshold)
         if len(fg) > 200_000:
@@ -98,7 +110,9 @@ class PairSampler:
             out.append(s * f)
         return tuple(out)
 
-    def pair(self, origin: tuple[int, ...], rng: np.random.Generator, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair(
+        self, origin: tuple[int, ...], rng: np.random.Generator, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Degrade the crop with context (clipped at the volume faces), cut both to the patch, augment."""
         sl_big, inner = [], []
         for d, s in enumerate(origin):
@@ -114,7 +128,9 @@ class PairSampler:
         lr_sl = tuple(slice(i0 // f, i1 // f) for (i0, i1), f in zip(inner, self.deg.factors))
         return self._augment(lr[lr_sl], target[hr_sl], rng)
 
-    def _augment(self, lr: torch.Tensor, hr: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _augment(
+        self, lr: torch.Tensor, hr: torch.Tensor, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The same lateral rot90 / flip (and z flip) on both partners.
 
         The degradation commutes with these symmetries (symmetric kernels, pixel-centre grid), so

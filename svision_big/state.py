@@ -51,7 +51,7 @@ def _is_remote(url: str) -> bool:
 
 
 def _local(url: str) -> str:
-    return os.path.abspath(os.path.expanduser(url[len("file://"):] if url.startswith("file://") else url))
+    return os.path.abspath(os.path.expanduser(url[len("file://") :] if url.startswith("file://") else url))
 
 
 def pid_alive(pid: int) -> bool:
@@ -105,9 +105,13 @@ class OutputLock:
         if held is not None:  # this process already holds it (run -> enhance)
             held.depth += 1
             return held
-        self.record = {"host": socket.gethostname(), "pid": os.getpid(),
-                       "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                       "token": uuid.uuid4().hex, "command": " ".join(sys.argv)[:500]}
+        self.record = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "token": uuid.uuid4().hex,
+            "command": " ".join(sys.argv)[:500],
+        }
         (self._acquire_remote if _is_remote(self.url) else self._acquire_local)()
         self.depth = 1
         _HELD[self.url] = self
@@ -331,8 +335,10 @@ class OutputLock:
         return pid != os.getpid() and not pid_alive(pid) or pid == os.getpid() and self.url not in _HELD
 
     def _refusal(self, rec: dict | None) -> OutputLocked:
-        return OutputLocked(f"{self.what} is being written by another run ({describe_owner(rec)}): wait for it "
-                            f"to finish, or pass --break-lock if that run is gone")
+        return OutputLocked(
+            f"{self.what} is being written by another run ({describe_owner(rec)}): wait for it "
+            f"to finish, or pass --break-lock if that run is gone"
+        )
 
     def _note(self, rec: dict | None, broken: bool) -> None:
         how = "breaking the lock" if broken else "taking over the stale lock"
@@ -450,13 +456,15 @@ class OutputState:
         try:
             import zarr
 
-            prev = zarr.open_group(make_store(self.output, self.options, read_only=True), mode="r").attrs.get("svision_big")
+            prev = zarr.open_group(make_store(self.output, self.options, read_only=True), mode="r").attrs.get(
+                "svision_big"
+            )
         except Exception:
             return {}
         return prev if isinstance(prev, dict) else {}
 
     def verdict(self, fp: str, overwrite: bool) -> str:
-        """"new", "resume" (same fingerprint), "restart" (a setup was killed before any block) or
+        """ "new", "resume" (same fingerprint), "restart" (a setup was killed before any block) or
         "replace" (``overwrite``, and it holds nothing but an svision-big output); refuses anything
         else. Reads only: nothing is written or deleted here."""
         if not store_exists(self.output, self.options):
@@ -466,20 +474,28 @@ class OutputState:
             return "resume"
         if prev is None and self._only_state():
             return "new"  # holds nothing but svision-big state: a lock, models that `run` saved for this output
-        if prev is None and SETUP_MARKER in self.entries() and \
-                foreign_file(self.output, self.options, allowed=_our_file) is None:
+        if (
+            prev is None
+            and SETUP_MARKER in self.entries()
+            and foreign_file(self.output, self.options, allowed=_our_file) is None
+        ):
             return "restart"  # a run killed while setting it up: no block was computed yet, start the setup again
         if not overwrite:
-            why = (f"was made with other settings (fingerprint {prev.get('fingerprint')}, now {fp})"
-                   if prev is not None else "is not an svision-big output")
+            why = (
+                f"was made with other settings (fingerprint {prev.get('fingerprint')}, now {fp})"
+                if prev is not None
+                else "is not an svision-big output"
+            )
             raise NgffError(f"{self.output} already exists and {why}: pass --overwrite to replace it")
         fs, root = _fs(self.output, self.options)
         if not fs.isdir(root):
             raise NgffError(f"{self.output} exists and is not a folder: refusing to replace it")
         stray = foreign_file(self.output, self.options, allowed=_our_file)
         if stray is not None:
-            raise NgffError(f"{self.output} holds {stray}, which is not part of an svision-big output: refusing to "
-                            f"delete anything (move it elsewhere, or choose another output)")
+            raise NgffError(
+                f"{self.output} holds {stray}, which is not part of an svision-big output: refusing to "
+                f"delete anything (move it elsewhere, or choose another output)"
+            )
         return "replace"
 
     def checked_verdict(self, fp: str, overwrite: bool, lock: OutputLock) -> str:
@@ -524,8 +540,11 @@ class OutputState:
         fs, root = _fs(self.url(), self.options)
         try:
             fs.invalidate_cache(root)
-            return [n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(root, detail=False)
-                    if n.rstrip("/").rsplit("/", 1)[-1] != LOCK_NAME]
+            return [
+                n.rstrip("/").rsplit("/", 1)[-1]
+                for n in fs.ls(root, detail=False)
+                if n.rstrip("/").rsplit("/", 1)[-1] != LOCK_NAME
+            ]
         except FileNotFoundError:
             return []
 
@@ -600,9 +619,17 @@ class OutputState:
         import zarr
 
         # a store rooted at the array itself: no group metadata lands in the output (a v2 image stays pure v2)
-        zarr.create_array(make_store(_join(self.output, path), self.options, read_only=False), shape=tuple(shape),
-                          chunks=tuple(chunks), shards=None if shards is None else tuple(shards), dtype="float32",
-                          fill_value=0.0, compressors=None, overwrite=True, zarr_format=3)
+        zarr.create_array(
+            make_store(_join(self.output, path), self.options, read_only=False),
+            shape=tuple(shape),
+            chunks=tuple(chunks),
+            shards=None if shards is None else tuple(shards),
+            dtype="float32",
+            fill_value=0.0,
+            compressors=None,
+            overwrite=True,
+            zarr_format=3,
+        )
 
     def remove(self, path: str) -> None:
         """Remove a scratch array or folder (a path in the output) when it exists."""

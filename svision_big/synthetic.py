@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -71,9 +71,7 @@ def _per_axis(value: float | Sequence[float], ndim: int, name: str) -> tuple:
     return value
 
 
-def _splat_spheres(
-    shape: Sequence[int], centres: np.ndarray, radii: np.ndarray, values: np.ndarray
-) -> np.ndarray:
+def _splat_spheres(shape: Sequence[int], centres: np.ndarray, radii: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Rasterise anti-aliased solid spheres (max-combined) into a zero volume.
 
     A voxel (centre at integer coordinates) at distance d from a sphere of radius r gets
@@ -184,9 +182,7 @@ def filaments(
         direction = np.where(low | high, -direction, direction)
         pos = np.clip(pos, 0.0, hi)  # only matters for axes of length 1
     values = np.broadcast_to(rng.uniform(intensity[0], intensity[1], size=n), (n_steps, n))
-    return _splat_spheres(
-        shape, points.reshape(-1, ndim), np.full(n_steps * n, thickness / 2.0), values.reshape(-1)
-    )
+    return _splat_spheres(shape, points.reshape(-1, ndim), np.full(n_steps * n, thickness / 2.0), values.reshape(-1))
 
 
 # ----------------------------------------------------------------------------- imaging

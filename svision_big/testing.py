@@ -13,14 +13,21 @@ from svision_big.degrade import Degradation
 from svision_big.model import Model, StageRecord
 from svision_big.network import NetConfig, SVNet
 from svision_big.train import split_stages
-
 from svision_big.values import Normalisation
 
 __all__ = ["make_model", "stand_in_model"]
 
 
-def make_model(factors=(2, 2, 2), bp: int = 1, mapping: int = 1, final_bp: int = 0, seed: int = 0,
-               lo: float = 0.0, hi: float = 1.0, ensemble: int | bool = True) -> Model:
+def make_model(
+    factors=(2, 2, 2),
+    bp: int = 1,
+    mapping: int = 1,
+    final_bp: int = 0,
+    seed: int = 0,
+    lo: float = 0.0,
+    hi: float = 1.0,
+    ensemble: int | bool = True,
+) -> Model:
     """A model with random weights: the operator's structure, halo and arithmetic are all real.
 
     ``factors`` are split into x2 stages as training splits them; ``bp`` back-projection
@@ -35,8 +42,13 @@ def make_model(factors=(2, 2, 2), bp: int = 1, mapping: int = 1, final_bp: int =
         net = SVNet(NetConfig(tuple(sf), mapping=mapping))
         stages.append(StageRecord(net.config, net.state_dict(), Degradation(tuple(sf)), bp, ensemble))
     final = Degradation(tuple(factors)) if final_bp and len(stages) > 1 else None
-    return Model(stages=stages, norm=Normalisation(lo, hi, 0.0), factors=tuple(factors), final=final,
-                 final_bp_iters=final_bp if final else 0)
+    return Model(
+        stages=stages,
+        norm=Normalisation(lo, hi, 0.0),
+        factors=tuple(factors),
+        final=final,
+        final_bp_iters=final_bp if final else 0,
+    )
 
 
 def stand_in_model(factors=(2, 2, 2), bp: int = 0, lo: float = 0.0, hi: float = 1.0, seed: int = 0) -> Model:

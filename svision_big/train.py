@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from .degrade import ACQUISITIONS, Degradation, check_acquisition
+from .denoise import as_network, fit_blind_filter
 from .model import Model, StageRecord
 from .network import NetConfig, SVNet
 from .noise import NoiseModel, noise_bins
 from .operator import ENSEMBLES, Normalisation, OperatorSpec, StageOp, apply_normalised, back_project, clamp_, predict
-from .denoise import as_network, fit_blind_filter
 from .progress import Progress
 from .sampling import PairSampler, patch_shape, split_regions
 
@@ -80,7 +80,9 @@ def parse_factors(factor: int | tuple[int, ...] | list[int] | str, ndim: int) ->
         if len(factors) != ndim:
             raise ValueError(f"factor {tuple(factor)} has {len(factors)} entries for {ndim} spatial axes")
     if any(f not in (1, 2, 4) for f in factors):
-        raise ValueError(f"factor {factors}: each axis must be 1, 2 or 4 (x4 = two x2 stages; past x4 the network hallucinates)")
+        raise ValueError(
+            f"factor {factors}: each axis must be 1, 2 or 4 (x4 = two x2 stages; past x4 the network hallucinates)"
+        )
     if all(f == 1 for f in factors):
         raise ValueError("factor 1 on every axis: nothing to enhance")
     return factors
@@ -233,9 +235,15 @@ def train_stage(v: np.ndarray, deg: Degradation, cfg: TrainConfig, label: str = 
     net.load_state_dict(best[1])
     net.eval()
     report = {
-        "steps": cfg.steps, "best_step": best[2], "val_loss": best[0], "train_loss": running,
-        "seconds": round(time.perf_counter() - t0, 2), "patch": list(patch), "val_disjoint": disjoint,
-        "parameters": net.n_parameters(), "loss": cfg.loss,
+        "steps": cfg.steps,
+        "best_step": best[2],
+        "val_loss": best[0],
+        "train_loss": running,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "patch": list(patch),
+        "val_disjoint": disjoint,
+        "parameters": net.n_parameters(),
+        "loss": cfg.loss,
     }
     return net, val, report
 
@@ -290,17 +298,31 @@ def sample_box(shape: tuple[int, ...], v: np.ndarray, max_voxels: int) -> tuple[
     scale = (max_voxels / total) ** (1.0 / len(shape))
     size = [max(1, min(n, int(n * scale))) for n in shape]
     weights = np.clip(v, 0, None)
-    centre = [int(np.average(np.arange(n), weights=weights.sum(axis=tuple(a for a in range(len(shape)) if a != d)) + 1e-12))
-              for d, n in enumerate(shape)]
-    return tuple(slice(int(np.clip(c - s // 2, 0, n - s)), int(np.clip(c - s // 2, 0, n - s)) + s)
-                 for c, s, n in zip(centre, size, shape))
+    centre = [
+        int(np.average(np.arange(n), weights=weights.sum(axis=tuple(a for a in range(len(shape)) if a != d)) + 1e-12))
+        for d, n in enumerate(shape)
+    ]
+    return tuple(
+        slice(int(np.clip(c - s // 2, 0, n - s)), int(np.clip(c - s // 2, 0, n - s)) + s)
+        for c, s, n in zip(centre, size, shape)
+    )
 
 
-def fit(volume: np.ndarray, factor: int | tuple[int, ...] = 2, steps: int | None = None, seed: int = 0,
-        psf_fwhm: tuple[float, ...] | float | None = None, noise: str | bool = "auto", quiet: bool = False,
-        acquisition: str = "auto", denoise: bool = True,
-        max_train_voxels: int = 8_000_000, max_stage2_voxels: int = 1_000_000,
-        config: TrainConfig | None = None, norm: Normalisation | None = None) -> Model:
+def fit(
+    volume: np.ndarray,
+    factor: int | tuple[int, ...] = 2,
+    steps: int | None = None,
+    seed: int = 0,
+    psf_fwhm: tuple[float, ...] | float | None = None,
+    noise: str | bool = "auto",
+    quiet: bool = False,
+    acquisition: str = "auto",
+    denoise: bool = True,
+    max_train_voxels: int = 8_000_000,
+    max_stage2_voxels: int = 1_000_000,
+    config: TrainConfig | None = None,
+    norm: Normalisation | None = None,
+) -> Model:
     """Train a model on ``volume`` (numpy (z, y, x) or (y, x)) for the given upsampling factor.
 
     ``psf_fwhm``: optional Gaussian PSF (FWHM per axis in *input* voxels) added to the degradation.
@@ -344,17 +366,23 @@ def fit(volume: np.ndarray, factor: int | tuple[int, ...] = 2, steps: int | None
         ddeg = Degradation((1,) * volume.ndim, None, None, acq)
         dop = StageOp(dnet, ddeg, 0, ensemble=DENOISER_ENSEMBLE)
         with torch.inference_mode():
-            stage_input = clamp_(predict(dnet, torch.from_numpy(np.ascontiguousarray(v)), DENOISER_ENSEMBLE),
-                                 norm.bounds_n).numpy()
+            stage_input = clamp_(
+                predict(dnet, torch.from_numpy(np.ascontiguousarray(v)), DENOISER_ENSEMBLE), norm.bounds_n
+            ).numpy()
         drep.update(noise=[nm0.gain, nm0.offset], noise_std_mid=nm0.std(0.5))
         if not quiet:
-            print(f"noise found (std {nm0.std(0.5):.3g} at mid range): denoising first with a {drep['kind']} "
-                  f"(blind error {drep['blind_mse']:.3g})", flush=True)
+            print(
+                f"noise found (std {nm0.std(0.5):.3g} at mid range): denoising first with a {drep['kind']} "
+                f"(blind error {drep['blind_mse']:.3g})",
+                flush=True,
+            )
         ops.append(dop)
         stages.append(StageRecord(dnet.config, dnet.state_dict(), ddeg, 0, DENOISER_ENSEMBLE, drep))
         first = 1
     if first:  # see NOISY_SR
-        return _denoised_cubic(stages, norm, factors, acquisition, acq, psf_fwhm, seed, v, cfg, nm0, drep, t_start, quiet)
+        return _denoised_cubic(
+            stages, norm, factors, acquisition, acq, psf_fwhm, seed, v, cfg, nm0, drep, t_start, quiet
+        )
     sr_plan = split_stages(factors)
     for i, sf in enumerate(sr_plan):
         cumulative = tuple(c * f for c, f in zip(cumulative, sf))
@@ -367,12 +395,19 @@ def fit(volume: np.ndarray, factor: int | tuple[int, ...] = 2, steps: int | None
         if nm is not None:  # noisy: none, whatever the (biased) check says, see NOISY_BP
             bp = NOISY_BP
         op = StageOp(net, deg, bp, ensemble=TRAIN_ENSEMBLE)
-        report.update(bp_iters=bp, bp_val_mse=scores, noise=None if nm is None else [nm.gain, nm.offset],
-                      noise_std_mid=None if nm is None else nm.std(0.5))
+        report.update(
+            bp_iters=bp,
+            bp_val_mse=scores,
+            noise=None if nm is None else [nm.gain, nm.offset],
+            noise_std_mid=None if nm is None else nm.std(0.5),
+        )
         if not quiet:
-            print(f"stage {i + 1}: factors {sf}, val loss {report['val_loss']:.3g}, "
-                  f"back-projection {bp} iterations{' (noisy data: none)' if nm else ''} (val mse {scores}), "
-                  f"noise matching {'on' if nm else 'off'}, {report['seconds']:.0f} s", flush=True)
+            print(
+                f"stage {i + 1}: factors {sf}, val loss {report['val_loss']:.3g}, "
+                f"back-projection {bp} iterations{' (noisy data: none)' if nm else ''} (val mse {scores}), "
+                f"noise matching {'on' if nm else 'off'}, {report['seconds']:.0f} s",
+                flush=True,
+            )
         ops.append(op)
         stages.append(StageRecord(net.config, net.state_dict(), deg, bp, True, report))
         if i + 1 < len(sr_plan):
@@ -381,19 +416,39 @@ def fit(volume: np.ndarray, factor: int | tuple[int, ...] = 2, steps: int | None
             stage_input = apply_normalised(torch.from_numpy(np.ascontiguousarray(sub)), spec).numpy()
 
     noise_t = None if nm0 is None else (nm0.gain, nm0.offset)
-    full = Degradation(factors, None if psf_fwhm is None else tuple(float(p) * f for p, f in zip(psf_fwhm, factors)),
-                       noise_t, acq)  # check crops carry the input's noise
+    full = Degradation(
+        factors, None if psf_fwhm is None else tuple(float(p) * f for p, f in zip(psf_fwhm, factors)), noise_t, acq
+    )  # check crops carry the input's noise
     final_deg, final_iters, final_scores = None, 0, {}
     if len(sr_plan) > 1 and nm0 is None:  # never back-project onto a noisy input (NOISY_BP)
         final_deg = full
         final_iters, final_scores = choose_final_bp(ops, norm, final_deg, v, cfg)
         if not quiet:
-            print(f"closing x{'x'.join(map(str, factors))} back-projection: {final_iters} iterations (val mse {final_scores})", flush=True)
-    model = Model(stages=stages, norm=norm, factors=factors, final=final_deg, final_bp_iters=final_iters,
-                  info={"seed": seed, "final_bp_val_mse": final_scores, "train_shape": list(v.shape), "steps": cfg.steps,
-                        "acquisition": {"chosen": acquisition if acquisition != "auto" else f"auto ({AUTO_ACQUISITION})",
-                                        "trained_with": acq, "psf_fwhm": None if psf_fwhm is None else list(psf_fwhm)},
-                        "noise_estimate": None if nm0 is None else nm0.std(0.5), "denoiser": bool(first), "denoise_check": drep or None})
+            print(
+                f"closing x{'x'.join(map(str, factors))} back-projection: {final_iters} iterations (val mse {final_scores})",
+                flush=True,
+            )
+    model = Model(
+        stages=stages,
+        norm=norm,
+        factors=factors,
+        final=final_deg,
+        final_bp_iters=final_iters,
+        info={
+            "seed": seed,
+            "final_bp_val_mse": final_scores,
+            "train_shape": list(v.shape),
+            "steps": cfg.steps,
+            "acquisition": {
+                "chosen": acquisition if acquisition != "auto" else f"auto ({AUTO_ACQUISITION})",
+                "trained_with": acq,
+                "psf_fwhm": None if psf_fwhm is None else list(psf_fwhm),
+            },
+            "noise_estimate": None if nm0 is None else nm0.std(0.5),
+            "denoiser": bool(first),
+            "denoise_check": drep or None,
+        },
+    )
     check = full if acquisition != "auto" else Degradation(full.factors, full.psf_fwhm, full.noise, "mixed")
     model = do_no_harm(model, check, v, cfg, first)
     model.info["fit_seconds"] = round(time.perf_counter() - t_start, 2)
@@ -412,7 +467,9 @@ def fit(volume: np.ndarray, factor: int | tuple[int, ...] = 2, steps: int | None
 # network in both: the check cannot see it, so the network is not offered.
 NOISY_SR = False
 DENOISE_MARGIN = 0.8
-MATERIAL_NOISE_VAR = 0.005 ** 2  # normalised units: noise below 0.5% of the range is left to the SR network  # the blind filter's estimated error must be below this fraction of the noise it removes
+MATERIAL_NOISE_VAR = (
+    0.005**2
+)  # normalised units: noise below 0.5% of the range is left to the SR network  # the blind filter's estimated error must be below this fraction of the noise it removes
 
 
 def blend_centre(w: np.ndarray, off: float, report: dict) -> tuple[np.ndarray, float]:
@@ -445,9 +502,15 @@ def worth_denoising(v: np.ndarray, report: dict, nm: NoiseModel) -> bool:
     # Poisson-1000 filaments -0.88 dB, cells3d nuclei x2 -0.92 dB against cubic). Stay out.
     consistent = modelled < report["blind_mse"]
     used = consistent and noise_var > MATERIAL_NOISE_VAR and err < DENOISE_MARGIN * noise_var
-    report.update(noise_var=noise_var, modelled_noise_var=modelled, denoised_error=err, consistent=bool(consistent),
-                  used=bool(used))
+    report.update(
+        noise_var=noise_var,
+        modelled_noise_var=modelled,
+        denoised_error=err,
+        consistent=bool(consistent),
+        used=bool(used),
+    )
     return report["used"]
+
 
 # While training, stages run one variant (the back-projection choice, a second stage's input, the
 # closing back-projection); ``do_no_harm`` then picks the ensemble the model keeps. Every measured
@@ -495,15 +558,27 @@ def cubic_baseline(model: Model, keep: int = 0) -> Model:
         torch.nn.init.zeros_(prm)
     first = model.stages[keep].degradation  # its noise model stays on record; with no back-projection nothing uses it
     deg = Degradation(model.factors, None, first.noise, first.acquisition)
-    rec = StageRecord(cfg, {k: t.detach().clone() for k, t in net.state_dict().items()}, deg, 0, 1,
-                      {"baseline": "cubic", "trained": [s.report for s in model.stages[keep:]]})
+    rec = StageRecord(
+        cfg,
+        {k: t.detach().clone() for k, t in net.state_dict().items()},
+        deg,
+        0,
+        1,
+        {"baseline": "cubic", "trained": [s.report for s in model.stages[keep:]]},
+    )
     return Model(stages=[*model.stages[:keep], rec], norm=model.norm, factors=model.factors, info=dict(model.info))
 
 
 def _with_ensemble(model: Model, size: int) -> Model:
     stages = [StageRecord(s.config, s.state, s.degradation, s.bp_iters, size, s.report) for s in model.stages]
-    return Model(stages=stages, norm=model.norm, factors=model.factors, final=model.final,
-                 final_bp_iters=model.final_bp_iters, info=model.info)
+    return Model(
+        stages=stages,
+        norm=model.norm,
+        factors=model.factors,
+        final=model.final,
+        final_bp_iters=model.final_bp_iters,
+        info=model.info,
+    )
 
 
 def check_mse(model: Model, src: torch.Tensor, tgt: torch.Tensor) -> float:
@@ -514,8 +589,14 @@ def check_mse(model: Model, src: torch.Tensor, tgt: torch.Tensor) -> float:
 def _swap_denoiser(model: Model, net: SVNet) -> Model:
     s = model.stages[0]
     stages = [StageRecord(net.config, net.state_dict(), s.degradation, 0, s.ensemble, s.report), *model.stages[1:]]
-    return Model(stages=stages, norm=model.norm, factors=model.factors, final=model.final,
-                 final_bp_iters=model.final_bp_iters, info=model.info)
+    return Model(
+        stages=stages,
+        norm=model.norm,
+        factors=model.factors,
+        final=model.final,
+        final_bp_iters=model.final_bp_iters,
+        info=model.info,
+    )
 
 
 def do_no_harm(model: Model, deg: Degradation, v: np.ndarray, cfg: TrainConfig, denoiser: int = 0) -> Model:
@@ -557,26 +638,53 @@ def do_no_harm(model: Model, deg: Degradation, v: np.ndarray, cfg: TrainConfig, 
     safe = min(candidates, key=scores.get)
     # it must win under every acquisition the check tried (all three when the input's is unknown)
     wins = all(o[f"ensemble {size}"] < o[safe] * (1.0 - WIN_MARGIN) for o in per)
-    verdict = (f"trained operator, ensemble {size}" if wins else
-               f"{safe} upsampling: the trained operator did not beat it on held-aside crops")
+    verdict = (
+        f"trained operator, ensemble {size}"
+        if wins
+        else f"{safe} upsampling: the trained operator did not beat it on held-aside crops"
+    )
     chosen = variants[f"ensemble {size}"] if wins else candidates[safe]
     chosen.info = dict(chosen.info)
-    chosen.info["baseline"] = {"used": not wins, "verdict": verdict, "ensemble": size if wins else 1,
-                               "scores": {k: float(x) for k, x in scores.items()}, "checks": len(vols),
-                               "per_acquisition": {a: {k: float(x) for k, x in o.items()}
-                                                   for a, o in zip(ACQUISITIONS if len(per) > 1 else (deg.acquisition,), per)}}
+    chosen.info["baseline"] = {
+        "used": not wins,
+        "verdict": verdict,
+        "ensemble": size if wins else 1,
+        "scores": {k: float(x) for k, x in scores.items()},
+        "checks": len(vols),
+        "per_acquisition": {
+            a: {k: float(x) for k, x in o.items()}
+            for a, o in zip(ACQUISITIONS if len(per) > 1 else (deg.acquisition,), per)
+        },
+    }
     return chosen
 
 
-def _denoised_cubic(stages, norm, factors, acquisition, acq, psf_fwhm, seed, v, cfg, nm0, drep, t_start, quiet) -> Model:
+def _denoised_cubic(
+    stages, norm, factors, acquisition, acq, psf_fwhm, seed, v, cfg, nm0, drep, t_start, quiet
+) -> Model:
     """The model for noisy inputs (``NOISY_SR``): the blind denoising filter, then cubic upsampling."""
-    model = cubic_baseline(Model(stages=[*stages, stages[0]], norm=norm, factors=factors), 1)  # stage 1 only lends its record
-    model.info = {"seed": seed, "train_shape": list(v.shape), "steps": 0,
-                  "acquisition": {"chosen": acquisition if acquisition != "auto" else f"auto ({AUTO_ACQUISITION})", "trained_with": acq,
-                                  "psf_fwhm": None if psf_fwhm is None else list(psf_fwhm)},
-                  "noise_estimate": nm0.std(0.5), "denoiser": True, "denoise_check": drep,
-                  "baseline": {"used": True, "verdict": "denoised cubic upsampling (noisy input: no SR network, see train.NOISY_SR)",
-                               "ensemble": 1, "scores": {}}}
+    model = cubic_baseline(
+        Model(stages=[*stages, stages[0]], norm=norm, factors=factors), 1
+    )  # stage 1 only lends its record
+    model.info = {
+        "seed": seed,
+        "train_shape": list(v.shape),
+        "steps": 0,
+        "acquisition": {
+            "chosen": acquisition if acquisition != "auto" else f"auto ({AUTO_ACQUISITION})",
+            "trained_with": acq,
+            "psf_fwhm": None if psf_fwhm is None else list(psf_fwhm),
+        },
+        "noise_estimate": nm0.std(0.5),
+        "denoiser": True,
+        "denoise_check": drep,
+        "baseline": {
+            "used": True,
+            "verdict": "denoised cubic upsampling (noisy input: no SR network, see train.NOISY_SR)",
+            "ensemble": 1,
+            "scores": {},
+        },
+    }
     model.stages[-1].report["trained"] = []
     model.info["fit_seconds"] = round(time.perf_counter() - t_start, 2)
     if not quiet:
@@ -584,11 +692,15 @@ def _denoised_cubic(stages, norm, factors, acquisition, acq, psf_fwhm, seed, v, 
     return model
 
 
-def choose_final_bp(ops: list[StageOp], norm: Normalisation, deg: Degradation, v: np.ndarray, cfg: TrainConfig) -> tuple[int, dict]:
+def choose_final_bp(
+    ops: list[StageOp], norm: Normalisation, deg: Degradation, v: np.ndarray, cfg: TrainConfig
+) -> tuple[int, dict]:
     """Closing full-factor back-projection against the input: keep it only if held-aside crops say so."""
     patch = patch_shape(v.shape, deg.factors, 2 * cfg.patch)
     _, val_region, _ = split_regions(v.shape, patch)
-    sampler = PairSampler(v, val_region, patch_shape(val_region.shape, deg.factors, 2 * cfg.patch), deg, foreground_threshold(v))
+    sampler = PairSampler(
+        v, val_region, patch_shape(val_region.shape, deg.factors, 2 * cfg.patch), deg, foreground_threshold(v)
+    )
     val = _check_pairs(_val_pairs(sampler, max(4, cfg.n_val // 2), cfg.seed + 1), deg)
     stage1_iters = ops[0].bp_iters
     candidates = sorted({0, stage1_iters, 10 if stage1_iters else 0})

@@ -61,6 +61,6 @@ def to_output(y: torch.Tensor, norm: Normalisation, dtype: np.dtype, chunk: int 
     a, b = norm.hi - norm.lo, norm.lo
     out = np.empty(tuple(y.shape), dtype)
     for c0 in range(0, y.shape[0], chunk):
-        t = torch.mul(y[c0:c0 + chunk], a).add_(b)  # the same two roundings as ``Normalisation.inverse``
-        out[c0:c0 + chunk] = cast_output(t.cpu().numpy(), dtype, own=True)
+        t = torch.mul(y[c0 : c0 + chunk], a).add_(b)  # the same two roundings as ``Normalisation.inverse``
+        out[c0 : c0 + chunk] = cast_output(t.cpu().numpy(), dtype, own=True)
     return out

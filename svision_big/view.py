@@ -29,7 +29,7 @@ def _colormap(hex_color: str | None, name: str):
 
     h = (hex_color or "FFFFFF").lstrip("#").upper()
     try:
-        rgb = [int(h[i:i + 2], 16) / 255.0 for i in (0, 2, 4)]
+        rgb = [int(h[i : i + 2], 16) / 255.0 for i in (0, 2, 4)]
     except ValueError:
         rgb = [1.0, 1.0, 1.0]
     return Colormap([[0.0, 0.0, 0.0, 1.0], [*rgb, 1.0]], name=f"{name} #{h}")
@@ -77,8 +77,7 @@ def layer_kwargs(image: Image, name: str | None = None) -> tuple[list, dict]:
         "metadata": {"url": image.url, "ngff": image.fmt.version, "omero": image.omero},
     }
     if cax is not None:
-        kwargs.update(channel_axis=cax, name=labels, colormap=colormaps, visible=visible,
-                      blending="additive")
+        kwargs.update(channel_axis=cax, name=labels, colormap=colormaps, visible=visible, blending="additive")
         if all(lim is not None for lim in limits):
             kwargs["contrast_limits"] = limits
     else:
@@ -116,8 +115,14 @@ def add_image(viewer, url: str | os.PathLike, storage_options: dict | None = Non
     return layers if isinstance(layers, list) else [layers]
 
 
-def view(input: str | os.PathLike, output: str | os.PathLike, storage_options: dict | None = None,
-         output_storage_options: dict | None = None, viewer=None, show: bool = True):
+def view(
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    storage_options: dict | None = None,
+    output_storage_options: dict | None = None,
+    viewer=None,
+    show: bool = True,
+):
     """Open napari with the input and the enhanced output, each at its true scale and translation,
     with the ``omero`` colours and windows. Returns the viewer.
 
@@ -132,8 +137,9 @@ def view(input: str | os.PathLike, output: str | os.PathLike, storage_options: d
             raise RuntimeError("svision-big view needs napari with a Qt binding: pip install 'napari[pyqt6]'") from None
         viewer = napari.Viewer(title=f"svision-big: {os.fspath(input)} | {os.fspath(output)}")
     add_image(viewer, input, storage_options)
-    out_layers = add_image(viewer, output, output_storage_options if output_storage_options is not None
-                           else storage_options)
+    out_layers = add_image(
+        viewer, output, output_storage_options if output_storage_options is not None else storage_options
+    )
     if hasattr(viewer, "layers") and out_layers:
         viewer.layers.selection.active = out_layers[0]
     if own and show:

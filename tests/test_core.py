@@ -13,14 +13,13 @@ from scipy import ndimage
 import svision_big as svb
 from svision_big import synthetic
 from svision_big.degrade import Degradation, blur, resize
+from svision_big.halo import receptive_halo
 from svision_big.metrics import psnr
 from svision_big.model import Model, ModelFileError, StageRecord
 from svision_big.network import NetConfig, SVNet, pixel_shuffle_nd
-from svision_big.halo import receptive_halo
 from svision_big.operator import OperatorSpec, StageOp, _forward_t, _variants, enhance_array
 from svision_big.train import parse_factors, split_stages
 from svision_big.values import Normalisation
-
 
 # --------------------------------------------------------------------------- independent references
 
@@ -28,9 +27,9 @@ from svision_big.values import Normalisation
 def _cubic(x: float) -> float:
     a = abs(x)
     if a <= 1:
-        return 1.5 * a ** 3 - 2.5 * a ** 2 + 1
+        return 1.5 * a**3 - 2.5 * a**2 + 1
     if a < 2:
-        return -0.5 * a ** 3 + 2.5 * a ** 2 - 4 * a + 2
+        return -0.5 * a**3 + 2.5 * a**2 - 4 * a + 2
     return 0.0
 
 
@@ -102,7 +101,9 @@ def test_strided_resize_and_blur_equal_the_tap_tables(n):
         up = resize(x.transpose(1, 2), (f,), up=True).transpose(1, 2)
         assert torch.allclose(up, apply_table(x, 1, resize_table(n, n * f, float(f))), atol=1e-12)
         xd = torch.rand(3, n * f, dtype=torch.float64, generator=g)
-        assert torch.allclose(resize(xd, (f,), up=False), apply_table(xd, 1, resize_table(n * f, n, 1.0 / f)), atol=1e-12)
+        assert torch.allclose(
+            resize(xd, (f,), up=False), apply_table(xd, 1, resize_table(n * f, n, 1.0 / f)), atol=1e-12
+        )
     for fwhm in (0.7, 2.5):
         x = torch.rand(2, n, dtype=torch.float64, generator=g)
         assert torch.allclose(blur(x, (fwhm,)), apply_table(x, 1, gaussian_table(n, fwhm)), atol=1e-12)
@@ -128,7 +129,9 @@ def test_noisy_pairs_match_input_noise_and_decorrelate_target():
 # --------------------------------------------------------------------------- network
 
 
-@pytest.mark.parametrize("factors,shape", [((2, 2, 2), (5, 6, 7)), ((2, 1, 1), (4, 6, 6)), ((2, 2), (9, 11)), ((1, 2, 2), (3, 5, 5))])
+@pytest.mark.parametrize(
+    "factors,shape", [((2, 2, 2), (5, 6, 7)), ((2, 1, 1), (4, 6, 6)), ((2, 2), (9, 11)), ((1, 2, 2), (3, 5, 5))]
+)
 def test_network_shapes_and_size(factors, shape):
     net = SVNet(NetConfig(factors))
     y = net(torch.rand(2, 1, *shape))
@@ -161,24 +164,36 @@ def test_valid_convolutions_on_halo_sides_equal_the_interior_of_same_ones(factor
     torch.manual_seed(2)
     net = SVNet(NetConfig(factors, mapping=2)).eval()
     r = net.conv_radius()
-    shape = (19, 17, 18)[-len(factors):]
+    shape = (19, 17, 18)[-len(factors) :]
     x = torch.rand(1, 1, *shape)
     with torch.inference_mode():
         ref = net.correction(x)
-        for faces in itertools.product([(True, True), (False, True), (True, False), (False, False)], repeat=len(factors)):
+        for faces in itertools.product(
+            [(True, True), (False, True), (True, False), (False, False)], repeat=len(factors)
+        ):
             got = torch.cat([y for _, y in net.correction_slabs(x, 4, faces)], 2)
             sl = (slice(None), slice(None)) + tuple(
-                slice(0 if lo else r * f, n * f - (0 if hi else r * f)) for (lo, hi), f, n in zip(faces, factors, shape))
+                slice(0 if lo else r * f, n * f - (0 if hi else r * f)) for (lo, hi), f, n in zip(faces, factors, shape)
+            )
             assert got.shape == ref[sl].shape, faces
             assert float((got - ref[sl]).abs().max()) < 1e-5, faces
 
 
-@pytest.mark.parametrize("factors,psf,iters,acq", [((2, 2, 2), None, 3, "cubic"), ((2, 1, 1), (2.0, 1.0, 1.0), 3, "cubic"),
-                                                   ((4, 2, 2), (3.0, 1.5, 1.5), 2, "cubic"), ((2, 2), None, 10, "cubic"),
-                                                   ((2, 2), (1.2, 1.2), 5, "cubic"),
-                                                   ((2, 1), (12.0, 2.0), 10, "cubic"),  # a PSF wider than an iteration's resizes
-                                                   ((2, 2, 2), None, 3, "integrate"), ((4, 2, 2), (3.0, 1.5, 1.5), 2, "integrate"),
-                                                   ((2, 2, 2), None, 3, "sample"), ((4, 1, 2), (2.0, 1.0, 1.5), 3, "sample")])
+@pytest.mark.parametrize(
+    "factors,psf,iters,acq",
+    [
+        ((2, 2, 2), None, 3, "cubic"),
+        ((2, 1, 1), (2.0, 1.0, 1.0), 3, "cubic"),
+        ((4, 2, 2), (3.0, 1.5, 1.5), 2, "cubic"),
+        ((2, 2), None, 10, "cubic"),
+        ((2, 2), (1.2, 1.2), 5, "cubic"),
+        ((2, 1), (12.0, 2.0), 10, "cubic"),  # a PSF wider than an iteration's resizes
+        ((2, 2, 2), None, 3, "integrate"),
+        ((4, 2, 2), (3.0, 1.5, 1.5), 2, "integrate"),
+        ((2, 2, 2), None, 3, "sample"),
+        ((4, 1, 2), (2.0, 1.0, 1.5), 3, "sample"),
+    ],
+)
 def test_windowed_back_projection_equals_the_whole_volume_bit_for_bit(factors, psf, iters, acq):
     """Inside a block, back-projection computes per iteration only what it can compute exactly:
     the result equals the whole-volume one there, bit for bit, whichever sides are faces."""
@@ -206,17 +221,28 @@ def test_windowed_back_projection_equals_the_whole_volume_bit_for_bit(factors, p
         ys = y0[tuple(slice(a * f, b * f) for (a, b), f in zip(read, factors))]
         got = back_project(ys, xs, deg, iters, 0.05, faces)
         off = output_offset(spec, p, faces)
-        w_hr = [((0 if lo else a) * f, (n if hi else b) * f) for (lo, hi), (a, b), f, n in zip(sides, write, factors, shape)]
-        sel = tuple(slice(w0 - r0 * f - o, w1 - r0 * f - o) for (w0, w1), (r0, _), o, f in zip(w_hr, read, off, factors))
+        w_hr = [
+            ((0 if lo else a) * f, (n if hi else b) * f) for (lo, hi), (a, b), f, n in zip(sides, write, factors, shape)
+        ]
+        sel = tuple(
+            slice(w0 - r0 * f - o, w1 - r0 * f - o) for (w0, w1), (r0, _), o, f in zip(w_hr, read, off, factors)
+        )
         assert all(s.start >= 0 and s.stop <= n for s, n in zip(sel, got.shape)), (sides, sel, got.shape)
         assert torch.equal(got[sel], whole[tuple(slice(w0, w1) for w0, w1 in w_hr)]), sides
         if not all(all(s) for s in faces):  # a halo side really saves work
             assert got.numel() < ys.numel()
 
 
-@pytest.mark.parametrize("factors,psf,acq", [((2, 2, 2), None, "cubic"), ((4, 2, 2), (3.0, 1.5, 1.5), "cubic"),
-                                             ((2, 1), (1.2, 1.0), "cubic"), ((4, 2, 2), None, "integrate"),
-                                             ((2, 2, 1), (1.5, 0.0, 0.0), "sample")])
+@pytest.mark.parametrize(
+    "factors,psf,acq",
+    [
+        ((2, 2, 2), None, "cubic"),
+        ((4, 2, 2), (3.0, 1.5, 1.5), "cubic"),
+        ((2, 1), (1.2, 1.0), "cubic"),
+        ((4, 2, 2), None, "integrate"),
+        ((2, 2, 1), (1.5, 0.0, 0.0), "sample"),
+    ],
+)
 def test_back_projection_is_the_documented_iteration(factors, psf, acq):
     """Each iteration is clamp(y + up(x - down(y))) with the degradation's own resizes, whatever
     order or slicing the fast path uses (separable axes commute up to rounding)."""
@@ -224,7 +250,7 @@ def test_back_projection_is_the_documented_iteration(factors, psf, acq):
 
     deg = Degradation(factors, psf, acquisition=acq)
     g = torch.Generator().manual_seed(3)
-    x = torch.rand((7, 9, 10)[-len(factors):], generator=g)
+    x = torch.rand((7, 9, 10)[-len(factors) :], generator=g)
     y = torch.rand([n * f for n, f in zip(x.shape, factors)], generator=g)
     ref = y.clone()
     for _ in range(3):
@@ -260,8 +286,12 @@ def test_check_pairs_are_made_with_the_chosen_acquisition(acquisition):
     kinds = set()
     for lr, hr in pairs:
         # which single acquisition explains the pair (the margin of the crop makes faces irrelevant inside)
-        err = {a: float((Degradation((2, 2, 2), None, None, a).down(hr)[1:-1, 1:-1, 1:-1] - lr[1:-1, 1:-1, 1:-1]).abs().max())
-               for a in ("cubic", "integrate", "sample")}
+        err = {
+            a: float(
+                (Degradation((2, 2, 2), None, None, a).down(hr)[1:-1, 1:-1, 1:-1] - lr[1:-1, 1:-1, 1:-1]).abs().max()
+            )
+            for a in ("cubic", "integrate", "sample")
+        }
         best = min(err, key=err.get)
         assert err[best] < 0.05, err
         kinds.add(best)
@@ -320,8 +350,12 @@ def _random_spec(factors=(2, 2, 2), bp=3, final=False, floor=0.0, seed=0, acq="c
 _SQUARE = [(k, flip) for k in range(4) for flip in (False, True)]
 
 
-@pytest.mark.parametrize("ensemble", [8, True])  # True: as many as the factors allow (True == 1 read as one variant once)
-@pytest.mark.parametrize("factors,acq", [((2, 2, 2), "cubic"), ((2, 2), "cubic"), ((2, 2, 2), "sample"), ((2, 2, 2), "integrate")])
+@pytest.mark.parametrize(
+    "ensemble", [8, True]
+)  # True: as many as the factors allow (True == 1 read as one variant once)
+@pytest.mark.parametrize(
+    "factors,acq", [((2, 2, 2), "cubic"), ((2, 2), "cubic"), ((2, 2, 2), "sample"), ((2, 2, 2), "integrate")]
+)
 def test_ensemble_operator_is_equivariant(factors, acq, ensemble):
     spec = _random_spec(factors, acq=acq, ensemble=ensemble)
     assert len(_variants(True, 8)) == len(_SQUARE)
@@ -338,9 +372,17 @@ def test_ensemble_operator_is_equivariant(factors, acq, ensemble):
         assert np.abs(zflip - y).max() > 1e-3  # far beyond the 1e-5 the ensemble's symmetries hold to
 
 
-@pytest.mark.parametrize("factors,final,acq,ensemble", [((2, 2, 2), False, "cubic", True), ((4, 2, 2), True, "cubic", True),
-                                                        ((2, 1, 1), False, "cubic", True), ((2, 2), False, "cubic", True),
-                                                        ((4, 2, 2), True, "integrate", 4), ((2, 2, 2), False, "sample", 1)])
+@pytest.mark.parametrize(
+    "factors,final,acq,ensemble",
+    [
+        ((2, 2, 2), False, "cubic", True),
+        ((4, 2, 2), True, "cubic", True),
+        ((2, 1, 1), False, "cubic", True),
+        ((2, 2), False, "cubic", True),
+        ((4, 2, 2), True, "integrate", 4),
+        ((2, 2, 2), False, "sample", 1),
+    ],
+)
 def test_halo_bounds_impulse_response(factors, final, acq, ensemble):
     """Perturb one input voxel: nothing changes farther than the derived halo (input voxels), per axis."""
     spec = _random_spec(factors, bp=2, final=final, floor=None, acq=acq, ensemble=ensemble)
@@ -488,7 +530,9 @@ def _cubic_up(observed: np.ndarray, factors) -> np.ndarray:
 @pytest.mark.slow  # trains with fit (4-13 s): pytest -m 'not slow' skips it
 def test_short_training_beats_cubic():
     acq = synthetic.make_volume("mixed", shape_lr=(16, 48, 48), factor=2, seed=2)
-    model = svb.fit(acq.observed, factor=2, steps=250, seed=0, quiet=True, acquisition="integrate")  # make_volume integrates
+    model = svb.fit(
+        acq.observed, factor=2, steps=250, seed=0, quiet=True, acquisition="integrate"
+    )  # make_volume integrates
     out = model.enhance(acq.observed, dtype="float32")
     rng = float(acq.truth.max() - acq.truth.min())
     assert out.shape == acq.truth.shape
@@ -542,8 +586,9 @@ def test_noise_decision_on_sparse_anisotropic_data():
 
     psf = (7.5, 3.0, 3.0)
     clean = synthetic.make_volume("beads", shape_lr=(16, 64, 64), factor=(4, 2, 2), psf_fwhm=psf, noise=0.002, seed=0)
-    noisy = synthetic.make_volume("beads", shape_lr=(16, 64, 64), factor=(4, 2, 2), psf_fwhm=psf, noise=0.01,
-                                  poisson_peak=100.0, seed=0)
+    noisy = synthetic.make_volume(
+        "beads", shape_lr=(16, 64, 64), factor=(4, 2, 2), psf_fwhm=psf, noise=0.01, poisson_peak=100.0, seed=0
+    )
     dense = synthetic.make_volume("mixed", shape_lr=(16, 64, 64), factor=2, poisson_peak=100.0, seed=0)
     assert choose_noise(normalised(clean), "auto") is None
     assert choose_noise(normalised(noisy), "auto") is not None
@@ -560,7 +605,9 @@ def test_fit_is_reproducible_with_seed():
     assert a.hash == b.hash != c.hash
 
 
-@pytest.mark.parametrize("shape,factor", [((5, 32, 32), (2, 2, 2)), ((8, 24, 24), (4, 2, 2)), ((10, 24, 24), (2, 1, 1)), ((40, 40), 4)])
+@pytest.mark.parametrize(
+    "shape,factor", [((5, 32, 32), (2, 2, 2)), ((8, 24, 24), (4, 2, 2)), ((10, 24, 24), (2, 1, 1)), ((40, 40), 4)]
+)
 def test_thin_anisotropic_and_2d_volumes(shape, factor):
     rng = np.random.default_rng(0)
     vol = ndimage.gaussian_filter(rng.random(shape), 1.0).astype(np.float32)
@@ -595,7 +642,7 @@ def test_chunked_residual_upsampling_equals_the_whole_resize(factors):
     from svision_big.operator import add_upsampled
 
     g = torch.Generator().manual_seed(11)
-    x = torch.rand((37, 13, 15)[-len(factors):], generator=g)
+    x = torch.rand((37, 13, 15)[-len(factors) :], generator=g)
     whole = resize(x, factors, up=True)
     r = 3
     for faces in itertools.product([(True, True), (False, True), (True, False), (False, False)], repeat=len(factors)):

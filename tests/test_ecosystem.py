@@ -19,8 +19,17 @@ from svision_big import ngff
 from svision_big.convert import as_ome_zarr, convert_tiff, write_ome_zarr
 from svision_big.degrade import Degradation, resize
 from svision_big.metrics import psnr, ssim
-from svision_big.ngff import (enhanced_name, format_for, multiscales_metadata, ngff_unit, open_image,
-                              open_output_group, spec_axes, upsampled_transform, viewer_metadata)
+from svision_big.ngff import (
+    enhanced_name,
+    format_for,
+    multiscales_metadata,
+    ngff_unit,
+    open_image,
+    open_output_group,
+    spec_axes,
+    upsampled_transform,
+    viewer_metadata,
+)
 from svision_big.pyramid import build_pyramid, pyramid_datasets, pyramid_factors
 
 tifffile = pytest.importorskip("tifffile")
@@ -38,12 +47,21 @@ def test_ome_tiff_metadata_kept(tmp_path):
 
     data = _rng((6, 2, 24, 20))
     tif = str(tmp_path / "cells.ome.tif")
-    tifffile.imwrite(tif, data, metadata={
-        "axes": "ZCYX", "Name": "HeLa fixed",
-        "PhysicalSizeZ": 2.0, "PhysicalSizeZUnit": "µm",
-        "PhysicalSizeY": 500.0, "PhysicalSizeYUnit": "nm",
-        "PhysicalSizeX": 500.0, "PhysicalSizeXUnit": "nm",
-        "Channel": {"Name": ["DAPI", "GFP"]}})
+    tifffile.imwrite(
+        tif,
+        data,
+        metadata={
+            "axes": "ZCYX",
+            "Name": "HeLa fixed",
+            "PhysicalSizeZ": 2.0,
+            "PhysicalSizeZUnit": "µm",
+            "PhysicalSizeY": 500.0,
+            "PhysicalSizeYUnit": "nm",
+            "PhysicalSizeX": 500.0,
+            "PhysicalSizeXUnit": "nm",
+            "Channel": {"Name": ["DAPI", "GFP"]},
+        },
+    )
     out = convert_tiff(tif, str(tmp_path / "a.ome.zarr"))
     ome_zarr_models.open_ome_zarr(out)  # an independent validator accepts it
     img = open_image(out)
@@ -56,8 +74,16 @@ def test_ome_tiff_metadata_kept(tmp_path):
     np.testing.assert_array_equal(img.level(0)[...], data.transpose(1, 0, 2, 3))
 
     # explicit arguments override the file
-    img = open_image(convert_tiff(tif, str(tmp_path / "b.ome.zarr"), voxel_size=(1.0, 0.1, 0.1), unit="micrometer",
-                                  ngff="0.4", channel_names=["nuclei", "actin"]))
+    img = open_image(
+        convert_tiff(
+            tif,
+            str(tmp_path / "b.ome.zarr"),
+            voxel_size=(1.0, 0.1, 0.1),
+            unit="micrometer",
+            ngff="0.4",
+            channel_names=["nuclei", "actin"],
+        )
+    )
     assert img.scales[0] == [1.0, 1.0, 0.1, 0.1]
     assert {a.get("unit") for a in img.axes if a["type"] == "space"} == {"micrometer"}
     assert [c["label"] for c in img.omero["channels"]] == ["nuclei", "actin"]
@@ -67,8 +93,13 @@ def test_ome_tiff_metadata_kept(tmp_path):
 def test_imagej_hyperstack_metadata_kept(tmp_path):
     data = _rng((2, 5, 2, 16, 18), seed=1)
     tif = str(tmp_path / "hyper.tif")
-    tifffile.imwrite(tif, data, imagej=True, resolution=(1 / 0.25, 1 / 0.25),
-                     metadata={"axes": "TZCYX", "spacing": 1.5, "unit": "\\u00B5m", "Ranges": [10, 900, 20, 1800]})
+    tifffile.imwrite(
+        tif,
+        data,
+        imagej=True,
+        resolution=(1 / 0.25, 1 / 0.25),
+        metadata={"axes": "TZCYX", "spacing": 1.5, "unit": "\\u00B5m", "Ranges": [10, 900, 20, 1800]},
+    )
     img = open_image(convert_tiff(tif, str(tmp_path / "h.ome.zarr")))
     assert img.axis_names == ["t", "c", "z", "y", "x"]
     assert img.scales[0] == pytest.approx([1.0, 1.0, 1.5, 0.25, 0.25])
@@ -78,25 +109,41 @@ def test_imagej_hyperstack_metadata_kept(tmp_path):
     np.testing.assert_array_equal(img.level(0)[...], data.transpose(0, 2, 1, 3, 4))
 
     nm = str(tmp_path / "nm.tif")
-    tifffile.imwrite(nm, data[0, :, 0], imagej=True, resolution=(1 / 80.0, 1 / 80.0),
-                     metadata={"axes": "ZYX", "spacing": 200.0, "unit": "nm"})
+    tifffile.imwrite(
+        nm,
+        data[0, :, 0],
+        imagej=True,
+        resolution=(1 / 80.0, 1 / 80.0),
+        metadata={"axes": "ZYX", "spacing": 200.0, "unit": "nm"},
+    )
     img = open_image(convert_tiff(nm, str(tmp_path / "nm.ome.zarr")))
     assert img.scales[0] == pytest.approx([200.0, 80.0, 80.0])
     assert [a["unit"] for a in img.axes] == ["nanometer"] * 3  # nm stays nm
 
 
 def test_unit_names():
-    assert [ngff_unit(u) for u in ("nm", "µm", "um", "micron", "\\u00B5m".encode().decode("unicode_escape"),
-                                   "Å", "mm", "micrometer", "parsec")] == \
-        ["nanometer", "micrometer", "micrometer", "micrometer", "micrometer", "angstrom", "millimeter",
-         "micrometer", "parsec"]
+    assert [
+        ngff_unit(u)
+        for u in ("nm", "µm", "um", "micron", b"\\u00B5m".decode("unicode_escape"), "Å", "mm", "micrometer", "parsec")
+    ] == [
+        "nanometer",
+        "micrometer",
+        "micrometer",
+        "micrometer",
+        "micrometer",
+        "angstrom",
+        "millimeter",
+        "micrometer",
+        "parsec",
+    ]
 
 
 def test_tiff_input_for_run(tmp_path):
     data = _rng((8, 20, 20), seed=2)
     tif = str(tmp_path / "stack.ome.tif")
-    tifffile.imwrite(tif, data, metadata={"axes": "ZYX", "PhysicalSizeZ": 1.0, "PhysicalSizeY": 0.2,
-                                          "PhysicalSizeX": 0.2})
+    tifffile.imwrite(
+        tif, data, metadata={"axes": "ZYX", "PhysicalSizeZ": 1.0, "PhysicalSizeY": 0.2, "PhysicalSizeX": 0.2}
+    )
     out = str(tmp_path / "results" / "out.ome.zarr")
     os.makedirs(os.path.dirname(out))
     z1 = as_ome_zarr(tif, near=out, quiet=True)
@@ -118,8 +165,7 @@ def _upper_case_input(tmp_path, version="0.5"):
     """An input with iohub-style axis names ("Z", "Y", "X") and omero version "0.5"."""
     vol = _rng((16, 48, 48), seed=3, hi=1000)
     vol[3, 10, 10] = vol[12, 40, 30] = 60000  # two bright outliers the window must ignore
-    src = write_ome_zarr(vol, str(tmp_path / "upper.ome.zarr"), voxel_size=(2.0, 0.5, 0.5), ngff=version,
-                         name="sample")
+    src = write_ome_zarr(vol, str(tmp_path / "upper.ome.zarr"), voxel_size=(2.0, 0.5, 0.5), ngff=version, name="sample")
     import zarr
 
     g = zarr.open_group(src, mode="r+")
@@ -147,8 +193,9 @@ def test_viewer_metadata_window_name_axes_version(tmp_path):
     pf = pyramid_factors(up.shape, [0, 1, 2], min_shape=16)
     paths = build_pyramid(g, fmt, ["z", "y", "x"], "0", [0, 1, 2], pf, (16, 32, 32), up.dtype)
     s0, t0 = upsampled_transform(img.scales[0], img.translations[0], f)
-    ome = multiscales_metadata(img.axes, pyramid_datasets(s0, t0, [0, 1, 2], pf, paths), name=img.name,
-                               version=fmt.version)
+    ome = multiscales_metadata(
+        img.axes, pyramid_datasets(s0, t0, [0, 1, 2], pf, paths), name=img.name, version=fmt.version
+    )
     ome = viewer_metadata(ome, img, g[paths[-1]], fmt.version, f)
     fmt.write_ome_attrs(g, ome)
     ome_zarr_models.open_ome_zarr(out)
@@ -181,7 +228,7 @@ def test_display_window_reads_only_sampled_chunks(tmp_path, monkeypatch):
             reads.append(key)
             return arr[key]
 
-    monkeypatch.setattr(ngff, "WINDOW_VOXELS", 8 * 16 ** 3)
+    monkeypatch.setattr(ngff, "WINDOW_VOXELS", 8 * 16**3)
     om = ngff.omero_metadata(Counting(), ["z", "y", "x"], version="0.5")
     assert len(reads) == 8  # 8 of 64 chunks
     assert all(k != Ellipsis for k in reads)
@@ -190,10 +237,14 @@ def test_display_window_reads_only_sampled_chunks(tmp_path, monkeypatch):
 
 
 def test_spec_axes():
-    axes = spec_axes([{"name": "T", "type": "Time"}, {"name": "C", "type": "channel"},
-                      {"name": "Z", "type": "space", "unit": "µm"}])
-    assert axes == [{"name": "t", "type": "time"}, {"name": "c", "type": "channel"},
-                    {"name": "z", "type": "space", "unit": "micrometer"}]
+    axes = spec_axes(
+        [{"name": "T", "type": "Time"}, {"name": "C", "type": "channel"}, {"name": "Z", "type": "space", "unit": "µm"}]
+    )
+    assert axes == [
+        {"name": "t", "type": "time"},
+        {"name": "c", "type": "channel"},
+        {"name": "z", "type": "space", "unit": "micrometer"},
+    ]
 
 
 @pytest.mark.parametrize("version", ["0.4", "0.5"])
@@ -211,8 +262,15 @@ def test_pipeline_writes_viewer_metadata(tmp_path, version):
 
     src, _ = _upper_case_input(tmp_path)
     out = str(tmp_path / "enh.ome.zarr")
-    pipeline.enhance(src, out, make_model((2, 2, 2), bp=0, hi=1000.0), scheduler="sync", ngff=version,
-                     dtype="float32", progress=False)
+    pipeline.enhance(
+        src,
+        out,
+        make_model((2, 2, 2), bp=0, hi=1000.0),
+        scheduler="sync",
+        ngff=version,
+        dtype="float32",
+        progress=False,
+    )
     res = open_image(out)
     assert res.fmt.version == version and res.omero["version"] == version
     assert res.axis_names == ["z", "y", "x"] and res.name == "sample (svision x2)"
@@ -254,8 +312,9 @@ def test_view_bead_world_positions_agree(tmp_path):
     for url in (inp,):
         g = zarr.open_group(url, mode="r+")
         a = g.attrs.asdict()
-        a["ome"]["multiscales"][0]["coordinateTransformations"] = [{"type": "translation",
-                                                                    "translation": [5.0, -3.0, 1.0]}]
+        a["ome"]["multiscales"][0]["coordinateTransformations"] = [
+            {"type": "translation", "translation": [5.0, -3.0, 1.0]}
+        ]
         g.attrs.update(a)
     img = open_image(inp)
     up = resize(torch.from_numpy(vol.astype(np.float64))[None, None], f, up=True)[0, 0].numpy().astype(np.float32)
@@ -390,10 +449,12 @@ def test_compare_notebook_runs_and_draws(tmp_path, monkeypatch):
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # stripped in git
     monkeypatch.setenv("SVB_NOTEBOOK_STEPS", "30")
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
-    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-              if "image/png" in o.get("data", {})]
+    nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    images = [
+        o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})
+    ]
     assert len(images) >= 2
     assert (tmp_path / "nb_compare.png").exists() and (tmp_path / "nb_self.json").exists()
     rep = json.load(open(tmp_path / "nb_compare.json"))
@@ -409,8 +470,18 @@ def test_cli_run_on_a_tiff_then_compare(tmp_path):
 
     data = _rng((8, 24, 24), seed=3)
     tif = str(tmp_path / "stack.ome.tif")
-    tifffile.imwrite(tif, data, metadata={"axes": "ZYX", "PhysicalSizeZ": 1.0, "PhysicalSizeY": 200.0,
-                                          "PhysicalSizeYUnit": "nm", "PhysicalSizeX": 200.0, "PhysicalSizeXUnit": "nm"})
+    tifffile.imwrite(
+        tif,
+        data,
+        metadata={
+            "axes": "ZYX",
+            "PhysicalSizeZ": 1.0,
+            "PhysicalSizeY": 200.0,
+            "PhysicalSizeYUnit": "nm",
+            "PhysicalSizeX": 200.0,
+            "PhysicalSizeXUnit": "nm",
+        },
+    )
     out = str(tmp_path / "out.ome.zarr")
     assert main(["run", tif, out, "--factor", "2", "--steps", "3", "--scheduler", "sync", "--quiet"]) == 0
     img = open_image(out)

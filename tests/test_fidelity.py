@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import make_model, smooth_volume
 
 import svision_big as svb
+from conftest import make_model, smooth_volume
 from svision_big import pipeline, synthetic
 from svision_big.convert import write_ome_zarr
 from svision_big.degrade import resize
@@ -44,6 +44,7 @@ def test_blind_filter_denoises_without_a_noise_model():
     with torch.inference_mode():
         den = predict(net, torch.from_numpy(noisy), 1).numpy()
     from scipy import ndimage
+
     ref = ndimage.correlate(noisy.astype(np.float64), w, mode="reflect") + off  # mirrored faces, x[-1] = x[0]
     assert np.abs(den - ref).max() < 1e-4
     rng = float(clean.max())
@@ -79,8 +80,9 @@ def test_denoising_stage_is_seamless_in_the_pipeline(tmp_path):
     vol = np.ascontiguousarray(noisy[:15, :45, :38])
     src = str(tmp_path / "in.ome.zarr")
     write_ome_zarr(vol, src, axes="zyx", ngff="0.5")
-    stats = pipeline.enhance(src, str(tmp_path / "out.ome.zarr"), model, scheduler="sync", block=(8, 32, 24),
-                             dtype="float32", progress=False)
+    stats = pipeline.enhance(
+        src, str(tmp_path / "out.ome.zarr"), model, scheduler="sync", block=(8, 32, 24), dtype="float32", progress=False
+    )
     out = open_image(str(tmp_path / "out.ome.zarr")).level(0)[...]
     ref = model.enhance(vol, dtype="float32")
     assert float(np.abs(out - ref).max()) <= 1e-5 * float(ref.max() - ref.min())
@@ -172,6 +174,7 @@ def test_bad_acquisition_and_psf_are_refused(tmp_path, capsys):
     with pytest.raises(ValueError, match="psf_fwhm"):
         svb.fit(vol, factor=2, steps=1, quiet=True, psf_fwhm=(1.0, 2.0))
     from svision_big.cli import main
+
     src = str(tmp_path / "in.ome.zarr")
     write_ome_zarr(vol, src, axes="zyx", ngff="0.5")
     assert main(["train", src, "-o", str(tmp_path / "m.svb"), "--factor", "2", "--psf-fwhm", "-1"]) == 2

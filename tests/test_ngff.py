@@ -206,9 +206,7 @@ def test_pyramid_factors():
 def test_build_pyramid_block_mean(tmp_path, dtype, version):
     fmt = format_for(version)
     data = _rng_image((1, 23, 77, 51), dtype=dtype, seed=3)  # odd sizes everywhere
-    axes = [{"name": "c", "type": "channel"}] + [
-        {"name": n, "type": "space", "unit": "micrometer"} for n in "zyx"
-    ]
+    axes = [{"name": "c", "type": "channel"}] + [{"name": n, "type": "space", "unit": "micrometer"} for n in "zyx"]
     group = open_output_group(str(tmp_path / "p.zarr"), fmt, mode="w-")
     a0 = fmt.create_array(group, "0", data.shape, (1, 8, 16, 16), dtype, ["c", "z", "y", "x"])
     a0[...] = data
@@ -271,8 +269,7 @@ def test_build_pyramid_sharded_writes(tmp_path):
     a0 = fmt.create_array(group, "0", data.shape, (8, 8, 8), data.dtype, "zyx", shards=(16, 16, 16))
     a0[...] = data
     rec = _RecordingFormat()
-    build_pyramid(group, rec, list("zyx"), "0", [0, 1, 2], [(2, 2, 2)], (8, 8, 8), data.dtype,
-                  shards=(16, 16, 16))
+    build_pyramid(group, rec, list("zyx"), "0", [0, 1, 2], [(2, 2, 2)], (8, 8, 8), data.dtype, shards=(16, 16, 16))
     assert group["1"].shards == (16, 16, 16) and group["1"].shape == (20, 35, 35)
     np.testing.assert_array_equal(group["1"][...], np.round(_block_mean(data, (2, 2, 2))).astype(data.dtype))
     starts = []
@@ -355,25 +352,54 @@ def _dir_with_file(tmp_path):
 
 # Each case: (call on tmp_path, exception, message, path that must not exist afterwards or None).
 _ERRORS = {
-    "missing tiff": (lambda t: convert_tiff(str(t / "missing.tif"), str(t / "o.zarr")),
-                     NgffError, "does not exist", "o.zarr"),
+    "missing tiff": (
+        lambda t: convert_tiff(str(t / "missing.tif"), str(t / "o.zarr")),
+        NgffError,
+        "does not exist",
+        "o.zarr",
+    ),
     "not a tiff": (lambda t: convert_tiff(_bad_tiff(t), str(t / "o.zarr")), NgffError, "not a readable TIFF", "o.zarr"),
     "missing image": (lambda t: open_image(str(t / "nothing.zarr")), NgffError, r"does not exist$", "nothing.zarr"),
     "no multiscales": (lambda t: open_image(_plain_group(t)), NgffError, "no 'multiscales' metadata", None),
     "not a group": (lambda t: open_image(_dir_with_file(t)), NgffError, "not a zarr group", None),
-    "version 0.3": (lambda t: open_image(_old_group(t, [{"version": "0.3", "axes": ["z", "y", "x"],
-                                                          "datasets": [{"path": "0"}]}])),
-                    NgffError, "unsupported NGFF version 0.3", None),
-    "no axes (0.1/0.2)": (lambda t: open_image(_old_group(t, [{"datasets": [{"path": "0"}]}])),
-                          NgffError, "unsupported NGFF version", None),
+    "version 0.3": (
+        lambda t: open_image(_old_group(t, [{"version": "0.3", "axes": ["z", "y", "x"], "datasets": [{"path": "0"}]}])),
+        NgffError,
+        "unsupported NGFF version 0.3",
+        None,
+    ),
+    "no axes (0.1/0.2)": (
+        lambda t: open_image(_old_group(t, [{"datasets": [{"path": "0"}]}])),
+        NgffError,
+        "unsupported NGFF version",
+        None,
+    ),
     "format 0.3": (lambda t: format_for("0.3"), ValueError, "unsupported NGFF version '0.3': use 0.4 or 0.5", None),
     # Never truncate an existing store; never delete something that is not zarr.
-    "mode w on a store": (lambda t: open_output_group(_plain_group(t), FormatV05(), mode="w"), NgffError, "mode 'w'", None),
-    "v2 format on a v3 store": (lambda t: open_output_group(_plain_group(t), FormatV04()), NgffError, "needs zarr v2", None),
-    "overwrite a non-zarr folder": (lambda t: write_ome_zarr(np.zeros((4, 4), np.uint8), _dir_with_file(t), axes="yx",
-                                                             overwrite=True), NgffError, "not a zarr store", None),
-    "voxel_size length": (lambda t: write_ome_zarr(np.zeros((4, 4, 4), np.uint8), str(t / "v.zarr"), voxel_size=(1, 1)),
-                          ValueError, "voxel_size", None),
+    "mode w on a store": (
+        lambda t: open_output_group(_plain_group(t), FormatV05(), mode="w"),
+        NgffError,
+        "mode 'w'",
+        None,
+    ),
+    "v2 format on a v3 store": (
+        lambda t: open_output_group(_plain_group(t), FormatV04()),
+        NgffError,
+        "needs zarr v2",
+        None,
+    ),
+    "overwrite a non-zarr folder": (
+        lambda t: write_ome_zarr(np.zeros((4, 4), np.uint8), _dir_with_file(t), axes="yx", overwrite=True),
+        NgffError,
+        "not a zarr store",
+        None,
+    ),
+    "voxel_size length": (
+        lambda t: write_ome_zarr(np.zeros((4, 4, 4), np.uint8), str(t / "v.zarr"), voxel_size=(1, 1)),
+        ValueError,
+        "voxel_size",
+        None,
+    ),
 }
 
 

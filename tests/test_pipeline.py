@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import smooth_volume
 
 import svision_big as svb
+from conftest import smooth_volume
 from svision_big import pipeline
 from svision_big.cli import main as cli_main
 from svision_big.convert import write_ome_zarr
@@ -26,7 +26,6 @@ from svision_big.ngff import NgffError, open_image
 from svision_big.operator import plan_passes
 from svision_big.plan import BlockPlan
 from svision_big.testing import make_model
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.one_torch_thread
 
@@ -53,20 +52,24 @@ def _write_input(tmp_path, vol, axes="zyx", ngff="0.5", name="in.ome.zarr", voxe
 # --------------------------------------------------------------------------- 1. seamless
 
 
-@pytest.mark.parametrize("factors,shape,block", [
-    ((2, 2, 2), (21, 45, 38), (16, 32, 24)),
-    ((2, 2, 2), (21, 45, 38), (14, 50, 64)),
-    ((2, 1, 1), (23, 30, 41), (8, 16, 24)),
-    ((4, 2, 2), (9, 27, 25), (12, 18, 20)),
-    ((2, 2), (75, 61), (32, 22)),
-])
+@pytest.mark.parametrize(
+    "factors,shape,block",
+    [
+        ((2, 2, 2), (21, 45, 38), (16, 32, 24)),
+        ((2, 2, 2), (21, 45, 38), (14, 50, 64)),
+        ((2, 1, 1), (23, 30, 41), (8, 16, 24)),
+        ((4, 2, 2), (9, 27, 25), (12, 18, 20)),
+        ((2, 2), (75, 61), (32, 22)),
+    ],
+)
 def test_chunked_equals_whole_volume(tmp_path, factors, shape, block):
     model = make_model(factors, bp=1, final_bp=1)
     vol = smooth_volume(shape, seed=1)
     axes = "zyx" if len(shape) == 3 else "yx"
     src = _write_input(tmp_path, vol, axes=axes)
-    stats = pipeline.enhance(src, str(tmp_path / "out.ome.zarr"), model, scheduler="sync", block=block,
-                             dtype="float32", progress=False)
+    stats = pipeline.enhance(
+        src, str(tmp_path / "out.ome.zarr"), model, scheduler="sync", block=block, dtype="float32", progress=False
+    )
     out = open_image(str(tmp_path / "out.ome.zarr")).level(0)[...]
     ref = model.enhance(vol, dtype="float32")
     assert out.shape == ref.shape
@@ -115,10 +118,19 @@ def test_local_cluster_workers_load_model_once(tmp_path):
     model = make_model((2, 2, 2), bp=1)
     vol = smooth_volume((18, 40, 36), seed=2)
     src = _write_input(tmp_path, vol)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
-        stats = pipeline.enhance(src, str(tmp_path / "out.ome.zarr"), model, client=client, block=(12, 24, 24),
-                                 dtype="float32", progress=False)
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        stats = pipeline.enhance(
+            src,
+            str(tmp_path / "out.ome.zarr"),
+            model,
+            client=client,
+            block=(12, 24, 24),
+            dtype="float32",
+            progress=False,
+        )
         loaded = client.run(lambda: sorted(ex._MODELS))
         threads = client.run(lambda: torch.get_num_threads())
     assert all(v == [model.hash] for v in loaded.values()) and len(loaded) == 2
@@ -129,8 +141,20 @@ def test_local_cluster_workers_load_model_once(tmp_path):
 
 
 def test_task_payload_is_small_and_has_no_weights(tmp_path):
-    job = Job("in", "0", "out", "0", BlockPlan((100, 100, 100), (2, 2, 2), (64, 64, 64), (9, 9, 9)),
-              (0, 1, 2), (), (), ("abc",), None, "float32", "out/state/done")
+    job = Job(
+        "in",
+        "0",
+        "out",
+        "0",
+        BlockPlan((100, 100, 100), (2, 2, 2), (64, 64, 64), (9, 9, 9)),
+        (0, 1, 2),
+        (),
+        (),
+        ("abc",),
+        None,
+        "float32",
+        "out/state/done",
+    )
     assert len(pickle.dumps(job)) < 2000
 
 
@@ -161,7 +185,9 @@ def test_output_metadata_is_valid_and_overlays_input(tmp_path, ngff):
     vol = smooth_volume((12, 70, 70), seed=4, dtype=np.uint16, scale=3000)
     src = _write_input(tmp_path, vol, ngff=ngff, voxel=(2.0, 0.5, 0.5))
     out = str(tmp_path / "out.ome.zarr")
-    pipeline.enhance(src, out, make_model((2, 2, 2), bp=1, hi=3000.0), scheduler="sync", block=(16, 64, 64), progress=False)
+    pipeline.enhance(
+        src, out, make_model((2, 2, 2), bp=1, hi=3000.0), scheduler="sync", block=(16, 64, 64), progress=False
+    )
     del model
     validated = ome_zarr_models.open_ome_zarr(out)
     assert validated.ome_zarr_version == ngff
@@ -231,8 +257,12 @@ def test_killed_run_resumes_to_identical_result(tmp_path):
     assert _cli("enhance", src, ref_out, *args).returncode == 0
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "svision_big.cli", "enhance", src, out, *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "svision_big.cli", "enhance", src, out, *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     state = os.path.join(out, "svision_state")
 
     def done_in_last_pass():  # the network pass, then back-projection (pass p1) writes the output
@@ -338,8 +368,28 @@ def test_cli_progress_as_json_lines_and_log_file(tmp_path, capsys):
     vol = smooth_volume((8, 32, 32), seed=13, dtype=np.uint16, scale=2000)
     src = _write_input(tmp_path, vol)
     out, log = str(tmp_path / "out.ome.zarr"), str(tmp_path / "job.log")
-    assert cli_main(["run", src, out, "--factor", "2", "--steps", "4", "--scheduler", "sync", "--block", "16,32,32",
-                     "--progress", "json", "--log-file", log]) == 0
+    assert (
+        cli_main(
+            [
+                "run",
+                src,
+                out,
+                "--factor",
+                "2",
+                "--steps",
+                "4",
+                "--scheduler",
+                "sync",
+                "--block",
+                "16,32,32",
+                "--progress",
+                "json",
+                "--log-file",
+                log,
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     recs = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     assert recs and all(r["event"] == "progress" and {"done", "total", "eta_s", "rate_per_s"} <= set(r) for r in recs)
@@ -349,7 +399,9 @@ def test_cli_progress_as_json_lines_and_log_file(tmp_path, capsys):
     logged = [json.loads(line) for line in open(log)]
     assert [r["done"] for r in logged] == [r["done"] for r in recs]
     assert progress._SETTINGS["format"] == "text"  # restored for in-process callers
-    assert cli_main(["run", src, str(tmp_path / "o2"), "--factor", "2", "--log-file", str(tmp_path / "no" / "x.log")]) == 2
+    assert (
+        cli_main(["run", src, str(tmp_path / "o2"), "--factor", "2", "--log-file", str(tmp_path / "no" / "x.log")]) == 2
+    )
     assert not (tmp_path / "o2").exists()
 
 
@@ -386,14 +438,23 @@ def cli_inputs(tmp_path_factory):
 
 # Each bad invocation: exit 2, the message on stderr, and the output it names not created.
 _CLI_ERRORS = {
-    "model exists": (["train", "{src}", "-o", "{model}", "--factor", "2", "--steps", "5", "--quiet"],
-                     "already exists", None),
+    "model exists": (
+        ["train", "{src}", "-o", "{model}", "--factor", "2", "--steps", "5", "--quiet"],
+        "already exists",
+        None,
+    ),
     "missing input": (["enhance", "{d}/missing.ome.zarr", "{d}/o2", "--model", "{model}"], "does not exist", "o2"),
-    "bad model file": (["enhance", "{src}", "{d}/o3", "--model", "{d}/bad.svb", "--scheduler", "sync"],
-                       "not a readable svision-big model", "o3"),
+    "bad model file": (
+        ["enhance", "{src}", "{d}/o3", "--model", "{d}/bad.svb", "--scheduler", "sync"],
+        "not a readable svision-big model",
+        "o3",
+    ),
     "factor 3": (["train", "{src}", "-o", "{d}/m2.svb", "--factor", "3"], "1, 2 or 4", "m2.svb"),
-    "block not a multiple": (["enhance", "{src}", "{d}/o4", "--model", "{model}", "--scheduler", "sync",
-                              "--block", "7,16,16"], "multiple of the factors", "o4"),
+    "block not a multiple": (
+        ["enhance", "{src}", "{d}/o4", "--model", "{model}", "--scheduler", "sync", "--block", "7,16,16"],
+        "multiple of the factors",
+        "o4",
+    ),
 }
 
 
@@ -438,8 +499,14 @@ def test_enhance_s3_to_s3_is_seamless_and_resumable(s3_server):
     src, out = "s3://pipeline-bucket/in.ome.zarr", "s3://pipeline-bucket/out.ome.zarr"
     write_ome_zarr(vol, src, voxel_size=(2, 1, 1), storage_options=s3_server)
     model = make_model((2, 2, 2), bp=1)
-    kw = dict(scheduler="sync", block=(12, 40, 36), dtype="float32", progress=False,
-              storage_options=s3_server, output_storage_options=s3_server)
+    kw = dict(
+        scheduler="sync",
+        block=(12, 40, 36),
+        dtype="float32",
+        progress=False,
+        storage_options=s3_server,
+        output_storage_options=s3_server,
+    )
     stats = pipeline.enhance(src, out, model, **kw)
     assert stats["computed"] == 8 and fs.exists("pipeline-bucket/out.ome.zarr/zarr.json")
     img = open_image(out, storage_options=s3_server)
@@ -493,8 +560,9 @@ def test_bfloat16_is_seamless_close_to_float32_and_recorded(tmp_path):
     vol = smooth_volume((21, 45, 38), seed=3)
     src = _write_input(tmp_path, vol)
     out = str(tmp_path / "out.ome.zarr")
-    pipeline.enhance(src, out, model, scheduler="sync", block=(16, 32, 24), dtype="float32", progress=False,
-                     precision="bfloat16")
+    pipeline.enhance(
+        src, out, model, scheduler="sync", block=(16, 32, 24), dtype="float32", progress=False, precision="bfloat16"
+    )
     got = open_image(out).level(0)[...]
     ref16 = model.enhance(vol, dtype="float32", precision="bfloat16")
     ref32 = model.enhance(vol, dtype="float32")

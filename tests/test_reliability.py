@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import smooth_volume
 
+from conftest import smooth_volume
 from svision_big import pipeline
 from svision_big.cli import main as cli_main
 from svision_big.convert import write_ome_zarr
@@ -65,9 +65,14 @@ def _assert_same_image(a, b) -> None:
 
 
 def _env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE",
-                PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                            os.environ.get("PYTHONPATH", "")]))
+    return dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        OMP_WAIT_POLICY="PASSIVE",
+        PYTHONPATH=os.pathsep.join(
+            [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")]
+        ),
+    )
 
 
 @pytest.fixture
@@ -172,8 +177,11 @@ def test_lock_of_a_live_run_refuses_naming_its_owner_and_break_lock_takes_it(sma
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, lock], stdout=subprocess.PIPE, text=True, env=_env())
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(OutputLocked, match=rf"being written by another run \(pid {holder.pid} on "
-                                               rf"{socket.gethostname()}, started .*--break-lock"):
+        with pytest.raises(
+            OutputLocked,
+            match=rf"being written by another run \(pid {holder.pid} on "
+            rf"{socket.gethostname()}, started .*--break-lock",
+        ):
             pipeline.enhance(src, out, model, **SYNC)
         assert sorted(_tree(out)) == ["svision_state", "svision_state/lock"]  # nothing written beside the lock
         rc = cli_main(["enhance", src, out, "--model", str(tmp_path / "m.svb"), "--scheduler", "sync", "--quiet"])
@@ -235,8 +243,16 @@ def test_two_runs_started_together_into_one_output_one_writes(small, tmp_path):
     ref = str(tmp_path / "ref.ome.zarr")
     args = ["enhance", src, out, "--model", model_path, "--scheduler", "sync", "--block", "8,16,16", "--quiet"]
     go = str(tmp_path / "go")
-    procs = [subprocess.Popen([sys.executable, "-c", _RACER, go, *args], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=_env()) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACER, go, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
+        for _ in range(3)
+    ]
     time.sleep(4.0)  # imports done (about 2 s here)
     open(go, "w").close()
     results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
@@ -275,8 +291,26 @@ def test_setup_killed_at_every_step_resumes_to_the_clean_result(small, tmp_path,
     seen = []
     for k, step in enumerate(SETUP_STEPS):
         out = str(tmp_path / f"out{k}.ome.zarr")
-        p = subprocess.run([sys.executable, "-c", _KILL_AT, step, "enhance", src, out, "--model", model_path,
-                            "--scheduler", "sync", "--quiet"], env=_env(), capture_output=True, text=True, timeout=120)
+        p = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                _KILL_AT,
+                step,
+                "enhance",
+                src,
+                out,
+                "--model",
+                model_path,
+                "--scheduler",
+                "sync",
+                "--quiet",
+            ],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert p.returncode == -signal.SIGKILL, p.stderr
         seen.append(tuple(sorted((k, v) for k, v in _tree(out).items() if k != "svision_state/lock")))
         stats = pipeline.enhance(src, out, model, **SYNC)  # the plain re-run: no flag, no manual repair
@@ -331,7 +365,7 @@ def _with_nans(tmp_path, n: int = 16, name="nan.ome.zarr", **kw) -> tuple[str, n
     flat = vol.reshape(-1)
     idx = np.random.default_rng(0).choice(flat.size, n, replace=False)
     flat[idx[: n // 2]] = np.nan
-    flat[idx[n // 2:]] = np.inf
+    flat[idx[n // 2 :]] = np.inf
     return _write_input(tmp_path / name, vol, **kw), vol
 
 
@@ -370,8 +404,14 @@ def test_enhance_refuses_nonfinite_input_or_fills_and_counts_them(small, tmp_pat
 
 def _chunked_input(tmp_path, name="chunked.ome.zarr") -> str:
     """16x32x32 in 8x16x16 chunks: eight chunks on level 0."""
-    return str(write_ome_zarr(smooth_volume((16, 32, 32), seed=5, dtype=np.uint16, scale=900),
-                              str(tmp_path / name), voxel_size=(2.0, 0.5, 0.5), chunks=(8, 16, 16)))
+    return str(
+        write_ome_zarr(
+            smooth_volume((16, 32, 32), seed=5, dtype=np.uint16, scale=900),
+            str(tmp_path / name),
+            voxel_size=(2.0, 0.5, 0.5),
+            chunks=(8, 16, 16),
+        )
+    )
 
 
 def test_missing_input_chunks_are_counted_warned_and_refused_under_strict(small, tmp_path, capsys):
@@ -411,15 +451,19 @@ def test_summary_counts_every_pass_after_a_resume(small, tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     # pass 1 (network, 64 blocks) finished in the first run, 3 blocks of pass 2 (64) too
-    assert "61 blocks computed, 67 already done over 2 pass(es) (pass 1: 0 computed, 64 done; " \
-           "pass 2: 61 computed, 3 done)" in text
+    assert (
+        "61 blocks computed, 67 already done over 2 pass(es) (pass 1: 0 computed, 64 done; "
+        "pass 2: 61 computed, 3 done)" in text
+    )
 
 
 def test_a_complete_output_holds_no_run_state_and_records_the_input_absolutely(tmp_path, monkeypatch):
     vol = smooth_volume((12, 24, 24), seed=9, dtype=np.uint16, scale=800)
     _write_input(tmp_path / "in.ome.zarr", vol)
     monkeypatch.chdir(tmp_path)
-    stats = pipeline.run("in.ome.zarr", "out.ome.zarr", 2, steps=2, quiet=True, acquisition="cubic", **{"scheduler": "sync"})
+    stats = pipeline.run(
+        "in.ome.zarr", "out.ome.zarr", 2, steps=2, quiet=True, acquisition="cubic", **{"scheduler": "sync"}
+    )
     out = tmp_path / "out.ome.zarr"
     prov = open_image(str(out)).group.attrs["svision_big"]
     assert prov["input"] == str(tmp_path / "in.ome.zarr")
@@ -464,7 +508,7 @@ def test_model_with_flipped_weight_bytes_is_refused_naming_the_file(tmp_path):
     off, size = _biggest_record(path)
     assert size >= 128
     data = bytearray(open(path, "rb").read())
-    data[off + size // 2: off + size // 2 + 64] = bytes(b ^ 0xFF for b in data[off + size // 2: off + size // 2 + 64])
+    data[off + size // 2 : off + size // 2 + 64] = bytes(b ^ 0xFF for b in data[off + size // 2 : off + size // 2 + 64])
     open(path, "wb").write(bytes(data))
     with pytest.raises(ModelFileError, match=rf"^{path} is corrupt: record .* fails its checksum"):
         load_model(path)
@@ -510,6 +554,7 @@ def test_model_header_sizes_are_checked_before_anything_is_allocated(tmp_path):
             head["stages"][0]["config"]["features"] = n
             obj["header"] = json.dumps(head)
             obj.pop("digest")
+
         return edit
 
     p = _resave(good.save(tmp_path / "big.svb"), features(2000))
@@ -517,8 +562,11 @@ def test_model_header_sizes_are_checked_before_anything_is_allocated(tmp_path):
         load_model(p)
     p = _resave(good.save(tmp_path / "mid.svb"), features(400))  # plausible size, but not these weights
     t0 = time.perf_counter()
-    with pytest.raises(ModelFileError, match=r"stage 0's header does not match its weights \(body.0.weight: "
-                                             r"header \(400, 1, 5, 5, 5\), weights \(16, 1, 5, 5, 5\)\)"):
+    with pytest.raises(
+        ModelFileError,
+        match=r"stage 0's header does not match its weights \(body.0.weight: "
+        r"header \(400, 1, 5, 5, 5\), weights \(16, 1, 5, 5, 5\)\)",
+    ):
         load_model(p)
     assert time.perf_counter() - t0 < 2.0
 
@@ -549,7 +597,7 @@ def sweep(tmp_path_factory):
     path = good.save(d / "flipped.svb")
     off, size = _biggest_record(path)
     data = bytearray(open(path, "rb").read())
-    data[off + size // 2: off + size // 2 + 64] = bytes(64)
+    data[off + size // 2 : off + size // 2 + 64] = bytes(64)
     open(path, "wb").write(bytes(data))
     (d / "modeldir.svb").mkdir()
     (d / "theirs").mkdir()
@@ -587,9 +635,18 @@ _SWEEP = [  # (what, argv with {d} for the fixture folder): each must be exit 2,
     ("nan input", "enhance {d}/nan.ome.zarr {d}/o --model {d}/m.svb --scheduler sync"),
     ("shards on 0.4", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --scheduler sync --shards --ngff 0.4"),
     ("ngff 0.3", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --scheduler sync --ngff 0.3"),
-    ("precision float16 on cpu", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --scheduler sync --precision float16 --device cpu"),
-    ("storage options not json", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --scheduler sync --storage-options {{x"),
-    ("storage options a list", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --scheduler sync --storage-options [1]"),
+    (
+        "precision float16 on cpu",
+        "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --scheduler sync --precision float16 --device cpu",
+    ),
+    (
+        "storage options not json",
+        "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --scheduler sync --storage-options {{x",
+    ),
+    (
+        "storage options a list",
+        "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --scheduler sync --storage-options [1]",
+    ),
     ("no --model", "enhance {d}/in.ome.zarr {d}/o --scheduler sync"),
     ("sync and workers", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --scheduler sync --workers 2"),
     ("unknown flag", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --bogus"),
@@ -632,7 +689,6 @@ def test_every_bad_invocation_is_one_line_exit_2_and_changes_nothing(sweep, what
     assert _tree(sweep) == before, what  # the input, the models and the other folders: unchanged, nothing created
 
 
-
 # --------------------------------------------------------------------------- corrupt input chunk (issue 14.8)
 
 
@@ -654,8 +710,11 @@ def test_corrupt_input_chunk_is_named_retried_then_resumes_after_repair(small, t
         return real_open(url, path, *a, **k)
 
     monkeypatch.setattr(execute, "_open_array", counting)
-    with pytest.raises(OSError, match=rf"{src}/0: chunk c/1/0/1 cannot be read \(.*\), needed by block \d+ of .*"
-                                      rf"stopped after 3 attempts"):
+    with pytest.raises(
+        OSError,
+        match=rf"{src}/0: chunk c/1/0/1 cannot be read \(.*\), needed by block \d+ of .*"
+        rf"stopped after 3 attempts",
+    ):
         pipeline.enhance(src, out, model, block=(8, 16, 16), **SYNC)
     assert calls[-3:] == [(src, "0", False)] * 3 and calls[-4][2] is True  # 3 reads of the failing block, no more
     monkeypatch.undo()
@@ -682,15 +741,39 @@ def _dask_cluster(tmp_path, name: str) -> tuple[str, list[subprocess.Popen]]:
     dask_bin = os.path.join(os.path.dirname(sys.executable), "dask")
     sfile = str(tmp_path / f"{name}.json")
     logs = open(tmp_path / f"{name}.log", "w")
-    procs = [subprocess.Popen([dask_bin, "scheduler", "--scheduler-file", sfile, "--port", "0", "--no-dashboard",
-                               "--host", "127.0.0.1"], env=_env(), stdout=logs, stderr=logs)]
+    procs = [
+        subprocess.Popen(
+            [dask_bin, "scheduler", "--scheduler-file", sfile, "--port", "0", "--no-dashboard", "--host", "127.0.0.1"],
+            env=_env(),
+            stdout=logs,
+            stderr=logs,
+        )
+    ]
     deadline = time.time() + 30
     while not os.path.exists(sfile) and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.2)
-    procs.append(subprocess.Popen([dask_bin, "worker", "--scheduler-file", sfile, "--nworkers", "1", "--nthreads", "1",
-                                   "--no-dashboard", "--host", "127.0.0.1"], env=_env(), stdout=logs, stderr=logs,
-                                  cwd=str(tmp_path)))
+    procs.append(
+        subprocess.Popen(
+            [
+                dask_bin,
+                "worker",
+                "--scheduler-file",
+                sfile,
+                "--nworkers",
+                "1",
+                "--nthreads",
+                "1",
+                "--no-dashboard",
+                "--host",
+                "127.0.0.1",
+            ],
+            env=_env(),
+            stdout=logs,
+            stderr=logs,
+            cwd=str(tmp_path),
+        )
+    )
     with open(sfile) as fh:
         return json.load(fh)["address"], procs
 
@@ -709,8 +792,13 @@ def test_killed_scheduler_ends_the_client_with_one_line_and_a_new_one_resumes(sm
     addr, procs = _dask_cluster(tmp_path, "first")
     try:
         env = dict(_env(), DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT="3s")
-        client = subprocess.Popen([sys.executable, "-m", "svision_big.cli", *args, "--scheduler", addr], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        client = subprocess.Popen(
+            [sys.executable, "-m", "svision_big.cli", *args, "--scheduler", addr],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         state = os.path.join(out, "svision_state")
 
         def done() -> int:
@@ -734,8 +822,13 @@ def test_killed_scheduler_ends_the_client_with_one_line_and_a_new_one_resumes(sm
     assert zarr.open_group(out, mode="r").attrs["svision_big"]["state"] == "writing level 0"  # cut short
     addr, procs = _dask_cluster(tmp_path, "second")
     try:
-        r = subprocess.run([sys.executable, "-m", "svision_big.cli", *args, "--scheduler", addr], env=_env(),
-                           capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-m", "svision_big.cli", *args, "--scheduler", addr],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     finally:
         _stop(procs)
     assert r.returncode == 0, r.stderr
@@ -753,9 +846,13 @@ def test_worker_killed_by_pid_mid_run_leaves_a_complete_identical_output(small, 
     pipeline.enhance(src, ref, model, block=(8, 16, 16), **SYNC)
     killed = []
     slow_machine = {"distributed.comm.timeouts.connect": "90s", "distributed.deploy.lost-worker-timeout": "90s"}
-    with dask.config.set(slow_machine), \
-            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                         timeout="120s") as cluster, Client(cluster, timeout="120s") as client:
+    with (
+        dask.config.set(slow_machine),
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, timeout="120s"
+        ) as cluster,
+        Client(cluster, timeout="120s") as client,
+    ):
         pids = client.run(os.getpid)
 
         def kill_one(i):
@@ -797,11 +894,30 @@ def test_unreachable_output_store_fails_in_one_line_before_training(tmp_path, mo
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here
-    opts = json.dumps({"endpoint_url": f"http://127.0.0.1:{port}", "key": "k", "secret": "s",
-                       "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}})
+    opts = json.dumps(
+        {
+            "endpoint_url": f"http://127.0.0.1:{port}",
+            "key": "k",
+            "secret": "s",
+            "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2},
+        }
+    )
     t0 = time.perf_counter()
-    rc = cli_main(["run", src, "s3://bucket/out.ome.zarr", "--factor", "2", "--steps", "1", "--scheduler", "sync",
-                   "--output-storage-options", opts])
+    rc = cli_main(
+        [
+            "run",
+            src,
+            "s3://bucket/out.ome.zarr",
+            "--factor",
+            "2",
+            "--steps",
+            "1",
+            "--scheduler",
+            "sync",
+            "--output-storage-options",
+            opts,
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "cannot reach the output store s3://bucket/out.ome.zarr" in err[0], err
     assert time.perf_counter() - t0 < 30
@@ -832,6 +948,7 @@ def test_a_cluster_left_without_workers_ends_the_run_in_one_line(small, tmp_path
     with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
         t0 = time.perf_counter()
         with pytest.raises(execute.ClusterLost, match=r"had no worker for 2 s, after 0 of 64 blocks.*re-run"):
-            pipeline.enhance(src, str(tmp_path / "out.ome.zarr"), model, client=client, block=(8, 16, 16),
-                             progress=False)
+            pipeline.enhance(
+                src, str(tmp_path / "out.ome.zarr"), model, client=client, block=(8, 16, 16), progress=False
+            )
         assert time.perf_counter() - t0 < 30  # it waited forever before

@@ -69,8 +69,8 @@ def test_ssim_matches_skimage(shape):
 
 
 def test_metrics_does_not_import_skimage():
-    import sys
     import subprocess
+    import sys
 
     code = "import sys, svision_big.metrics, svision_big.synthetic; print('skimage' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -216,9 +216,7 @@ def test_make_volume_bad_kind():
 
 
 def test_make_volume_sparse_dim_beads():
-    acq = make_volume(
-        "beads", shape_lr=(16, 48, 48), factor=2, n=6, intensity=0.05, poisson_peak=200, seed=1
-    )
+    acq = make_volume("beads", shape_lr=(16, 48, 48), factor=2, n=6, intensity=0.05, poisson_peak=200, seed=1)
     t = acq.truth
     assert t.max() == pytest.approx(0.05)
     assert np.mean(t > 0.1 * t.max()) < 0.02  # beads occupy a small fraction

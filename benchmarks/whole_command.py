@@ -1,0 +1,119 @@
+"""The command a user runs, timed as a whole: ``svision-big enhance IN OUT --model M`` at its
+defaults, from process start to metadata written, with the peak RSS of the whole process tree
+(CLI, scheduler, workers) and the startup: seconds from process start to the first pass's first
+progress line (cluster up, input opened, plans made), and to the first finished block.
+
+    python benchmarks/whole_command.py                 # 50 M output voxels (96x256x256 -> x2)
+    python benchmarks/whole_command.py --scale         # also 400 M and 3.2 G output voxels (long)
+
+Random-weight model of the default architecture (``svision_big.testing.make_model``, ensemble 8,
+no back-projection): speed does not depend on the weights. Prints a markdown table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pipeline_common import TreeSampler, build_model, machine, make_input  # noqa: E402
+
+SIZES = {"50M": (96, 256, 256), "400M": (192, 512, 512), "3.2G": (384, 1024, 1024)}
+
+
+def import_seconds() -> float:
+    """Seconds for a fresh interpreter to import the CLI (best of 3)."""
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import svision_big.cli"], check=True)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run_enhance(inp: str, out: Path, model: str) -> dict:
+    if out.exists():
+        shutil.rmtree(out)
+    cmd = [sys.executable, "-m", "svision_big.cli", "enhance", inp, str(out), "--model", model, "--progress", "json"]
+    t0, wall0 = time.perf_counter(), time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sampler = TreeSampler([proc.pid])
+    sampler.start()
+    first_line = first_block = None
+    passes = []
+    for line in proc.stdout:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("event") != "progress":
+            continue
+        if first_line is None:
+            first_line = rec["time"] - wall0
+        if first_block is None and rec.get("done", 0) >= 1 and rec.get("unit") == "blocks":
+            first_block = rec["time"] - wall0
+        if rec.get("done") == rec.get("total"):
+            passes.append({"label": rec["label"], "elapsed_s": rec["elapsed_s"], "total": rec["total"]})
+    rc = proc.wait()
+    seconds = time.perf_counter() - t0
+    mem = sampler.stop()
+    if rc != 0:
+        raise SystemExit(f"enhance exited {rc}")
+    return {
+        "seconds": round(seconds, 2),
+        "first_progress_s": None if first_line is None else round(first_line, 2),
+        "first_block_s": None if first_block is None else round(first_block, 2),
+        "peak_tree_gb": round(mem["peak_total_bytes"] / 2**30, 3),
+        "processes": mem["processes"],
+        "passes": passes,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--scale", action="store_true", help="also 400 M and 3.2 G output voxels")
+    ap.add_argument("--workdir", default=str(Path(__file__).resolve().parent / ".cache" / "whole_command"))
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "whole_command.json"))
+    args = ap.parse_args(argv)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    model = build_model(bp=0)
+    model_path = model.save(work / "model.svb")
+    rows = []
+    imp = import_seconds()
+    for name in ["50M", "400M", "3.2G"] if args.scale else ["50M"]:
+        shape = SIZES[name]
+        inp, _ = make_input(work, shape)
+        res = run_enhance(inp, work / f"out_{name}.ome.zarr", model_path)
+        voxels = 8 * shape[0] * shape[1] * shape[2]
+        res.update(
+            size=name, input=list(shape), output_voxels=voxels, rate_mvox_s=round(voxels / res["seconds"] / 1e6, 3)
+        )
+        rows.append(res)
+        shutil.rmtree(work / f"out_{name}.ome.zarr", ignore_errors=True)
+    print(f"import svision_big.cli: {imp:.2f} s (best of 3)\n")
+    print(
+        "| output voxels | input | whole command (s) | M output voxels/s | first progress line (s) | first block done (s) | peak RSS, process tree (GB) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['size']} | {'x'.join(map(str, r['input']))} | {r['seconds']:.1f} | {r['rate_mvox_s']:.2f} | "
+            f"{r['first_progress_s']} | {r['first_block_s']} | {r['peak_tree_gb']:.2f} |"
+        )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"machine": machine(), "import_s": imp, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

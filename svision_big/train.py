@@ -570,7 +570,13 @@ def cubic_baseline(model: Model, keep: int = 0) -> Model:
 
 
 def _with_ensemble(model: Model, size: int) -> Model:
-    stages = [StageRecord(s.config, s.state, s.degradation, s.bp_iters, size, s.report) for s in model.stages]
+    return _with_stages(
+        model, [StageRecord(s.config, s.state, s.degradation, s.bp_iters, size, s.report) for s in model.stages]
+    )
+
+
+def _with_stages(model: Model, stages: list[StageRecord]) -> Model:
+    """``model`` with other stages, everything else kept."""
     return Model(
         stages=stages,
         norm=model.norm,
@@ -588,14 +594,8 @@ def check_mse(model: Model, src: torch.Tensor, tgt: torch.Tensor) -> float:
 
 def _swap_denoiser(model: Model, net: SVNet) -> Model:
     s = model.stages[0]
-    stages = [StageRecord(net.config, net.state_dict(), s.degradation, 0, s.ensemble, s.report), *model.stages[1:]]
-    return Model(
-        stages=stages,
-        norm=model.norm,
-        factors=model.factors,
-        final=model.final,
-        final_bp_iters=model.final_bp_iters,
-        info=model.info,
+    return _with_stages(
+        model, [StageRecord(net.config, net.state_dict(), s.degradation, 0, s.ensemble, s.report), *model.stages[1:]]
     )
 
 

@@ -124,7 +124,8 @@ def register_models(models: dict[str, bytes | Model]) -> None:
 
 
 class ModelPlugin(WorkerPlugin):
-    """Worker plugin: ships the model bytes once per worker and sets torch's threads to the worker's share."""
+    """Worker plugin: ships the model bytes once per worker and gives each task thread one torch
+    thread (a worker runs ``nthreads`` tasks at once: its core share, and more would oversubscribe)."""
 
     def __init__(self, blobs: dict[str, bytes], name: str):
         self.blobs = blobs
@@ -132,10 +133,7 @@ class ModelPlugin(WorkerPlugin):
 
     def setup(self, worker=None):
         register_models(self.blobs)
-        threads = getattr(worker, "state", None)
-        n = getattr(threads, "nthreads", None) or getattr(worker, "nthreads", None)
-        if n:
-            torch.set_num_threads(max(1, int(n)))
+        torch.set_num_threads(1)
 
 
 def run_block(job: Job, index: int) -> tuple[int, float, int]:
@@ -390,6 +388,7 @@ def _run_on_cluster(
     window: int | None,
     finished: Callable[[int, int], None],
     where: Callable[[], str],
+    started: Callable[[], None] = lambda: None,
 ) -> None:
     """Submit the blocks ``todo`` windowed (a few tasks per worker in flight, the next submitted as
     each ends), calling ``finished(index, voxels)`` per block; a lost cluster is one line
@@ -405,6 +404,7 @@ def _run_on_cluster(
         tag = "svb-" + job.done_url.rsplit("done-", 1)[-1].replace("/", "-")
         window = window or 2 * max(1, sum(client.nthreads().values())) + 2
         first = [client.submit(run_block, job, i, pure=False, key=f"{tag}-{i}") for _, i in zip(range(window), todo)]
+        started()
         watch.futures = first
         pending = as_completed(first)
         for fut in pending:
@@ -480,7 +480,14 @@ def execute(
     else:
         try:
             _run_on_cluster(
-                job, models, client, todo, window, finished, lambda: f"{len(done) + count['blocks']} of {total} blocks"
+                job,
+                models,
+                client,
+                todo,
+                window,
+                finished,
+                lambda: f"{len(done) + count['blocks']} of {total} blocks",
+                started=lambda: bar.update(len(done), force=True),  # the first line: the tasks are out
             )
         except ClusterLost:
             bar.close()

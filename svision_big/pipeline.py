@@ -459,7 +459,12 @@ def _full_chunks(image: Image, spatial_chunks) -> tuple[int, ...] | None:
 
 
 def _open_cluster(client, workers: int | None, scheduler: str | None):
-    """(client, things to close). No flag: a LocalCluster of one single-threaded worker per core."""
+    """(client, things to close). No flag: one in-process worker with a task thread per core.
+
+    Threads, not processes: the network, the codecs and numpy release the GIL, so threads keep both
+    cores busy, while a process cluster spawns interpreters that import torch again and receive the
+    models by pickle before the first task. Measured on 2 cores (96x256x256 x2, ensemble 8, random
+    default model, ``python benchmarks/whole_command.py``): see benchmarks/README.md."""
     if client is not None:
         return client, []
     if scheduler == "sync":
@@ -469,25 +474,25 @@ def _open_cluster(client, workers: int | None, scheduler: str | None):
     if scheduler:
         c = Client(scheduler)
         return c, [c]
-    import dask
-
     n = workers or os.cpu_count() or 1
-    # distributed's nanny sets MALLOC_TRIM_THRESHOLD_=65536, which makes every tensor over 128 KiB a
-    # fresh mmap. Dropping it: 1.3x faster end to end for 20% more peak worker memory, measured as
-    # enhance(96x192x192 float32, x2 with bp 2, random-weight model, client=LocalCluster(n_workers=2,
-    # threads_per_worker=1)) with the variable kept or popped from "distributed.nanny.pre-spawn-environ",
-    # alternating, a fresh process each (2 shared cores): 13.5-15.7 s (median 14.6) against 17.5-20.8 s
-    # (18.9), peak worker RSS 587-599 against 490-493 MiB (6 runs each; a round on a busier machine
-    # was mixed).
-    env = {
-        k: v
-        for k, v in dask.config.get("distributed.nanny.pre-spawn-environ", {}).items()
-        if k != "MALLOC_TRIM_THRESHOLD_"
-    }
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
+    cluster = LocalCluster(n_workers=1, threads_per_worker=n, processes=False, dashboard_address=None)
     c = Client(cluster)
-    return c, [c, cluster]
+    return c, [c, cluster, _TorchThreads()]
+
+
+class _TorchThreads:
+    """The caller's torch thread count, given back when the in-process cluster closes (its worker's
+    tasks run one torch thread each)."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.n = torch.get_num_threads()
+
+    def close(self) -> None:
+        import torch
+
+        torch.set_num_threads(self.n)
 
 
 def _default_device() -> str:

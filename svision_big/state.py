@@ -365,6 +365,7 @@ _OUR_FILES = re.compile(r"""(?x)^(?:
         lock(?:\.[0-9a-f]+)?                                  # the lock (and a killed run's private copy)
       | setup                                                 # the setup marker
       | done-[0-9a-f]+/p\d+/\d+(?:\.json)?                    # done-records (and their notes)
+      | done-[0-9a-f]+/l\d+/\d+                                # pyramid levels' done-records
       | work-[0-9a-f]+/p\d+/(?:zarr\.json | c(?:/\d+)*)        # staged pass outputs
       | models-[0-9a-f]+/c\d+\.svb                            # models `run` trained for this output
     )
@@ -412,6 +413,12 @@ class DoneRecords:
         except FileNotFoundError:
             return []
         return [json.loads(self.fs.cat_file(n)) for n in names]
+
+    def clear(self) -> None:
+        """Forget every record (the array they describe is about to be created anew)."""
+        if self.fs.exists(self.root):
+            self.fs.rm(self.root, recursive=True)
+        self.fs.invalidate_cache(self.root)
 
     def load(self) -> set[int]:
         try:
@@ -576,6 +583,10 @@ class OutputState:
     def done_url(self, fp: str, k: int) -> str:
         """Where pass ``k``'s done-records live (:class:`DoneRecords`)."""
         return self.url(f"done-{fp}", f"p{k}")
+
+    def level_done_url(self, fp: str, level: int) -> str:
+        """Where pyramid level ``level``'s done-records live, one per write unit (:class:`DoneRecords`)."""
+        return self.url(f"done-{fp}", f"l{level}")
 
     def set_up(self, fmt, fp: str, provenance: dict, scratch, level0, after_step=_no_step):
         """Create a new output: marker, group, scratch arrays, level 0, then the provenance (last).

@@ -441,6 +441,7 @@ class OutputState:
     - ``setup``: the marker of a setup in progress;
     - ``work-<fingerprint>/p<k>``: pass ``k``'s staged float32 output (the last pass writes level 0);
     - ``done-<fingerprint>/p<k>/<block>``: pass ``k``'s done-records (:class:`DoneRecords`);
+    - ``done-<fingerprint>/l<level>/<unit>``: pyramid level ``level``'s done-records, one per chunk or shard;
     - ``models-<run key>/c<channel>.svb``: the models `run` trained, until the output is complete.
 
     Reading (``provenance``, ``verdict``) never writes; every write happens under the lock.

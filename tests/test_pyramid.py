@@ -19,9 +19,9 @@ import zarr
 from conftest import smooth_volume
 from svision_big import pipeline, progress, pyramid
 from svision_big.convert import write_ome_zarr
-from svision_big.ngff import format_for, open_image, open_output_group
+from svision_big.ngff import foreign_file, format_for, open_image, open_output_group
 from svision_big.pyramid import LevelJob, build_levels, pyramid_factors
-from svision_big.state import DoneRecords
+from svision_big.state import DoneRecords, _our_file
 from svision_big.testing import make_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -290,6 +290,13 @@ def test_enhance_stopped_in_the_pyramid_resumes_identically_with_progress(tmp_pa
         pipeline.enhance(src, out, model, **kw)
     attrs = zarr.open_group(out, mode="r").attrs.asdict()
     assert attrs["svision_big"]["state"] == "building pyramid" and "multiscales" not in json.dumps(attrs)
+    assert any(
+        n.startswith("l")
+        for d in os.listdir(f"{out}/svision_state")
+        if d.startswith("done-")
+        for n in os.listdir(f"{out}/svision_state/{d}")
+    )
+    assert foreign_file(out, allowed=_our_file) is None  # --overwrite may still replace it
     monkeypatch.setattr(pyramid, "write_unit", real)
     capsys.readouterr()
     progress.configure(format="json")

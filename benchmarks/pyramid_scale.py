@@ -12,7 +12,11 @@ against level 0 in the usual 50 M-output-voxel command.
    held, over the first ``--run-seconds`` seconds after that first task; then the child is
    stopped (the level is not computed in full). A run still without a task after ``--limit``
    seconds is reported as such.
-2. **50 M output voxels**: ``svision-big enhance`` at its defaults (96x256x256 -> x2, random-weight
+2. **Bit-identity** (with ``--baseline``): the baseline's ``build_pyramid`` and this tree's on 9
+   layouts (odd sizes, anisotropic and x3 factors, sharded or not, integer, float and bool dtypes,
+   NGFF 0.4 and 0.5, t and c axes), mean and max, in this process and on a Dask client: every
+   level's values and layout must be equal.
+3. **50 M output voxels**: ``svision-big enhance`` at its defaults (96x256x256 -> x2, random-weight
    default model, as ``benchmarks/whole_command.py``), level 0 seconds and pyramid seconds from its
    summary line.
 
@@ -116,6 +120,93 @@ def child_scale(grid: tuple[int, ...], run_seconds: float, limit: float) -> dict
     return res
 
 
+# --------------------------------------------------------------------------- 2. bit-identity
+
+IDENTITY_CASES = [  # shape, spatial axes, chunks, shards, dtype, NGFF version, factors (None: pyramid_factors)
+    ((23, 77, 51), [0, 1, 2], (8, 16, 16), None, "uint16", "0.4", None),
+    ((23, 77, 51), [0, 1, 2], (8, 16, 16), (16, 32, 32), "uint16", "0.5", None),
+    ((1, 23, 77, 51), [1, 2, 3], (1, 8, 16, 16), None, "float32", "0.5", [(2, 2, 2), (1, 2, 2)]),
+    ((2, 3, 19, 70, 66), [2, 3, 4], (1, 1, 8, 16, 16), None, "float32", "0.4", [(1, 2, 2), (2, 2, 2), (1, 2, 1)]),
+    ((2, 3, 19, 70, 66), [2, 3, 4], (1, 1, 4, 16, 16), (1, 1, 8, 32, 32), "int16", "0.5", None),
+    ((40, 130, 97), [0, 1, 2], (8, 32, 32), (16, 64, 64), "uint8", "0.5", [(1, 2, 2), (2, 4, 4)]),
+    ((33, 65, 65), [0, 1, 2], (8, 16, 16), None, "float64", "0.5", None),
+    ((33, 65, 65), [0, 1, 2], (8, 16, 16), None, "bool", "0.5", None),
+    ((21, 64, 64), [0, 1, 2], (8, 16, 16), None, "int32", "0.4", [(3, 3, 3)]),
+]
+
+
+def _identity_data(shape, dtype: str, rng):
+    import numpy as np
+
+    dt = np.dtype(dtype)
+    if dt == np.bool_:
+        return rng.random(shape) > 0.5
+    if dt.kind in "iu":
+        info = np.iinfo(dt)
+        return rng.integers(info.min, info.max, shape, endpoint=True, dtype=dt)
+    return (rng.standard_normal(shape) * 10.0 ** rng.integers(-20, 20, shape)).astype(dt)  # wide exponents
+
+
+def identity(baseline_tree: str, work: Path) -> list[dict]:
+    """Old and new ``build_pyramid`` on the same level 0: equal levels? (in process, then on a client)."""
+    import importlib.util
+
+    import numpy as np
+    from distributed import Client
+
+    from svision_big import pyramid as new
+    from svision_big.ngff import format_for, open_output_group
+
+    spec = importlib.util.spec_from_file_location(
+        "svision_big._baseline_pyramid", f"{baseline_tree}/svision_big/pyramid.py"
+    )
+    old = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = old  # its relative imports resolve to this tree's ngff, plan and values
+    spec.loader.exec_module(old)
+    rng = np.random.default_rng(0)
+    rows = []
+    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as client:
+        for k, (shape, spatial, chunks, shards, dtype, version, factors) in enumerate(IDENTITY_CASES):
+            fmt = format_for(version)
+            names = list("tczyx")[-len(shape) :]
+            data = _identity_data(shape, dtype, rng)
+            factors = factors or new.pyramid_factors(shape, spatial, min_shape=8)
+            for method in ("mean", "max"):
+                for where in ("in process", "client"):
+                    d = Path(tempfile.mkdtemp(dir=work))
+                    groups = []
+                    for name in ("old", "new"):
+                        g = open_output_group(str(d / name), fmt, mode="w-")
+                        fmt.create_array(g, "0", shape, chunks, data.dtype, names, shards=shards)[...] = data
+                        groups.append(g)
+                    cl = client if where == "client" else None
+                    args = (fmt, names, "0", spatial, factors, chunks, dtype)
+                    paths = old.build_pyramid(groups[0], *args, method=method, shards=shards, client=cl)
+                    extra = dict(url=str(d / "new"), done_url=lambda level, d=d: f"{d}/done/l{level}")
+                    same = paths == new.build_pyramid(
+                        groups[1], *args, method=method, shards=shards, client=cl, **extra
+                    )
+                    for p in paths:
+                        a, b = groups[0][p], groups[1][p]
+                        same &= (a.shape, a.chunks, a.shards, a.dtype) == (b.shape, b.chunks, b.shards, b.dtype)
+                        same &= a[...].tobytes() == b[...].tobytes()
+                    rows.append(
+                        {
+                            "case": k,
+                            "shape": list(shape),
+                            "dtype": dtype,
+                            "ngff": version,
+                            "sharded": bool(shards),
+                            "method": method,
+                            "where": where,
+                            "levels": len(paths),
+                            "identical": bool(same),
+                        }
+                    )
+                    shutil.rmtree(d)
+    return rows
+
+
 # --------------------------------------------------------------------------- parent side
 
 
@@ -205,22 +296,26 @@ def run_command(path: str, inp: str, out: Path, model: str) -> dict:
 
 def print_tables(record: dict) -> None:
     """The markdown tables of a result record (``--tables FILE`` prints them again)."""
-    print(
-        "\n| code | level-1 units | first pyramid task (s) | client+scheduler RSS growth (MB) | "
-        "most tasks in the scheduler | units/s after the first | peak RSS, process tree (GB) |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for r in record["scale"]:
-        if r.get("error"):
-            first = r["error"]
-        elif r.get("first_task_s") is None:
-            first = f"none after {r.get('waited_s')} s"
-        else:
-            first = f"{r['first_task_s']:.2f}"
+    if record["scale"]:
         print(
-            f"| {r.get('code')} | {r['units']:,} | {first} | {r.get('rss_growth_mb', '-')} | "
-            f"{r.get('max_scheduler_tasks', '-')} | {r.get('units_per_s', '-')} | {r['peak_tree_gb']} |"
+            "\n| code | level-1 units | first pyramid task (s) | client+scheduler RSS growth (MB) | "
+            "most tasks in the scheduler | units/s after the first | peak RSS, process tree (GB) |"
         )
+        print("|---|---|---|---|---|---|---|")
+        for r in record["scale"]:
+            if r.get("error"):
+                first = r["error"]
+            elif r.get("first_task_s") is None:
+                first = f"none after {r.get('waited_s')} s"
+            else:
+                first = f"{r['first_task_s']:.2f}"
+            print(
+                f"| {r.get('code')} | {r['units']:,} | {first} | {r.get('rss_growth_mb', '-')} | "
+                f"{r.get('max_scheduler_tasks', '-')} | {r.get('units_per_s', '-')} | {r['peak_tree_gb']} |"
+            )
+    if record.get("identity"):
+        same = record["identity"]
+        print(f"\nbit-identity with the baseline: {sum(r['identical'] for r in same)} of {len(same)} pyramids")
     if record["command"]:
         print("\n| code | run | level 0 (s) | pyramid (s) | pyramid / level 0 | levels |")
         print("|---|---|---|---|---|---|")
@@ -238,7 +333,8 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=float, default=300.0, help="give up waiting for a first task after this long")
     ap.add_argument("--memory-cap-gb", type=float, default=6.0, help="stop a child whose process tree holds more")
     ap.add_argument("--repeats", type=int, default=2, help="50 M command runs per tree (alternating)")
-    ap.add_argument("--skip-command", action="store_true", help="only the scale section")
+    ap.add_argument("--skip-command", action="store_true", help="leave the 50 M command out")
+    ap.add_argument("--skip-scale", action="store_true", help="leave the scale section out")
     ap.add_argument("--workdir", default=str(BENCH / ".cache" / "pyramid_scale"))
     ap.add_argument("--out", default=str(BENCH / "results" / "pyramid_scale.json"))
     ap.add_argument("--tables", metavar="FILE", help="print the tables of an earlier result file and stop")
@@ -259,12 +355,16 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     trees = _code(args.baseline, work)
     scale = []
-    for size, grid in GRIDS.items():
+    for size, grid in {} if args.skip_scale else GRIDS.items():
         for name, path in trees.items():
             res = run_scale(path, grid, args.run_seconds, args.limit, args.memory_cap_gb)
             res.update(code=name, size=size)
             print(json.dumps(res), flush=True)
             scale.append(res)
+    same = []
+    if "old" in trees:
+        same = identity(trees["old"], work)
+        print(f"bit-identity: {sum(r['identical'] for r in same)} of {len(same)} pyramids identical", flush=True)
     command = []
     if not args.skip_command:
         model = build_model(bp=0).save(work / "model.svb")
@@ -283,6 +383,7 @@ def main(argv=None) -> int:
         "run_seconds": args.run_seconds,
         "baseline": args.baseline,
         "scale": scale,
+        "identity": same,
         "command": command,
     }
     Path(args.out).write_text(json.dumps(record, indent=1))

@@ -390,30 +390,54 @@ def _run_on_cluster(
     where: Callable[[], str],
     started: Callable[[], None] = lambda: None,
 ) -> None:
-    """Submit the blocks ``todo`` windowed (a few tasks per worker in flight, the next submitted as
-    each ends), calling ``finished(index, voxels)`` per block; a lost cluster is one line
-    (:class:`ClusterLost`, ``where()`` says how far the run got)."""
+    """The blocks ``todo`` of one pass on the cluster (:func:`run_windowed`), the models shipped
+    first (one plugin per worker), calling ``finished(index, voxels)`` per block."""
+
+    def ship_models() -> None:
+        blobs = {h: m.to_bytes() for h, m in models.items()}
+        plugin = ModelPlugin(blobs, name=f"svision-big-models-{'-'.join(sorted(blobs))}")
+        client.register_plugin(plugin, name=plugin.name)
+
+    tag = "svb-" + job.done_url.rsplit("done-", 1)[-1].replace("/", "-")
+    run_windowed(client, run_block, job, todo, lambda r: finished(r[0], r[2]), where, tag, window, ship_models, started)
+
+
+def run_windowed(
+    client,
+    task: Callable,
+    job,
+    todo,
+    finished: Callable[[object], None],
+    where: Callable[[], str],
+    tag: str,
+    window: int | None = None,
+    setup: Callable[[], None] | None = None,
+    started: Callable[[], None] | None = None,
+) -> None:
+    """Submit ``task(job, i)`` for each ``i`` of ``todo`` windowed (a few tasks per worker in flight,
+    the next submitted as each ends), so the scheduler never holds more than the window however
+    many tasks there are; ``finished(result)`` per task. ``setup()`` runs first, under the same
+    guard; ``started()`` once the first window is out. A lost cluster is one line (:class:`ClusterLost`, ``where()`` says how far the run got)."""
     from distributed import as_completed
 
     watch = _NoWorkerWatch(client, NO_WORKERS_S)
     try:
         watch.start()
-        blobs = {h: m.to_bytes() for h, m in models.items()}
-        plugin = ModelPlugin(blobs, name=f"svision-big-models-{'-'.join(sorted(blobs))}")
-        client.register_plugin(plugin, name=plugin.name)
-        tag = "svb-" + job.done_url.rsplit("done-", 1)[-1].replace("/", "-")
+        if setup is not None:
+            setup()
         window = window or 2 * max(1, sum(client.nthreads().values())) + 2
-        first = [client.submit(run_block, job, i, pure=False, key=f"{tag}-{i}") for _, i in zip(range(window), todo)]
-        started()
+        first = [client.submit(task, job, i, pure=False, key=f"{tag}-{i}") for _, i in zip(range(window), todo)]
+        if started is not None:
+            started()
         watch.futures = first
         pending = as_completed(first)
         for fut in pending:
-            idx, _, v = fut.result()
+            result = fut.result()
             fut.release()
-            finished(idx, v)
+            finished(result)
             nxt = next(todo, None)
             if nxt is not None:
-                f = client.submit(run_block, job, nxt, pure=False, key=f"{tag}-{nxt}")
+                f = client.submit(task, job, nxt, pure=False, key=f"{tag}-{nxt}")
                 watch.futures.append(f)
                 pending.add(f)
     except (InputDataError, ChunkReadError):

@@ -38,7 +38,7 @@ from .ngff import (
 )
 from .operator import IMAGE, Pass, output_name, plan_passes, precision_dtype, readers
 from .plan import BlockPlan, default_block, on_axes
-from .pyramid import build_pyramid, pyramid_datasets, pyramid_factors
+from .pyramid import build_levels, pyramid_datasets, pyramid_factors
 from .state import OutputState
 from .train import fit, parse_factors
 
@@ -934,7 +934,7 @@ def _finish_output(
     """The pyramid from the stored level 0, the state removed, the output marked complete (last)."""
     t0 = time.perf_counter()
     group.attrs["svision_big"] = {**provenance, "state": "building pyramid"}
-    levels = _finish(
+    levels, built = _finish(
         group,
         lay.fmt,
         image,
@@ -946,8 +946,13 @@ def _finish_output(
         s.compression,
         cl,
         s.channel,
+        url=output,
+        storage_options=s.output_storage_options,
+        done_url=lambda level: state.level_done_url(fp, level),
+        progress=s.progress,
     )
     stats["pyramid_seconds"] = round(time.perf_counter() - t0, 3)
+    stats["pyramid"] = built
     state.remove(state.work_dir(fp))
     group.attrs["svision_big"] = {**provenance, "state": "complete", "levels": levels}
     state.clean(keep_models=True)  # `run` keeps its models in the output itself
@@ -1062,14 +1067,27 @@ def _axis_names(image: Image) -> list[str]:
 
 
 def _finish(
-    group, fmt, image: Image, out_shape, factors, chunks, shards, dtype, compression, client, channel: int | None = None
-) -> list[str]:
-    """Pyramid from the stored level 0, then the OME metadata (last), with a display window
-    for viewers taken from the coarsest level written."""
+    group,
+    fmt,
+    image: Image,
+    out_shape,
+    factors,
+    chunks,
+    shards,
+    dtype,
+    compression,
+    client,
+    channel: int | None = None,
+    **pyramid,
+) -> tuple[list[str], list[dict]]:
+    """Pyramid from the stored level 0 (resumable level by level and unit by unit with
+    ``pyramid``'s ``done_url``: see :func:`pyramid.build_levels`), then the OME metadata (last),
+    with a display window for viewers taken from the coarsest level written. Returns the level
+    paths and each built level's counts."""
     spatial = image.spatial_axes
     coarsest = image.level(image.nlevels - 1).shape
     pf = pyramid_factors(tuple(out_shape), spatial, min_shape=64, until_shape=tuple(coarsest))
-    paths = build_pyramid(
+    built = build_levels(
         group,
         fmt,
         _axis_names(image),
@@ -1081,7 +1099,9 @@ def _finish(
         client=client,
         shards=shards,
         compression=compression,
+        **pyramid,
     )
+    paths = [q["path"] for q in built]
     full = on_axes([1] * image.ndim, spatial, factors)
     s0, t0 = upsampled_transform(image.scales[0], image.translations[0], full)
     datasets = pyramid_datasets(s0, t0, spatial, pf, paths)
@@ -1097,7 +1117,7 @@ def _finish(
     )
     ome = viewer_metadata(ome, image, group[paths[-1] if paths else "0"], fmt.version, factors, channel)
     fmt.write_ome_attrs(group, ome)
-    return ["0", *paths]
+    return ["0", *paths], built
 
 
 # --------------------------------------------------------------------------- run = train + enhance

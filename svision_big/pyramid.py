@@ -1,27 +1,37 @@
-"""Multiscale pyramid built chunk by chunk from a stored level 0.
+"""Multiscale pyramid built write unit by write unit from a stored level 0.
 
-Each level is computed from the previous *stored* level with dask, so the
-pyramid always agrees with what is on disk (never with some other in-memory
-copy), memory per task depends only on the chunk size, and every task writes
-whole chunks (or whole shards) of its target: no two tasks touch the same
-chunk, which zarr v3 sharding requires.
+Each level is computed from the previous *stored* level, so the pyramid always agrees with what
+is on disk. A level runs like a pass of level 0: one task per write unit of the level (a chunk,
+or a shard when sharded), computed from its index, submitted windowed (a few tasks per worker in
+flight, :func:`svision_big.execute.run_windowed`), so the scheduler holds a few tasks however
+large the level is; each task reads the matching region of the previous level, reduces it and
+writes exactly its unit (no two tasks touch one chunk or shard, which zarr v3 sharding requires),
+then leaves a done-record when the caller keeps them: a killed pyramid resumes where it stopped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import dask.array as da
 import numpy as np
 import zarr
 
 from .ngff import NgffFormat, downsampled_transform
 from .plan import on_axes
+from .progress import Progress
+from .state import DoneRecords
 from .values import cast_output
 
 __all__ = [
     "build_pyramid",
+    "build_levels",
+    "LevelJob",
+    "reduce_block",
     "pyramid_factors",
     "cumulative_factors",
     "pyramid_datasets",
@@ -145,6 +155,251 @@ def _cast(block: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return cast_output(block, dtype)
 
 
+def reduce_block(block: np.ndarray, factors: Sequence[int], method: str, dtype: Any) -> np.ndarray:
+    """One write unit of a level from its source region (a whole number of cells per axis): the
+    mean in float64 (or the max) of each cell of ``factors`` voxels, then the level's cast. The
+    same arithmetic, in the same order, as dask's ``coarsen`` on the same block."""
+    shape = tuple(x for n, f in zip(block.shape, factors) for x in (n // f, f))
+    cells = block.reshape(shape)
+    axes = tuple(range(1, 2 * block.ndim, 2))
+    red = np.mean(cells, axis=axes, dtype=np.float64) if method == "mean" else np.max(cells, axis=axes)
+    return _cast(red, np.dtype(dtype))
+
+
+@dataclass(frozen=True)
+class LevelJob:
+    """Everything a task of one pyramid level needs besides its unit index: where the previous
+    stored level and this level are, their shapes, the factors and the reduction. No data; a
+    unit's regions are computed from its index (units in C order over the level's unit grid)."""
+
+    url: str | None  # the group's store, for workers (None: in-process, arrays passed directly)
+    options: dict | None
+    src_path: str
+    dst_path: str
+    shape: tuple[int, ...]  # this level's shape
+    factors: tuple[int, ...]  # per axis, relative to the previous level
+    unit: tuple[int, ...]  # the write unit: the level's chunk, or its shard
+    dtype: str
+    method: str
+    done_url: str | None  # where the units' done-records go (None: none kept)
+    token: str  # this build's id: a worker's cache of open arrays never serves a recreated array
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        return tuple(-(-n // u) for n, u in zip(self.shape, self.unit))
+
+    def __len__(self) -> int:
+        return math.prod(self.grid)
+
+    def regions(self, index: int) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+        """(the unit in this level, the region of the previous level it is reduced from)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"unit {index} of a level of {len(self)} units")
+        coords = np.unravel_index(index, self.grid)
+        dst = tuple(slice(int(c) * u, min((int(c) + 1) * u, n)) for c, u, n in zip(coords, self.unit, self.shape))
+        return dst, tuple(slice(d.start * f, d.stop * f) for d, f in zip(dst, self.factors))
+
+
+def write_unit(src, dst, job: LevelJob, index: int) -> int:
+    """Reduce one unit from the stored previous level ``src`` into ``dst``; returns its voxels."""
+    out_sel, in_sel = job.regions(index)
+    y = reduce_block(np.asarray(src[in_sel]), job.factors, job.method, job.dtype)
+    dst[out_sel] = y
+    return int(y.size)
+
+
+def run_unit(job: LevelJob, index: int) -> tuple[int, int]:
+    """The task on a worker: open both levels (once per process), write the unit, record it done."""
+    from .execute import _open_array
+
+    src = _open_array(job.url, job.src_path, job.options, writable=False, run=job.token)
+    dst = _open_array(job.url, job.dst_path, job.options, writable=True, run=job.token)
+    n = write_unit(src, dst, job, index)
+    if job.done_url is not None:
+        DoneRecords(job.done_url, job.options).mark(index)
+    return index, n
+
+
+def _group_url(group: zarr.Group) -> str:
+    """Where a group lives, for workers to open it: only a local store says so by itself."""
+    from zarr.storage import LocalStore
+
+    if isinstance(group.store, LocalStore):
+        return str(group.store.root)
+    raise ValueError("build_pyramid on a cluster needs url= (where workers open the group's store)")
+
+
+def _existing_level(group: zarr.Group, fmt: NgffFormat, path: str, shape, chunks, shards, dtype) -> Any:
+    """The level array already stored at ``path`` when it has exactly this layout, else None."""
+    try:
+        arr = group[path]
+    except (KeyError, FileNotFoundError, ValueError):
+        return None
+    if not isinstance(arr, zarr.Array):
+        return None
+    same = (
+        arr.metadata.zarr_format == fmt.zarr_format
+        and tuple(arr.shape) == tuple(shape)
+        and tuple(arr.chunks) == tuple(chunks)
+        and (tuple(arr.shards) if arr.shards else None) == (tuple(shards) if shards else None)
+        and arr.dtype == np.dtype(dtype)
+    )
+    return arr if same else None
+
+
+def build_levels(
+    group: zarr.Group,
+    fmt: NgffFormat,
+    image_axes: Sequence[dict | str],
+    level0_path: str,
+    spatial_axes: Sequence[int],
+    factors_per_level: Sequence[Sequence[int]],
+    chunks: Sequence[int],
+    dtype: Any,
+    method: str = "mean",
+    client: Any = None,
+    shards: Sequence[int] | None = None,
+    compression: bool = True,
+    *,
+    url: str | None = None,
+    storage_options: dict | None = None,
+    done_url: Callable[[int], str] | None = None,
+    progress: bool = False,
+    on_unit: Callable[[int, int], None] | None = None,
+    window: int | None = None,
+) -> list[dict]:
+    """Write levels 1..n into ``group``, each reduced from the previous stored level, one task per
+    write unit; returns one dict per level (path, units, skipped, computed, seconds).
+
+    ``factors_per_level`` holds per-level factors (per spatial axis, or per axis), e.g. from
+    :func:`pyramid_factors`. Odd sizes are floored (the excess voxel is dropped), which keeps
+    :func:`downsampled_transform`'s block-centre translation exact. Integer data is rounded and
+    clipped. ``client``: a Dask client (tasks windowed on its workers, which open the group at
+    ``url``, with ``storage_options``), or None to run in this process.
+
+    ``done_url(level)``: where that level's done-records go. With it the pyramid resumes: an
+    existing level array of the same layout is kept (its chunks are work done) and units already
+    recorded are not recomputed. Without it, existing arrays at the level paths are replaced
+    (levels are derived data) and every unit is computed. Metadata is left to the caller, who
+    writes it last. ``on_unit(level, index)`` is called as each unit is finished.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown pyramid method {method!r}: use one of {', '.join(METHODS)}")
+    dtype = np.dtype(dtype)
+    names = [a["name"] if isinstance(a, dict) else str(a) for a in image_axes]
+    ndim = len(names)
+    if client is not None and url is None:
+        url = _group_url(group)
+    prefix = f"{group.path}/" if group.path else ""
+    token = uuid.uuid4().hex[:12]
+    keep = done_url is not None  # a level is kept only when every level before it was (derived data)
+    prev_path, prev_shape = level0_path, tuple(group[level0_path].shape)
+    out: list[dict] = []
+    for level, factors in enumerate(factors_per_level, start=1):
+        f = _full_factors(factors, ndim, spatial_axes)
+        shape = tuple(n // fi for n, fi in zip(prev_shape, f))
+        if any(n == 0 for n in shape):
+            raise ValueError(f"level {level} would be empty: {prev_shape} / {f}")
+        c, sh = level_chunks(shape, chunks, shards)
+        path = str(level)
+        if path == level0_path:
+            raise ValueError(f"level path {path!r} collides with level 0")
+        records = DoneRecords(done_url(level), storage_options) if done_url is not None else None
+        target = _existing_level(group, fmt, path, shape, c, sh, dtype) if keep else None
+        if target is None:
+            keep = False
+            if records is not None:
+                records.clear()  # before the array: records never outlive the chunks they describe
+            target = fmt.create_array(
+                group, path, shape, c, dtype, names, shards=sh, compression=compression, overwrite=True
+            )
+        job = LevelJob(
+            url=url,
+            options=storage_options,
+            src_path=prefix + prev_path,
+            dst_path=prefix + path,
+            shape=shape,
+            factors=f,
+            unit=sh if sh is not None else c,
+            dtype=dtype.str,
+            method=method,
+            done_url=records.url if records is not None else None,
+            token=token,
+        )
+        out.append(
+            _run_level(
+                job,
+                group[prev_path],
+                target,
+                level,
+                len(factors_per_level),
+                "shards" if sh is not None else "chunks",
+                records,
+                client,
+                progress,
+                on_unit,
+                window,
+            )
+        )
+        out[-1]["path"] = path
+        prev_path, prev_shape = path, shape
+    return out
+
+
+def _run_level(
+    job: LevelJob, src, target, level: int, n_levels: int, what: str, records, client, progress: bool, on_unit, window
+) -> dict:
+    """Every unit of one level not yet recorded done: in this process, or windowed on ``client``."""
+    done: set[int] = set()
+    if records is not None:
+        records.create()
+        done = records.load()
+    total = len(job)
+    todo = (i for i in range(total) if i not in done)
+    bar = Progress(
+        total,
+        f"pyramid level {level}/{n_levels}",
+        unit=what,
+        quiet=not progress,
+        rate_scale=math.prod(job.unit),
+        rate_unit="level voxels/s (approx)",
+    )
+    bar.done = len(done)
+    count = {"units": 0}
+    t0 = time.perf_counter()
+
+    def finished(result: tuple[int, int]) -> None:
+        count["units"] += 1
+        bar.update(len(done) + count["units"])
+        if on_unit is not None:
+            on_unit(level, result[0])
+
+    try:
+        if client is None:
+            for i in todo:
+                write_unit(src, target, job, i)
+                if records is not None:
+                    records.mark(i)
+                finished((i, 0))
+        else:
+            from .execute import run_windowed
+
+            tag = f"svb-pyramid-{job.token}-l{level}"
+            where = f"pyramid level {level}: {{}} of {total} {what}"
+            run_windowed(
+                client, run_unit, job, todo, finished, lambda: where.format(len(done) + count["units"]), tag, window
+            )
+    finally:
+        bar.close()
+    return {
+        "level": level,
+        "units": total,
+        "skipped": len(done),
+        "computed": count["units"],
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
 def build_pyramid(
     group: zarr.Group,
     fmt: NgffFormat,
@@ -158,51 +413,22 @@ def build_pyramid(
     client: Any = None,
     shards: Sequence[int] | None = None,
     compression: bool = True,
+    **kwargs,
 ) -> list[str]:
-    """Write levels 1..n into ``group``, each block-reduced from the previous stored level.
-
-    ``factors_per_level`` holds per-level factors (per spatial axis, or per
-    axis), e.g. from :func:`pyramid_factors`. Odd sizes are floored (the
-    excess voxel is dropped), which keeps :func:`downsampled_transform`'s
-    block-centre translation exact. Integer data is rounded and clipped.
-    Existing arrays at the level paths are replaced: levels are derived data.
-    Returns the created paths ("1", "2", ...). Metadata is left to the caller,
-    who writes it last.
-    """
-    if method not in METHODS:
-        raise ValueError(f"unknown pyramid method {method!r}: use one of {', '.join(METHODS)}")
-    dtype = np.dtype(dtype)
-    names = [a["name"] if isinstance(a, dict) else str(a) for a in image_axes]
-    ndim = len(names)
-    reduction = np.mean if method == "mean" else np.max
-    paths: list[str] = []
-    prev = group[level0_path]
-    for level, factors in enumerate(factors_per_level, start=1):
-        f = _full_factors(factors, ndim, spatial_axes)
-        shape = tuple(n // fi for n, fi in zip(prev.shape, f))
-        if any(n == 0 for n in shape):
-            raise ValueError(f"level {level} would be empty: {tuple(prev.shape)} / {f}")
-        c, sh = level_chunks(shape, chunks, shards)
-        path = str(level)
-        if path == level0_path:
-            raise ValueError(f"level path {path!r} collides with level 0")
-        target = fmt.create_array(
-            group, path, shape, c, dtype, names, shards=sh, compression=compression, overwrite=True
-        )
-        write = sh if sh is not None else c
-        # One source block per target write unit: each task reads write*f voxels
-        # and produces exactly one whole chunk/shard of the target.
-        src = da.from_zarr(prev, chunks=tuple(w * fi for w, fi in zip(write, f)))
-        src = src[tuple(slice(0, n * fi) for n, fi in zip(shape, f))]
-        axes = {i: fi for i, fi in enumerate(f) if fi > 1}
-        kwargs = {"dtype": np.float64} if method == "mean" else {}
-        red = da.coarsen(reduction, src, axes, trim_excess=True, **kwargs)
-        out = red.map_blocks(_cast, dtype, dtype=dtype).rechunk(write)
-        stored = da.store(out, target, lock=False, compute=False)
-        if client is not None:
-            client.compute(stored).result()
-        else:
-            stored.compute()
-        paths.append(path)
-        prev = target
-    return paths
+    """:func:`build_levels`, returning the created paths ("1", "2", ...)."""
+    levels = build_levels(
+        group,
+        fmt,
+        image_axes,
+        level0_path,
+        spatial_axes,
+        factors_per_level,
+        chunks,
+        dtype,
+        method,
+        client,
+        shards,
+        compression,
+        **kwargs,
+    )
+    return [q["path"] for q in levels]

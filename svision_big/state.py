@@ -365,6 +365,7 @@ _OUR_FILES = re.compile(r"""(?x)^(?:
         lock(?:\.[0-9a-f]+)?                                  # the lock (and a killed run's private copy)
       | setup                                                 # the setup marker
       | done-[0-9a-f]+/p\d+/\d+(?:\.json)?                    # done-records (and their notes)
+      | done-[0-9a-f]+/l\d+/\d+                                # pyramid levels' done-records
       | work-[0-9a-f]+/p\d+/(?:zarr\.json | c(?:/\d+)*)        # staged pass outputs
       | models-[0-9a-f]+/c\d+\.svb                            # models `run` trained for this output
     )
@@ -413,6 +414,12 @@ class DoneRecords:
             return []
         return [json.loads(self.fs.cat_file(n)) for n in names]
 
+    def clear(self) -> None:
+        """Forget every record (the array they describe is about to be created anew)."""
+        if self.fs.exists(self.root):
+            self.fs.rm(self.root, recursive=True)
+        self.fs.invalidate_cache(self.root)
+
     def load(self) -> set[int]:
         try:
             self.fs.invalidate_cache(self.root)
@@ -434,6 +441,7 @@ class OutputState:
     - ``setup``: the marker of a setup in progress;
     - ``work-<fingerprint>/p<k>``: pass ``k``'s staged float32 output (the last pass writes level 0);
     - ``done-<fingerprint>/p<k>/<block>``: pass ``k``'s done-records (:class:`DoneRecords`);
+    - ``done-<fingerprint>/l<level>/<unit>``: pyramid level ``level``'s done-records, one per chunk or shard;
     - ``models-<run key>/c<channel>.svb``: the models `run` trained, until the output is complete.
 
     Reading (``provenance``, ``verdict``) never writes; every write happens under the lock.
@@ -576,6 +584,10 @@ class OutputState:
     def done_url(self, fp: str, k: int) -> str:
         """Where pass ``k``'s done-records live (:class:`DoneRecords`)."""
         return self.url(f"done-{fp}", f"p{k}")
+
+    def level_done_url(self, fp: str, level: int) -> str:
+        """Where pyramid level ``level``'s done-records live, one per write unit (:class:`DoneRecords`)."""
+        return self.url(f"done-{fp}", f"l{level}")
 
     def set_up(self, fmt, fp: str, provenance: dict, scratch, level0, after_step=_no_step):
         """Create a new output: marker, group, scratch arrays, level 0, then the provenance (last).

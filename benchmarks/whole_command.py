@@ -4,7 +4,12 @@ defaults, from process start to metadata written, with the peak RSS of the whole
 progress line (cluster up, input opened, plans made), and to the first finished block.
 
     python benchmarks/whole_command.py                 # 50 M output voxels (96x256x256 -> x2)
+    python benchmarks/whole_command.py --sizes 64M,512M  # 8x apart, both whole 256^3 output blocks
     python benchmarks/whole_command.py --scale         # also 400 M and 3.2 G output voxels (long)
+
+Each row also gives the rate against the in-memory operator (``operator.enhance_array`` on one
+default block, 128^3 -> 256^3, all cores, same precision); with 64M and 512M both run, the
+ratio of their peaks says how flat memory is.
 
 Random-weight model of the default architecture (``svision_big.testing.make_model``, ensemble 8,
 no back-projection): speed does not depend on the weights. Prints a markdown table, writes JSON.
@@ -27,7 +32,33 @@ from pathlib import Path  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline_common import TreeSampler, build_model, machine, make_input  # noqa: E402
 
-SIZES = {"50M": (96, 256, 256), "400M": (192, 512, 512), "3.2G": (384, 1024, 1024)}
+SIZES = {
+    "50M": (96, 256, 256),
+    "64M": (128, 256, 256),
+    "400M": (192, 512, 512),
+    "512M": (256, 512, 512),
+    "3.2G": (384, 1024, 1024),
+}
+
+
+def in_memory_rate(model_path: str, precision: str) -> float:
+    """Output voxels/s of the in-memory operator on one default block (best of 2), in a fresh
+    process with every core: the ceiling the whole command is measured against."""
+    code = (
+        "import os, time, numpy as np, torch\n"
+        "from svision_big.model import load_model\n"
+        "from svision_big.operator import enhance_array\n"
+        "torch.set_num_threads(len(os.sched_getaffinity(0)))\n"
+        f"spec = load_model({model_path!r}).spec('cpu', {precision!r})\n"
+        "x = np.random.default_rng(0).random((128, 128, 128), dtype=np.float32)\n"
+        "enhance_array(x[:16, :32, :32], spec)\n"
+        "best = 1e9\n"
+        "for _ in range(2):\n"
+        "    t0 = time.perf_counter(); enhance_array(x, spec); best = min(best, time.perf_counter() - t0)\n"
+        "print(8 * x.size / best)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return float(out.split()[-1])
 
 
 def import_seconds() -> float:
@@ -40,10 +71,11 @@ def import_seconds() -> float:
     return best
 
 
-def run_enhance(inp: str, out: Path, model: str) -> dict:
+def run_enhance(inp: str, out: Path, model: str, precision: str) -> dict:
     if out.exists():
         shutil.rmtree(out)
     cmd = [sys.executable, "-m", "svision_big.cli", "enhance", inp, str(out), "--model", model, "--progress", "json"]
+    cmd += ["--precision", precision]
     t0, wall0 = time.perf_counter(), time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sampler = TreeSampler([proc.pid])
@@ -81,6 +113,8 @@ def run_enhance(inp: str, out: Path, model: str) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scale", action="store_true", help="also 400 M and 3.2 G output voxels")
+    ap.add_argument("--sizes", help=f"comma-separated, from {', '.join(SIZES)} (default 50M)")
+    ap.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--workdir", default=str(Path(__file__).resolve().parent / ".cache" / "whole_command"))
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "whole_command.json"))
     args = ap.parse_args(argv)
@@ -90,28 +124,43 @@ def main(argv=None) -> int:
     model_path = model.save(work / "model.svb")
     rows = []
     imp = import_seconds()
-    for name in ["50M", "400M", "3.2G"] if args.scale else ["50M"]:
+    ref = in_memory_rate(model_path, args.precision)
+    names = args.sizes.split(",") if args.sizes else ["50M", "400M", "3.2G"] if args.scale else ["50M"]
+    for name in names:
         shape = SIZES[name]
         inp, _ = make_input(work, shape)
-        res = run_enhance(inp, work / f"out_{name}.ome.zarr", model_path)
+        res = run_enhance(inp, work / f"out_{name}.ome.zarr", model_path, args.precision)
         voxels = 8 * shape[0] * shape[1] * shape[2]
+        rate = voxels / res["seconds"]
         res.update(
-            size=name, input=list(shape), output_voxels=voxels, rate_mvox_s=round(voxels / res["seconds"] / 1e6, 3)
+            size=name,
+            input=list(shape),
+            output_voxels=voxels,
+            rate_mvox_s=round(rate / 1e6, 3),
+            of_in_memory=round(rate / ref, 3),
         )
         rows.append(res)
         shutil.rmtree(work / f"out_{name}.ome.zarr", ignore_errors=True)
-    print(f"import svision_big.cli: {imp:.2f} s (best of 3)\n")
+    print(f"import svision_big.cli: {imp:.2f} s (best of 3)")
+    print(f"in-memory operator, one 256^3 output block, {args.precision}: {ref / 1e6:.2f} M output voxels/s\n")
     print(
-        "| output voxels | input | whole command (s) | M output voxels/s | first progress line (s) | first block done (s) | peak RSS, process tree (GB) |"
+        "| output voxels | input | whole command (s) | M output voxels/s | of in-memory | first progress line (s) "
+        "| first block done (s) | peak RSS, process tree (GB) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['size']} | {'x'.join(map(str, r['input']))} | {r['seconds']:.1f} | {r['rate_mvox_s']:.2f} | "
-            f"{r['first_progress_s']} | {r['first_block_s']} | {r['peak_tree_gb']:.2f} |"
+            f"{r['of_in_memory']:.2f} | {r['first_progress_s']} | {r['first_block_s']} | {r['peak_tree_gb']:.2f} |"
         )
+    peaks = {r["size"]: r["peak_tree_gb"] for r in rows}
+    flat = None
+    if "64M" in peaks and "512M" in peaks:
+        flat = round(peaks["512M"] / peaks["64M"], 3)
+        print(f"\npeak memory 512M / 64M (8x the volume, whole blocks both): {flat:.3f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"machine": machine(), "import_s": imp, "rows": rows}, indent=1))
+    result = {"machine": machine(), "precision": args.precision, "import_s": imp, "in_memory_voxels_s": ref}
+    Path(args.out).write_text(json.dumps({**result, "flatness": flat, "rows": rows}, indent=1))
     return 0
 
 

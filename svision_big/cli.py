@@ -69,7 +69,11 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_enhance_flags(p: argparse.ArgumentParser) -> None:
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--workers", type=int, help="size of the local Dask cluster (default: one per core)")
+    where.add_argument(
+        "--workers",
+        type=int,
+        help="tasks at once on the local Dask cluster, one thread each in this process (default: one per core)",
+    )
     where.add_argument("--scheduler", help="address of an existing Dask scheduler, or 'sync' to run in this process")
     p.add_argument("--block", type=_ints, help="output voxels written per task, Z,Y,X (a multiple of the factor)")
     p.add_argument("--dtype", help="output dtype (default: the input's), e.g. float32")

@@ -19,7 +19,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from . import __version__
 from .execute import Job, execute
@@ -269,6 +268,8 @@ def training_region(
     lo, hi = np.percentile(coarse, [1.0, 99.9])
     score = ((coarse - lo) / max(hi - lo, 1e-12) > 0.2).astype(np.float32)
     if score.any():
+        from scipy import ndimage  # training only: enhance does not pay for the import
+
         dens = ndimage.uniform_filter(score, size=box_c, mode="constant")
         centre = np.unravel_index(int(np.argmax(dens)), dens.shape)
     else:
@@ -474,10 +475,18 @@ def _open_cluster(client, workers: int | None, scheduler: str | None):
     if scheduler:
         c = Client(scheduler)
         return c, [c]
-    n = workers or os.cpu_count() or 1
+    n = workers or _usable_cores()
     cluster = LocalCluster(n_workers=1, threads_per_worker=n, processes=False, dashboard_address=None)
     c = Client(cluster)
     return c, [c, cluster, _TorchThreads()]
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (a container's or a job's share, not the host's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class _TorchThreads:

@@ -206,6 +206,12 @@ def test_bad_threshold_is_one_line_and_exit_2(tmp_path, capsys):
         assert not os.path.exists(out)
     with pytest.raises(ValueError, match="not a threshold"):
         _enhance(src, out, model, skip_background=[1, 2])
+    from svision_big.cli import build_parser
+
+    for cmd in (["enhance", src, out, "--model", mpath], ["run", src, out, "--factor", "2"]):  # run shares the flag
+        assert build_parser().parse_args(cmd + ["--skip-background"]).skip_background == "auto"
+        assert build_parser().parse_args(cmd + ["--skip-background", "120"]).skip_background == 120.0
+        assert build_parser().parse_args(cmd).skip_background is None
 
 
 def test_propagation_skips_exactly_the_blocks_no_computed_block_reads():

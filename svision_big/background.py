@@ -225,7 +225,7 @@ def decide(image, value, models, outer, passes, plans: list[BlockPlan]) -> Decis
     cts, bgs = [], []
     for o in np.ndindex(*last.outer_shape) if last.outer_shape else [()]:
         idx = [i + off for i, off in zip(o, outer.offsets)]
-        sel = on_axes(on_axes([slice(None)] * image.ndim, outer.axes, idx), spatial, [slice(None)] * len(spatial))
+        sel = on_axes([slice(None)] * image.ndim, outer.axes, idx)  # one time point and channel, every voxel
         coarse = np.asarray(arr[tuple(sel)], dtype=np.float64)
         coarse = np.where(np.isfinite(coarse), coarse, np.inf)  # a NaN cell is not known to be background
         t = ts[o[outer.model_axis]] if outer.model_axis is not None and len(ts) > 1 else ts[0]

@@ -22,6 +22,16 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of numbers") from None
 
 
+def _threshold(text: str):
+    """``--skip-background``'s value: "auto" or a finite number (raw input units)."""
+    from .background import parse_threshold
+
+    try:
+        return parse_threshold(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
+
+
 def _factor(text: str):
     vals = _ints(text)
     return vals[0] if len(vals) == 1 else vals
@@ -101,6 +111,17 @@ def _add_enhance_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="a missing chunk in the input is an error (default: read as the fill value, counted, warned)",
     )
+    p.add_argument(
+        "--skip-background",
+        nargs="?",
+        const="auto",
+        default=None,
+        type=_threshold,
+        metavar="THRESHOLD",
+        help="write blocks whose input lies in the background (decided on a coarse pyramid level) as "
+        "their cubic upsampling, without the network; THRESHOLD in input units (default: 10%% of the "
+        "model's intensity range above its low percentile; see docs/sparse.md)",
+    )
     p.add_argument("--device", help="torch device for inference (default: cuda where a worker has it, else cpu)")
     p.add_argument(
         "--precision",
@@ -131,6 +152,7 @@ def _enhance_kwargs(a) -> dict:
         break_lock=a.break_lock,
         nonfinite=a.nonfinite,
         strict=a.strict,
+        skip_background=a.skip_background,
     )
 
 
@@ -421,6 +443,7 @@ def _report(stats: dict) -> None:
         for k, what in (
             ("input_nonfinite", "NaN/Inf input voxels read as the fill value"),
             ("input_missing_chunks", "input chunks missing"),
+            ("background", "blocks in the background written without the network"),
         )
         if stats.get(k)
     )

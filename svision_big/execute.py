@@ -12,12 +12,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from .background import Fill, cubic_fill, fill_read
 from .model import Model
 from .ngff import make_store
 from .operator import Pass, output_offset, run_pass
@@ -78,6 +79,7 @@ class Job:
     precision: str = "float32"  # the networks' arithmetic (operator.PRECISIONS)
     nonfinite: str = "error"  # NaN/Inf in a raw input: "error", or "fill" (read as the array's fill value)
     strict: bool = False  # a missing input chunk is an error, not the fill value (zarr's rule)
+    fill: Fill | None = None  # the last pass, with --skip-background: how a background block is written
 
     def model_for(self, block: Block) -> str:
         if self.model_axis is None or len(self.models) == 1:
@@ -136,9 +138,13 @@ class ModelPlugin(WorkerPlugin):
         torch.set_num_threads(1)
 
 
-def run_block(job: Job, index: int) -> tuple[int, float, int]:
-    """The task: read block + halo (and the companion), run the pass, write the owned chunks, record done."""
+def run_block(job: Job, index: int, background: bool = False) -> tuple[int, float, int]:
+    """The task: read block + halo (and the companion), run the pass, write the owned chunks, record done.
+    ``background`` (``--skip-background`` decided so): the block is written without the network
+    (:func:`skip_block`)."""
     t0 = time.perf_counter()
+    if background:
+        return skip_block(job, index, t0)
     block = job.plan[index]
     in_options = job.in_options if job.in_raw else job.out_options
     dst = _open_array(job.out_url, job.out_path, job.out_options, writable=True, run=job.done_url)
@@ -180,6 +186,34 @@ def run_block(job: Job, index: int) -> tuple[int, float, int]:
     records.mark(index)
     del y, x
     _release_heap()
+    return index, time.perf_counter() - t0, block.write_voxels
+
+
+def skip_block(job: Job, index: int, t0: float) -> tuple[int, float, int]:
+    """A background block: in the last pass, the cubic upsampling of its input region (read from
+    the image whatever the pass's source, checked as every raw read is); in earlier passes,
+    nothing (no computed block reads what it would write). Either way a note, then the record."""
+    block = job.plan[index]
+    note: dict = {"background": True}
+    if job.fill is not None:
+        fj = replace(job, in_url=job.fill.image_url, in_path=job.fill.image_path, in_raw=True)
+        in_shape = tuple(o // f for o, f in zip(job.plan.out_shape, job.fill.factors))
+        read = fill_read(block.write, job.fill.factors, in_shape)
+        fb = replace(block, read=read)
+        x, src = _read(fj, fj.in_url, fj.in_path, job.in_options, fj.selection(fb, read, offsets=True), index)
+        note.update(_check_input(fj, src, x, fb, index, job.fill.factors))
+        model = _MODELS.get(job.model_for(block))
+        if model is None:
+            raise RuntimeError(f"model {job.model_for(block)} was not shipped to this worker")
+        norm = model.norm
+        xt = norm.forward(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(_device(job)))
+        y = cubic_fill(xt, read, block.write, job.fill.factors, in_shape, norm, job.out_dtype)
+        dst = _open_array(job.out_url, job.out_path, job.out_options, writable=True, run=job.done_url)
+        dst[job.selection(block, block.write)] = y
+        del x, xt, y
+    records = DoneRecords(job.done_url, job.out_options)
+    records.note(index, note)
+    records.mark(index)
     return index, time.perf_counter() - t0, block.write_voxels
 
 
@@ -264,7 +298,7 @@ def _fill(arr) -> float:
     return fv if np.isfinite(fv) else 0.0
 
 
-def _check_input(job: Job, src, x: np.ndarray, block: Block, index: int) -> dict:
+def _check_input(job: Job, src, x: np.ndarray, block: Block, index: int, factors=None) -> dict:
     """Missing chunks and non-finite values in a block of the raw input: counted (over the block's
     own region, so halos do not count twice), refused, or filled, as the job says. One NaN voxel
     spreads over the network's whole receptive field; a missing chunk reads as the fill value without a word."""
@@ -285,7 +319,7 @@ def _check_input(job: Job, src, x: np.ndarray, block: Block, index: int) -> dict
         if bad.any():
             core = tuple(
                 slice(w.start // f - r.start, w.stop // f - r.start)
-                for w, r, f in zip(block.write, block.read, job.plan.factors)
+                for w, r, f in zip(block.write, block.read, factors or job.plan.factors)
             )
             n = int(np.count_nonzero(bad[core]))
             if job.nonfinite != "fill":
@@ -389,6 +423,7 @@ def _run_on_cluster(
     finished: Callable[[int, int], None],
     where: Callable[[], str],
     started: Callable[[], None] = lambda: None,
+    background=None,
 ) -> None:
     """The blocks ``todo`` of one pass on the cluster (:func:`run_windowed`), the models shipped
     first (one plugin per worker), calling ``finished(index, voxels)`` per block."""
@@ -399,7 +434,10 @@ def _run_on_cluster(
         client.register_plugin(plugin, name=plugin.name)
 
     tag = "svb-" + job.done_url.rsplit("done-", 1)[-1].replace("/", "-")
-    run_windowed(client, run_block, job, todo, lambda r: finished(r[0], r[2]), where, tag, window, ship_models, started)
+    extra = None if background is None else (lambda i: (bool(background[i]),))
+    run_windowed(
+        client, run_block, job, todo, lambda r: finished(r[0], r[2]), where, tag, window, ship_models, started, extra
+    )
 
 
 def run_windowed(
@@ -413,11 +451,12 @@ def run_windowed(
     window: int | None = None,
     setup: Callable[[], None] | None = None,
     started: Callable[[], None] | None = None,
+    extra: Callable[[int], tuple] | None = None,
 ) -> None:
     """Submit ``task(job, i)`` for each ``i`` of ``todo`` windowed (a few tasks per worker in flight,
     the next submitted as each ends), so the scheduler never holds more than the window however
     many tasks there are; ``finished(result)`` per task. ``setup()`` runs first, under the same
-    guard; ``started()`` once the first window is out. A lost cluster is one line (:class:`ClusterLost`, ``where()`` says how far the run got)."""
+    guard; ``started()`` once the first window is out; ``extra(i)``: more arguments for task ``i``. A lost cluster is one line (:class:`ClusterLost`, ``where()`` says how far the run got)."""
     from distributed import as_completed
 
     watch = _NoWorkerWatch(client, NO_WORKERS_S)
@@ -426,7 +465,11 @@ def run_windowed(
         if setup is not None:
             setup()
         window = window or 2 * max(1, sum(client.nthreads().values())) + 2
-        first = [client.submit(task, job, i, pure=False, key=f"{tag}-{i}") for _, i in zip(range(window), todo)]
+
+        def submit(i: int):
+            return client.submit(task, job, i, *(extra(i) if extra else ()), pure=False, key=f"{tag}-{i}")
+
+        first = [submit(i) for _, i in zip(range(window), todo)]
         if started is not None:
             started()
         watch.futures = first
@@ -437,7 +480,7 @@ def run_windowed(
             finished(result)
             nxt = next(todo, None)
             if nxt is not None:
-                f = client.submit(task, job, nxt, pure=False, key=f"{tag}-{nxt}")
+                f = submit(nxt)
                 watch.futures.append(f)
                 pending.add(f)
     except (InputDataError, ChunkReadError):
@@ -468,8 +511,10 @@ def execute(
     on_block: Callable[[int], None] | None = None,
     window: int | None = None,
     label: str = "enhance",
+    background=None,
 ) -> dict:
-    """Run every block not yet recorded done; return counts and timings."""
+    """Run every block not yet recorded done; return counts and timings. ``background``: a flat
+    bool per block (``--skip-background``), True where the block is written without the network."""
     records = DoneRecords(job.done_url, job.out_options)
     records.create()
     done = records.load()
@@ -499,7 +544,7 @@ def execute(
     if client is None:
         register_models(models)
         for i in todo:
-            _, _, v = run_block(job, i)
+            _, _, v = run_block(job, i, background is not None and bool(background[i]))
             finished(i, v)
     else:
         try:
@@ -512,6 +557,7 @@ def execute(
                 finished,
                 lambda: f"{len(done) + count['blocks']} of {total} blocks",
                 started=lambda: bar.update(len(done), force=True),  # the first line: the tasks are out
+                background=background,
             )
         except ClusterLost:
             bar.close()
@@ -528,7 +574,9 @@ def execute(
         "output_voxels": out_voxels,
         "voxels_per_second": out_voxels / seconds if seconds > 0 else 0.0,
     }
-    if job.in_raw:  # what the blocks found in the input, this run and earlier ones
+    if background is not None:
+        out["background"] = int(np.count_nonzero(background))
+    if job.in_raw or job.fill is not None:  # what the blocks found in the input, this run and earlier ones
         notes = records.notes()
         missing = sorted({k for n in notes for k in n.get("missing", ())})
         out["nonfinite"] = sum(n.get("nonfinite", 0) for n in notes)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from . import background as bgd
 from .execute import Job, execute
 from .halo import pass_halo
 from .model import Model, load_model
@@ -411,6 +412,7 @@ class EnhanceSettings:
     precision: str = "float32"
     nonfinite: str = "error"
     strict: bool = False
+    skip_background: bool | float | str | None = None  # None/False: off; True/"auto": the default rule; a raw threshold
     # what the run may do
     overwrite: bool = False
     force: bool = False
@@ -537,6 +539,7 @@ def enhance(
     nonfinite: str = "error",
     strict: bool = False,
     provenance_extra: dict | None = None,
+    skip_background: bool | float | str | None = None,
 ) -> dict:
     """Enhance an OME-Zarr image into a new, upsampled, multiscale OME-Zarr image.
 
@@ -547,6 +550,9 @@ def enhance(
     halo. ``break_lock``: take the output's lock even from a live run or another host. ``nonfinite``:
     NaN/Inf in a float input stop the run ("error") or read as the fill value ("fill", counted in
     the provenance). ``strict``: a missing input chunk stops the run (else: counted, warned about).
+    ``skip_background``: True (or "auto") writes blocks whose input lies in the background (decided on
+    a coarse pyramid level, threshold from the model's normalisation) as their cubic upsampling,
+    without the network; a number is the threshold in raw input units (``docs/sparse.md``).
     The output is locked (``state.OutputLock``) from before its first write to the end. The keywords
     are those of :class:`EnhanceSettings`; ``enhance_with`` takes them as one.
     """
@@ -564,6 +570,7 @@ def enhance(
             precision=precision,
             nonfinite=nonfinite,
             strict=strict,
+            skip_background=skip_background,
             overwrite=overwrite,
             force=force,
             break_lock=break_lock,
@@ -588,7 +595,8 @@ def enhance_with(input: str | os.PathLike, output: str | os.PathLike, model, set
     models = _models_for(image, model, input)
     outer = _outer_layout(image, s.channel, len(models), input)
     lay = _output_format(image, input, output, _layout(image, models, outer, s), s)
-    fp, provenance = _identity(input, image, models, lay, s)
+    skip = _background(image, models, outer, lay, s)
+    fp, provenance = _identity(input, image, models, lay, s, skip)
     state = OutputState(output, s.output_storage_options)
     lock = state.lock(s.break_lock)
     if (
@@ -606,10 +614,10 @@ def enhance_with(input: str | os.PathLike, output: str | os.PathLike, model, set
         group, resuming = _prepare_output(state, image, outer, lay, fp, provenance, s)
         if group is None:
             return _already_complete(output, fp, lay)
-        jobs = _jobs(input, output, image, models, outer, lay, state, fp, s)
+        jobs = _jobs(input, output, image, models, outer, lay, state, fp, s, skip)
         if s.progress:
-            _announce(models[0].factors, output, resuming, lay)
-        stats, notes = _run_passes(jobs, models, cl, state, s, input)
+            _announce(models[0].factors, output, resuming, lay, skip)
+        stats, notes = _run_passes(jobs, models, cl, state, s, input, skip)
         return _finish_output(
             group,
             state,
@@ -632,6 +640,7 @@ def _check_request(input: str, output: str, s: EnhanceSettings) -> EnhanceSettin
     settings with the output's storage options resolved."""
     _check_workers(s.workers)
     _check_nonfinite(s.nonfinite)
+    s = replace(s, skip_background=bgd.parse_threshold(s.skip_background))  # a bad threshold fails first
     s = replace(s, output_storage_options=_output_options(input, output, s.storage_options, s.output_storage_options))
     if s.client is None and s.scheduler in (None, "sync"):
         _check_device(s.device)  # a remote cluster's workers are asked once it is open
@@ -724,7 +733,16 @@ def _output_format(image: Image, input: str, output: str, lay: _Layout, s: Enhan
     return replace(lay, fmt=fmt, dtype=dtype)
 
 
-def _identity(input: str, image: Image, models: list[Model], lay: _Layout, s: EnhanceSettings) -> tuple[str, dict]:
+def _background(image: Image, models: list[Model], outer: _Outer, lay: _Layout, s: EnhanceSettings):
+    """``--skip-background``: which blocks of every pass are written without the network (None: off)."""
+    if s.skip_background is None:
+        return None
+    return bgd.decide(image, s.skip_background, models, outer, lay.passes, lay.plans)
+
+
+def _identity(
+    input: str, image: Image, models: list[Model], lay: _Layout, s: EnhanceSettings, skip=None
+) -> tuple[str, dict]:
     """(fingerprint, provenance). The provenance records the run; the fingerprint hashes what makes
     two runs write the same output (a match resumes, a mismatch refuses), under the key names
     older versions hashed, so that their outputs still resume."""
@@ -748,6 +766,7 @@ def _identity(input: str, image: Image, models: list[Model], lay: _Layout, s: En
         "precision": s.precision,
         "nonfinite": s.nonfinite,
         "strict": s.strict,
+        "skip_background": skip.provenance() if skip is not None else {"enabled": False},
     }
     rec["fingerprint"] = _fingerprint(
         {
@@ -763,6 +782,7 @@ def _identity(input: str, image: Image, models: list[Model], lay: _Layout, s: En
             "compression": s.compression,
             **({"precision": s.precision} if s.precision != "float32" else {}),  # float32 keeps older fingerprints
             **({"nonfinite": s.nonfinite} if s.nonfinite != "error" else {}),  # so does reading NaN as an error
+            **({"skip_background": skip.identity()} if skip is not None else {}),  # and running every block
         }
     )
     return rec["fingerprint"], rec
@@ -834,6 +854,7 @@ def _jobs(
     state: OutputState,
     fp: str,
     s: EnhanceSettings,
+    skip=None,
 ) -> list[Job]:
     """One job per pass: where it reads each of its inputs, where it writes, where its done-records go."""
     last = len(lay.passes) - 1
@@ -869,26 +890,34 @@ def _jobs(
             in_raw=p.source == IMAGE,
             out_raw=k == last,
             companion_path=where[p.companion][1] if p.companion else None,
+            fill=bgd.Fill(input, image.paths[0], tuple(models[0].factors)) if skip is not None and k == last else None,
         )
         for k, (p, pl) in enumerate(zip(lay.passes, lay.plans))
     ]
 
 
-def _announce(factors, output: str, resuming: bool, lay: _Layout) -> None:
+def _announce(factors, output: str, resuming: bool, lay: _Layout, skip=None) -> None:
     print(
         f"enhance: factors {factors}, {'resuming' if resuming else 'new output'} {output}; {len(lay.passes)} pass(es):",
         flush=True,
     )
-    for p, pl in zip(lay.passes, lay.plans):
+    for k, (p, pl) in enumerate(zip(lay.passes, lay.plans)):
+        bg = f", {skip.counts()[k]} in the background (no network)" if skip is not None else ""
         print(
             f"  {p.label}: {len(pl)} blocks of {pl.block} output voxels, halo {pl.halo} input voxels "
-            f"(halo overhead {pl.overhead():.0%})",
+            f"(halo overhead {pl.overhead():.0%}){bg}",
+            flush=True,
+        )
+    if skip is not None:
+        print(
+            f"  --skip-background: threshold {', '.join(f'{t:g}' for t in skip.thresholds)} "
+            f"({'auto' if skip.auto else 'given'}), decided on input level {skip.level}",
             flush=True,
         )
 
 
 def _run_passes(
-    jobs: list[Job], models: list[Model], cl, state: OutputState, s: EnhanceSettings, input: str
+    jobs: list[Job], models: list[Model], cl, state: OutputState, s: EnhanceSettings, input: str, skip=None
 ) -> tuple[dict, dict]:
     """Every pass in turn, each staged output removed once no remaining pass reads it. Returns the
     stats, and the notes the provenance records about the input as read."""
@@ -903,6 +932,7 @@ def _run_passes(
             progress=s.progress,
             on_block=s.on_block if k == last else None,
             label=f"pass {k + 1}/{len(jobs)} {p.label}",
+            background=None if skip is None else skip.flat(k),
         )
         stats["passes"].append({"kind": p.kind, "stage": p.stage, **q})
         for j in range(min(k + 1, last)):
@@ -913,6 +943,9 @@ def _run_passes(
     stats.update({k: final[k] for k in ("blocks", "skipped", "computed", "todo_at_start", "output_voxels")})
     # the level-0 pass above (the API's meaning); every pass here: a resume skips earlier passes too
     stats["total"] = {k: sum(q[k] for q in stats["passes"]) for k in ("blocks", "skipped", "computed")}
+    if skip is not None:  # blocks written without the network: the last pass's (its output), and every pass's
+        stats["background"] = final.get("background", 0)
+        stats["total"]["background"] = sum(q.get("background", 0) for q in stats["passes"])
     notes = _run_notes(stats["passes"])
     if notes.get("input_missing_chunks"):
         print(

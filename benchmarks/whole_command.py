@@ -47,9 +47,9 @@ def in_memory_rate(model_path: str, precision: str) -> float:
     code = (
         "import os, time, numpy as np, torch\n"
         "from svision_big.model import load_model\n"
-        "from svision_big.operator import enhance_array\n"
+        "from svision_big.operator import enhance_array, resolve_precision\n"
         "torch.set_num_threads(len(os.sched_getaffinity(0)))\n"
-        f"spec = load_model({model_path!r}).spec('cpu', {precision!r})\n"
+        f"spec = load_model({model_path!r}).spec('cpu', resolve_precision({precision!r}))\n"
         "x = np.random.default_rng(0).random((128, 128, 128), dtype=np.float32)\n"
         "enhance_array(x[:16, :32, :32], spec)\n"
         "best = 1e9\n"
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scale", action="store_true", help="also 400 M and 3.2 G output voxels")
     ap.add_argument("--sizes", help=f"comma-separated, from {', '.join(SIZES)} (default 50M)")
-    ap.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--workdir", default=str(Path(__file__).resolve().parent / ".cache" / "whole_command"))
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "whole_command.json"))
     args = ap.parse_args(argv)
@@ -143,6 +143,7 @@ def main(argv=None) -> int:
         shutil.rmtree(work / f"out_{name}.ome.zarr", ignore_errors=True)
     print(f"import svision_big.cli: {imp:.2f} s (best of 3)")
     print(f"in-memory operator, one 256^3 output block, {args.precision}: {ref / 1e6:.2f} M output voxels/s\n")
+    print(f"precision {args.precision} (this machine runs {resolve_precision(args.precision)})\n")
     print(
         "| output voxels | input | whole command (s) | M output voxels/s | of in-memory | first progress line (s) "
         "| first block done (s) | peak RSS, process tree (GB) |"
@@ -159,7 +160,10 @@ def main(argv=None) -> int:
         flat = round(peaks["512M"] / peaks["64M"], 3)
         print(f"\npeak memory 512M / 64M (8x the volume, whole blocks both): {flat:.3f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    result = {"machine": machine(), "precision": args.precision, "import_s": imp, "in_memory_voxels_s": ref}
+    from svision_big.operator import resolve_precision
+
+    used = resolve_precision(args.precision)
+    result = {"machine": machine(), "precision": args.precision, "precision_used": used, "import_s": imp, "in_memory_voxels_s": ref}
     Path(args.out).write_text(json.dumps({**result, "flatness": flat, "rows": rows}, indent=1))
     return 0
 

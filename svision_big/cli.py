@@ -125,10 +125,10 @@ def _add_enhance_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="torch device for inference (default: cuda where a worker has it, else cpu)")
     p.add_argument(
         "--precision",
-        choices=["float32", "bfloat16", "float16"],
-        default="float32",
-        help="the networks' arithmetic: float32 (reference), bfloat16 (faster on CPUs with "
-        "AVX512-BF16), float16 (CUDA devices only)",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="the networks' arithmetic: auto (default: bfloat16 on CPUs with native bfloat16, else "
+        "float32), float32 (the reference), bfloat16, float16 (CUDA devices only)",
     )
     p.add_argument("--storage-options", type=_storage, help="JSON fsspec options for the input (e.g. S3 endpoint)")
     p.add_argument("--output-storage-options", type=_storage, help="JSON fsspec options for the output")

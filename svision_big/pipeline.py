@@ -36,7 +36,7 @@ from .ngff import (
     upsampled_transform,
     viewer_metadata,
 )
-from .operator import IMAGE, Pass, output_name, plan_passes, precision_dtype, readers
+from .operator import IMAGE, Pass, output_name, plan_passes, precision_dtype, readers, resolve_precision
 from .plan import BlockPlan, default_block, on_axes
 from .pyramid import build_levels, pyramid_datasets, pyramid_factors
 from .state import OutputState
@@ -409,7 +409,7 @@ class EnhanceSettings:
     shards: bool = False
     compression: bool = True
     channel: int | None = None  # None: every channel
-    precision: str = "float32"
+    precision: str = "auto"
     nonfinite: str = "error"
     strict: bool = False
     skip_background: bool | float | str | None = None  # None/False: off; True/"auto": the default rule; a raw threshold
@@ -532,7 +532,7 @@ def enhance(
     output_storage_options: dict | None = None,
     progress: bool = True,
     device: str | None = None,
-    precision: str = "float32",
+    precision: str = "auto",
     on_block=None,
     force: bool = False,
     break_lock: bool = False,
@@ -545,8 +545,9 @@ def enhance(
 
     ``model``: a Model, a model path, or a list of them (one per channel). ``scheduler``: a Dask
     scheduler address, or "sync" to run in this process; otherwise a local cluster of ``workers``.
-    ``precision``: the networks' arithmetic, "float32" (the reference) or "bfloat16" (faster on CPUs
-    with AVX512-BF16; see ``operator.precision_dtype``). ``force``: run blocks too small for their
+    ``precision``: the networks' arithmetic, "float32" (the reference), "bfloat16" (faster on CPUs
+    with AVX512-BF16; see ``operator.precision_dtype``) or "auto" (bfloat16 where the CPU has it
+    natively, else float32: ``operator.resolve_precision``; the provenance records the choice). ``force``: run blocks too small for their
     halo. ``break_lock``: take the output's lock even from a live run or another host. ``nonfinite``:
     NaN/Inf in a float input stop the run ("error") or read as the fill value ("fill", counted in
     the provenance). ``strict``: a missing input chunk stops the run (else: counted, warned about).
@@ -644,7 +645,9 @@ def _check_request(input: str, output: str, s: EnhanceSettings) -> EnhanceSettin
     s = replace(s, output_storage_options=_output_options(input, output, s.storage_options, s.output_storage_options))
     if s.client is None and s.scheduler in (None, "sync"):
         _check_device(s.device)  # a remote cluster's workers are asked once it is open
-    precision_dtype(s.precision, s.device or _default_device())  # a bad name fails before anything is opened
+    device = s.device or _default_device()
+    s = replace(s, precision=resolve_precision(s.precision, device))  # "auto": what this machine runs fastest
+    precision_dtype(s.precision, device)  # a bad name fails before anything is opened
     if _same_or_nested(input, output):
         raise NgffError(f"the output {output} must not be the input or lie inside it (or contain it)")
     return s

@@ -3,6 +3,7 @@ smooth synthetic volumes, a loopback S3 server, one torch thread."""
 
 from __future__ import annotations
 
+import os
 import socket
 
 import numpy as np
@@ -10,6 +11,11 @@ import pytest
 import torch
 
 from svision_big.testing import make_model  # noqa: F401  (tests import it from here)
+
+# The suite's exact-equality checks (chunked == whole volume) are stated for float32, the reference:
+# "auto" precision means float32 here and in every subprocess the tests start. The auto rule itself
+# is tested with the variable removed (test_auto_precision_*).
+os.environ["SVISION_BIG_AUTO_PRECISION"] = "float32"
 
 
 def smooth_volume(shape, seed: int = 0, dtype=np.float32, scale: float = 1.0) -> np.ndarray:

@@ -572,6 +572,40 @@ def test_bfloat16_is_seamless_close_to_float32_and_recorded(tmp_path):
     assert open_image(out).group.attrs["svision_big"]["precision"] == "bfloat16"
 
 
+def test_auto_precision_is_bfloat16_only_where_the_cpu_has_it_and_is_recorded(tmp_path, monkeypatch):
+    """The default precision is decided per machine: bfloat16 with native CPU support, float32
+    otherwise and on CUDA; the variable pins it; the provenance and fingerprint hold what ran."""
+    from svision_big import operator
+
+    monkeypatch.delenv(operator.AUTO_ENV, raising=False)
+    expected = "bfloat16" if operator.cpu_has_bf16() else "float32"
+    assert operator.resolve_precision("auto", "cpu") == expected
+    assert operator.resolve_precision("auto", "cuda") == "float32"
+    assert operator.resolve_precision("float32", "cpu") == "float32"
+    monkeypatch.setattr(operator, "cpu_has_bf16", lambda: True)
+    assert operator.resolve_precision("auto", "cpu") == "bfloat16"
+    monkeypatch.setattr(operator, "cpu_has_bf16", lambda: False)
+    assert operator.resolve_precision("auto", "cpu") == "float32"
+    monkeypatch.setenv(operator.AUTO_ENV, "bfloat16")
+    assert operator.resolve_precision("auto", "cpu") == "bfloat16"
+    monkeypatch.setenv(operator.AUTO_ENV, "int4")
+    with pytest.raises(ValueError, match="SVISION_BIG_AUTO_PRECISION=int4"):
+        operator.resolve_precision("auto", "cpu")
+
+    model = make_model((2, 2, 2))
+    src = _write_input(tmp_path, smooth_volume((8, 16, 16), seed=4))
+    prints = {}
+    for pinned in ("bfloat16", "float32"):
+        monkeypatch.setenv(operator.AUTO_ENV, pinned)
+        out = str(tmp_path / f"o_{pinned}")
+        st = pipeline.enhance(src, out, model, scheduler="sync", progress=False)
+        assert open_image(out).group.attrs["svision_big"]["precision"] == pinned
+        prints[pinned] = st["fingerprint"]
+        explicit = pipeline.enhance(src, out + "_x", model, scheduler="sync", progress=False, precision=pinned)
+        assert explicit["fingerprint"] == st["fingerprint"]  # auto resolved is the same run as the name given
+    assert prints["bfloat16"] != prints["float32"]
+
+
 def test_bad_precision_is_refused_before_anything_is_written(tmp_path):
     model = make_model((2, 2, 2))
     src = _write_input(tmp_path, smooth_volume((8, 16, 16), seed=4))

@@ -111,6 +111,8 @@ def run_enhance(inp: str, out: Path, model: str, precision: str) -> dict:
 
 
 def main(argv=None) -> int:
+    from svision_big.operator import resolve_precision
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scale", action="store_true", help="also 400 M and 3.2 G output voxels")
     ap.add_argument("--sizes", help=f"comma-separated, from {', '.join(SIZES)} (default 50M)")
@@ -160,10 +162,14 @@ def main(argv=None) -> int:
         flat = round(peaks["512M"] / peaks["64M"], 3)
         print(f"\npeak memory 512M / 64M (8x the volume, whole blocks both): {flat:.3f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    from svision_big.operator import resolve_precision
-
     used = resolve_precision(args.precision)
-    result = {"machine": machine(), "precision": args.precision, "precision_used": used, "import_s": imp, "in_memory_voxels_s": ref}
+    result = {
+        "machine": machine(),
+        "precision": args.precision,
+        "precision_used": used,
+        "import_s": imp,
+        "in_memory_voxels_s": ref,
+    }
     Path(args.out).write_text(json.dumps({**result, "flatness": flat, "rows": rows}, indent=1))
     return 0
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from . import __version__
 from . import background as bgd
-from .execute import Job, execute
+from .execute import Job, execute, limit_arenas
 from .halo import pass_halo
 from .model import Model, load_model
 from .ngff import (
@@ -478,6 +478,7 @@ def _open_cluster(client, workers: int | None, scheduler: str | None):
         c = Client(scheduler)
         return c, [c]
     n = workers or _usable_cores()
+    limit_arenas(n)
     cluster = LocalCluster(n_workers=1, threads_per_worker=n, processes=False, dashboard_address=None)
     c = Client(cluster)
     return c, [c, cluster, _TorchThreads()]

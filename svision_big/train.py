@@ -22,6 +22,8 @@ from .model import Model, StageRecord
 from .network import NetConfig, SVNet
 from .noise import NoiseModel, noise_bins
 from .operator import ENSEMBLES, Normalisation, OperatorSpec, StageOp, apply_normalised, back_project, clamp_, predict
+from . import selfsim
+from .degrade import blur
 from .progress import Progress
 from .sampling import PairSampler, patch_shape, split_regions
 
@@ -290,6 +292,13 @@ def _fewest_good(scores: dict[int, float]) -> int:
 # --------------------------------------------------------------------------- whole recipe
 
 
+def blurred(v: np.ndarray, fwhm: tuple[float, ...]) -> np.ndarray:
+    """``v`` blurred by a Gaussian of ``fwhm`` (voxels) per axis; ``v`` itself when there is none."""
+    if not any(f > 0 for f in fwhm):
+        return v
+    return blur(torch.from_numpy(np.ascontiguousarray(v, np.float32)), tuple(fwhm)).numpy()
+
+
 def sample_box(shape: tuple[int, ...], v: np.ndarray, max_voxels: int) -> tuple[slice, ...]:
     """A sub-box of at most ``max_voxels`` centred on the signal, for in-memory training of large arrays."""
     total = int(np.prod(shape))
@@ -384,11 +393,28 @@ def fit(
             stages, norm, factors, acquisition, acq, psf_fwhm, seed, v, cfg, nm0, drep, t_start, quiet
         )
     sr_plan = split_stages(factors)
+    found = None  # selfsim.SelfSimilarity, when the input's blur is estimated
+    if psf_fwhm is not None:
+        blur_p = tuple(float(q) for q in psf_fwhm)
+    elif nm0 is None:  # clean: the input's own blur and acquisition (noise would read as sharpness)
+        found = selfsim.estimate(v, sr_plan[0], ACQUISITIONS if acquisition == "auto" else (acq,))
+        acq, blur_p = found.acquisition, found.psf_fwhm
+        if not quiet:
+            print(
+                f"acquisition {found.acquisition}{' (auto)' if acquisition == 'auto' else ''}, input blur FWHM "
+                f"{tuple(round(q, 2) for q in blur_p)} voxels (spectral mismatch "
+                + ", ".join(f"{a} {c:.3g}" for a, c in found.scores.items())
+                + ")",
+                flush=True,
+            )
+    else:
+        blur_p = (0.0,) * volume.ndim
+    stage_source, stage_blur = v, blur_p
     for i, sf in enumerate(sr_plan):
         cumulative = tuple(c * f for c, f in zip(cumulative, sf))
-        psf = None if psf_fwhm is None else tuple(float(p) * c for p, c in zip(psf_fwhm, cumulative))
+        stage_input = blurred(stage_source, selfsim.pair_blur(stage_blur, sf))
         nm = None if first else choose_noise(stage_input, noise)
-        deg = Degradation(sf, psf, None if nm is None else (nm.gain, nm.offset), acq)
+        deg = Degradation(sf, None, None if nm is None else (nm.gain, nm.offset), acq)
         net, val, report = train_stage(stage_input, deg, cfg, label=f"stage {i + 1} {'x'.join(map(str, sf))}")
         op = StageOp(net, deg, 0, ensemble=TRAIN_ENSEMBLE)
         bp, scores = choose_bp_iters(op, val, norm.bounds_n, cfg.bp_candidates)
@@ -400,6 +426,7 @@ def fit(
             bp_val_mse=scores,
             noise=None if nm is None else [nm.gain, nm.offset],
             noise_std_mid=None if nm is None else nm.std(0.5),
+            pair_blur=list(selfsim.pair_blur(stage_blur, sf)),
         )
         if not quiet:
             print(
@@ -410,19 +437,19 @@ def fit(
             )
         ops.append(op)
         stages.append(StageRecord(net.config, net.state_dict(), deg, bp, True, report))
-        if i + 1 < len(sr_plan):
-            sub = stage_input[sample_box(stage_input.shape, stage_input, max_stage2_voxels)]
+        if i + 1 < len(sr_plan):  # the next stage learns from this one's output on the input itself
+            sub = stage_source[sample_box(stage_source.shape, stage_source, max_stage2_voxels)]
             spec = OperatorSpec(tuple(ops[first:]), norm)  # the input is denoised already
-            stage_input = apply_normalised(torch.from_numpy(np.ascontiguousarray(sub)), spec).numpy()
+            stage_source = apply_normalised(torch.from_numpy(np.ascontiguousarray(sub)), spec).numpy()
+            stage_blur = tuple(q * f for q, f in zip(stage_blur, sf))
 
     noise_t = None if nm0 is None else (nm0.gain, nm0.offset)
-    full = Degradation(
-        factors, None if psf_fwhm is None else tuple(float(p) * f for p, f in zip(psf_fwhm, factors)), noise_t, acq
-    )  # check crops carry the input's noise
+    full = Degradation(factors, None, noise_t, acq)  # check crops carry the input's noise
+    v_check = blurred(v, selfsim.pair_blur(blur_p, factors))  # checks one scale down, blurred as pairs are
     final_deg, final_iters, final_scores = None, 0, {}
     if len(sr_plan) > 1 and nm0 is None:  # never back-project onto a noisy input (NOISY_BP)
         final_deg = full
-        final_iters, final_scores = choose_final_bp(ops, norm, final_deg, v, cfg)
+        final_iters, final_scores = choose_final_bp(ops, norm, final_deg, v_check, cfg)
         if not quiet:
             print(
                 f"closing x{'x'.join(map(str, factors))} back-projection: {final_iters} iterations (val mse {final_scores})",
@@ -440,17 +467,21 @@ def fit(
             "train_shape": list(v.shape),
             "steps": cfg.steps,
             "acquisition": {
-                "chosen": acquisition if acquisition != "auto" else f"auto ({AUTO_ACQUISITION})",
+                "chosen": acquisition if acquisition != "auto" else f"auto ({acq})",
                 "trained_with": acq,
-                "psf_fwhm": None if psf_fwhm is None else list(psf_fwhm),
+                "psf_fwhm": list(blur_p),
+                "psf_given": psf_fwhm is not None,
+                "self_similarity": None if found is None else found.record(),
             },
             "noise_estimate": None if nm0 is None else nm0.std(0.5),
             "denoiser": bool(first),
             "denoise_check": drep or None,
         },
     )
-    check = full if acquisition != "auto" else Degradation(full.factors, full.psf_fwhm, full.noise, "mixed")
-    model = do_no_harm(model, check, v, cfg, first)
+    # the input's acquisition, once estimated, is what the check repeats; without an estimate (noisy
+    # data) ``auto`` must win under all three
+    check = full if acquisition != "auto" or found is not None else Degradation(full.factors, None, full.noise, "mixed")
+    model = do_no_harm(model, check, v_check, cfg, first)
     model.info["fit_seconds"] = round(time.perf_counter() - t_start, 2)
     if not quiet:
         b = model.info["baseline"]

@@ -56,10 +56,11 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="how the input's voxels were recorded: a detector's mean over each voxel (integrate), "
         "point samples at voxel centres (sample), an antialiased cubic resize (cubic), or auto "
-        "(train for all three; the held-aside check decides the rest)",
+        "(the one that makes the input most like itself one scale down; docs/fidelity.md)",
     )
     p.add_argument(
-        "--psf-fwhm", type=_floats, help="Gaussian PSF FWHM, Z,Y,X in input voxels (or one value for all axes)"
+        "--psf-fwhm", type=_floats, help="the input's Gaussian blur (PSF) FWHM, Z,Y,X in input voxels (or one value for all axes); "
+        "default: estimated from the input; 0 = train on unblurred pairs"
     )
     p.add_argument(
         "--nonfinite",

@@ -31,6 +31,9 @@ GRID = tuple(float(g) for g in np.r_[np.arange(0.0, 6.01, 0.25), np.arange(6.5, 
 MIN_FREQUENCY = 0.04  # cycles per voxel below which the spectra are not compared (object size, not blur)
 MIN_LENGTH = 8  # voxels along an axis below which no spectrum is estimated (no blur assumed)
 MAX_VOXELS = 2_000_000  # the estimate runs on a central crop of at most this many voxels
+# An axis whose best match leaves a log-spectrum mismatch above this carries no evidence on the
+# acquisition (a 16-slice stack blurred over 4+ voxels: 0.9-14 measured; axes with detail: 0.001-0.4)
+POOR_MATCH = 1.0
 
 
 @dataclass
@@ -42,6 +45,7 @@ class SelfSimilarity:
     psf_fwhm: tuple[float, ...]
     scores: dict[str, float] = field(default_factory=dict)
     blurs: dict[str, list[float]] = field(default_factory=dict)
+    axes: list[int] = field(default_factory=list)  # the axes whose mismatch chose the acquisition
 
     def record(self) -> dict:
         return {
@@ -49,6 +53,7 @@ class SelfSimilarity:
             "psf_fwhm": [round(p, 3) for p in self.psf_fwhm],
             "scores": {a: round(s, 5) for a, s in self.scores.items()},
             "blurs": {a: [round(p, 3) for p in b] for a, b in self.blurs.items()},
+            "axes": list(self.axes),
         }
 
 
@@ -108,13 +113,14 @@ def estimate(
 ) -> SelfSimilarity:
     """The acquisition and blur that make the input most like itself one scale down, on the axes
     ``factors`` resamples (the others get 0). The mismatch of an acquisition is summed over those
-    axes; the lowest wins."""
+    axes whose best match is good (``POOR_MATCH``; all of them if none is); the lowest wins."""
     x = torch.from_numpy(np.ascontiguousarray(central_crop(np.asarray(v, np.float32))))
     axes = [d for d, f in enumerate(factors) if f > 1 and x.shape[d] >= MIN_LENGTH]
+    found = {acq: {d: match_blur(x, d, acq) for d in axes} for acq in acquisitions}
+    good = [d for d in axes if min(found[a][d][1] for a in acquisitions) <= POOR_MATCH] or axes
     scores, blurs = {}, {}
     for acq in acquisitions:
-        found = {d: match_blur(x, d, acq) for d in axes}
-        scores[acq] = float(sum(c for _, c in found.values()))
-        blurs[acq] = [found[d][0] / math.sqrt(3.0) if d in found else 0.0 for d in range(x.ndim)]
+        scores[acq] = float(sum(found[acq][d][1] for d in good))
+        blurs[acq] = [found[acq][d][0] / math.sqrt(3.0) if d in found[acq] else 0.0 for d in range(x.ndim)]
     best = min(acquisitions, key=lambda a: scores[a])
-    return SelfSimilarity(best, tuple(blurs[best]), scores, blurs)
+    return SelfSimilarity(best, tuple(blurs[best]), scores, blurs, good)

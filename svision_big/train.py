@@ -334,10 +334,12 @@ def fit(
 ) -> Model:
     """Train a model on ``volume`` (numpy (z, y, x) or (y, x)) for the given upsampling factor.
 
-    ``psf_fwhm``: optional Gaussian PSF (FWHM per axis in *input* voxels) added to the degradation.
+    ``psf_fwhm``: the input's Gaussian blur (FWHM per axis in *input* voxels), which the truth
+    shares; training pairs are blurred to match it (``selfsim.pair_blur``). None: estimated from
+    the input (``selfsim.estimate``); zeros: plain pairs.
     ``acquisition``: how the input's voxels were recorded, "cubic" (an antialiased resize, as in
     the method's paper), "integrate" (a detector's mean over each voxel), "sample" (point samples
-    at voxel centres) or "auto" (train on all three, ``degrade.MODELS``).
+    at voxel centres) or "auto" (the one cross-scale self-similarity picks).
     ``norm``: pass statistics measured elsewhere (e.g. a coarse pyramid level) to reuse them.
     """
     volume = np.asarray(volume)
@@ -392,6 +394,9 @@ def fit(
         return _denoised_cubic(
             stages, norm, factors, acquisition, acq, psf_fwhm, seed, v, cfg, nm0, drep, t_start, quiet
         )
+    refused = None  # noise the blind filter would not remove: the check still carries it
+    if REFUSED_NOISE_AS_CLEAN and nm0 is not None and drep and not drep.get("used"):
+        refused, nm0, noise = nm0, None, False  # see REFUSED_NOISE_AS_CLEAN
     sr_plan = split_stages(factors)
     found = None  # selfsim.SelfSimilarity, when the input's blur is estimated
     if psf_fwhm is not None:
@@ -481,6 +486,8 @@ def fit(
     # the input's acquisition, once estimated, is what the check repeats; without an estimate (noisy
     # data) ``auto`` must win under all three
     check = full if acquisition != "auto" or found is not None else Degradation(full.factors, None, full.noise, "mixed")
+    if refused is not None:  # noise-matched sources, recorrupted targets: a net that copies noise loses there
+        check = Degradation(check.factors, None, (refused.gain, refused.offset), check.acquisition)
     model = do_no_harm(model, check, v_check, cfg, first)
     model.info["fit_seconds"] = round(time.perf_counter() - t_start, 2)
     if not quiet:
@@ -497,6 +504,10 @@ def fit(
 # Poisson-200 mixed 39.88 vs 43.09), while the held-aside check one scale down preferred the
 # network in both: the check cannot see it, so the network is not offered.
 NOISY_SR = False
+# Noise that the blind filter refused to remove (``worth_denoising``: the noise model claims more
+# than the filter's whole blind error, or removing it would not pay) is taken for structure: the SR
+# stages train without noise matching, on pairs blurred as the input is.
+REFUSED_NOISE_AS_CLEAN = True
 DENOISE_MARGIN = 0.8
 MATERIAL_NOISE_VAR = (
     0.005**2

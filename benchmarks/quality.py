@@ -479,7 +479,11 @@ def _model_text(mi: dict) -> str:
     ens = mi.get("ensemble")
     if ens is None and isinstance(b, dict):
         ens = b.get("ensemble")
-    return f"{_summary_text(mi.get('acquisition'))} / {base} / {_summary_text(ens)}"
+    acq = mi.get("acquisition")
+    blur = ""
+    if isinstance(acq, dict) and acq.get("psf_fwhm") and any(acq["psf_fwhm"]):
+        blur = " blur " + ",".join(f"{p:.2f}" for p in acq["psf_fwhm"])
+    return f"{_summary_text(acq)}{blur} / {base} / {_summary_text(ens)}"
 
 
 def markdown(rows: list[dict]) -> str:

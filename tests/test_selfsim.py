@@ -106,3 +106,34 @@ def test_well_sampled_blurred_data_gain_over_cubic_at_defaults():
     cub = resize(torch.from_numpy(lr), (2, 1, 1), up=True, acquisition="sample").numpy()
     assert not model.info["baseline"]["used"], model.info["baseline"]
     assert psnr(truth, out, 1.0) > psnr(truth, cub, 1.0) + 1.0
+
+
+def test_noise_the_filter_refuses_trains_as_clean_and_is_kept_in_the_check(monkeypatch):
+    """When the noise model claims noise the blind filter will not remove, the SR stages train as
+    clean (pairs blurred as the input is, no noise matching), while the held-aside check gets
+    noise-matched sources and recorrupted targets built from that claim."""
+    from svision_big.noise import NoiseModel
+
+    claimed = NoiseModel(gain=1e-3, offset=1e-5)
+    monkeypatch.setattr(T, "choose_noise", lambda v, mode: claimed if mode not in (False, "off", None) else None)
+
+    def refuse(v, report, nm):
+        report.update(used=False)
+        return False
+
+    monkeypatch.setattr(T, "worth_denoising", refuse)
+    seen = {}
+    real = T.do_no_harm
+
+    def spy(model, deg, v, cfg, denoiser=0):
+        seen["check"] = deg
+        return real(model, deg, v, cfg, denoiser)
+
+    monkeypatch.setattr(T, "do_no_harm", spy)
+    acq = synthetic.make_volume("beads", shape_lr=(16, 48, 48), factor=2, seed=6)
+    model = svb.fit(acq.observed, factor=2, steps=2, quiet=True)
+    assert model.info["acquisition"]["self_similarity"] is not None
+    assert model.info["noise_estimate"] is None and not model.info["denoiser"]
+    assert _stage_report(model)["noise"] is None
+    assert seen["check"].noise == (claimed.gain, claimed.offset)
+    assert seen["check"].acquisition == model.info["acquisition"]["trained_with"]

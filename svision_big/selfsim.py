@@ -87,6 +87,8 @@ def mismatch(x: np.ndarray, y: np.ndarray, axis: int) -> float:
 def match_blur(x: torch.Tensor, axis: int, acquisition: str) -> tuple[float, float]:
     """(extra FWHM, mismatch): the blur along ``axis`` after which an x2 ``acquisition`` of ``x``
     has ``x``'s spectrum."""
+    if x.shape[axis] % 2:  # an x2 degradation needs an even length: drop the last voxel
+        x = x.narrow(axis, 0, x.shape[axis] - 1).contiguous()
     xs = x.numpy()
     factors = tuple(2 if d == axis else 1 for d in range(x.ndim))
     best = (float("inf"), 0.0)

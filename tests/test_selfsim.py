@@ -60,6 +60,13 @@ def test_estimate_finds_little_blur_in_sharp_data_and_picks_the_acquisition_that
     assert max(got.psf_fwhm) < 1.2, got
 
 
+def test_odd_lengths_are_estimated():
+    """A 75-slice stack (the lattice light-sheet volume of benchmarks/quality.py) once raised here."""
+    x = blur(torch.from_numpy(_points((33, 31, 48))), (2.0, 2.0, 1.0)).numpy()
+    got = selfsim.estimate(x, (2, 2, 1), ("integrate",))
+    assert got.psf_fwhm[2] == 0.0 and all(p > 0 for p in got.psf_fwhm[:2])
+
+
 def test_short_axes_are_not_estimated():
     x = np.random.default_rng(0).random((4, 32, 32)).astype(np.float32)
     assert selfsim.estimate(x, (2, 2, 2), ("integrate",)).psf_fwhm[0] == 0.0

@@ -59,8 +59,10 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
         "(the one that makes the input most like itself one scale down; docs/fidelity.md)",
     )
     p.add_argument(
-        "--psf-fwhm", type=_floats, help="the input's Gaussian blur (PSF) FWHM, Z,Y,X in input voxels (or one value for all axes); "
-        "default: estimated from the input; 0 = train on unblurred pairs"
+        "--psf-fwhm",
+        type=_floats,
+        help="the input's Gaussian blur (PSF) FWHM, Z,Y,X in input voxels (or one value for all axes); "
+        "default: estimated from the input; 0 = train on unblurred pairs",
     )
     p.add_argument(
         "--nonfinite",
@@ -95,7 +97,12 @@ def _add_enhance_flags(p: argparse.ArgumentParser) -> None:
         "--overwrite",
         action="store_true",
         help="replace an existing svision-big output made with other settings (refused when the folder "
-        "holds any file an svision-big output does not)",
+        "holds any file an svision-big output does not, or has no svision-big provenance)",
+    )
+    p.add_argument(
+        "--overwrite-any",
+        action="store_true",
+        help="like --overwrite, also for an OME-Zarr image svision-big did not write (never the input)",
     )
     p.add_argument(
         "--force",
@@ -399,7 +406,7 @@ def _dispatch(a) -> int:
             a.output,
             a.model if len(a.model) > 1 else a.model[0],
             channel=a.channel,
-            overwrite=a.overwrite,
+            overwrite="any" if a.overwrite_any else a.overwrite,
             progress=not a.quiet,
             **_enhance_kwargs(a),
         )
@@ -415,7 +422,7 @@ def _dispatch(a) -> int:
             seed=a.seed,
             channel=a.channel,
             quiet=a.quiet,
-            overwrite=a.overwrite,
+            overwrite="any" if a.overwrite_any else a.overwrite,
             acquisition=a.acquisition,
             psf_fwhm=_psf(a.psf_fwhm),
             **kw,

@@ -34,17 +34,22 @@ def demo(
     PSNR 44.93 against cubic's 40.94 dB, SSIM 0.9922 against 0.9878. See benchmarks/README.md for
     noisy data and for ``--acquisition auto``."""
     t_start = time.perf_counter()
-    os.makedirs(folder, exist_ok=True)
     src = os.path.join(folder, "input.ome.zarr")
     out = os.path.join(folder, "enhanced.ome.zarr")
+    result_file = os.path.join(folder, "demo_result.json")
+    earlier = [p for p in (src, out, result_file) if os.path.lexists(p)]
+    if earlier and not overwrite:
+        raise FileExistsError(f"{earlier[0]} already exists (an earlier demo?): pass --overwrite to replace it")
+    os.makedirs(folder, exist_ok=True)
     acq = make_volume(
         "mixed", shape_lr=shape_lr, factor=2, psf_fwhm=(7.5, 3.0, 3.0), noise=0.002, dtype=np.uint16, seed=seed
     )  # FWHM in high-res voxels: 1.5 low-res laterally
     voxel = (1.0, 0.2, 0.2)  # micrometres: axial sampling coarser than lateral, as in most stacks
-    write_ome_zarr(acq.observed, src, axes="zyx", voxel_size=voxel, name="synthetic acquisition", overwrite=True)
+    write_ome_zarr(acq.observed, src, axes="zyx", voxel_size=voxel, name="synthetic acquisition", overwrite=overwrite)
     print(f"demo: wrote the synthetic acquisition {src} {acq.observed.shape} {acq.observed.dtype}", flush=True)
     # the demo knows how it recorded (make_volume averages each low-res voxel's cell), as a user who
     # knows their detector does: ``--acquisition integrate``
+    # the demo's own earlier output is an svision-big output: --overwrite replaces it like any other
     stats = run(src, out, 2, steps=steps, workers=workers, overwrite=overwrite, acquisition="integrate")
     enhanced = np.asarray(open_image(out).level(0)[...], dtype=np.float32)
     truth = acq.truth.astype(np.float32)
@@ -60,7 +65,7 @@ def demo(
         "input": src,
         "output_voxels_per_second": round(stats.get("voxels_per_second", 0.0)),
     }
-    with open(os.path.join(folder, "demo_result.json"), "w") as fh:
+    with open(result_file, "w") as fh:
         json.dump(result, fh, indent=2)
     print(
         f"\ndemo result (ground truth known, x2 in z, y, x; high-SNR, laterally under-sampled acquisition):\n"
@@ -70,7 +75,7 @@ def demo(
         f"where to look:\n"
         f"  svision-big info {out}\n"
         f"  napari --plugin napari-ome-zarr {out}   (or open it in any OME-Zarr viewer)\n"
-        f"  numbers: {os.path.join(folder, 'demo_result.json')}",
+        f"  numbers: {result_file}",
         flush=True,
     )
     return result

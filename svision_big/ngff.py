@@ -26,6 +26,8 @@ import zarr
 import zarr.errors
 from zarr.storage import FsspecStore, LocalStore
 
+from .store import is_remote, local_path
+
 __all__ = [
     "NgffError",
     "NgffFormat",
@@ -183,22 +185,12 @@ def format_for(version: str) -> NgffFormat:
 # --------------------------------------------------------------------------
 
 
-def _is_remote(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
-
-
-def _local_path(url: str) -> str:
-    if url.startswith("file://"):
-        url = url[len("file://") :]
-    return os.path.abspath(os.path.expanduser(url))
-
-
 def make_store(url: str, storage_options: dict | None, read_only: bool):
     """A zarr store for a local path (``LocalStore``) or an fsspec URL (``FsspecStore``)."""
     url = str(url)
-    if _is_remote(url):
+    if is_remote(url):
         return FsspecStore.from_url(url, storage_options=storage_options or {}, read_only=read_only)
-    return LocalStore(_local_path(url), read_only=read_only)
+    return LocalStore(local_path(url), read_only=read_only)
 
 
 def _fs_and_path(url: str, storage_options: dict | None):
@@ -210,8 +202,8 @@ def _fs_and_path(url: str, storage_options: dict | None):
 def store_exists(url: str, storage_options: dict | None = None) -> bool:
     """True when anything exists at ``url`` (local path or fsspec URL)."""
     url = str(url)
-    if not _is_remote(url):
-        return os.path.exists(_local_path(url))
+    if not is_remote(url):
+        return os.path.exists(local_path(url))
     fs, path = _fs_and_path(url, storage_options)
     fs.invalidate_cache(path)  # listings cached by an earlier call may be stale
     return bool(fs.exists(path))
@@ -223,11 +215,11 @@ _ZARR_FILE = re.compile(r"^(?:zarr\.json|\.zgroup|\.zarray|\.zattrs|\.zmetadata|
 
 
 def _store_fs(url: str, storage_options: dict | None):
-    if _is_remote(url):
+    if is_remote(url):
         return _fs_and_path(url, storage_options)
     import fsspec
 
-    return fsspec.filesystem("file"), _local_path(url)
+    return fsspec.filesystem("file"), local_path(url)
 
 
 def foreign_file(url: str, storage_options: dict | None = None, allowed=None) -> str | None:
@@ -428,7 +420,7 @@ def _detect_format(group: zarr.Group, where: str) -> tuple[NgffFormat, dict]:
 
 def _open_group_readonly(url: str, storage_options: dict | None) -> zarr.Group:
     url = str(url)
-    remote = _is_remote(url)
+    remote = is_remote(url)
     # Remote: open first and ask about existence only on failure, since a
     # "directory" on HTTP or S3 is not an object fsspec can always see.
     if not remote and not store_exists(url):

@@ -40,6 +40,7 @@ from .operator import IMAGE, Pass, output_name, plan_passes, precision_dtype, re
 from .plan import BlockPlan, default_block, on_axes
 from .pyramid import build_levels, pyramid_datasets, pyramid_factors
 from .state import OutputState
+from .store import location, same_or_nested
 from .train import fit, parse_factors
 
 DEFAULT_TRAIN_VOXELS = 4_000_000
@@ -70,14 +71,6 @@ def _default_pass_block(kind: str, halo: tuple[int, ...]) -> int:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _same_or_nested(a: str, b: str) -> bool:
-    """True when two local paths are the same store or one lies inside the other."""
-    if "://" in a or "://" in b:
-        return a.rstrip("/") == b.rstrip("/") or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
-    ra, rb = os.path.realpath(a), os.path.realpath(b)
-    return ra == rb or ra.startswith(rb + os.sep) or rb.startswith(ra + os.sep)
 
 
 def _join(url: str, *parts: str) -> str:
@@ -414,7 +407,7 @@ class EnhanceSettings:
     strict: bool = False
     skip_background: bool | float | str | None = None  # None/False: off; True/"auto": the default rule; a raw threshold
     # what the run may do
-    overwrite: bool = False
+    overwrite: bool | str = False  # "any": also an output svision-big did not write
     force: bool = False
     break_lock: bool = False
     # where and how it runs
@@ -525,7 +518,7 @@ def enhance(
     block: tuple[int, ...] | int | None = None,
     dtype: str | None = None,
     ngff: str | None = None,
-    overwrite: bool = False,
+    overwrite: bool | str = False,
     shards: bool = False,
     compression: bool = True,
     channel: int | None = None,
@@ -601,10 +594,11 @@ def enhance_with(input: str | os.PathLike, output: str | os.PathLike, model, set
     fp, provenance = _identity(input, image, models, lay, s, skip)
     state = OutputState(output, s.output_storage_options)
     lock = state.lock(s.break_lock)
+    verdict = state.checked_verdict(fp, s.overwrite, lock)
+    if verdict == "replace":
+        _check_models_outside(model, output)
     if (
-        state.checked_verdict(fp, s.overwrite, lock) == "resume"
-        and state.provenance().get("state") == "complete"
-        and not state.has_leftovers()
+        verdict == "resume" and state.provenance().get("state") == "complete" and not state.has_leftovers()
     ):  # reads only: no lock, no cluster
         return _already_complete(output, fp, lay)
     cl, owned = _open_cluster(s.client, s.workers, s.scheduler)  # a wrong --scheduler fails before any write
@@ -649,7 +643,7 @@ def _check_request(input: str, output: str, s: EnhanceSettings) -> EnhanceSettin
     device = s.device or _default_device()
     s = replace(s, precision=resolve_precision(s.precision, device))  # "auto": what this machine runs fastest
     precision_dtype(s.precision, device)  # a bad name fails before anything is opened
-    if _same_or_nested(input, output):
+    if same_or_nested(input, output):
         raise NgffError(f"the output {output} must not be the input or lie inside it (or contain it)")
     return s
 
@@ -660,6 +654,16 @@ def _check_channel(image: Image, channel: int | None, input: str) -> None:
         raise NgffError(f"--channel {channel}: {input} has no channel axis")
     if cax is not None and channel is not None and not 0 <= channel < image.shape[cax]:
         raise NgffError(f"channel {channel} is out of range: the image has {image.shape[cax]}")
+
+
+def _check_models_outside(model, output: str) -> None:
+    """Replacing the output must not delete the model file this run reads (``--model OUT/x.svb``)."""
+    for m in model if isinstance(model, (list, tuple)) else [model]:
+        if isinstance(m, (str, os.PathLike)) and same_or_nested(os.fspath(m), output):
+            raise NgffError(
+                f"the model {os.fspath(m)} lies inside the output {output}, which --overwrite would delete: "
+                f"move the model out of it first"
+            )
 
 
 def _models_for(image: Image, model, input: str) -> list[Model]:
@@ -1181,7 +1185,7 @@ def run(
     storage_options: dict | None = None,
     output_storage_options: dict | None = None,
     quiet: bool = False,
-    overwrite: bool = False,
+    overwrite: bool | str = False,
     acquisition: str = "auto",
     psf_fwhm=None,
     **kwargs,
@@ -1209,7 +1213,7 @@ def run(
     channels = [channel] if channel is not None else (list(range(image.shape[cax])) if cax is not None else [0])
     key = _fingerprint(
         {
-            "input": input,
+            "input": list(location(input)),  # ./in and in are one input: the run resumes
             "factor": str(factor),
             "steps": steps,
             "seed": seed,

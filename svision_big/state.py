@@ -36,6 +36,7 @@ import time
 import uuid
 
 from .ngff import NgffError, foreign_file, make_store, open_output_group, store_exists
+from .store import is_remote, local_path
 
 LOCK_NAME = "lock"
 REMOTE_SETTLE_S = 0.5  # read-back delay for stores without exclusive create
@@ -44,14 +45,6 @@ _HELD: dict[str, OutputLock] = {}  # lock url -> the lock this process holds (re
 
 class OutputLocked(RuntimeError):
     """Another run holds the output's lock; worded as one line for the user."""
-
-
-def _is_remote(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
-
-
-def _local(url: str) -> str:
-    return os.path.abspath(os.path.expanduser(url[len("file://") :] if url.startswith("file://") else url))
 
 
 def pid_alive(pid: int) -> bool:
@@ -112,7 +105,7 @@ class OutputLock:
             "token": uuid.uuid4().hex,
             "command": " ".join(sys.argv)[:500],
         }
-        (self._acquire_remote if _is_remote(self.url) else self._acquire_local)()
+        (self._acquire_remote if is_remote(self.url) else self._acquire_local)()
         self.depth = 1
         _HELD[self.url] = self
         return self
@@ -124,7 +117,7 @@ class OutputLock:
         if self.depth:
             return
         _HELD.pop(self.url, None)
-        if _is_remote(self.url):
+        if is_remote(self.url):
             fs, path = self._fs()
             try:
                 if _parse(fs.cat_file(path)) == self.record:  # never remove a lock someone broke and took
@@ -132,7 +125,7 @@ class OutputLock:
             except FileNotFoundError:
                 pass
             return
-        path = _local(self.url)
+        path = local_path(self.url)
         fd, self._fd = self._fd, None
         try:
             if fd is not None and os.stat(path).st_ino == os.fstat(fd).st_ino:
@@ -152,14 +145,14 @@ class OutputLock:
         """The record of a live owner other than this process, or None (no lock, or a stale one)."""
         if self.url in _HELD:
             return None
-        if _is_remote(self.url):
+        if is_remote(self.url):
             fs, path = self._fs()
             try:
                 rec = _parse(fs.cat_file(path))
             except FileNotFoundError:
                 return None
             return None if self._stale(rec, flock_free=True) else (rec or {})
-        path = _local(self.url)
+        path = local_path(self.url)
         try:
             fd = os.open(path, os.O_RDWR)
         except FileNotFoundError:
@@ -180,7 +173,7 @@ class OutputLock:
     # ------------------------------------------------------------------ local
 
     def _acquire_local(self) -> None:
-        path = _local(self.url)
+        path = local_path(self.url)
         self._makedirs(os.path.dirname(path))
         data = json.dumps(self.record).encode()
         for _ in range(50):  # each round: create, or take over a stale lock, or refuse
@@ -325,7 +318,7 @@ class OutputLock:
         if not flock_free:
             return False
         if rec is None:
-            return not _is_remote(self.url)
+            return not is_remote(self.url)
         if rec.get("host") != socket.gethostname():
             return False
         try:
@@ -371,6 +364,10 @@ _OUR_FILES = re.compile(r"""(?x)^(?:
     )
   | svision_model(?:_c\d+)?\.svb                             # ... and where they stay once it is complete
 )$""")
+
+
+# The names svision-big creates in the state folder: cleaning up removes these and nothing else.
+_STATE_ENTRY = re.compile(r"^(?:lock|lock\.[0-9a-f]+|setup|(?:done|work|models)-[0-9a-f]+)$")
 
 
 def _join(url: str, *parts: str) -> str:
@@ -471,10 +468,11 @@ class OutputState:
             return {}
         return prev if isinstance(prev, dict) else {}
 
-    def verdict(self, fp: str, overwrite: bool) -> str:
+    def verdict(self, fp: str, overwrite: bool | str) -> str:
         """ "new", "resume" (same fingerprint), "restart" (a setup was killed before any block) or
-        "replace" (``overwrite``, and it holds nothing but an svision-big output); refuses anything
-        else. Reads only: nothing is written or deleted here."""
+        "replace" (``overwrite``, and it holds nothing but an svision-big output; an output without
+        svision-big provenance only with ``overwrite="any"``); refuses anything else. Reads only:
+        nothing is written or deleted here."""
         if not store_exists(self.output, self.options):
             return "new"
         prev = self.provenance() or None
@@ -488,13 +486,16 @@ class OutputState:
             and foreign_file(self.output, self.options, allowed=_our_file) is None
         ):
             return "restart"  # a run killed while setting it up: no block was computed yet, start the setup again
-        if not overwrite:
-            why = (
-                f"was made with other settings (fingerprint {prev.get('fingerprint')}, now {fp})"
-                if prev is not None
-                else "is not an svision-big output"
+        if prev is None and overwrite != "any":  # a plain image, another tool's output: never ours to replace
+            raise NgffError(
+                f"{self.output} already exists and is not an svision-big output (no svision_big provenance): "
+                f"--overwrite replaces only svision-big outputs; pass --overwrite-any to replace it"
             )
-            raise NgffError(f"{self.output} already exists and {why}: pass --overwrite to replace it")
+        if not overwrite:
+            raise NgffError(
+                f"{self.output} already exists and was made with other settings (fingerprint "
+                f"{prev.get('fingerprint')}, now {fp}): pass --overwrite to replace it"
+            )
         fs, root = _fs(self.output, self.options)
         if not fs.isdir(root):
             raise NgffError(f"{self.output} exists and is not a folder: refusing to replace it")
@@ -529,7 +530,7 @@ class OutputState:
                 continue
             for inner in fs.ls(entry, detail=False):
                 base = inner.rstrip("/").rsplit("/", 1)[-1]
-                if base != LOCK_NAME and not base.startswith("models-"):
+                if _STATE_ENTRY.match(base) and base != LOCK_NAME and not base.startswith("models-"):
                     fs.rm(inner, recursive=True)
         fs.invalidate_cache(root)
 
@@ -559,7 +560,7 @@ class OutputState:
     def has_leftovers(self) -> bool:
         """True when the state folder holds more than the lock (a complete output: a run killed
         while cleaning up)."""
-        return bool(self.entries())
+        return any(_STATE_ENTRY.match(n) for n in self.entries())
 
     def clean(self, keep_models: bool = True) -> None:
         """Remove the done-records, scratch arrays and setup marker of a complete output (on an object
@@ -567,7 +568,7 @@ class OutputState:
         ``keep_models``, the models `run` trained; the folder goes once it is empty."""
         fs, root = _fs(self.url(), self.options)
         for name in self.entries():
-            if not (keep_models and name.startswith("models-")):
+            if _STATE_ENTRY.match(name) and not (keep_models and name.startswith("models-")):
                 fs.rm(f"{root.rstrip('/')}/{name}", recursive=True)
         fs.invalidate_cache(root)
 

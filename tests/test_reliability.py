@@ -111,8 +111,10 @@ def test_overwrite_deletes_only_an_svision_output(small, tmp_path):
     (mixed / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
     (mixed / "thesis.docx").write_bytes(b"years of work")
     before = _tree(mixed)
-    with pytest.raises(NgffError, match="thesis.docx.*refusing to delete anything"):
+    with pytest.raises(NgffError, match="not an svision-big output"):
         pipeline.enhance(src, str(mixed), model, overwrite=True, **SYNC)
+    with pytest.raises(NgffError, match="thesis.docx.*refusing to delete anything"):
+        pipeline.enhance(src, str(mixed), model, overwrite="any", **SYNC)
     assert _tree(mixed) == before
     with pytest.raises(NgffError, match="thesis.docx"):
         remove_store(str(mixed))
@@ -476,6 +478,75 @@ def test_a_complete_output_holds_no_run_state_and_records_the_input_absolutely(t
     before = _tree(out)
     again = pipeline.run("in.ome.zarr", "out.ome.zarr", 2, steps=2, quiet=True, acquisition="cubic", scheduler="sync")
     assert again["state"] == "already complete" and _tree(out) == before
+    for spelling in ("./in.ome.zarr", f"file://{tmp_path}/in.ome.zarr/"):  # one input, however spelled (issue 27.3)
+        again = pipeline.run(spelling, "out.ome.zarr", 2, steps=2, quiet=True, acquisition="cubic", scheduler="sync")
+        assert again["state"] == "already complete" and _tree(out) == before
+
+
+# --------------------------------------------------------------------------- what --overwrite may delete (issue 27.1)
+
+
+def test_a_home_relative_spelling_of_the_input_is_the_input(small, tmp_path, monkeypatch, capsys):
+    """``~/in.ome.zarr`` names the input as ``$HOME/in.ome.zarr`` does: refused, input untouched."""
+    src, _, mpath = small
+    monkeypatch.setenv("HOME", str(tmp_path))
+    before = _tree(src)
+    for argv in (
+        ["enhance", "~/in.ome.zarr", src, "--model", mpath, "--overwrite"],
+        ["enhance", src, "~/in.ome.zarr", "--model", mpath, "--overwrite"],
+        ["run", "~/in.ome.zarr", f"file://{src}", "--factor", "2", "--steps", "1", "--overwrite"],
+    ):
+        assert cli_main(argv) == 2
+        assert "must not be the input" in capsys.readouterr().err
+        assert _tree(src) == before
+
+
+def test_overwrite_replaces_only_svision_outputs_and_overwrite_any_the_rest(small, tmp_path):
+    src, model, _ = small
+    plain = _write_input(tmp_path / "plain.ome.zarr", smooth_volume((8, 16, 16), seed=1, dtype=np.uint16))
+    before = _tree(plain)
+    with pytest.raises(NgffError, match="not an svision-big output.*--overwrite-any"):
+        pipeline.enhance(src, plain, model, overwrite=True, **SYNC)
+    assert _tree(plain) == before
+    pipeline.enhance(src, plain, model, overwrite="any", **SYNC)
+    assert open_image(plain).shape == (32, 64, 64)
+    pipeline.enhance(src, plain, model, block=(16, 32, 32), overwrite=True, **SYNC)  # now ours: --overwrite does
+    assert open_image(plain).group.attrs["svision_big"]["block"] == [16, 32, 32]
+
+
+def test_overwrite_refuses_to_delete_the_model_it_runs_with(small, tmp_path):
+    src, model, _ = small
+    out = str(tmp_path / "out.ome.zarr")
+    pipeline.enhance(src, out, model, **SYNC)
+    inside = str(model.save(os.path.join(out, "svision_model.svb")))
+    before = _tree(out)
+    with pytest.raises(NgffError, match="lies inside the output.*move the model out"):
+        pipeline.enhance(src, out, inside, block=(16, 32, 32), overwrite=True, **SYNC)
+    assert _tree(out) == before
+    assert pipeline.enhance(src, out, inside, **SYNC)["state"] == "already complete"  # a resume deletes nothing
+
+
+def test_a_users_file_in_the_state_folder_survives_every_run(small, tmp_path):
+    """Cleaning up a complete output removes the state svision-big wrote, nothing else."""
+    src, model, _ = small
+    out = tmp_path / "out.ome.zarr"
+    (out / "svision_state").mkdir(parents=True)
+    (out / "svision_state" / "notes.txt").write_text("mine")
+    pipeline.enhance(src, str(out), model, **SYNC)
+    pipeline.enhance(src, str(out), model, **SYNC)  # already complete: cleans leftovers
+    assert (out / "svision_state" / "notes.txt").read_text() == "mine"
+    with pytest.raises(NgffError, match="svision_state/notes.txt.*refusing to delete anything"):
+        pipeline.enhance(src, str(out), model, block=(16, 32, 32), overwrite=True, **SYNC)
+    assert (out / "svision_state" / "notes.txt").read_text() == "mine"
+
+
+def test_demo_refuses_to_replace_an_earlier_demo_without_overwrite(tmp_path, capsys):
+    (tmp_path / "demo_result.json").write_text('{"mine": 1}')
+    assert cli_main(["demo", str(tmp_path), "--steps", "1"]) == 2
+    assert "demo_result.json already exists" in capsys.readouterr().err
+    assert (tmp_path / "demo_result.json").read_text() == '{"mine": 1}' and sorted(os.listdir(tmp_path)) == [
+        "demo_result.json"
+    ]
 
 
 # --------------------------------------------------------------------------- model-file integrity (issue 14.4)
@@ -604,6 +675,8 @@ def sweep(tmp_path_factory):
     (d / "theirs" / "zarr.json").write_text("{}")
     (d / "theirs" / "thesis.docx").write_bytes(b"years")
     (d / "image.tif").write_bytes(b"II*\x00garbage")
+    os.symlink(d / "in.ome.zarr", d / "link.ome.zarr")
+    _write_input(d / "plain.ome.zarr", smooth_volume((16, 32, 32), seed=4, dtype=np.uint16, scale=1000))
     return d
 
 
@@ -630,6 +703,21 @@ _SWEEP = [  # (what, argv with {d} for the fixture folder): each must be exit 2,
     ("two models, one channel", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --model {d}/m.svb --scheduler sync"),
     ("output is the input", "enhance {d}/in.ome.zarr {d}/in.ome.zarr --model {d}/m.svb --scheduler sync"),
     ("output inside the input", "enhance {d}/in.ome.zarr {d}/in.ome.zarr/x --model {d}/m.svb --scheduler sync"),
+    # every spelling of the input as the output (issue 27.1): refused before anything is opened for writing
+    ("file:// input is the output", "enhance file://{d}/in.ome.zarr {d}/in.ome.zarr --model {d}/m.svb --overwrite"),
+    ("file:// output is the input", "enhance {d}/in.ome.zarr file://{d}/in.ome.zarr --model {d}/m.svb --overwrite"),
+    ("file:// output inside", "enhance file://{d}/in.ome.zarr {d}/in.ome.zarr/sub --model {d}/m.svb --scheduler sync"),
+    (
+        "file://localhost output",
+        "enhance {d}/in.ome.zarr file://localhost{d}/in.ome.zarr --model {d}/m.svb --overwrite",
+    ),
+    ("dot-dot output is the input", "enhance {d}/in.ome.zarr {d}/theirs/../in.ome.zarr/ --model {d}/m.svb --overwrite"),
+    ("symlink output is the input", "enhance {d}/in.ome.zarr {d}/link.ome.zarr --model {d}/m.svb --overwrite"),
+    ("output contains the input", "enhance {d}/in.ome.zarr file://{d} --model {d}/m.svb --overwrite"),
+    ("run file:// output is the input", "run file://{d}/in.ome.zarr {d}/in.ome.zarr --factor 2 --steps 1 --overwrite"),
+    ("run symlink output is the input", "run {d}/link.ome.zarr {d}/in.ome.zarr/ --factor 2 --steps 1 --overwrite"),
+    ("overwrite a plain image", "enhance {d}/in.ome.zarr {d}/plain.ome.zarr --model {d}/m.svb --overwrite"),
+    ("run overwrite a plain image", "run {d}/in.ome.zarr {d}/plain.ome.zarr --factor 2 --steps 1 --overwrite"),
     ("output holds user files", "enhance {d}/in.ome.zarr {d}/theirs --model {d}/m.svb --scheduler sync --overwrite"),
     ("output not ours", "enhance {d}/in.ome.zarr {d}/theirs --model {d}/m.svb --scheduler sync"),
     ("nan input", "enhance {d}/nan.ome.zarr {d}/o --model {d}/m.svb --scheduler sync"),

@@ -108,7 +108,7 @@ def machine() -> dict:
     }
 
 
-def build_model(bp: int, light: bool = False, seed: int = 0, ensemble: int = 8):
+def build_model(bp: int, light: bool = False, seed: int = 0, ensemble: int = 8, interpolation: str = "keys"):
     """Random-weight model with the real operator structure (``svision_big.testing.make_model``:
     default architecture, mapping=4, factor 2, 8-variant ensemble, no closing back-projection).
 
@@ -121,8 +121,18 @@ def build_model(bp: int, light: bool = False, seed: int = 0, ensemble: int = 8):
 
     if light:
         return stand_in_model(FACTORS, bp=bp, lo=DATA_LO, hi=DATA_HI, seed=seed)
-    # 8, 4 or 1 variants: what the held-aside check picks
-    return make_model(FACTORS, bp=bp, mapping=4, final_bp=0, seed=seed, lo=DATA_LO, hi=DATA_HI, ensemble=ensemble)
+    # 8, 4 or 1 variants: what the held-aside check picks; the residual's interpolation sets the halo
+    return make_model(
+        FACTORS,
+        bp=bp,
+        mapping=4,
+        final_bp=0,
+        seed=seed,
+        lo=DATA_LO,
+        hi=DATA_HI,
+        ensemble=ensemble,
+        interpolation=interpolation,
+    )
 
 
 def synth_volume(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
@@ -195,7 +196,24 @@ def cubic_sample_aligned(x: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
     return np.maximum(matrix.cubic_sample_aligned(x, factors), 0.0)
 
 
-CUBIC_VARIANTS = {"pixel_centre": cubic_pixel_centre, "sample_aligned": cubic_sample_aligned}
+def bspline(x: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
+    """Cubic B-spline upsampling as scipy and skimage compute it (``resize(order=3)``), clamped at 0."""
+    from scipy import ndimage
+
+    up = ndimage.zoom(np.asarray(x, np.float32), factors, order=3, grid_mode=True, mode="grid-mirror")
+    return np.maximum(up, 0.0)
+
+
+# the interpolations users already have: the reference is the best of them per case
+CUBIC_VARIANTS = {"pixel_centre": cubic_pixel_centre, "sample_aligned": cubic_sample_aligned, "bspline": bspline}
+
+
+def binned(v: np.ndarray, b: int = 2) -> np.ndarray:
+    """``v`` averaged over b x b lateral cells (its noise std divided by b): against a binned truth,
+    removed noise no longer counts as an error, removed signal still does."""
+    z, y, x = v.shape
+    v = v[:, : y - y % b, : x - x % b]
+    return v.reshape(z, y // b, b, x // b, b).mean(axis=(2, 4), dtype=np.float64).astype(np.float32)
 
 
 def affine_fit(x: np.ndarray, t: np.ndarray) -> tuple[float, float]:
@@ -423,6 +441,19 @@ def run_case(case, steps: int | None, n2v: bool, quick: bool, verbose: bool) -> 
             n2v_up = CUBIC_VARIANTS[best](den, factors)
             q["n2v_cubic"] = scores(truth, n2v_up, dr)
             del n2v_up
+    if inp["kind"] == "real":  # the truth carries the recording's noise: also against a 2x2-binned truth
+        tb = binned(truth)
+        dbr = float(tb.max() - tb.min())
+        cb = {
+            k: scores(tb, binned(fn(lr, factors)), dbr, with_ssim=False)["fit_psnr"] for k, fn in CUBIC_VARIANTS.items()
+        }
+        rb = scores(tb, binned(out), dbr, with_ssim=False)["fit_psnr"]
+        row["binned2"] = {
+            "cubic": max(cb.values()),
+            "cubic_variants": cb,
+            "result": rb,
+            "gain_db": round(rb - max(cb.values()), 3),
+        }
     row["quality"] = q
     row["gain_db"] = round(q["result"]["fit_psnr"] - q["cubic"]["fit_psnr"], 3)
     row["gain_ssim"] = round(q["result"]["fit_ssim"] - q["cubic"]["fit_ssim"], 4)
@@ -473,7 +504,7 @@ def _model_text(mi: dict) -> str:
     """acquisition / baseline-or-trained / ensemble size, from model.info (whatever it reports)."""
     b = mi.get("baseline")
     if isinstance(b, dict) and "used" in b:
-        base = "baseline" if b["used"] else "trained"
+        base = (f"baseline ({b['safe']})" if b.get("safe") else "baseline") if b["used"] else "trained"
     else:
         base = _summary_text(b)
     ens = mi.get("ensemble")
@@ -484,6 +515,10 @@ def _model_text(mi: dict) -> str:
     if isinstance(acq, dict) and acq.get("psf_fwhm") and any(acq["psf_fwhm"]):
         blur = " blur " + ",".join(f"{p:.2f}" for p in acq["psf_fwhm"])
     return f"{_summary_text(acq)}{blur} / {base} / {_summary_text(ens)}"
+
+
+def _table_head(intro: str, columns: list[str]) -> list[str]:
+    return ["", *intro.split("\n"), "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
 
 
 def markdown(rows: list[dict]) -> str:
@@ -511,15 +546,25 @@ def markdown(rows: list[dict]) -> str:
             f"{_f(n.get('fit_ssim'), '{:.4f}')} | {q['cubic']['psnr']:.2f} / {q['result']['psnr']:.2f} "
             f"| {r['cubic_variant']} | {_model_text(mi)} | {_noise_text(r)} | {tgt} |"
         )
+    real = [r for r in rows if "binned2" in r]
+    if real:
+        lines += _table_head(
+            "Real volumes against the truth binned 2x2 laterally (both sides binned: noise the result removed\n"
+            "no longer counts as an error, signal it removed still does); fit-PSNR, dB:",
+            ["case", "best cubic (which)", "result", "gain (binned)", "gain (plain)"],
+        )
+        for r in real:
+            b = r["binned2"]
+            which = max(b["cubic_variants"], key=b["cubic_variants"].get)
+            lines.append(
+                f"| {r['case']} | {b['cubic']:.2f} ({which}) | {b['result']:.2f} | {b['gain_db']:+.2f} | {r['gain_db']:+.2f} |"
+            )
     beads = [r for r in rows if "bead_fwhm" in r]
     if beads:
-        lines += [
-            "",
+        lines += _table_head(
             "Bead FWHM (median of the 20 brightest isolated beads, high-res voxels):",
-            "",
-            "| case | lateral truth / cubic / result | axial truth / cubic / result |",
-            "|---|---|---|",
-        ]
+            ["case", "lateral truth / cubic / result", "axial truth / cubic / result"],
+        )
         for r in beads:
             b = r["bead_fwhm"]
             lat = " / ".join(_f(b[k]["lateral"]) for k in ("truth", "cubic", "result"))
@@ -583,6 +628,35 @@ def _run_safe(case, steps, n2v, quick, verbose) -> dict:
         }
 
 
+ROW_VERSION = 2  # bump when run_case, make_inputs or the metrics change what a row holds
+
+
+def code_version() -> str:
+    """A digest of everything a row depends on: the package's code, the case table and
+    ``ROW_VERSION`` (this script's report code is left out: editing a table must not recompute the
+    matrix). Rows are cached under it (``benchmarks/.cache/quality/``), so an experiment re-runs
+    only what its change can move; any edit to svision_big/ invalidates every row."""
+    h = hashlib.sha256(str(ROW_VERSION).encode())
+    for f in [*sorted((REPO / "svision_big").glob("*.py")), HERE / "matrix.py", HERE / "real_volumes.py"]:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _cached(cache: Path | None, case, run) -> dict:
+    """The row of ``case`` from ``cache`` when there, else ``run()``'s (stored unless it failed)."""
+    f = None if cache is None else cache / f"{case.name}.json"
+    if f is not None and f.exists():
+        row = json.loads(f.read_text())
+        row["cached"] = True
+        return row
+    row = run()
+    if f is not None and "error" not in row:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps(row))
+    return row
+
+
 def _progress(i: int, n: int, row: dict) -> None:
     if "error" in row:
         print(f"[{i}/{n}] {row['case']}: ERROR {row['error']} ({row['case_seconds']:.0f} s)", flush=True)
@@ -615,6 +689,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true", help="print the case names and exit")
     p.add_argument("--out", default=str(HERE / "results" / "quality.json"))
     p.add_argument("--verbose", action="store_true", help="show training progress")
+    p.add_argument(
+        "--no-cache", action="store_true", help="recompute every row (default: reuse rows of this code version)"
+    )
     args = p.parse_args(argv)
 
     cases = list(matrix.QUICK_CASES if args.quick else matrix.CASES)
@@ -650,11 +727,16 @@ def main(argv: list[str] | None = None) -> int:
     for s in skipped:
         print(f"# skipped: {s}", flush=True)
 
+    version = code_version()
+    cache = (
+        None if args.no_cache else HERE / ".cache" / "quality" / f"{version}-s{steps}-q{int(args.quick)}-n{int(n2v_ok)}"
+    )
+    print(f"# code version {version}; row cache {cache or 'off'}", flush=True)
     t_all = time.perf_counter()
     rows: list[dict] = []
     if args.jobs <= 1:
         for i, c in enumerate(cases, 1):
-            row = _run_safe(c, steps, n2v_ok, args.quick, args.verbose)
+            row = _cached(cache, c, lambda c=c: _run_safe(c, steps, n2v_ok, args.quick, args.verbose))
             rows.append(row)
             _progress(i, len(cases), row)
     else:
@@ -663,10 +745,17 @@ def main(argv: list[str] | None = None) -> int:
 
         threads = max(1, (info["usable_cores"] or 1) // args.jobs)
         with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as ex:
-            futs = {ex.submit(_worker, c, steps, n2v_ok, args.quick, args.verbose, threads): c for c in cases}
             done = {}
+            todo = []
+            for c in cases:
+                row = _cached(cache, c, lambda: {"error": "not cached"})
+                if "error" in row:
+                    todo.append(c)
+                else:
+                    done[c.name] = row
+            futs = {ex.submit(_worker, c, steps, n2v_ok, args.quick, args.verbose, threads): c for c in todo}
             for i, fut in enumerate(cf.as_completed(futs), 1):
-                row = fut.result()
+                row = _cached(cache, futs[fut], fut.result)
                 done[row["case"]] = row
                 _progress(i, len(cases), row)
         rows = [done[c.name] for c in cases]

@@ -118,13 +118,19 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", help=f"comma-separated, from {', '.join(SIZES)} (default 50M)")
     ap.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--ensemble", type=int, default=8, choices=[8, 4, 1], help="variants the model runs")
+    ap.add_argument(
+        "--interpolation",
+        default="bspline",
+        choices=["bspline", "keys"],
+        help="what the residual corrects (trained models: bspline; its reach sets the halo)",
+    )
     ap.add_argument("--workdir", default=str(Path(__file__).resolve().parent / ".cache" / "whole_command"))
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "whole_command.json"))
     args = ap.parse_args(argv)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    model = build_model(bp=0, ensemble=args.ensemble)
-    model_path = model.save(work / f"model_e{args.ensemble}.svb")
+    model = build_model(bp=0, ensemble=args.ensemble, interpolation=args.interpolation)
+    model_path = model.save(work / f"model_e{args.ensemble}_{args.interpolation}.svb")
     rows = []
     imp = import_seconds()
     ref = in_memory_rate(model_path, args.precision)
@@ -147,7 +153,8 @@ def main(argv=None) -> int:
     print(f"import svision_big.cli: {imp:.2f} s (best of 3)")
     print(f"in-memory operator, one 256^3 output block, {args.precision}: {ref / 1e6:.2f} M output voxels/s\n")
     print(
-        f"precision {args.precision} (this machine runs {resolve_precision(args.precision)}), ensemble {args.ensemble}\n"
+        f"precision {args.precision} (this machine runs {resolve_precision(args.precision)}), ensemble {args.ensemble}, "
+        f"residual on {args.interpolation} (halo {model.halo()} input voxels)\n"
     )
     print(
         "| output voxels | input | whole command (s) | M output voxels/s | of in-memory | first progress line (s) "
@@ -170,6 +177,8 @@ def main(argv=None) -> int:
         "machine": machine(),
         "precision": args.precision,
         "precision_used": used,
+        "interpolation": args.interpolation,
+        "halo": list(model.halo()),
         "import_s": imp,
         "in_memory_voxels_s": ref,
     }

@@ -65,6 +65,13 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
         "default: estimated from the input; 0 = train on unblurred pairs",
     )
     p.add_argument(
+        "--denoise",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="remove the input's noise before upsampling: where the measured noise and the blind "
+        "filter's error say it pays (auto, the reason is printed), always (on), never (off)",
+    )
+    p.add_argument(
         "--nonfinite",
         choices=["error", "fill"],
         default="error",
@@ -276,8 +283,22 @@ def _quiet_cluster_client() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (how SLURM, Kubernetes and dask-jobqueue stop a job), raised where Ctrl-C would be, so
+    that the same clean-up runs: the lock released, the done-records kept for the resume."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import signal
+    import threading
+
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main else None
     if getattr(args, "scheduler", None) not in (None, "sync"):
         import distributed  # noqa: F401 - its logging configuration first, then ours on top
 
@@ -289,9 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "progress_format"):
             progress.configure(args.progress_format, args.log_file)
         return _dispatch(args)
-    except KeyboardInterrupt:
-        print("svision-big: interrupted (re-run the same command to resume)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        how = "stopped by SIGTERM" if isinstance(exc, Terminated) else "interrupted"
+        print(f"svision-big: {how} (re-run the same command to resume)", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     except Exception as exc:  # every failure is one line; SVISION_BIG_DEBUG=1 shows the traceback
         if os.environ.get("SVISION_BIG_DEBUG"):
             raise
@@ -299,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         progress._SETTINGS.update(saved)  # in-process callers (tests, notebooks) get their settings back
+        if on_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -394,6 +418,7 @@ def _dispatch(a) -> int:
             quiet=a.quiet,
             acquisition=a.acquisition,
             psf_fwhm=_psf(a.psf_fwhm),
+            denoise=a.denoise,
             nonfinite=a.nonfinite,
             **kw,
         )
@@ -425,6 +450,7 @@ def _dispatch(a) -> int:
             overwrite="any" if a.overwrite_any else a.overwrite,
             acquisition=a.acquisition,
             psf_fwhm=_psf(a.psf_fwhm),
+            denoise=a.denoise,
             **kw,
             **_enhance_kwargs(a),
         )

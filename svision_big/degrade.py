@@ -109,6 +109,38 @@ def apply_table(x: torch.Tensor, axis: int, table: tuple[np.ndarray, np.ndarray]
     return out
 
 
+# The cubic B-spline prefilter (the inverse of sampling the B-spline, [1, 4, 1] / 6) is an IIR filter
+# whose impulse response decays as Z1 ** |k|. Truncated at BSPLINE_PREFILTER taps per side,
+# |Z1| ** 14 = 1e-8 of the centre tap, below float32's resolution: the upsampling is then a finite
+# kernel, exact in blocks with a halo of BSPLINE_REACH low-res voxels, and equal to
+# ``scipy.ndimage.zoom(order=3, grid_mode=True, mode="grid-mirror")`` to float32 rounding.
+Z1 = math.sqrt(3.0) - 2.0
+BSPLINE_PREFILTER = 14
+BSPLINE_REACH = BSPLINE_PREFILTER + 2  # the prefilter plus the B-spline's own support
+
+
+def bspline3(x: np.ndarray) -> np.ndarray:
+    """The cubic B-spline."""
+    a = np.abs(x)
+    return np.where(a < 1.0, 2.0 / 3.0 - a**2 + a**3 / 2.0, np.where(a < 2.0, (2.0 - a) ** 3 / 6.0, 0.0))
+
+
+def bspline_phase(f: int, p: int) -> np.ndarray:
+    """Weights on input offsets ``-BSPLINE_REACH .. BSPLINE_REACH`` of output phase ``p`` of a x``f``
+    cubic B-spline upsampling (pixel-centre aligned: the phase sits at ``(p + 0.5) / f - 0.5``)."""
+    t = np.arange(-BSPLINE_PREFILTER, BSPLINE_PREFILTER + 1)
+    h = (-6.0 * Z1 / (1.0 - Z1 * Z1)) * Z1 ** np.abs(t)  # prefilter: h * [1, 4, 1] / 6 = delta
+    h /= h.sum()  # unit gain after truncation (a constant stays constant)
+    delta = (p + 0.5) / f - 0.5
+    m = np.arange(-BSPLINE_REACH, BSPLINE_REACH + 1)
+    w = np.zeros(m.size)
+    for k in range(-2, 3):  # the B-spline's support around the phase
+        b = float(bspline3(np.array(delta - k)))
+        if b:
+            w += b * np.interp(k - m, t, h, left=0.0, right=0.0)  # h[k - m]: the prefilter is symmetric
+    return w
+
+
 @lru_cache(maxsize=64)
 def phase_kernels(kind: str, param: float) -> tuple[np.ndarray, int, int]:
     """A resize or blur as a periodic convolution: ``(ker[phases, K], left, step)``.
@@ -141,6 +173,10 @@ def phase_kernels(kind: str, param: float) -> tuple[np.ndarray, int, int]:
         ker = np.zeros((1, int(offs.max()) + left + 1))
         ker[0, offs + left] = w
         return ker, left, f
+    elif kind == "bspline":  # cubic B-spline interpolation: prefilter and B-spline weights as one kernel
+        f = int(param)
+        ker = np.stack([bspline_phase(f, p) for p in range(f)])
+        return ker, BSPLINE_REACH, 1
     elif kind == "blur":
         r = gaussian_table(1, float(param))[0].shape[1]  # taps of the kernel
         n = 4 * r + 8
@@ -299,6 +335,29 @@ def resize(x: torch.Tensor, factors: tuple[int, ...], up: bool, acquisition: str
             if n % f:
                 raise ValueError(f"axis of length {n} is not divisible by the factor {f}")
             x = apply_phases(x, axis, phase_kernels(kind, f), n // f)
+    return x
+
+
+# The interpolations a residual stage (and the safe baseline) adds its correction to: Keys cubic
+# convolution (MATLAB's and Fiji's bicubic, a = -0.5) or the cubic B-spline (scipy's and skimage's
+# order=3). Which is better depends on the data (block-mean inputs favour the B-spline, point
+# samples Keys): the held-aside check picks (``train.do_no_harm``).
+INTERPOLATIONS = {"keys": ("up", 2), "bspline": ("bspline", BSPLINE_REACH)}  # phase kernel, reach (low-res voxels)
+
+
+def interpolation_kernel(interpolation: str, f: int) -> tuple[np.ndarray, int, int]:
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {interpolation!r}: choose one of {', '.join(INTERPOLATIONS)}")
+    return phase_kernels(INTERPOLATIONS[interpolation][0], f)
+
+
+def upsample(x: torch.Tensor, factors: tuple[int, ...], interpolation: str = "keys") -> torch.Tensor:
+    """Upsampling of the trailing ``len(factors)`` axes by ``interpolation`` (``INTERPOLATIONS``)."""
+    nd = len(factors)
+    for d, f in enumerate(factors):
+        if f > 1:
+            axis = x.ndim - nd + d
+            x = apply_phases(x, axis, interpolation_kernel(interpolation, f), x.shape[axis] * f)
     return x
 
 

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from . import __version__
-from .degrade import Degradation, check_acquisition
+from .degrade import INTERPOLATIONS, Degradation, check_acquisition
 from .network import NetConfig, SVNet
 from .operator import OperatorSpec, StageOp, enhance_array, precision_dtype
-from .values import Normalisation
+from .values import Normalisation, check_workable
 
 FORMAT = "svision-big-model"
 FORMAT_VERSION = 1
@@ -118,8 +118,11 @@ class Model:
     ) -> np.ndarray:
         """Whole-array inference in memory; output upsampled by ``factors`` in the input's dtype.
         ``precision``: the networks' arithmetic, float32 (the reference) or bfloat16 (faster on
-        CPUs with AVX512-BF16, see ``operator.precision_dtype``)."""
-        return enhance_array(np.asarray(volume), self.spec("cpu", precision), dtype)
+        CPUs with AVX512-BF16, see ``operator.precision_dtype``). NaN/Inf voxels are refused, as
+        the command line refuses them: the network spreads each over its whole receptive field."""
+        volume = np.asarray(volume)
+        check_workable(volume)
+        return enhance_array(volume, self.spec("cpu", precision), dtype)
 
     def degradations(self) -> list[Degradation]:
         return [s.degradation for s in self.stages]
@@ -325,6 +328,11 @@ def _check_stage(config: NetConfig, weights: dict, where: str, i: int) -> None:
             )
     if not all(isinstance(f, int) and 1 <= f <= 8 for f in config.factors):
         raise ModelFileError(f"{where}: stage {i} has factors {config.factors}: a damaged or edited model file")
+    if config.interpolation not in INTERPOLATIONS or config.face not in ("zero", "mirror"):
+        raise ModelFileError(
+            f"{where}: stage {i} asks for interpolation {config.interpolation!r}, faces {config.face!r}: "
+            f"a damaged or edited model file (or one from a newer svision-big)"
+        )
     if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
         raise ModelFileError(f"{where}: stage {i}'s weights are not a table of tensors")
     with torch.device("meta"):

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .degrade import resize
+from .degrade import INTERPOLATIONS, upsample
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class NetConfig:
     kernel: int = 3
     residual: bool = True  # learn a correction on top of cubic upsampling (measured: +2 to +4 dB at 250 steps)
     face: str = "zero"  # volume faces: zero-padded ("zero", what the SR nets train with) or mirrored ("mirror")
+    interpolation: str = "keys"  # what the residual corrects: Keys cubic or the cubic B-spline (degrade.INTERPOLATIONS)
 
     @property
     def ndim(self) -> int:
@@ -48,7 +49,7 @@ class NetConfig:
     def radius(self) -> int:
         """Receptive-field radius of the network in low-res voxels (zero-padded 'same' convs)."""
         r = (self.extract_kernel // 2) + (self.kernel // 2) * (2 + self.mapping)
-        return max(r, 2) if self.residual else r  # cubic upsampling reaches 2 low-res voxels
+        return max(r, INTERPOLATIONS[self.interpolation][1]) if self.residual else r  # the interpolation's reach
 
 
 def pixel_shuffle_nd(x: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor:
@@ -134,7 +135,7 @@ class SVNet(nn.Module):
         """(N, 1, *S) low-res -> (N, 1, *(S*f)) high-res."""
         y = self.correction(x)
         if self.config.residual:
-            y = y + resize(x, self.config.factors, up=True)
+            y = y + upsample(x, self.config.factors, self.config.interpolation)
         return y
 
     def correction(self, x: torch.Tensor) -> torch.Tensor:

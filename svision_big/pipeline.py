@@ -41,7 +41,7 @@ from .plan import BlockPlan, default_block, on_axes
 from .pyramid import build_levels, pyramid_datasets, pyramid_factors
 from .state import OutputState
 from .store import location, same_or_nested
-from .train import fit, parse_factors
+from .train import denoise_mode, fit, parse_factors
 
 DEFAULT_TRAIN_VOXELS = 4_000_000
 # Output chunks for viewers, and each pass's default block (output voxels per axis, whole chunks).
@@ -155,10 +155,45 @@ def _output_dtype(dtype: str | None, image_dtype) -> str:
     except TypeError:
         raise ValueError(f"--dtype {dtype}: not a data type (e.g. uint8, uint16, float32)") from None
     if dt.kind not in "uif":
-        raise ValueError(
-            f"--dtype {dtype or dt.name}: the output needs an integer or floating-point type, not {dt.name}"
-        )
+        if dtype is None:
+            raise ValueError(f"the input's dtype is {dt.name}: pass --dtype with an integer or floating-point type")
+        raise ValueError(f"--dtype {dtype}: the output needs an integer or floating-point type, not {dt.name}")
     return dt.name
+
+
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _coarse_peak(image: Image, max_voxels: int = 2**24) -> tuple[int, float] | None:
+    """(level, largest finite magnitude) of the coarsest level, or None where it is too large to read."""
+    level = image.nlevels - 1
+    arr = image.level(level)
+    if math.prod(arr.shape) > max_voxels:
+        return None
+    a = np.abs(np.asarray(arr[...], dtype=np.float64))
+    a = a[np.isfinite(a)]
+    return level, float(a.max()) if a.size else 0.0
+
+
+def _check_range(image: Image, input: str, dtype: str) -> None:
+    """Values the float32 working precision or a float output type cannot hold are refused before
+    anything is written (a float64 input near 1e300 came out all NaN/Inf; --dtype float16 on int32
+    data wrote 99.98% Inf)."""
+    got = _coarse_peak(image) if np.dtype(image.dtype).itemsize >= 4 or np.dtype(dtype).kind == "f" else None
+    if got is None:
+        return
+    level, peak = got
+    if peak > F32_MAX:
+        raise NgffError(
+            f"{input}: values up to {peak:.3g} on level {level} exceed float32's range ({F32_MAX:.3g}), the "
+            f"working precision: rescale the input"
+        )
+    out = np.dtype(dtype)
+    if out.kind == "f" and peak > float(np.finfo(out).max):
+        raise ValueError(
+            f"--dtype {out.name} holds values up to {float(np.finfo(out).max):.6g}, but {input} reaches "
+            f"{peak:.6g} (level {level}): choose float32 or an integer type"
+        )
 
 
 def _check_nonfinite(mode: str) -> None:
@@ -288,12 +323,14 @@ def train(
     psf_fwhm=None,
     acquisition: str = "auto",
     nonfinite: str = "error",
+    denoise: str = "auto",
 ) -> Model:
     """Train a model on a sampled region of an OME-Zarr image (one channel, one time point).
     ``nonfinite``: NaN/Inf in the sample stop training, naming how many ("error"), or are replaced
     by the array's fill value ("fill")."""
     _check_training_args(steps, budget)
     _check_nonfinite(nonfinite)
+    denoise_mode(denoise)
     image = open_image(input, storage_options)
     spatial = image.spatial_axes
     if len(spatial) not in (2, 3):
@@ -321,6 +358,7 @@ def train(
         quiet=quiet,
         psf_fwhm=psf_fwhm,
         acquisition=acquisition,
+        denoise=denoise,
     )
     model.info["source"] = {
         "url": str(input),
@@ -594,7 +632,7 @@ def enhance_with(input: str | os.PathLike, output: str | os.PathLike, model, set
     fp, provenance = _identity(input, image, models, lay, s, skip)
     state = OutputState(output, s.output_storage_options)
     lock = state.lock(s.break_lock)
-    verdict = state.checked_verdict(fp, s.overwrite, lock)
+    verdict = state.checked_verdict(fp, s.overwrite, lock, provenance["input_digest"])
     if verdict == "replace":
         _check_models_outside(model, output)
     if (
@@ -674,7 +712,34 @@ def _models_for(image: Image, model, input: str) -> list[Model]:
         raise ValueError("all per-channel models must share the same factors")
     if len(image.spatial_axes) != len(factors):
         raise NgffError(f"the model is {len(factors)}D but {input} has {len(image.spatial_axes)} spatial axes")
+    if any(m.norm.ceiling is not None for m in models):
+        got = _coarse_peak(image)
+        models = [_own_ceiling(m, None if got is None else got[1], input) for m in models]
     return models
+
+
+def _own_ceiling(model: Model, peak: float | None, input: str) -> Model:
+    """A saturation ceiling belongs to the data the model was trained on, not to the model: where the
+    input being enhanced goes above it (its coarsest level's peak), the ceiling is not this input's
+    and is dropped, with a note (a channel saturating at 4095 clipped 99.3% of another channel; a
+    model trained on a uint8 export clipped 97.8% of uint16 data to 255). The model's hash, and so the
+    fingerprint, changes with it."""
+    c = model.norm.ceiling
+    if c is None or peak is None or peak <= c:
+        return model
+    print(
+        f"svision-big: note: the model's saturation ceiling {c:g} is not {input}'s (it reaches {peak:g}): not applied",
+        file=sys.stderr,
+        flush=True,
+    )
+    return Model(
+        stages=model.stages,
+        norm=replace(model.norm, ceiling=None),
+        factors=model.factors,
+        final=model.final,
+        final_bp_iters=model.final_bp_iters,
+        info={**model.info, "ceiling_dropped": c},
+    )
 
 
 def _outer_layout(image: Image, channel: int | None, n_models: int, input: str) -> _Outer:
@@ -737,6 +802,7 @@ def _output_format(image: Image, input: str, output: str, lay: _Layout, s: Enhan
         raise NgffError("sharding needs NGFF 0.5 (zarr v3)")
     if s.nonfinite == "error":
         _check_coarse_finite(image, input)  # most NaN/Inf inputs fail here, before anything is written
+    _check_range(image, input, dtype)
     _check_reachable(output, s.output_storage_options, "output")
     return replace(lay, fmt=fmt, dtype=dtype)
 
@@ -767,7 +833,9 @@ def _identity(
             {"kind": p.kind, "stage": p.stage, "block": list(pl.block), "halo": list(pl.halo)}
             for p, pl in zip(lay.passes, lay.plans)
         ],
-        "normalisation": [{"lo": m.norm.lo, "hi": m.norm.hi, "floor": m.norm.floor} for m in models],
+        "normalisation": [
+            {"lo": m.norm.lo, "hi": m.norm.hi, "floor": m.norm.floor, "ceiling": m.norm.ceiling} for m in models
+        ],
         "settings": [m.settings() for m in models],
         "channel": s.channel,
         "dtype": lay.dtype,
@@ -775,6 +843,7 @@ def _identity(
         "nonfinite": s.nonfinite,
         "strict": s.strict,
         "skip_background": skip.provenance() if skip is not None else {"enabled": False},
+        "input_digest": input_digest(image),  # a resume compares it (OutputState.verdict)
     }
     rec["fingerprint"] = _fingerprint(
         {
@@ -796,6 +865,37 @@ def _identity(
     return rec["fingerprint"], rec
 
 
+DIGEST_CHUNKS = 8  # level-0 chunks the input's content digest reads, spread over the array
+DIGEST_COARSE_VOXELS = 2**20  # the coarsest level enters the digest whole up to this size
+
+
+def input_digest(image: Image) -> str:
+    """A cheap digest of the input's identity and content: level 0's array metadata, the coarsest level
+    (a mean pyramid carries a change anywhere up to it) and ``DIGEST_CHUNKS`` level-0 chunks spread
+    evenly. A resume after the input changed mixed two inputs (19.8% of voxels matched a clean run).
+    None where a chunk it reads cannot be decoded: the blocks name that chunk, and a resume after the
+    repair is not refused for it (``OutputState.verdict``)."""
+    try:
+        return _digest(image)
+    except Exception:  # noqa: BLE001 - a corrupt chunk: zarr, numcodecs, fsspec each raise their own
+        return None
+
+
+def _digest(image: Image) -> str:
+    h = hashlib.sha256()
+    arr = image.level(0)
+    meta = {"shape": arr.shape, "chunks": arr.chunks, "dtype": str(arr.dtype), "fill": str(arr.fill_value)}
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    coarse = image.level(image.nlevels - 1)
+    if math.prod(coarse.shape) <= DIGEST_COARSE_VOXELS:
+        h.update(np.ascontiguousarray(coarse[...]).tobytes())
+    grid = [-(-n // c) for n, c in zip(arr.shape, arr.chunks)]
+    for flat in sorted({int(i) for i in np.linspace(0, math.prod(grid) - 1, DIGEST_CHUNKS)}):
+        idx = np.unravel_index(flat, grid)
+        h.update(np.ascontiguousarray(arr[tuple(slice(i * c, (i + 1) * c) for i, c in zip(idx, arr.chunks))]).tobytes())
+    return h.hexdigest()[:16]
+
+
 def _already_complete(output: str, fp: str, lay: _Layout) -> dict:
     return {
         "output": output,
@@ -811,7 +911,7 @@ def _prepare_output(
 ):
     """Under the lock: set up a new output (or clear and set up again), or reopen one to resume.
     Returns (group, resuming), or (None, True) when the output turns out complete."""
-    verdict = state.verdict(fp, s.overwrite)  # again: under the lock
+    verdict = state.verdict(fp, s.overwrite, provenance["input_digest"])  # again: under the lock
     if verdict in ("replace", "restart"):
         state.clear()
     scratch = [
@@ -1011,13 +1111,17 @@ def _finish_output(
 
 
 def _close(owned: list, held) -> None:
-    for o in owned:
-        try:
-            o.close()
-        except Exception:  # noqa: BLE001 - a cluster whose scheduler is gone cannot be closed cleanly
-            pass
-    if held is not None:
-        held.release()
+    """Close the clusters this run opened, then release the lock, also when Ctrl-C or SIGTERM lands
+    during the shutdown (it left the lock in a complete output)."""
+    try:
+        for o in owned:
+            try:
+                o.close()
+            except Exception:  # noqa: BLE001 - a cluster whose scheduler is gone cannot be closed cleanly
+                pass
+    finally:
+        if held is not None:
+            held.release()
 
 
 def _run_notes(passes: list[dict]) -> dict:
@@ -1188,6 +1292,7 @@ def run(
     overwrite: bool | str = False,
     acquisition: str = "auto",
     psf_fwhm=None,
+    denoise: str = "auto",
     **kwargs,
 ) -> dict:
     """Train one model per channel on sampled regions, then enhance (``kwargs``: the other
@@ -1196,6 +1301,7 @@ def run(
     input, output = os.fspath(input), os.fspath(output)
     # every check that needs no model runs before training (minutes) and before any write
     _check_training_args(steps, budget)
+    denoise_mode(denoise)
     s = _check_request(
         input,
         output,
@@ -1222,6 +1328,7 @@ def run(
             "version": __version__,
             "acquisition": acquisition,
             "psf_fwhm": None if psf_fwhm is None else list(np.atleast_1d(psf_fwhm)),
+            **({} if denoise == "auto" else {"denoise": denoise}),  # "auto" keeps earlier runs' keys
         }
     )
     state = OutputState(output, s.output_storage_options)
@@ -1258,6 +1365,7 @@ def run(
             acquisition=acquisition,
             psf_fwhm=psf_fwhm,
             nonfinite=s.nonfinite,
+            denoise=denoise,
         )
         models = [_channel_model(fs, root, input, factor, c, train_kw) for c in channels]
         stats = enhance_with(
@@ -1283,7 +1391,7 @@ def _check_run_input(input: str, output: str, factor, budget: int, s: EnhanceSet
     _check_channel(image, s.channel, input)
     _check_trainable(image, budget, input)
     _check_block(s.block, len(spatial))
-    _output_dtype(s.dtype, image.dtype)
+    _check_range(image, input, _output_dtype(s.dtype, image.dtype))  # before training (minutes)
     if s.ngff is not None:
         format_for(s.ngff)
     _check_reachable(output, s.output_storage_options, "output")  # before training (minutes), not after

@@ -64,6 +64,16 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def pid_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/<pid>/stat field 22), or None: a
+    pid and its start time name one process, where a pid alone is reused after its owner dies."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[-1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def describe_owner(rec: dict | None) -> str:
     if not rec:
         return "another run (its owner is not recorded yet)"
@@ -101,6 +111,7 @@ class OutputLock:
         self.record = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "pid_start": pid_start(os.getpid()),
             "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "token": uuid.uuid4().hex,
             "command": " ".join(sys.argv)[:500],
@@ -325,7 +336,11 @@ class OutputLock:
             pid = int(rec.get("pid"))
         except (TypeError, ValueError):
             return True
-        return pid != os.getpid() and not pid_alive(pid) or pid == os.getpid() and self.url not in _HELD
+        if pid == os.getpid():
+            return self.url not in _HELD
+        # a live pid is the owner only if it started when the owner did (pids are reused)
+        started = rec.get("pid_start")
+        return not pid_alive(pid) or started is not None and pid_start(pid) not in (None, started)
 
     def _refusal(self, rec: dict | None) -> OutputLocked:
         return OutputLocked(
@@ -468,15 +483,17 @@ class OutputState:
             return {}
         return prev if isinstance(prev, dict) else {}
 
-    def verdict(self, fp: str, overwrite: bool | str) -> str:
+    def verdict(self, fp: str, overwrite: bool | str, digest: str | None = None) -> str:
         """ "new", "resume" (same fingerprint), "restart" (a setup was killed before any block) or
         "replace" (``overwrite``, and it holds nothing but an svision-big output; an output without
-        svision-big provenance only with ``overwrite="any"``); refuses anything else. Reads only:
-        nothing is written or deleted here."""
+        svision-big provenance only with ``overwrite="any"``); refuses anything else. ``digest``: the
+        input's content digest (``pipeline.input_digest``); a fingerprint match whose recorded digest
+        differs is another input, not a resume. Reads only: nothing is written or deleted here."""
         if not store_exists(self.output, self.options):
             return "new"
         prev = self.provenance() or None
-        if prev is not None and prev.get("fingerprint") == fp:
+        changed = prev is not None and None not in (digest, prev.get("input_digest")) and prev["input_digest"] != digest
+        if prev is not None and prev.get("fingerprint") == fp and not changed:
             return "resume"
         if prev is None and self._only_state():
             return "new"  # holds nothing but svision-big state: a lock, models that `run` saved for this output
@@ -492,10 +509,12 @@ class OutputState:
                 f"--overwrite replaces only svision-big outputs; pass --overwrite-any to replace it"
             )
         if not overwrite:
-            raise NgffError(
-                f"{self.output} already exists and was made with other settings (fingerprint "
-                f"{prev.get('fingerprint')}, now {fp}): pass --overwrite to replace it"
+            why = (
+                f"was made from another input (content digest {prev.get('input_digest')}, now {digest})"
+                if changed
+                else f"was made with other settings (fingerprint {prev.get('fingerprint')}, now {fp})"
             )
+            raise NgffError(f"{self.output} already exists and {why}: pass --overwrite to replace it")
         fs, root = _fs(self.output, self.options)
         if not fs.isdir(root):
             raise NgffError(f"{self.output} exists and is not a folder: refusing to replace it")
@@ -507,11 +526,11 @@ class OutputState:
             )
         return "replace"
 
-    def checked_verdict(self, fp: str, overwrite: bool, lock: OutputLock) -> str:
+    def checked_verdict(self, fp: str, overwrite: bool, lock: OutputLock, digest: str | None = None) -> str:
         """``verdict`` without the lock; when it refuses while another run holds the lock (say, that
         run is half-way through creating the output), report the lock, the real cause."""
         try:
-            return self.verdict(fp, overwrite)
+            return self.verdict(fp, overwrite, digest)
         except NgffError:
             owner = lock.owner()
             if owner is not None:

@@ -27,6 +27,7 @@ def make_model(
     lo: float = 0.0,
     hi: float = 1.0,
     ensemble: int | bool = True,
+    interpolation: str = "keys",
 ) -> Model:
     """A model with random weights: the operator's structure, halo and arithmetic are all real.
 
@@ -34,12 +35,12 @@ def make_model(
     iterations per stage; ``mapping`` grouped convolutions per network (the default
     architecture has 4); ``final_bp`` closing back-projection iterations (only with more than one
     stage); ``lo``/``hi`` the normalisation range (data values mapped to 0..1); ``ensemble``
-    True/8, 4 or 1 variants.
+    True/8, 4 or 1 variants; ``interpolation`` what the residual corrects (Keys or B-spline).
     """
     torch.manual_seed(seed)
     stages = []
     for sf in split_stages(tuple(factors)):
-        net = SVNet(NetConfig(tuple(sf), mapping=mapping))
+        net = SVNet(NetConfig(tuple(sf), mapping=mapping, interpolation=interpolation))
         stages.append(StageRecord(net.config, net.state_dict(), Degradation(tuple(sf)), bp, ensemble))
     final = Degradation(tuple(factors)) if final_bp and len(stages) > 1 else None
     return Model(

@@ -64,3 +64,19 @@ def to_output(y: torch.Tensor, norm: Normalisation, dtype: np.dtype, chunk: int 
         t = torch.mul(y[c0 : c0 + chunk], a).add_(b)  # the same two roundings as ``Normalisation.inverse``
         out[c0 : c0 + chunk] = cast_output(t.cpu().numpy(), dtype, own=True)
     return out
+
+
+def check_workable(volume: np.ndarray) -> None:
+    """Refuse an in-memory volume the float32 working precision cannot carry: NaN/Inf voxels (a network
+    spreads each over its receptive field) and magnitudes beyond float32's range (they become Inf)."""
+    if volume.dtype.kind not in "fc" or not volume.size:
+        return
+    finite = np.isfinite(volume)
+    if not finite.all():
+        bad = int(volume.size - np.count_nonzero(finite))
+        raise ValueError(
+            f"the volume holds {bad:,} NaN/Inf voxels of {volume.size:,}: replace them first (e.g. numpy.nan_to_num)"
+        )
+    peak = float(np.abs(volume).max())
+    if peak > float(np.finfo(np.float32).max):
+        raise ValueError(f"the volume reaches {peak:.3g}, beyond float32's range, the working precision: rescale it")

@@ -13,7 +13,7 @@ import svision_big as svb
 from conftest import make_model, smooth_volume
 from svision_big import pipeline, synthetic
 from svision_big.convert import write_ome_zarr
-from svision_big.degrade import resize
+from svision_big.degrade import resize, upsample
 from svision_big.denoise import as_network, fit_blind_filter
 from svision_big.metrics import psnr
 from svision_big.model import Model
@@ -71,6 +71,25 @@ def test_noisy_data_gain_over_cubic_with_the_denoiser():
     assert np.array_equal(again.enhance(noisy, dtype="float32"), out)
 
 
+def test_denoise_is_the_users_choice_and_the_reason_is_printed(capsys):
+    """auto removes noise where the figures say it pays and prints them with the flag that reverses it;
+    off never denoises (noisy data then train noise-matched); on denoises even clean data."""
+    _, _, noisy = _noisy(peak=50.0)
+    auto = svb.fit(noisy, factor=2, steps=5, seed=0)
+    out = capsys.readouterr().out
+    assert auto.info["denoiser"] and "filter error" in out and "--denoise on|off overrides" in out
+    b = auto.info["baseline"]  # denoised inputs: Keys unless the B-spline wins the check clearly
+    assert b["safe"] == T.safe_baseline(b["scores"], ["denoised cubic", "denoised B-spline"], "denoised cubic")
+    assert auto.stages[-1].config.interpolation == {"denoised cubic": "keys", "denoised B-spline": "bspline"}[b["safe"]]
+    off = svb.fit(noisy, factor=2, steps=5, seed=0, quiet=True, denoise="off")
+    assert not off.info["denoiser"] and off.info["noise_estimate"] is not None
+    clean = synthetic.make_volume("mixed", shape_lr=(16, 48, 48), factor=2, seed=3).observed
+    on = svb.fit(clean, factor=2, steps=5, seed=0, quiet=True, denoise="on")
+    assert on.info["denoiser"] and on.info["denoise_check"]["forced"] and not on.info["denoise_check"]["used"]
+    with pytest.raises(ValueError, match="denoise must be auto, on or off"):
+        svb.fit(clean, factor=2, steps=5, denoise="maybe")
+
+
 def test_denoising_stage_is_seamless_in_the_pipeline(tmp_path):
     """Mirrored faces in a blockwise run equal the whole-volume result (blocks at faces mirror the
     same voxels as the whole volume), for a volume that is not a multiple of the block."""
@@ -96,19 +115,82 @@ def test_operator_that_loses_falls_back_to_exact_cubic():
     from svision_big.degrade import Degradation
 
     acq = synthetic.make_volume("mixed", shape_lr=(16, 48, 48), factor=2, seed=2)
-    bad = make_model((2, 2, 2), bp=0)
-    for s in bad.stages:
-        s.state = {k: (t * 40.0 if k.startswith("expand") else t) for k, t in s.state.items()}
-    bad._specs.clear()
+    bad = _bad_model()
     v = bad.norm.forward(torch.from_numpy(acq.observed.astype(np.float32))).numpy()
     cfg = T.TrainConfig(steps=5)
     out_model = T.do_no_harm(bad, Degradation((2, 2, 2), None, None, "mixed"), v, cfg)
     b = out_model.info["baseline"]
-    assert b["used"] and b["verdict"].startswith("cubic") and b["scores"]["cubic"] < b["scores"]["ensemble 8"]
+    assert b["used"] and b["scores"][b["safe"]] < b["scores"]["ensemble 8"]
+    assert b["verdict"].startswith(b["safe"]) and b["safe"] == T.safe_baseline(
+        b["scores"], ["cubic", "B-spline"], "B-spline"
+    )
     out = out_model.enhance(acq.observed, dtype="float32")
     x = out_model.norm.forward(torch.from_numpy(acq.observed.astype(np.float32)))
-    want = out_model.norm.inverse(resize(x, (2, 2, 2), up=True).clamp(min=out_model.norm.floor_n)).numpy()
+    kind = {"cubic": "keys", "B-spline": "bspline"}[b["safe"]]
+    want = out_model.norm.inverse(upsample(x, (2, 2, 2), kind).clamp(min=out_model.norm.floor_n)).numpy()
     assert np.abs(out - want).max() < 1e-5 * float(want.max())
+
+
+@pytest.mark.parametrize(
+    "factors,shape", [((2, 2, 2), (13, 21, 18)), ((4, 2, 2), (7, 12, 15)), ((2, 1, 1), (9, 10, 11)), ((2, 2), (31, 17))]
+)
+def test_bspline_upsampling_is_scipys_cubic_spline(factors, shape):
+    """The truncated-prefilter B-spline is ``scipy.ndimage.zoom(order=3, grid_mode=True,
+    mode="grid-mirror")`` (skimage's ``resize(order=3)``) to 1e-5 of the range; Keys is not."""
+    from scipy import ndimage
+
+    x = np.random.default_rng(0).random(shape).astype(np.float32)
+    ref = ndimage.zoom(x.astype(np.float64), factors, order=3, grid_mode=True, mode="grid-mirror")
+    rng = float(ref.max() - ref.min())
+    out = upsample(torch.from_numpy(x), factors, "bspline").numpy()
+    assert out.shape == ref.shape and np.abs(out - ref).max() <= 1e-5 * rng
+    assert np.abs(upsample(torch.from_numpy(x), factors, "keys").numpy() - ref).max() > 1e-2 * rng
+
+
+def _bad_model():
+    """A random-weight net blown up 40x: it loses to both baselines on any check."""
+    bad = make_model((2, 2, 2), bp=0)
+    for s in bad.stages:
+        s.state = {k: (t * 40.0 if k.startswith("expand") else t) for k, t in s.state.items()}
+    bad._specs.clear()
+    return bad
+
+
+@pytest.mark.parametrize(
+    "data,acquisition,margin,safe",
+    [
+        ("smooth", "integrate", 0.10, "B-spline"),
+        ("noise", "sample", 0.10, "B-spline"),
+        ("noise", "sample", 0.0, "cubic"),
+    ],
+)
+def test_the_check_picks_keys_or_bspline(tmp_path, monkeypatch, data, acquisition, margin, safe):
+    """The safe baseline of clean inputs is the B-spline unless Keys beats it on the held-aside check by
+    ``BASELINE_MARGIN``: on point samples of white noise Keys scores 3% better, which the default
+    margin ignores and a zero margin takes. The chosen one is what the model computes, in blocks as on
+    the whole volume."""
+    monkeypatch.setattr(T, "BASELINE_MARGIN", margin)
+    from svision_big.degrade import Degradation
+
+    vol = (
+        synthetic.make_volume("mixed", shape_lr=(16, 48, 48), factor=2, seed=2).observed
+        if data == "smooth"
+        else np.random.default_rng(0).random((32, 96, 96)).astype(np.float32)
+    )
+    bad = _bad_model()
+    v = bad.norm.forward(torch.from_numpy(vol)).numpy()
+    model = T.do_no_harm(bad, Degradation((2, 2, 2), None, None, acquisition), v, T.TrainConfig(steps=5))
+    b = model.info["baseline"]
+    assert b["used"] and b["safe"] == safe and set(b["scores"]) >= {"cubic", "B-spline"}
+    assert (b["scores"]["cubic"] < b["scores"]["B-spline"]) == (data == "noise")
+    crop = vol[:13, :37, :29]  # odd sizes: the outer faces and partial blocks
+    src = str(tmp_path / "in.ome.zarr")
+    write_ome_zarr(crop, src, axes="zyx")
+    pipeline.enhance(
+        src, str(tmp_path / "o"), model, block=(8, 16, 16), dtype="float32", scheduler="sync", progress=False
+    )
+    whole = model.enhance(crop, dtype="float32")
+    assert np.abs(open_image(str(tmp_path / "o")).level(0)[...] - whole).max() <= 1e-5 * float(whole.max())
 
 
 def test_ensemble_size_is_chosen_and_recorded():
@@ -116,8 +198,9 @@ def test_ensemble_size_is_chosen_and_recorded():
     model = svb.fit(acq.observed, factor=2, steps=150, seed=0, quiet=True, acquisition="integrate")
     b = model.info["baseline"]
     assert not b["used"], b
-    assert set(b["scores"]) == {"cubic", "ensemble 8", "ensemble 4", "ensemble 1"}
+    assert set(b["scores"]) == {"cubic", "B-spline", "ensemble 8", "ensemble 4", "ensemble 1"}
     assert all(s.ensemble == b["ensemble"] for s in model.stages)
+    assert all(s.config.interpolation == T.RESIDUAL_INTERPOLATION == "bspline" for s in model.stages)
     best = min(b["scores"][f"ensemble {k}"] for k in (8, 4, 1))
     assert b["scores"][f"ensemble {b['ensemble']}"] <= best * (1 + T.ENSEMBLE_TOLERANCE)
 

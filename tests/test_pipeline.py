@@ -53,17 +53,19 @@ def _write_input(tmp_path, vol, axes="zyx", ngff="0.5", name="in.ome.zarr", voxe
 
 
 @pytest.mark.parametrize(
-    "factors,shape,block",
+    "factors,shape,block,interpolation",
     [
-        ((2, 2, 2), (21, 45, 38), (16, 32, 24)),
-        ((2, 2, 2), (21, 45, 38), (14, 50, 64)),
-        ((2, 1, 1), (23, 30, 41), (8, 16, 24)),
-        ((4, 2, 2), (9, 27, 25), (12, 18, 20)),
-        ((2, 2), (75, 61), (32, 22)),
+        ((2, 2, 2), (21, 45, 38), (16, 32, 24), "keys"),
+        ((2, 2, 2), (21, 45, 38), (14, 50, 64), "keys"),
+        ((2, 1, 1), (23, 30, 41), (8, 16, 24), "keys"),
+        ((4, 2, 2), (9, 27, 25), (12, 18, 20), "keys"),
+        ((2, 2), (75, 61), (32, 22), "keys"),
+        ((2, 2, 2), (21, 45, 38), (16, 32, 24), "bspline"),  # the B-spline's 16-voxel reach: a wide halo
+        ((4, 2, 2), (9, 27, 25), (12, 18, 20), "bspline"),
     ],
 )
-def test_chunked_equals_whole_volume(tmp_path, factors, shape, block):
-    model = make_model(factors, bp=1, final_bp=1)
+def test_chunked_equals_whole_volume(tmp_path, factors, shape, block, interpolation):
+    model = make_model(factors, bp=1, final_bp=1, interpolation=interpolation)
     vol = smooth_volume(shape, seed=1)
     axes = "zyx" if len(shape) == 3 else "yx"
     src = _write_input(tmp_path, vol, axes=axes)
@@ -303,6 +305,12 @@ def test_existing_output_with_other_settings_is_refused(tmp_path):
     assert _tree_hash(out) == before
     pipeline.enhance(src, out, model, scheduler="sync", block=(10, 32, 32), progress=False, overwrite=True)
     assert open_image(out).group.attrs["svision_big"]["block"] == [10, 32, 32]
+    # the same settings on a changed input (same shape and dtype) are another run, not a resume
+    before = _tree_hash(out)
+    write_ome_zarr(smooth_volume((10, 32, 32), seed=8), src, axes="zyx", voxel_size=(2.0, 0.5, 0.5), overwrite=True)
+    with pytest.raises(NgffError, match="made from another input.*--overwrite"):
+        pipeline.enhance(src, out, model, scheduler="sync", block=(10, 32, 32), progress=False)
+    assert _tree_hash(out) == before
     other = tmp_path / "not_ours"
     other.mkdir()
     (other / "precious.txt").write_text("keep me")

@@ -217,6 +217,20 @@ def test_stale_lock_of_a_dead_process_is_taken_over(small, tmp_path, capsys):
         pipeline.enhance(src, out2, model, **SYNC)
     pipeline.enhance(src, out2, model, break_lock=True, **SYNC)
     _assert_same_image(out, out2)
+    # a dead run's pid, reused by a live unrelated process (another start time): stale (issue 27.4)
+    out3 = str(tmp_path / "out3.ome.zarr")
+    os.makedirs(os.path.join(out3, "svision_state"))
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        rec = {"host": socket.gethostname(), "pid": live.pid, "pid_start": 1, "started": "2026-01-01", "token": "z"}
+        with open(os.path.join(out3, "svision_state", "lock"), "w") as fh:
+            json.dump(rec, fh)
+        pipeline.enhance(src, out3, model, **SYNC)
+        assert f"taking over the stale lock of pid {live.pid}" in capsys.readouterr().err
+        _assert_same_image(out, out3)
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_lock_is_reentrant_and_released_on_error(tmp_path):
@@ -284,6 +298,36 @@ _KILL_AT = textwrap.dedent("""
 """)
 
 SETUP_STEPS = ["marker", "group", "scratch p0", "level 0", "provenance"]
+
+_TERM_AT_BLOCK = textwrap.dedent("""
+    import os, signal, sys
+    from svision_big import pipeline
+    real = pipeline._run_passes
+    def passes(jobs, *a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)  # as SLURM's scancel, once the lock is held and set-up is done
+        return real(jobs, *a, **k)
+    pipeline._run_passes = passes
+    from svision_big.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_sigterm_stops_cleanly_releases_the_lock_and_the_rerun_resumes(small, tmp_path):
+    """SIGTERM exited 143 silently and left the lock, so a resume on another host was refused
+    (issue 27.4): it is handled as Ctrl-C is, with one line that says how to resume."""
+    src, model, model_path = small
+    out = str(tmp_path / "out.ome.zarr")
+    argv = ["enhance", src, out, "--model", model_path, "--scheduler", "sync", "--quiet"]
+    p = subprocess.run(
+        [sys.executable, "-c", _TERM_AT_BLOCK, *argv], env=_env(), capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 143, p.stderr
+    assert p.stderr.strip().splitlines() == ["svision-big: stopped by SIGTERM (re-run the same command to resume)"]
+    assert not os.path.exists(os.path.join(out, "svision_state", "lock"))
+    assert cli_main(argv) == 0
+    ref = str(tmp_path / "ref.ome.zarr")
+    pipeline.enhance(src, ref, model, **SYNC)
+    _assert_same_image(out, ref)
 
 
 def test_setup_killed_at_every_step_resumes_to_the_clean_result(small, tmp_path, capsys):
@@ -379,6 +423,46 @@ def test_train_names_the_count_of_nonfinite_voxels_or_fills_them(tmp_path):
     assert time.perf_counter() - t0 < 5  # before training, not after it
     m = pipeline.train(src, (2, 1, 1), steps=2, quiet=True, nonfinite="fill", acquisition="cubic")
     assert all(torch.isfinite(v).all() for s in m.stages for v in s.state.values())
+
+
+def test_the_python_api_refuses_nonfinite_volumes_naming_the_count():
+    """``Model.enhance`` returned 49,799 non-finite voxels for 7 NaN inputs, and ``fit`` with one NaN
+    said ``min() arg is an empty sequence`` (issue 27.2, 27.6)."""
+    vol = smooth_volume((16, 32, 32), seed=3)
+    vol[3, 4, 5:12] = np.nan
+    with pytest.raises(ValueError, match="holds 7 NaN/Inf voxels of 16,384"):
+        make_model((2, 2, 2), bp=1).enhance(vol)
+    vol[3, 4, 5:12] = 0.5
+    vol[0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match="holds 1 NaN/Inf voxels of 16,384"):
+        pipeline.fit(vol, factor=2, steps=1, quiet=True)
+    vol[0, 0, 0] = 0.5
+    with pytest.raises(ValueError, match="reaches 1e\\+300, beyond float32's range"):
+        pipeline.fit(vol.astype(np.float64) * 1e300, factor=2, steps=1, quiet=True)
+
+
+def test_a_models_saturation_ceiling_is_not_applied_to_data_above_it(tmp_path, capsys):
+    """A ceiling belongs to the training data: a model trained where the detector clipped at 255
+    clipped 97.8% of uint16 data to 255 (issue 27.2). Data above it: not applied, with a note;
+    data within it: applied."""
+    from dataclasses import replace
+
+    from svision_big.model import Model
+
+    base = make_model((2, 2, 2), bp=1, hi=4000.0)
+    model = Model(stages=base.stages, norm=replace(base.norm, ceiling=255.0), factors=base.factors)
+    src = _write_input(tmp_path / "in16.ome.zarr", smooth_volume((16, 32, 32), seed=3, dtype=np.uint16, scale=4000))
+    out = str(tmp_path / "o16.ome.zarr")
+    pipeline.enhance(src, out, model, **SYNC)
+    assert "saturation ceiling 255 is not" in capsys.readouterr().err
+    y = np.asarray(open_image(out).level(0)[...])
+    assert y.max() > 3000 and np.mean(y == 255) < 0.01
+    assert open_image(out).group.attrs["svision_big"]["normalisation"][0]["ceiling"] is None
+    src8 = _write_input(tmp_path / "in8.ome.zarr", smooth_volume((16, 32, 32), seed=3, dtype=np.uint16, scale=250))
+    out8 = str(tmp_path / "o8.ome.zarr")
+    pipeline.enhance(src8, out8, model, dtype="float32", **SYNC)
+    assert float(np.asarray(open_image(out8).level(0)[...]).max()) <= 255.0
+    assert open_image(out8).group.attrs["svision_big"]["normalisation"][0]["ceiling"] == 255.0
 
 
 def test_enhance_refuses_nonfinite_input_or_fills_and_counts_them(small, tmp_path, monkeypatch):
@@ -677,6 +761,8 @@ def sweep(tmp_path_factory):
     (d / "image.tif").write_bytes(b"II*\x00garbage")
     os.symlink(d / "in.ome.zarr", d / "link.ome.zarr")
     _write_input(d / "plain.ome.zarr", smooth_volume((16, 32, 32), seed=4, dtype=np.uint16, scale=1000))
+    _write_input(d / "huge.ome.zarr", smooth_volume((16, 32, 32), seed=5).astype(np.float64) * 1e300)
+    _write_input(d / "big32.ome.zarr", smooth_volume((16, 32, 32), seed=6, dtype=np.int32, scale=1e6))
     return d
 
 
@@ -718,6 +804,10 @@ _SWEEP = [  # (what, argv with {d} for the fixture folder): each must be exit 2,
     ("run symlink output is the input", "run {d}/link.ome.zarr {d}/in.ome.zarr/ --factor 2 --steps 1 --overwrite"),
     ("overwrite a plain image", "enhance {d}/in.ome.zarr {d}/plain.ome.zarr --model {d}/m.svb --overwrite"),
     ("run overwrite a plain image", "run {d}/in.ome.zarr {d}/plain.ome.zarr --factor 2 --steps 1 --overwrite"),
+    # values the working precision or the output type cannot hold (issue 27.2)
+    ("float64 beyond float32", "enhance {d}/huge.ome.zarr {d}/o --model {d}/m.svb --scheduler sync"),
+    ("run float64 beyond float32", "run {d}/huge.ome.zarr {d}/o --factor 2 --steps 1 --scheduler sync"),
+    ("dtype float16 too narrow", "enhance {d}/big32.ome.zarr {d}/o --model {d}/m.svb --scheduler sync --dtype float16"),
     ("output holds user files", "enhance {d}/in.ome.zarr {d}/theirs --model {d}/m.svb --scheduler sync --overwrite"),
     ("output not ours", "enhance {d}/in.ome.zarr {d}/theirs --model {d}/m.svb --scheduler sync"),
     ("nan input", "enhance {d}/nan.ome.zarr {d}/o --model {d}/m.svb --scheduler sync"),
@@ -749,6 +839,8 @@ _SWEEP = [  # (what, argv with {d} for the fixture folder): each must be exit 2,
     ("train channel 5", "train {d}/in.ome.zarr -o {d}/new.svb --factor 2 --channel 5"),
     ("train negative psf", "train {d}/in.ome.zarr -o {d}/new.svb --factor 2 --psf-fwhm -1"),
     ("train nan input", "train {d}/nan.ome.zarr -o {d}/new.svb --factor 2 --steps 1"),
+    ("train denoise bogus", "train {d}/in.ome.zarr -o {d}/new.svb --factor 2 --steps 1 --denoise maybe"),
+    ("run denoise bogus", "run {d}/in.ome.zarr {d}/o --factor 2 --steps 1 --denoise maybe"),
     ("train nonfinite bogus", "train {d}/in.ome.zarr -o {d}/new.svb --factor 2 --nonfinite keep"),
     ("run workers -1", "run {d}/in.ome.zarr {d}/o --factor 2 --steps 1 --workers -1"),
     ("run dtype bogus", "run {d}/in.ome.zarr {d}/o --factor 2 --steps 1 --dtype bogus --scheduler sync"),

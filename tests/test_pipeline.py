@@ -631,7 +631,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert all(np.isfinite(result[k]) for k in ("psnr_cubic", "psnr_enhanced", "ssim_cubic", "ssim_enhanced"))
     inp, out = open_image(str(folder / "input.ome.zarr")), open_image(str(folder / "enhanced.ome.zarr"))
     assert out.level(0).shape == tuple(2 * n for n in inp.level(0).shape)
-    assert "cubic upsampling" in capsys.readouterr().out
+    assert "cubic B-spline" in capsys.readouterr().out
 
 
 def test_staged_output_is_sharded_by_writer_block(tmp_path):

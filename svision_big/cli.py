@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -338,6 +339,8 @@ def _psf(values: tuple[float, ...] | None):
     """One value means every axis; negative widths are refused here, before any training."""
     if values is None:
         return None
+    if not all(math.isfinite(v) for v in values):  # `--psf-fwhm nan` was ignored
+        raise ValueError(f"--psf-fwhm {','.join(map(str, values))}: every width must be a finite number")
     if any(v < 0 for v in values):
         raise ValueError(f"--psf-fwhm {','.join(map(str, values))}: a width cannot be negative")
     return values[0] if len(values) == 1 else values

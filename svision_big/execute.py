@@ -158,9 +158,10 @@ def run_block(job: Job, index: int, background: bool = False) -> tuple[int, floa
     note: dict = {}
     if job.in_raw:
         note = _check_input(job, src, x, block, index)
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
     if job.in_raw:
-        xt = spec.norm.forward(xt)
+        xt = spec.norm.forward_array(x, device)
+    else:
+        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
     comp = None
     if job.companion_path is not None:
         hr = tuple(slice(r.start * f, r.stop * f) for r, f in zip(block.read, job.plan.factors))
@@ -206,7 +207,7 @@ def skip_block(job: Job, index: int, t0: float) -> tuple[int, float, int]:
         if model is None:
             raise RuntimeError(f"model {job.model_for(block)} was not shipped to this worker")
         norm = model.norm
-        xt = norm.forward(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(_device(job)))
+        xt = norm.forward_array(x, _device(job))
         y = cubic_fill(xt, read, block.write, job.fill.factors, in_shape, norm, job.out_dtype)
         dst = _open_array(job.out_url, job.out_path, job.out_options, writable=True, run=job.done_url)
         dst[job.selection(block, block.write)] = y

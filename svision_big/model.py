@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +34,7 @@ from .values import Normalisation, check_workable
 FORMAT = "svision-big-model"
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20  # a real header is 2-40 KB
+MAX_MODEL_BYTES = 64 * 2**20  # the shipped models are about 100 kB; a file above this is not one
 MAX_FEATURES = 512  # per layer; the shipped nets use 16 (network.NetConfig)
 
 
@@ -376,9 +378,17 @@ def load_model(path: str | os.PathLike) -> Model:
         raise ModelFileError(f"model file {path} does not exist")
     if os.path.isdir(path):
         raise ModelFileError(f"model file {path} is a directory, not an svision-big model file")
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):  # a FIFO with no writer hung forever; /dev/zero was read whole
+        raise ModelFileError(f"model file {path} is not a regular file, not an svision-big model file")
+    if st.st_size > MAX_MODEL_BYTES:
+        raise ModelFileError(
+            f"model file {path} holds {st.st_size:,} bytes, more than any svision-big model "
+            f"({MAX_MODEL_BYTES:,} at most): not a model file"
+        )
     try:
         with open(path, "rb") as fh:
-            data = fh.read()
+            data = fh.read(MAX_MODEL_BYTES + 1)
     except OSError as exc:
         raise ModelFileError(f"model file {path} cannot be read ({exc.strerror or type(exc).__name__})") from None
     return Model.from_bytes(data, where=path)

@@ -484,5 +484,4 @@ def enhance_array(
     if volume.ndim != spec.ndim:
         raise ValueError(f"the model works on {spec.ndim}D arrays, got shape {volume.shape}")
     out_dtype = np.dtype(dtype) if dtype is not None else volume.dtype
-    x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)).to(device)
-    return to_output(apply_normalised(spec.norm.forward(x), spec), spec.norm, out_dtype)
+    return to_output(apply_normalised(spec.norm.forward_array(volume, device), spec), spec.norm, out_dtype)

@@ -109,8 +109,10 @@ def _check_workers(workers: int | None) -> None:
         raise ValueError(f"--workers {workers}: need at least 1 worker")
 
 
-def _check_training_args(steps: int | None, budget: int) -> None:
+def _check_training_args(steps: int | None, budget: int, seed: int = 0) -> None:
     """Before any data is read: a budget of 0 voxels never stopped shrinking the training box."""
+    if not 0 <= seed < 2**63:  # `--seed 10**21` was "Overflow when unpacking long long" from torch
+        raise ValueError(f"--seed {seed}: use a whole number from 0 to 2^63 - 1")
     if steps is not None and steps < 1:
         raise ValueError(f"--steps {steps}: need at least 1 training step")
     if budget < 1:
@@ -125,9 +127,11 @@ def _check_device(device: str | None, client=None) -> None:
     import torch
 
     try:
-        torch.device(device)
+        kind = torch.device(device).type
     except (RuntimeError, TypeError, ValueError):
         raise ValueError(f"--device {device}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if kind not in ("cpu", "cuda", "mps", "xpu"):  # `meta` passed and failed once the output existed
+        raise ValueError(f"--device {device}: cannot compute real values (use cpu, cuda, cuda:1, mps)")
     if client is None:
         why = _device_problem(device)
     else:
@@ -328,7 +332,7 @@ def train(
     """Train a model on a sampled region of an OME-Zarr image (one channel, one time point).
     ``nonfinite``: NaN/Inf in the sample stop training, naming how many ("error"), or are replaced
     by the array's fill value ("fill")."""
-    _check_training_args(steps, budget)
+    _check_training_args(steps, budget, seed)
     _check_nonfinite(nonfinite)
     denoise_mode(denoise)
     image = open_image(input, storage_options)
@@ -352,11 +356,11 @@ def train(
         )
     model = fit(
         sample,
-        factor=parse_factors(factor, len(spatial)),
+        factor=stored_order(image, parse_factors(factor, len(spatial))),
         steps=steps,
         seed=seed,
         quiet=quiet,
-        psf_fwhm=psf_fwhm,
+        psf_fwhm=stored_order(image, psf_fwhm) if isinstance(psf_fwhm, (tuple, list)) else psf_fwhm,
         acquisition=acquisition,
         denoise=denoise,
     )
@@ -774,6 +778,19 @@ def _blocks(given, passes, specs, out_spatial, factors) -> tuple[tuple[int, ...]
     return block, block
 
 
+def stored_order(image: Image, values) -> tuple:
+    """Per-axis values given Z,Y,X (Y,X in 2D), as the flags and the Python API take them, in the
+    order the image stores its spatial axes: by axis name, not position (on an image stored x,y,z,
+    ``--factor 1,2,2`` upsampled z and left x alone). Images whose axes are not named z, y, x keep
+    the given order."""
+    values = tuple(values)
+    names = [str(image.axes[i]["name"]).lower() for i in image.spatial_axes]
+    canon = "zyx"[-len(names) :]
+    if len(values) != len(names) or sorted(names) != sorted(canon):
+        return values
+    return tuple(values[canon.index(n)] for n in names)
+
+
 def _layout(image: Image, models: list[Model], outer: _Outer, s: EnhanceSettings) -> _Layout:
     """Passes, block plans, and level 0's shape, chunks and shards."""
     spatial = image.spatial_axes
@@ -782,7 +799,8 @@ def _layout(image: Image, models: list[Model], outer: _Outer, s: EnhanceSettings
     out_spatial = tuple(n * f for n, f in zip(in_shape, factors))
     specs = [m.spec() for m in models]
     passes = plan_passes(specs)
-    block, chunk = _blocks(s.block, passes, specs, out_spatial, factors)
+    given = s.block if s.block is None or isinstance(s.block, (int, np.integer)) else stored_order(image, s.block)
+    block, chunk = _blocks(given, passes, specs, out_spatial, factors)
     plans = _pass_plans(passes, specs, in_shape, block, outer.shape, s.block is None)
     if s.block is not None and not s.force:
         _check_block_halo(plans, block, out_spatial, factors, math.prod(outer.shape))
@@ -1300,7 +1318,7 @@ def run(
     after a crash reuses them instead of training again."""
     input, output = os.fspath(input), os.fspath(output)
     # every check that needs no model runs before training (minutes) and before any write
-    _check_training_args(steps, budget)
+    _check_training_args(steps, budget, seed)
     denoise_mode(denoise)
     s = _check_request(
         input,

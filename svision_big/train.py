@@ -366,7 +366,7 @@ def fit(
         raise ValueError(f"psf_fwhm {tuple(psf_fwhm)} needs {volume.ndim} non-negative widths (one per spatial axis)")
     acq = AUTO_ACQUISITION if acquisition == "auto" else check_acquisition(acquisition)
     norm = norm or measure_normalisation(volume)
-    v_full = norm.forward(torch.from_numpy(volume.astype(np.float32))).numpy()
+    v_full = norm.forward_array(volume).numpy()
     v = v_full[sample_box(v_full.shape, v_full, max_train_voxels)]
     t_start = time.perf_counter()
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+WIDE = 2.0**24  # float32 resolves steps of 1 up to here
+
 
 @dataclass(frozen=True)
 class Normalisation:
@@ -25,6 +27,21 @@ class Normalisation:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.lo) / (self.hi - self.lo)
+
+    @property
+    def wide(self) -> bool:
+        """Raw values whose offset float32 cannot hold beside their signal (|value| >= 2^24: a uint32
+        3e9 plus a 0-1000 signal came out with 7 levels): the offset is subtracted, and added back,
+        in float64."""
+        return max(abs(self.lo), abs(self.hi)) >= WIDE
+
+    def forward_array(self, x: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
+        """Raw values (any dtype) -> normalised float32 tensor; ``forward`` on float32, except for
+        ``wide`` data, whose offset goes first, in float64."""
+        if self.wide:
+            n = (np.asarray(x, dtype=np.float64) - self.lo) / (self.hi - self.lo)
+            return torch.from_numpy(n.astype(np.float32)).to(device)
+        return self.forward(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device))
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         return y * (self.hi - self.lo) + self.lo
@@ -61,7 +78,8 @@ def to_output(y: torch.Tensor, norm: Normalisation, dtype: np.dtype, chunk: int 
     a, b = norm.hi - norm.lo, norm.lo
     out = np.empty(tuple(y.shape), dtype)
     for c0 in range(0, y.shape[0], chunk):
-        t = torch.mul(y[c0 : c0 + chunk], a).add_(b)  # the same two roundings as ``Normalisation.inverse``
+        t = y[c0 : c0 + chunk]
+        t = torch.mul(t.double(), a).add_(b) if norm.wide else torch.mul(t, a).add_(b)  # as ``inverse``
         out[c0 : c0 + chunk] = cast_output(t.cpu().numpy(), dtype, own=True)
     return out
 

@@ -465,6 +465,53 @@ def test_a_models_saturation_ceiling_is_not_applied_to_data_above_it(tmp_path, c
     assert open_image(out8).group.attrs["svision_big"]["normalisation"][0]["ceiling"] == 255.0
 
 
+def test_a_large_offset_keeps_the_signal_in_blocks_and_in_memory(tmp_path):
+    """A uint32 input of 3e9 plus a 0-1000 signal came out with 7 levels, errors up to 393: float32
+    cannot hold the offset beside the signal (issue 27.2). The offset is subtracted, and added back,
+    in float64: the result equals the offset-free run's plus the offset (to rounding), blockwise."""
+    from svision_big.model import Model
+    from svision_big.values import Normalisation
+
+    sig = np.round(smooth_volume((16, 32, 32), seed=3, scale=1000)).astype(np.float64)  # + 3e9 exactly
+    base = make_model((2, 2, 2), bp=1, final_bp=0)
+    wide = Model(stages=base.stages, norm=Normalisation(3e9, 3e9 + 1000, 3e9), factors=base.factors)
+    plain = Model(stages=base.stages, norm=Normalisation(0.0, 1000.0, 0.0), factors=base.factors)
+    src = _write_input(tmp_path / "in.ome.zarr", (sig + 3e9).astype(np.uint32))
+    out = str(tmp_path / "out.ome.zarr")
+    pipeline.enhance(src, out, wide, block=(8, 16, 16), **SYNC)
+    y = np.asarray(open_image(out).level(0)[...]).astype(np.int64) - 3_000_000_000
+    ref = plain.enhance(sig.astype(np.float32), dtype="float64")
+    assert np.abs(y - ref).max() <= 1.0 and len(np.unique(y)) > 500
+    assert np.abs(wide.enhance((sig + 3e9).astype(np.uint32)).astype(np.int64) - 3_000_000_000 - ref).max() <= 1.0
+
+
+def _xyz_image(path, vol_zyx) -> str:
+    """An NGFF 0.5 image that stores its spatial axes as x, y, z (write_ome_zarr always writes z, y, x)."""
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    a = np.ascontiguousarray(vol_zyx.transpose(2, 1, 0))
+    arr = root.create_array("0", shape=a.shape, dtype=a.dtype, chunks=a.shape, dimension_names=["x", "y", "z"])
+    arr[...] = a
+    axes = [{"name": n, "type": "space", "unit": "micrometer"} for n in "xyz"]
+    ds = [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [0.5, 0.5, 2.0]}]}]
+    root.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": axes, "datasets": ds}]}
+    return str(path)
+
+
+def test_factors_and_blocks_go_by_axis_name_not_position(tmp_path):
+    """``--factor 1,2,2`` and ``--block`` are Z,Y,X whatever order the image stores its axes in: on an
+    image stored x, y, z the factor upsampled z and left x alone (issue 27.2)."""
+    src = _xyz_image(tmp_path / "xyz.ome.zarr", smooth_volume((12, 24, 20), seed=1, dtype=np.uint16, scale=1000))
+    assert open_image(src).shape == (20, 24, 12)
+    model = pipeline.train(src, (1, 2, 2), steps=2, quiet=True, acquisition="cubic")
+    assert model.factors == (2, 2, 1)  # x, y, z
+    out = str(tmp_path / "out.ome.zarr")
+    pipeline.enhance(src, out, model, block=(12, 16, 16), **SYNC)
+    assert open_image(out).shape == (40, 48, 12)
+    assert open_image(out).group.attrs["svision_big"]["block"] == [16, 16, 12]
+    stats = pipeline.run(src, str(tmp_path / "run.ome.zarr"), (1, 2, 2), steps=2, quiet=True, scheduler="sync")
+    assert open_image(str(tmp_path / "run.ome.zarr")).shape == (40, 48, 12) and stats["computed"] > 0
+
+
 def test_enhance_refuses_nonfinite_input_or_fills_and_counts_them(small, tmp_path, monkeypatch):
     _, model, _ = small
     src, vol = _with_nans(tmp_path)
@@ -761,6 +808,7 @@ def sweep(tmp_path_factory):
     (d / "image.tif").write_bytes(b"II*\x00garbage")
     os.symlink(d / "in.ome.zarr", d / "link.ome.zarr")
     _write_input(d / "plain.ome.zarr", smooth_volume((16, 32, 32), seed=4, dtype=np.uint16, scale=1000))
+    os.mkfifo(f"{d}_fifo.svb")  # beside the folder: hashing the folder's files would block on it
     _write_input(d / "huge.ome.zarr", smooth_volume((16, 32, 32), seed=5).astype(np.float64) * 1e300)
     _write_input(d / "big32.ome.zarr", smooth_volume((16, 32, 32), seed=6, dtype=np.int32, scale=1e6))
     return d
@@ -783,6 +831,8 @@ _SWEEP = [  # (what, argv with {d} for the fixture folder): each must be exit 2,
     ("channel without axis", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --scheduler sync --channel 5"),
     ("model is a folder", "enhance {d}/in.ome.zarr {d}/o --model {d}/modeldir.svb --scheduler sync"),
     ("model missing", "enhance {d}/in.ome.zarr {d}/o --model {d}/nope.svb --scheduler sync"),
+    ("model a fifo", "enhance {d}/in.ome.zarr {d}/o --model {d}_fifo.svb --scheduler sync"),
+    ("model /dev/zero", "enhance {d}/in.ome.zarr {d}/o --model /dev/zero --scheduler sync"),
     ("model garbage", "enhance {d}/in.ome.zarr {d}/o --model {d}/garbage.svb --scheduler sync"),
     ("model flipped bytes", "enhance {d}/in.ome.zarr {d}/o --model {d}/flipped.svb --scheduler sync"),
     ("model 2D on 3D", "enhance {d}/in.ome.zarr {d}/o --model {d}/m2d.svb --scheduler sync"),
@@ -839,6 +889,9 @@ _SWEEP = [  # (what, argv with {d} for the fixture folder): each must be exit 2,
     ("train channel 5", "train {d}/in.ome.zarr -o {d}/new.svb --factor 2 --channel 5"),
     ("train negative psf", "train {d}/in.ome.zarr -o {d}/new.svb --factor 2 --psf-fwhm -1"),
     ("train nan input", "train {d}/nan.ome.zarr -o {d}/new.svb --factor 2 --steps 1"),
+    ("train psf nan", "train {d}/in.ome.zarr -o {d}/new.svb --factor 2 --steps 1 --psf-fwhm nan"),
+    ("train seed too large", "train {d}/in.ome.zarr -o {d}/new.svb --factor 2 --steps 1 --seed 1000000000000000000000"),
+    ("device meta", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --scheduler sync --device meta"),
     ("train denoise bogus", "train {d}/in.ome.zarr -o {d}/new.svb --factor 2 --steps 1 --denoise maybe"),
     ("run denoise bogus", "run {d}/in.ome.zarr {d}/o --factor 2 --steps 1 --denoise maybe"),
     ("train nonfinite bogus", "train {d}/in.ome.zarr -o {d}/new.svb --factor 2 --nonfinite keep"),

@@ -24,7 +24,7 @@ from . import __version__
 from . import background as bgd
 from .execute import Job, execute, limit_arenas
 from .halo import pass_halo
-from .model import Model, load_model
+from .model import Model, ModelFileError, load_model
 from .ngff import (
     Image,
     NgffError,
@@ -1421,11 +1421,16 @@ def _channel_model(fs, root: str, input: str, factor, channel: int, train_kw: di
     trained now and saved there."""
     path = f"{root}/c{channel}.svb"
     if fs.exists(path):
-        m = Model.from_bytes(fs.cat_file(path), where=path)
-        if not train_kw["quiet"]:
-            print(f"channel {channel}: reusing the model trained earlier ({path})", flush=True)
-        return m
+        try:
+            m = Model.from_bytes(fs.cat_file(path), where=path)
+            if not train_kw["quiet"]:
+                print(f"channel {channel}: reusing the model trained earlier ({path})", flush=True)
+            return m
+        except ModelFileError as exc:  # a model an older version left half-written (a full disk): train again
+            print(f"svision-big: note: {exc}; training channel {channel} again", file=sys.stderr, flush=True)
+            fs.rm(path)
     m = train(input, factor, channel=channel, **train_kw)
     fs.makedirs(root, exist_ok=True)
-    fs.pipe_file(path, m.to_bytes())
+    fs.pipe_file(f"{path}.part", m.to_bytes())  # whole, then renamed: a full disk leaves no half model
+    fs.mv(f"{path}.part", path)
     return m

@@ -512,6 +512,32 @@ def test_factors_and_blocks_go_by_axis_name_not_position(tmp_path):
     assert open_image(str(tmp_path / "run.ome.zarr")).shape == (40, 48, 12) and stats["computed"] > 0
 
 
+def test_run_retrains_over_a_half_written_model_in_its_state(tmp_path, monkeypatch, capsys):
+    """After a full disk, `run` left a truncated models-<key>/c0.svb, and every re-run, even with
+    --overwrite, failed with "not a readable svision-big model file" (issue 27.3). Models are now
+    written whole and renamed; one left half-written by an older version is trained again."""
+    import glob
+
+    src = _write_input(tmp_path / "in.ome.zarr", smooth_volume((12, 24, 24), seed=9, dtype=np.uint16, scale=800))
+    out = str(tmp_path / "out.ome.zarr")
+    real = pipeline.enhance_with
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "enhance_with", stop)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(src, out, 2, steps=2, quiet=True, acquisition="cubic", scheduler="sync")
+    (saved,) = glob.glob(os.path.join(out, "svision_state", "models-*", "c0.svb"))
+    assert not glob.glob(saved + ".part")
+    data = open(saved, "rb").read()
+    open(saved, "wb").write(data[: len(data) // 3])
+    monkeypatch.setattr(pipeline, "enhance_with", real)
+    stats = pipeline.run(src, out, 2, steps=2, quiet=True, acquisition="cubic", scheduler="sync")
+    assert "training channel 0 again" in capsys.readouterr().err
+    assert stats["computed"] > 0 and open_image(out).group.attrs["svision_big"]["state"] == "complete"
+
+
 def test_enhance_refuses_nonfinite_input_or_fills_and_counts_them(small, tmp_path, monkeypatch):
     _, model, _ = small
     src, vol = _with_nans(tmp_path)

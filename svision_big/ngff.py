@@ -14,6 +14,7 @@ metadata before the data exists.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 from abc import ABC, abstractmethod
@@ -367,17 +368,29 @@ class Image:
 def _transforms(transforms: list[dict] | None, ndim: int, where: str) -> tuple[list[float], list[float]]:
     scale = [1.0] * ndim
     translation = [0.0] * ndim
+    seen: set[str] = set()
     for t in transforms or []:
         kind = t.get("type")
+        if kind in seen and kind in ("scale", "translation"):
+            raise NgffError(f"{where}: two '{kind}' transformations (NGFF allows one of each)")
+        seen.add(kind)
         if kind == "identity":
             continue
         if kind not in ("scale", "translation"):
             raise NgffError(f"{where}: unsupported coordinate transformation '{kind}'")
         if kind not in t:
             raise NgffError(f"{where}: {kind} given by 'path' is not supported")
-        values = [float(v) for v in t[kind]]
+        values = t[kind]
+        if not isinstance(values, list) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+        ):
+            raise NgffError(f"{where}: {kind} {values!r} is not a list of numbers")
+        values = [float(v) for v in values]
         if len(values) != ndim:
             raise NgffError(f"{where}: {kind} has {len(values)} values for {ndim} axes")
+        if not all(math.isfinite(v) for v in values) or kind == "scale" and not all(v > 0 for v in values):
+            what = "positive, finite numbers" if kind == "scale" else "finite numbers"
+            raise NgffError(f"{where}: {kind} {values} must hold {what} (a voxel size of 0, < 0, NaN or Inf)")
         if kind == "scale":
             scale = values
         else:
@@ -457,6 +470,12 @@ def open_image(url_or_group: str | os.PathLike | zarr.Group, storage_options: di
     if not isinstance(axes, list) or not all(isinstance(a, dict) and "name" in a for a in axes):
         raise NgffError(f"no OME-Zarr image at {where}: 'axes' missing or malformed")
     axes = [dict(a) for a in axes]
+    names = [a["name"] for a in axes]
+    if len(set(names)) != len(names):
+        raise NgffError(f"{where}: axis names {names} repeat one")
+    for a in axes:
+        if "unit" in a and not isinstance(a["unit"], str):
+            raise NgffError(f"{where}: axis '{a['name']}' has the unit {a['unit']!r}, not a unit name")
     ndim = len(axes)
     datasets = multiscale.get("datasets") or []
     if not datasets:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -834,13 +835,39 @@ def sweep(tmp_path_factory):
     (d / "image.tif").write_bytes(b"II*\x00garbage")
     os.symlink(d / "in.ome.zarr", d / "link.ome.zarr")
     _write_input(d / "plain.ome.zarr", smooth_volume((16, 32, 32), seed=4, dtype=np.uint16, scale=1000))
+    for name, edit in _BAD_COORDINATES.items():  # copies of the input with damaged coordinate metadata
+        shutil.copytree(d / "in.ome.zarr", d / f"{name}.ome.zarr")
+        g = zarr.open_group(str(d / f"{name}.ome.zarr"), mode="r+")
+        ome = json.loads(json.dumps(g.attrs["ome"]))
+        edit(ome["multiscales"][0])
+        g.attrs["ome"] = ome
     os.mkfifo(f"{d}_fifo.svb")  # beside the folder: hashing the folder's files would block on it
     _write_input(d / "huge.ome.zarr", smooth_volume((16, 32, 32), seed=5).astype(np.float64) * 1e300)
     _write_input(d / "big32.ome.zarr", smooth_volume((16, 32, 32), seed=6, dtype=np.int32, scale=1e6))
     return d
 
 
+def _scale0(ms, value=0.0):
+    ms["datasets"][0]["coordinateTransformations"][0]["scale"][0] = value
+
+
+_BAD_COORDINATES = {  # issue 27.5: each was accepted (exit 0), NaN and Infinity written as non-standard JSON
+    "scale0": _scale0,
+    "scaleneg": lambda ms: _scale0(ms, -1.0),
+    "scalenan": lambda ms: _scale0(ms, float("nan")),
+    "scaleinf": lambda ms: _scale0(ms, float("inf")),
+    "dupaxes": lambda ms: ms["axes"][1].update(name="x"),
+    "numunit": lambda ms: ms["axes"][0].update(unit=5),
+    "twoscales": lambda ms: ms["datasets"][0]["coordinateTransformations"].append(
+        dict(ms["datasets"][0]["coordinateTransformations"][0])
+    ),
+}
+
 _SWEEP = [  # (what, argv with {d} for the fixture folder): each must be exit 2, one line, nothing changed
+    *[
+        (f"coordinates {n}", f"enhance {{d}}/{n}.ome.zarr {{d}}/o_{n} --model {{d}}/m.svb --scheduler sync")
+        for n in _BAD_COORDINATES
+    ],
     ("missing input", "enhance {d}/nope.ome.zarr {d}/o --model {d}/m.svb --scheduler sync"),
     ("workers -1", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --workers -1"),
     ("workers 0", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --workers 0"),

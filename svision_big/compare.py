@@ -63,6 +63,19 @@ def _channel(image: Image, channel: int) -> int:
     return 0
 
 
+def _check_outer(image: Image, channel: int, time_index: int, where: str) -> None:
+    """``--channel``/``--time`` that the input cannot have are refused (they were ignored on images
+    without that axis)."""
+    for flag, value, kinds in (("--channel", channel, ("channel", "c")), ("--time", time_index, ("time", "t"))):
+        axis = next(
+            (i for i, a in enumerate(image.axes) if a.get("type") in kinds or str(a["name"]).lower() in kinds), None
+        )
+        if axis is None and value != 0:
+            raise NgffError(f"{flag} {value}: {where} has no {kinds[0]} axis")
+        if axis is not None and not 0 <= value < image.shape[axis]:
+            raise NgffError(f"{flag} {value} is out of range: {where} has {image.shape[axis]}")
+
+
 def _read(image: Image, sel: list, box: Sequence[tuple[int, int]]) -> np.ndarray:
     it = iter(box)
     key = tuple(slice(*next(it)) if s is None else int(s) for s in sel)
@@ -213,6 +226,7 @@ def compare(
     result's model recorded, else "cubic")."""
     res_img = open_image(result, storage_options)
     in_img = open_image(input, storage_options)
+    _check_outer(in_img, channel, time_index, str(input))
     rs, ins = res_img.spatial_axes, in_img.spatial_axes
     if len(rs) != len(ins) or len(rs) not in (2, 3):
         raise NgffError(f"{result} and {input} need the same 2 or 3 spatial axes")

@@ -404,12 +404,13 @@ def _dispatch(a) -> int:
 
         view(a.input, a.output, storage_options=a.storage_options, output_storage_options=a.output_storage_options)
         return 0
+    if a.command == "train":  # before a TIFF is converted and before training (minutes), not after
+        _check_model_output(a.output, a.overwrite)
     if a.command in ("train", "run"):  # an OME-TIFF / ImageJ TIFF is converted on the way, with its metadata
         from .convert import as_ome_zarr
 
         a.input = as_ome_zarr(a.input, near=a.output, quiet=a.quiet)
     if a.command == "train":
-        _check_model_output(a.output, a.overwrite)  # before training (minutes), not after it
         kw = {} if a.budget is None else {"budget": a.budget}
         model = pipeline.train(
             a.input,

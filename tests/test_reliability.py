@@ -841,6 +841,9 @@ def sweep(tmp_path_factory):
         ome = json.loads(json.dumps(g.attrs["ome"]))
         edit(ome["multiscales"][0])
         g.attrs["ome"] = ome
+    import tifffile
+
+    tifffile.imwrite(d / "vol.tif", smooth_volume((16, 32, 32), seed=3, dtype=np.uint16, scale=1000))
     os.mkfifo(f"{d}_fifo.svb")  # beside the folder: hashing the folder's files would block on it
     _write_input(d / "huge.ome.zarr", smooth_volume((16, 32, 32), seed=5).astype(np.float64) * 1e300)
     _write_input(d / "big32.ome.zarr", smooth_volume((16, 32, 32), seed=6, dtype=np.int32, scale=1e6))
@@ -933,6 +936,7 @@ _SWEEP = [  # (what, argv with {d} for the fixture folder): each must be exit 2,
     ("unknown flag", "enhance {d}/in.ome.zarr {d}/o --model {d}/m.svb --bogus"),
     ("train into no folder", "train {d}/in.ome.zarr -o {d}/nodir/m.svb --factor 2 --steps 1"),
     ("train onto a folder", "train {d}/in.ome.zarr -o {d}/modeldir.svb --factor 2 --steps 1"),
+    ("train a tiff over a model", "train {d}/vol.tif -o {d}/m.svb --factor 2 --steps 1"),
     ("train over a model", "train {d}/in.ome.zarr -o {d}/m.svb --factor 2 --steps 1"),
     ("train factor 3", "train {d}/in.ome.zarr -o {d}/new.svb --factor 3 --steps 1"),
     ("train factor 0", "train {d}/in.ome.zarr -o {d}/new.svb --factor 0 --steps 1"),

@@ -370,14 +370,11 @@ def fit(
     v = v_full[sample_box(v_full.shape, v_full, max_train_voxels)]
     t_start = time.perf_counter()
 
-    stages: list[StageRecord] = []
-    ops: list[StageOp] = []
-    cumulative = (1,) * volume.ndim
     nm0 = choose_noise(v, noise)
-    stage_input, first = v, 0
-    # the blind filter is tried whenever any noise is measured, material or not (``worth_denoising`` decides)
+    # the blind filter is tried whenever material noise is measured (``worth_denoising`` decides);
+    # the least-squares model reads sub-voxel beads as noise: clean x4 beads were denoised
     mode = denoise_mode(denoise)
-    nm_any = nm0  # material noise only: the least-squares model reads sub-voxel beads as noise (clean x4 beads were denoised)
+    nm_any = nm0
     if mode == "on" and nm_any is None:
         nm_any = choose_noise(v, "on")  # asked for: the noise model even where it is not material
     w, off, drep = fit_blind_filter(v, seed) if nm_any is not None and mode != "off" else (None, 0.0, {})
@@ -386,30 +383,21 @@ def fit(
         drep.update(mode=mode, forced=mode == "on" and not worth)
         if not quiet and not worth:
             print(f"noise measured, not removed: {denoise_reason(drep)}{_HOW_TO_DENOISE[mode]}", flush=True)
-    if w is not None and (worth or mode == "on"):  # denoise first, then cubic (NOISY_SR)
-        nm0 = nm_any
+    if w is not None and (worth or mode == "on"):  # the filter, then the better cubic: no SR network (DENOISED_SR)
         w, off = blend_centre(w, off, drep)
         dnet = as_network(w, off)
-        ddeg = Degradation((1,) * volume.ndim, None, None, acq)
-        dop = StageOp(dnet, ddeg, 0, ensemble=DENOISER_ENSEMBLE)
-        with torch.inference_mode():
-            stage_input = clamp_(
-                predict(dnet, torch.from_numpy(np.ascontiguousarray(v)), DENOISER_ENSEMBLE), norm.bounds_n
-            ).numpy()
-        drep.update(noise=[nm0.gain, nm0.offset], noise_std_mid=nm0.std(0.5))
+        drep.update(noise=[nm_any.gain, nm_any.offset], noise_std_mid=nm_any.std(0.5))
         if not quiet:
             print(
-                f"noise found (std {nm0.std(0.5):.3g} at mid range): denoising first with a {drep['kind']} "
+                f"noise found (std {nm_any.std(0.5):.3g} at mid range): denoising first with a {drep['kind']} "
                 f"({denoise_reason(drep)}){_HOW_TO_DENOISE[mode]}",
                 flush=True,
             )
-        ops.append(dop)
-        stages.append(StageRecord(dnet.config, dnet.state_dict(), ddeg, 0, DENOISER_ENSEMBLE, drep))
-        first = 1
-    if first:  # see NOISY_SR
-        return _denoised_cubic(
-            stages, norm, factors, acquisition, acq, psf_fwhm, seed, v, cfg, nm0, drep, t_start, quiet
-        )
+        ddeg = Degradation((1,) * volume.ndim, None, None, acq)
+        record = StageRecord(dnet.config, dnet.state_dict(), ddeg, 0, DENOISER_ENSEMBLE, drep)
+        return _denoised_cubic(record, norm, factors, acquisition, acq, psf_fwhm, seed, v, cfg, nm_any, t_start, quiet)
+    stages: list[StageRecord] = []
+    ops: list[StageOp] = []
     refused = None  # noise the blind filter would not remove: the check still carries it
     if REFUSED_NOISE_AS_CLEAN and nm0 is not None and drep and not drep.get("used"):
         refused, nm0, noise = nm0, None, False  # see REFUSED_NOISE_AS_CLEAN
@@ -432,9 +420,8 @@ def fit(
         blur_p = (0.0,) * volume.ndim
     stage_source, stage_blur = v, blur_p
     for i, sf in enumerate(sr_plan):
-        cumulative = tuple(c * f for c, f in zip(cumulative, sf))
         stage_input = blurred(stage_source, selfsim.pair_blur(stage_blur, sf))
-        nm = None if first else choose_noise(stage_input, noise)
+        nm = choose_noise(stage_input, noise)
         deg = Degradation(sf, None, None if nm is None else (nm.gain, nm.offset), acq)
         net, val, report = train_stage(stage_input, deg, cfg, label=f"stage {i + 1} {'x'.join(map(str, sf))}")
         op = StageOp(net, deg, 0, ensemble=TRAIN_ENSEMBLE)
@@ -460,7 +447,7 @@ def fit(
         stages.append(StageRecord(net.config, net.state_dict(), deg, bp, True, report))
         if i + 1 < len(sr_plan):  # the next stage learns from this one's output on the input itself
             sub = stage_source[sample_box(stage_source.shape, stage_source, max_stage2_voxels)]
-            spec = OperatorSpec(tuple(ops[first:]), norm)  # the input is denoised already
+            spec = OperatorSpec(tuple(ops), norm)
             stage_source = apply_normalised(torch.from_numpy(np.ascontiguousarray(sub)), spec).numpy()
             stage_blur = tuple(q * f for q, f in zip(stage_blur, sf))
 
@@ -495,7 +482,7 @@ def fit(
                 "self_similarity": None if found is None else found.record(),
             },
             "noise_estimate": None if nm0 is None else nm0.std(0.5),
-            "denoiser": bool(first),
+            "denoiser": False,
             "denoise_check": drep or None,
         },
     )
@@ -504,7 +491,7 @@ def fit(
     check = full if acquisition != "auto" or found is not None else Degradation(full.factors, None, full.noise, "mixed")
     if refused is not None:  # noise-matched sources, recorrupted targets: a net that copies noise loses there
         check = Degradation(check.factors, None, (refused.gain, refused.offset), check.acquisition)
-    model = do_no_harm(model, check, v_check, cfg, first)
+    model = do_no_harm(model, check, v_check, cfg)
     model.info["fit_seconds"] = round(time.perf_counter() - t_start, 2)
     if not quiet:
         b = model.info["baseline"]
@@ -514,12 +501,12 @@ def fit(
 
 # --------------------------------------------------------------------------- do no harm
 
-# Noisy data that the blind filter denoises get the filter, then cubic upsampling, and no SR network.
-# Measured against the truth (x2, integrate acquisition, 300 steps): an SR network trained on the
-# denoised volume lost to denoised cubic (Poisson-50 filaments 38.55 vs 40.36 dB fit-PSNR,
-# Poisson-200 mixed 39.88 vs 43.09), while the held-aside check one scale down preferred the
-# network in both: the check cannot see it, so the network is not offered.
-NOISY_SR = False
+# DENOISED_SR: noisy data that the blind filter denoises get the filter, then cubic upsampling, and no
+# SR network (``fit`` returns ``_denoised_cubic``). Measured against the truth (x2, integrate
+# acquisition, 300 steps): an SR network trained on the denoised volume lost to denoised cubic
+# (Poisson-50 filaments 38.55 vs 40.36 dB fit-PSNR, Poisson-200 mixed 39.88 vs 43.09), while the
+# held-aside check one scale down preferred the network in both: the check cannot see it, so the
+# network is not offered.
 # Noise that the blind filter refused to remove (``worth_denoising``: the noise model claims more
 # than the filter's whole blind error, or removing it would not pay) is taken for structure: the SR
 # stages train without noise matching, on pairs blurred as the input is.
@@ -792,11 +779,12 @@ def check_scores(
 
 
 def _denoised_cubic(
-    stages, norm, factors, acquisition, acq, psf_fwhm, seed, v, cfg, nm0, drep, t_start, quiet
+    denoiser: StageRecord, norm, factors, acquisition, acq, psf_fwhm, seed, v, cfg, nm0, t_start, quiet
 ) -> Model:
-    """The model for noisy inputs (``NOISY_SR``): the blind denoising filter, then the better cubic
+    """The model for denoised inputs (DENOISED_SR): the blind denoising filter, then the better cubic
     (Keys or B-spline) on the held-aside check, noise-matched, under every acquisition."""
-    lend = Model(stages=[*stages, stages[0]], norm=norm, factors=factors)  # stage 1 only lends its record
+    drep = denoiser.report
+    lend = Model(stages=[denoiser, denoiser], norm=norm, factors=factors)  # the second only lends its record
     cands = baselines(lend, 1)
     deg = Degradation(factors, None, (nm0.gain, nm0.offset), "mixed")
     scores, _ = check_scores(cands, deg, v, cfg, 1)
@@ -817,7 +805,7 @@ def _denoised_cubic(
         "denoise_check": drep,
         "baseline": {
             "used": True,
-            "verdict": f"{safe} upsampling (noisy input: no SR network, see train.NOISY_SR)",
+            "verdict": f"{safe} upsampling (noisy input: no SR network, see train.DENOISED_SR)",
             "safe": safe,
             "ensemble": 1,
             "scores": {k: float(x) for k, x in scores.items()},

@@ -561,7 +561,7 @@ def test_settings_differ_between_clean_sparse_and_noisy():
     m_noisy = svb.fit(noisy.observed, factor=2, steps=120, quiet=True)
     s_clean, s_noisy = m_clean.settings()["stages"][0], m_noisy.settings()["stages"][0]
     assert s_clean["noise"] is None and s_clean["bp_iters"] > 0
-    # noisy: either denoised first (a factor-1 stage, then no SR: train.NOISY_SR) or trained with
+    # noisy: either denoised first (a factor-1 stage, then no SR: train.DENOISED_SR) or trained with
     # noise-matched partners; never back-projected (it would copy the input's noise: train.NOISY_BP)
     denoised = s_noisy["factors"] == [1, 1, 1]
     assert denoised == bool(m_noisy.info["denoiser"])

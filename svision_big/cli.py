@@ -50,6 +50,29 @@ def _storage(text: str | None) -> dict | None:
     return value
 
 
+def _add_tiff_flags(p: argparse.ArgumentParser) -> None:
+    """What a TIFF input may not say about itself; the OME-Zarr it is converted to records it."""
+    p.add_argument(
+        "--voxel-size",
+        type=_floats,
+        help="a TIFF input's physical voxel size, Z,Y,X (Y,X in 2D; default: the file's, else 1, with a warning)",
+    )
+    p.add_argument("--unit", default=None, help="unit of --voxel-size (default: the file's, else micrometer)")
+
+
+def _tiff_kwargs(a) -> dict:
+    """--voxel-size / --unit for the conversion of a TIFF input: refused for an OME-Zarr input, whose
+    metadata holds its sizes (they were not accepted at all, and a TIFF became 1 micrometer silently)."""
+    given = {k: v for k, v in (("voxel_size", a.voxel_size), ("unit", a.unit)) if v is not None}
+    if given:
+        from .convert import is_tiff
+
+        if not is_tiff(a.input):
+            flags = " and ".join("--" + k.replace("_", "-") for k in given)
+            raise ValueError(f"{flags}: only for a TIFF input; {a.input} carries its own (svision-big info shows them)")
+    return given
+
+
 def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--acquisition",
@@ -218,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget", type=int, default=None, help="voxels of level 0 to train on")
     _add_training_flags(p)
+    _add_tiff_flags(p)
     p.add_argument("--storage-options", type=_storage)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
@@ -246,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget", type=int, default=None)
     _add_training_flags(p)
+    _add_tiff_flags(p)
     _add_enhance_flags(p)
 
     p = sub.add_parser("compare", help="figure + PSNR/SSIM table of a result against its input (and a truth)")
@@ -409,7 +434,7 @@ def _dispatch(a) -> int:
     if a.command in ("train", "run"):  # an OME-TIFF / ImageJ TIFF is converted on the way, with its metadata
         from .convert import as_ome_zarr
 
-        a.input = as_ome_zarr(a.input, near=a.output, quiet=a.quiet)
+        a.input = as_ome_zarr(a.input, near=a.output, quiet=a.quiet, **_tiff_kwargs(a))
     if a.command == "train":
         kw = {} if a.budget is None else {"budget": a.budget}
         model = pipeline.train(

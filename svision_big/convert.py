@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
@@ -155,8 +156,10 @@ def _write_image(
     shards: Sequence[int] | None,
     channels: dict | None = None,
     extra_attrs: dict | None = None,
+    warning: str | None = None,
 ) -> str:
-    """Common path: store level 0, build the pyramid, then write metadata."""
+    """Common path: store level 0, build the pyramid, then write metadata. ``warning`` is printed
+    once the arguments and the output place have passed their checks (an error stays one line)."""
     out_url = os.fspath(out_url)
     fmt = format_for(ngff)
     axes = _canonical(src_axes)
@@ -176,6 +179,8 @@ def _write_image(
     c, sh = level_chunks(arr.shape, c, shards)
 
     _prepare_output(out_url, storage_options, overwrite)
+    if warning:
+        print(f"svision-big: warning: {warning}", file=sys.stderr, flush=True)
     group = open_output_group(out_url, fmt, storage_options, mode="w-")
     level0 = fmt.create_array(group, "0", arr.shape, c, arr.dtype, list(axes), shards=sh)
     write = sh if sh is not None else c
@@ -399,7 +404,8 @@ def convert_tiff(
 
     Voxel sizes and units come from the file (OME-XML PhysicalSize*, ImageJ spacing and
     resolution), each axis keeping its unit in NGFF spelling ("nm" -> "nanometer"); missing ones
-    are 1.0. ``voxel_size`` (z, y, x) and ``unit`` override the file; without either, micrometer.
+    are 1.0, with a warning on stderr naming the axes. ``voxel_size`` (z, y, x) and ``unit``
+    override the file; without either, micrometer.
     Channel names (OME Channel Name) and colours, and ImageJ display ranges, go into ``omero``.
 
     The TIFF is never loaded whole: uncompressed data is memory-mapped, compressed data is
@@ -432,8 +438,17 @@ def convert_tiff(
                 src_axes = _parse_axes(meta.axes, len(series.shape))
         canon = _canonical(src_axes)
         spatial = [a for a in canon if _AXIS_TYPES[a] == "space"]
-        if voxel_size is None and meta.sizes:
-            voxel_size = [meta.sizes.get(a, 1.0) for a in spatial]
+        warning = None
+        if voxel_size is None:
+            missing = [a for a in spatial if a not in meta.sizes]
+            if missing:  # it was 1 micrometer per axis, without a word
+                assumed = unit or next(iter(meta.units.values()), "micrometer")
+                warning = (
+                    f"{path} has no voxel size for {','.join(missing)}: assumed 1 {ngff_unit(assumed)} "
+                    f"(give --voxel-size {','.join(spatial).upper()} and --unit)"
+                )
+            if meta.sizes:
+                voxel_size = [meta.sizes.get(a, 1.0) for a in spatial]
         if unit is not None:
             units: str | dict = unit
         elif meta.units:
@@ -483,6 +498,7 @@ def convert_tiff(
             shards,
             channels=channels,
             extra_attrs=extra_attrs,
+            warning=warning,
         )
 
 

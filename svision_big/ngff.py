@@ -444,6 +444,12 @@ def _open_group_readonly(url: str, storage_options: dict | None) -> zarr.Group:
     except (FileNotFoundError, zarr.errors.NodeNotFoundError):
         if remote and not store_exists(url, storage_options):
             raise NgffError(f"{url} does not exist") from None
+        from .convert import is_tiff  # convert imports this module
+
+        if is_tiff(url):
+            raise NgffError(
+                f"{url} is a TIFF, not an OME-Zarr image: convert it first (svision-big convert {url} OUT.ome.zarr)"
+            ) from None
         raise NgffError(f"no OME-Zarr image at {url}: not a zarr group") from None
     if not isinstance(node, zarr.Group):
         raise NgffError(f"no OME-Zarr image at {url}: a zarr array, not a group")

@@ -1,0 +1,121 @@
+"""A new user's edges (issues 27, 28): TIFF inputs and their metadata, refusals that name what differs,
+sparse inputs that are not missing chunks, messages that name the problem. Each test runs the command
+line in process and checks the exit code, the one line on stderr, and what was (not) written."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import tifffile
+
+from conftest import smooth_volume
+from svision_big.cli import main as cli_main
+from svision_big.ngff import open_image
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.one_torch_thread
+
+
+def _cli(argv, capsys) -> tuple[int, list[str], list[str]]:
+    """(exit code, stdout lines, stderr lines) of one command-line call."""
+    try:
+        rc = cli_main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse
+        rc = exc.code
+    cap = capsys.readouterr()
+    return rc, cap.out.strip().splitlines(), cap.err.strip().splitlines()
+
+
+def _files(path) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(r, f), path) for r, _, fs in os.walk(path) for f in fs)
+
+
+@pytest.fixture
+def plain_tif(tmp_path):
+    """A TIFF that says nothing about its voxels."""
+    path = tmp_path / "plain.tif"
+    tifffile.imwrite(path, smooth_volume((16, 32, 32), seed=3, dtype=np.uint16, scale=1000))
+    return path
+
+
+# --------------------------------------------------------------------------- TIFF inputs (issue 28.3)
+
+
+def test_a_tiff_without_voxel_sizes_is_converted_with_a_one_line_warning_naming_the_assumption(
+    plain_tif, tmp_path, capsys
+):
+    rc, _, err = _cli(["convert", plain_tif, tmp_path / "a.ome.zarr"], capsys)
+    assert rc == 0
+    assert err == [
+        f"svision-big: warning: {plain_tif} has no voxel size for z,y,x: assumed 1 micrometer "
+        "(give --voxel-size Z,Y,X and --unit)"
+    ]
+    img = open_image(str(tmp_path / "a.ome.zarr"))
+    assert list(img.scales[0]) == [1.0, 1.0, 1.0] and {a["unit"] for a in img.axes} == {"micrometer"}
+    rc, _, err = _cli(
+        ["convert", plain_tif, tmp_path / "b.ome.zarr", "--voxel-size", "2,0.5,0.5", "--unit", "nm"], capsys
+    )
+    assert rc == 0 and err == []
+    img = open_image(str(tmp_path / "b.ome.zarr"))
+    assert list(img.scales[0]) == [2.0, 0.5, 0.5] and {a["unit"] for a in img.axes} == {"nanometer"}
+
+
+def test_train_and_run_take_voxel_size_and_unit_for_a_tiff_and_refuse_them_for_an_ome_zarr(
+    plain_tif, tmp_path, capsys, monkeypatch
+):
+    from svision_big import pipeline
+    from svision_big.testing import make_model
+
+    seen = []
+    monkeypatch.setattr(pipeline, "train", lambda input, *a, **k: seen.append(input) or make_model((2, 2, 2)))
+    rc, _, err = _cli(
+        ["train", plain_tif, "-o", tmp_path / "m.svb", "--factor", "2", "--voxel-size", "3,0.25,0.25", "--unit", "nm"],
+        capsys,
+    )
+    assert rc == 0 and not any("warning" in line for line in err), err
+    img = open_image(seen[0])  # the OME-Zarr the TIFF became, beside the model
+    assert os.path.dirname(seen[0]) == str(tmp_path)
+    assert list(img.scales[0]) == [3.0, 0.25, 0.25] and {a["unit"] for a in img.axes} == {"nanometer"}
+
+    before = _files(tmp_path)
+    for cmd in (
+        ["train", seen[0], "-o", tmp_path / "n.svb", "--factor", "2", "--voxel-size", "1,1,1"],
+        ["run", seen[0], tmp_path / "out.ome.zarr", "--factor", "2", "--unit", "nm"],
+    ):
+        rc, _, err = _cli(cmd, capsys)
+        assert rc == 2 and len(err) == 1 and "only for a TIFF input" in err[0], err
+    assert _files(tmp_path) == before
+
+
+def test_info_and_enhance_on_a_tiff_point_to_convert(plain_tif, tmp_path, capsys):
+    from svision_big.testing import make_model
+
+    model = make_model((2, 2, 2)).save(tmp_path / "m.svb")
+    before = _files(tmp_path)
+    for cmd in (["info", plain_tif], ["enhance", plain_tif, tmp_path / "o.ome.zarr", "--model", model]):
+        rc, _, err = _cli(cmd, capsys)
+        assert rc == 2 and err == [
+            f"svision-big: error: {plain_tif} is a TIFF, not an OME-Zarr image: convert it first "
+            f"(svision-big convert {plain_tif} OUT.ome.zarr)"
+        ], err
+    assert _files(tmp_path) == before
+
+
+def test_view_without_qt_names_the_extra_to_install(tmp_path, capsys, monkeypatch):
+    napari = pytest.importorskip("napari")
+    from svision_big.convert import write_ome_zarr
+
+    src = write_ome_zarr(smooth_volume((8, 16, 16)), str(tmp_path / "in.ome.zarr"))
+
+    def no_qt(*a, **k):  # what napari raises on a machine without a Qt binding
+        raise ImportError("No Qt bindings could be found for napari")
+
+    monkeypatch.setattr(napari, "Viewer", no_qt)
+    rc, _, err = _cli(["view", src, src], capsys)
+    assert rc == 2 and len(err) == 1 and 'pip install "svision-big[view]"' in err[0], err
+    monkeypatch.setitem(__import__("sys").modules, "napari", None)  # napari not installed at all
+    rc, _, err = _cli(["view", src, src], capsys)
+    assert rc == 2 and err == [
+        'svision-big: error: svision-big view needs napari with a Qt binding: pip install "svision-big[view]"'
+    ]

@@ -119,3 +119,57 @@ def test_view_without_qt_names_the_extra_to_install(tmp_path, capsys, monkeypatc
     assert rc == 2 and err == [
         'svision-big: error: svision-big view needs napari with a Qt binding: pip install "svision-big[view]"'
     ]
+
+
+# --------------------------------------------------------------------------- refusals that name what differs (issue 28.3)
+
+
+def _tree(path) -> dict[str, bytes]:
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                out[os.path.relpath(os.path.join(root, f), path)] = fh.read()
+    return out
+
+
+def test_an_output_made_with_other_settings_is_refused_naming_the_settings_that_differ(tmp_path, capsys):
+    from svision_big.convert import write_ome_zarr
+    from svision_big.testing import make_model
+
+    src = write_ome_zarr(
+        smooth_volume((16, 32, 32), seed=3, dtype=np.uint16, scale=1000), str(tmp_path / "in.ome.zarr")
+    )
+    model = str(make_model((2, 2, 2), bp=1).save(tmp_path / "m.svb"))
+    out = str(tmp_path / "out.ome.zarr")
+    common = ["enhance", src, out, "--model", model, "--scheduler", "sync", "--quiet"]
+    assert _cli([*common, "--block", "16,32,32"], capsys)[0] == 0
+    before = _tree(out)
+    rc, _, err = _cli([*common, "--block", "16,32,32", "--dtype", "float32", "--nonfinite", "fill"], capsys)
+    assert rc == 2 and err == [
+        f"svision-big: error: {out} already exists and was made with other settings (dtype uint16, now float32; "
+        "nonfinite error, now fill): pass --overwrite to replace it"
+    ], err
+    assert _tree(out) == before
+    rc, _, err = _cli([*common, "--block", "32,64,64"], capsys)  # what follows from the block is named after it
+    assert rc == 2 and len(err) == 1, err
+    assert "other settings (block [16, 32, 32], now [32, 64, 64]; chunks [16, 32, 32], now [32, 64, 64]; " in err[0]
+    assert _tree(out) == before
+
+
+def test_run_over_another_runs_output_names_the_run_settings_that_differ(tmp_path, capsys):
+    from svision_big.convert import write_ome_zarr
+
+    src = write_ome_zarr(
+        smooth_volume((16, 32, 32), seed=3, dtype=np.uint16, scale=1000), str(tmp_path / "in.ome.zarr")
+    )
+    out = str(tmp_path / "out.ome.zarr")
+    common = ["run", src, out, "--factor", "2", "--scheduler", "sync", "--quiet", "--block", "32,64,64"]
+    assert _cli([*common, "--steps", "2"], capsys)[0] == 0
+    before = _tree(out)
+    rc, _, err = _cli([*common, "--steps", "3", "--seed", "5"], capsys)
+    assert rc == 2 and err == [
+        f"svision-big: error: {out} already exists and was made with other settings (seed 0, now 5; steps 2, now 3): "
+        "pass --overwrite to replace it"
+    ], err
+    assert _tree(out) == before

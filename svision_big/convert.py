@@ -23,6 +23,7 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
+import zarr
 
 from .ngff import (
     NgffError,
@@ -182,13 +183,17 @@ def _write_image(
     if warning:
         print(f"svision-big: warning: {warning}", file=sys.stderr, flush=True)
     group = open_output_group(out_url, fmt, storage_options, mode="w-")
-    level0 = fmt.create_array(group, "0", arr.shape, c, arr.dtype, list(axes), shards=sh)
     write = sh if sh is not None else c
-    # Threads: the source (numpy, memmap, open TIFF) lives in this process only.
-    da.store(arr.rechunk(write), level0, lock=False, scheduler="threads")
-
     factors = pyramid_factors(arr.shape, spatial)
-    paths = build_pyramid(group, fmt, list(axes), "0", spatial, factors, c, arr.dtype, method="mean", shards=shards)
+    # Every chunk is stored, those equal to the fill value too (zarr leaves them out by default; an
+    # array takes the setting when it is opened): a chunk missing from an image written here is one
+    # that was lost, which enhance warns of and --strict refuses (an all-zero region of a sparse
+    # volume was a false "missing chunk").
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        level0 = fmt.create_array(group, "0", arr.shape, c, arr.dtype, list(axes), shards=sh)
+        # Threads: the source (numpy, memmap, open TIFF) lives in this process only.
+        da.store(arr.rechunk(write), level0, lock=False, scheduler="threads")
+        paths = build_pyramid(group, fmt, list(axes), "0", spatial, factors, c, arr.dtype, method="mean", shards=shards)
     coarsest = group[paths[-1] if paths else "0"]
     if "t" in axes and coarsest.shape[0] > 8:  # display window: a few time points suffice
         coarsest = coarsest.get_orthogonal_selection(np.unique(np.linspace(0, coarsest.shape[0] - 1, 8).astype(int)))
@@ -412,7 +417,6 @@ def convert_tiff(
     read in slabs of whole planes through tifffile's zarr interface.
     """
     import tifffile
-    import zarr
 
     path = os.fspath(tiff_path)
     if not os.path.isfile(path):

@@ -173,3 +173,39 @@ def test_run_over_another_runs_output_names_the_run_settings_that_differ(tmp_pat
         "pass --overwrite to replace it"
     ], err
     assert _tree(out) == before
+
+
+# --------------------------------------------------------------------------- sparse inputs are not missing chunks (issue 27.5)
+
+
+def _sparse_volume() -> np.ndarray:
+    """16x32x32 uint16, signal in a 4x8x8 corner only: in 8x16x16 chunks, seven of eight are all zero."""
+    vol = np.zeros((16, 32, 32), np.uint16)
+    vol[:4, :8, :8] = smooth_volume((4, 8, 8), seed=4, dtype=np.uint16, scale=900) + 100
+    return vol
+
+
+@pytest.mark.parametrize("ngff", ["0.4", "0.5"])
+def test_a_sparse_volume_written_by_convert_enhances_without_missing_chunks_and_passes_strict(tmp_path, capsys, ngff):
+    from svision_big.convert import convert_tiff, write_ome_zarr
+    from svision_big.testing import make_model
+    from svision_big.train import cubic_baseline
+
+    tif = tmp_path / "sparse.tif"
+    tifffile.imwrite(tif, _sparse_volume())
+    src = convert_tiff(tif, str(tmp_path / "sparse.ome.zarr"), voxel_size=(2, 0.5, 0.5), chunks=(8, 16, 16), ngff=ngff)
+    api = write_ome_zarr(_sparse_volume(), str(tmp_path / "api.ome.zarr"), chunks=(8, 16, 16), ngff=ngff)
+    # cubic upsampling (a network whose correction is zero): the empty input chunks give all-zero output chunks
+    model = str(cubic_baseline(make_model((2, 2, 2), bp=0)).save(tmp_path / "m.svb"))
+    for inp in (src, api):
+        for strict in ([], ["--strict"]):
+            out = str(tmp_path / f"out{len(strict)}_{os.path.basename(inp)}")
+            argv = ["enhance", inp, out, "--model", model, "--scheduler", "sync", "--quiet", "--block", "16,32,32"]
+            rc, lines, err = _cli([*argv, *strict], capsys)
+            assert rc == 0 and err == [], err
+            assert "missing" not in lines[-1]
+            assert "input_missing_chunks" not in open_image(out).group.attrs["svision_big"]
+        for image in (inp, out):  # every chunk stored, the all-zero ones too: the output can be enhanced again
+            img = open_image(image)
+            for level in range(img.nlevels):
+                assert img.level(level).nchunks_initialized == img.level(level).nchunks, (image, level)

@@ -157,9 +157,9 @@ def _write_image(
     shards: Sequence[int] | None,
     channels: dict | None = None,
     extra_attrs: dict | None = None,
-    warning: str | None = None,
+    warnings: Sequence[str] = (),
 ) -> str:
-    """Common path: store level 0, build the pyramid, then write metadata. ``warning`` is printed
+    """Common path: store level 0, build the pyramid, then write metadata. ``warnings`` are printed
     once the arguments and the output place have passed their checks (an error stays one line)."""
     out_url = os.fspath(out_url)
     fmt = format_for(ngff)
@@ -180,7 +180,7 @@ def _write_image(
     c, sh = level_chunks(arr.shape, c, shards)
 
     _prepare_output(out_url, storage_options, overwrite)
-    if warning:
+    for warning in warnings:
         print(f"svision-big: warning: {warning}", file=sys.stderr, flush=True)
     group = open_output_group(out_url, fmt, storage_options, mode="w-")
     write = sh if sh is not None else c
@@ -267,6 +267,20 @@ def _tiff_axes(series: Any) -> str:
     if ndim not in _INFERRED_AXES:
         raise NgffError(f"cannot interpret TIFF axes '{series.axes}' (shape {tuple(series.shape)}): pass --axes")
     return _INFERRED_AXES[ndim]
+
+
+def _left_out(path: str, tf: Any, series: Any) -> str | None:
+    """What a conversion of ``series`` (the first) leaves out of the file, in words: other series
+    (another position, a thumbnail), pages in none of its levels. None when it is the whole file."""
+    pages = len(tf.pages)
+    used = {p.index for level in (getattr(series, "levels", None) or [series]) for p in level.pages if p is not None}
+    used = len([i for i in used if isinstance(i, int)]) or 1
+    if len(tf.series) <= 1 and used >= pages:
+        return None
+    return (
+        f"{path} holds {len(tf.series)} image series in {pages} pages: only the first, shape "
+        f"{tuple(series.shape)} in {used} page{'s' if used > 1 else ''}, is converted"
+    )
 
 
 @dataclass
@@ -408,9 +422,11 @@ def convert_tiff(
     czyx, tczyx); ``axes`` overrides them all, in the TIFF's dimension order.
 
     Voxel sizes and units come from the file (OME-XML PhysicalSize*, ImageJ spacing and
-    resolution), each axis keeping its unit in NGFF spelling ("nm" -> "nanometer"); missing ones
-    are 1.0, with a warning on stderr naming the axes. ``voxel_size`` (z, y, x) and ``unit``
-    override the file; without either, micrometer.
+    resolution), each axis keeping its unit in NGFF spelling ("nm" -> "nanometer"). A file without
+    any is 1.0 micrometer (or ``unit``) per axis, with a warning on stderr naming the axes; a file
+    with some but not all (a missing ImageJ z spacing) is refused. ``voxel_size`` (z, y, x) and
+    ``unit`` override the file. Other series and pages the first series leaves out are named in a
+    warning.
     Channel names (OME Channel Name) and colours, and ImageJ display ranges, go into ``omero``.
 
     The TIFF is never loaded whole: uncompressed data is memory-mapped, compressed data is
@@ -442,13 +458,19 @@ def convert_tiff(
                 src_axes = _parse_axes(meta.axes, len(series.shape))
         canon = _canonical(src_axes)
         spatial = [a for a in canon if _AXIS_TYPES[a] == "space"]
-        warning = None
+        warnings = [left] if (left := _left_out(path, tf, series)) else []
         if voxel_size is None:
             missing = [a for a in spatial if a not in meta.sizes]
+            given = [a for a in spatial if a in meta.sizes]
+            if missing and given:  # a missing z became 1 of the lateral unit (1 nm): no size is better than a guess
+                raise NgffError(
+                    f"{path} gives voxel sizes for {','.join(given)} ({', '.join(str(meta.sizes[a]) for a in given)} "
+                    f"{meta.units.get(given[0])}) but not for {','.join(missing)}: pass --voxel-size "
+                    f"{','.join(spatial).upper()}"
+                )
             if missing:  # it was 1 micrometer per axis, without a word
-                assumed = unit or next(iter(meta.units.values()), "micrometer")
-                warning = (
-                    f"{path} has no voxel size for {','.join(missing)}: assumed 1 {ngff_unit(assumed)} "
+                warnings.append(
+                    f"{path} has no voxel size for {','.join(missing)}: assumed 1 {ngff_unit(unit or 'micrometer')} "
                     f"(give --voxel-size {','.join(spatial).upper()} and --unit)"
                 )
             if meta.sizes:
@@ -502,7 +524,7 @@ def convert_tiff(
             shards,
             channels=channels,
             extra_attrs=extra_attrs,
-            warning=warning,
+            warnings=warnings,
         )
 
 

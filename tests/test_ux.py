@@ -209,3 +209,42 @@ def test_a_sparse_volume_written_by_convert_enhances_without_missing_chunks_and_
             img = open_image(image)
             for level in range(img.nlevels):
                 assert img.level(level).nchunks_initialized == img.level(level).nchunks, (image, level)
+
+
+# --------------------------------------------------------------------------- what convert leaves out, or would invent (issue 27.5)
+
+
+def test_convert_names_the_series_it_leaves_out(tmp_path, capsys):
+    tif = tmp_path / "two.tif"
+    vol = smooth_volume((4, 16, 16), seed=1, dtype=np.uint16, scale=500)
+    tifffile.imwrite(tif, vol, metadata={"axes": "ZYX"}, photometric="minisblack")
+    tifffile.imwrite(tif, vol[0, :8, :8], append=True)  # a second image: a thumbnail, another position
+    out = tmp_path / "two.ome.zarr"
+    rc, _, err = _cli(["convert", tif, out, "--voxel-size", "1,0.5,0.5"], capsys)
+    assert rc == 0 and err == [
+        f"svision-big: warning: {tif} holds 2 image series in 5 pages: only the first, shape (4, 16, 16) in 4 "
+        "pages, is converted"
+    ], err
+    np.testing.assert_array_equal(open_image(str(out)).level(0)[...], vol)
+    single = tmp_path / "one.tif"
+    tifffile.imwrite(single, vol, metadata={"axes": "ZYX"})
+    rc, _, err = _cli(["convert", single, tmp_path / "one.ome.zarr", "--voxel-size", "1,0.5,0.5"], capsys)
+    assert rc == 0 and err == []  # the whole file: nothing to say
+
+
+def test_a_tiff_with_lateral_sizes_but_no_z_size_is_refused_not_given_one_nanometre(tmp_path, capsys):
+    tif = tmp_path / "ij.tif"
+    vol = smooth_volume((4, 16, 16), seed=1, dtype=np.uint16, scale=500)
+    tifffile.imwrite(tif, vol, imagej=True, resolution=(10, 10), metadata={"axes": "ZYX", "unit": "nm"})
+    out = tmp_path / "ij.ome.zarr"
+    before = _files(tmp_path)
+    rc, _, err = _cli(["convert", tif, out], capsys)
+    assert rc == 2 and err == [
+        f"svision-big: error: {tif} gives voxel sizes for y,x (0.1, 0.1 nanometer) but not for z: "
+        "pass --voxel-size Z,Y,X"
+    ], err
+    assert _files(tmp_path) == before and not out.exists()
+    rc, _, err = _cli(["convert", tif, out, "--voxel-size", "300,100,100", "--unit", "nm"], capsys)
+    assert rc == 0 and err == []
+    img = open_image(str(out))
+    assert list(img.scales[0]) == [300.0, 100.0, 100.0] and {a["unit"] for a in img.axes} == {"nanometer"}

@@ -294,7 +294,8 @@ def training_region(
             break
     arr = image.level(level)
     sel = tuple(outer.get(i, slice(None)) for i in range(image.ndim))
-    coarse = np.nan_to_num(np.asarray(arr[sel], dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    with np.errstate(over="ignore"):  # beyond float32 is Inf, zeroed here: fit refuses such a volume in one line
+        coarse = np.nan_to_num(np.asarray(arr[sel], dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     ratio = [s0 / max(1, sc) for s0, sc in zip(shape0, coarse.shape)]
     size = _box_size(tuple(shape0), budget)
     box_c = [max(1, int(round(s / r))) for s, r in zip(size, ratio)]

@@ -1,4 +1,4 @@
-"""Command line: demo, convert, train, enhance, run, info. Errors are one line and exit 2."""
+"""Command line: demo, convert, train, enhance, run, compare, view, info. Errors are one line and exit 2."""
 
 from __future__ import annotations
 
@@ -171,7 +171,7 @@ def _add_enhance_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--storage-options", type=_storage, help="JSON fsspec options for the input (e.g. S3 endpoint)")
     p.add_argument("--output-storage-options", type=_storage, help="JSON fsspec options for the output")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress lines (warnings and errors still go to stderr)")
 
 
 def _enhance_kwargs(a) -> dict:
@@ -206,6 +206,12 @@ def _add_log_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-file", help="also append every progress line to this file")
 
 
+_STEPS = "training steps (default: the standard budget)"
+_SEED = "seed of the training sample and the initial weights, 0 to 2^63 - 1 (default 0)"
+_BUDGET = "voxels of level 0 to train on"
+_INPUT_OPTIONS = "JSON fsspec options for the input (e.g. an S3 endpoint)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="svision-big", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -214,12 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log_flags(p)
     p.add_argument("dir", nargs="?", default="svision_demo", help="folder for the demo's files")
     p.add_argument("--steps", type=int, help="training steps (default: the standard budget)")
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument(
+        "--workers", type=int, default=None, help="task threads of the local Dask cluster (default: one per core)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo's outputs")
 
     p = sub.add_parser("convert", help="TIFF -> OME-Zarr pyramid")
-    p.add_argument("input")
-    p.add_argument("output")
+    p.add_argument("input", help="the TIFF (OME-TIFF, ImageJ or plain)")
+    p.add_argument("output", help="the OME-Zarr image to write")
     p.add_argument("--voxel-size", type=_floats, help="Z,Y,X physical voxel size")
     p.add_argument("--unit", default=None, help="unit of --voxel-size (default: the file's, else micrometer)")
     p.add_argument(
@@ -227,29 +235,31 @@ def build_parser() -> argparse.ArgumentParser:
         type=lambda t: [x.strip() for x in t.split(",")],
         help="comma list of channel names (default: the file's)",
     )
-    p.add_argument("--ngff", choices=["0.4", "0.5"], default="0.5")
+    p.add_argument(
+        "--ngff", choices=["0.4", "0.5"], default="0.5", help="NGFF version to write: 0.5 (zarr v3, default) or 0.4"
+    )
     p.add_argument("--axes", help="axes of the TIFF, e.g. zyx or czyx (default: from the file)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
     p = sub.add_parser("train", help="train a model on a sampled region of an OME-Zarr image")
     _add_log_flags(p)
-    p.add_argument("input")
+    p.add_argument("input", help="an OME-Zarr image (path or URL), or a TIFF (converted beside the model)")
     p.add_argument("-o", "--output", required=True, help="model file to write (.svb)")
     p.add_argument("--factor", type=_factor, required=True, help="2, 4, or per axis Z,Y,X such as 4,2,2")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--channel", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--budget", type=int, default=None, help="voxels of level 0 to train on")
+    p.add_argument("--steps", type=int, help=_STEPS)
+    p.add_argument("--channel", type=int, default=0, help="the channel to train on (default 0)")
+    p.add_argument("--seed", type=int, default=0, help=_SEED)
+    p.add_argument("--budget", type=int, default=None, help=_BUDGET)
     _add_training_flags(p)
     _add_tiff_flags(p)
-    p.add_argument("--storage-options", type=_storage)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--storage-options", type=_storage, help=_INPUT_OPTIONS)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model file")
+    p.add_argument("--quiet", action="store_true", help="no progress lines (warnings and errors still go to stderr)")
 
     p = sub.add_parser("enhance", help="enhance an OME-Zarr image with a trained model")
     _add_log_flags(p)
-    p.add_argument("input")
-    p.add_argument("output")
+    p.add_argument("input", help="the OME-Zarr image to enhance (path or URL)")
+    p.add_argument("output", help="the new, upsampled OME-Zarr image (path or URL)")
     p.add_argument("--model", required=True, action="append", help="model file; repeat once per channel")
     p.add_argument("--channel", type=int, help="enhance only this channel")
     p.add_argument(
@@ -262,13 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="train (one model per channel) and enhance")
     _add_log_flags(p)
-    p.add_argument("input")
-    p.add_argument("output")
-    p.add_argument("--factor", type=_factor, required=True)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--channel", type=int)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--budget", type=int, default=None)
+    p.add_argument("input", help="an OME-Zarr image (path or URL), or a TIFF (converted beside the output)")
+    p.add_argument("output", help="the new, upsampled OME-Zarr image (path or URL)")
+    p.add_argument("--factor", type=_factor, required=True, help="2, 4, or per axis Z,Y,X such as 4,2,2")
+    p.add_argument("--steps", type=int, help=_STEPS)
+    p.add_argument(
+        "--channel", type=int, help="train and enhance only this channel (default: every channel, one model each)"
+    )
+    p.add_argument("--seed", type=int, default=0, help=_SEED)
+    p.add_argument("--budget", type=int, default=None, help=_BUDGET)
     _add_training_flags(p)
     _add_tiff_flags(p)
     _add_enhance_flags(p)
@@ -279,24 +291,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truth", help="a reference OME-Zarr image at the result's resolution")
     p.add_argument("--png", default="compare.png", help="figure to write (default compare.png)")
     p.add_argument("--json", default=None, help="also write the numbers as JSON here")
-    p.add_argument("--channel", type=int, default=0)
-    p.add_argument("--time", type=int, default=0)
+    p.add_argument("--channel", type=int, default=0, help="the channel to show (default 0)")
+    p.add_argument("--time", type=int, default=0, help="the time point to show (default 0)")
     p.add_argument(
         "--acquisition",
         choices=["cubic", "integrate", "sample"],
         help="how to degrade the result back onto the input (default: the result's provenance)",
     )
-    p.add_argument("--storage-options", type=_storage)
+    p.add_argument("--storage-options", type=_storage, help=_INPUT_OPTIONS)
 
     p = sub.add_parser("view", help="open the input and the enhanced output in napari, each at its true place")
-    p.add_argument("input")
-    p.add_argument("output")
-    p.add_argument("--storage-options", type=_storage)
-    p.add_argument("--output-storage-options", type=_storage)
+    p.add_argument("input", help="the OME-Zarr image that was enhanced")
+    p.add_argument("output", help="the enhanced OME-Zarr image")
+    p.add_argument("--storage-options", type=_storage, help=_INPUT_OPTIONS)
+    p.add_argument(
+        "--output-storage-options",
+        type=_storage,
+        help="JSON fsspec options for the output (default: --storage-options)",
+    )
 
     p = sub.add_parser("info", help="describe an OME-Zarr image")
-    p.add_argument("path")
-    p.add_argument("--storage-options", type=_storage)
+    p.add_argument("path", help="an OME-Zarr image (path or URL)")
+    p.add_argument("--storage-options", type=_storage, help=_INPUT_OPTIONS)
     return parser
 
 

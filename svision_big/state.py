@@ -146,11 +146,14 @@ class OutputLock:
         finally:
             if fd is not None:
                 os.close(fd)
-        for d in reversed(self._made):
+        # the folders acquire made, and the state folder itself: a run that resumed an output it did
+        # not create left an emptied svision_state/ behind
+        state = os.path.dirname(path)
+        for d in [*reversed(self._made), *([state] if os.path.basename(state) == STATE_DIR else [])]:
             try:
                 os.rmdir(d)
             except OSError:
-                pass  # not empty: the run left its state (done-records) there
+                pass  # not empty: the run left its state (done-records) there; or gone already
 
     def owner(self) -> dict | None:
         """The record of a live owner other than this process, or None (no lock, or a stale one)."""
@@ -188,7 +191,11 @@ class OutputLock:
         self._makedirs(os.path.dirname(path))
         data = json.dumps(self.record).encode()
         for _ in range(50):  # each round: create, or take over a stale lock, or refuse
-            fd = self._create_local(path, data)
+            try:
+                fd = self._create_local(path, data)
+            except FileNotFoundError:  # a run releasing its lock removed the emptied folder: make it again
+                self._makedirs(os.path.dirname(path))
+                continue
             if fd is not None:
                 self._fd = fd
                 return

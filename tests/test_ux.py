@@ -343,3 +343,75 @@ def test_a_seed_in_exponent_notation_is_named_by_its_flag(tmp_path, capsys):
         "svision-big train: error: argument --seed: invalid int value: '1e21' (see svision-big train --help)"
     ]
     assert os.listdir(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- the README's small truths (issue 28.7)
+
+
+def test_a_resumed_output_leaves_no_empty_state_folder(tmp_path, monkeypatch):
+    """A run that resumed an output it did not create left an empty ``svision_state/`` behind."""
+    from svision_big import execute, pipeline
+    from svision_big.convert import write_ome_zarr
+    from svision_big.testing import make_model
+
+    src = write_ome_zarr(
+        smooth_volume((16, 32, 32), seed=3, dtype=np.uint16, scale=1000), str(tmp_path / "in.ome.zarr")
+    )
+    model = make_model((2, 2, 2), bp=1)
+    out = str(tmp_path / "out.ome.zarr")
+    real, calls = execute.run_block, []
+
+    def dies_on_the_third_block(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(execute, "run_block", dies_on_the_third_block)
+    with pytest.raises(RuntimeError, match="killed"):
+        pipeline.enhance(src, out, model, block=(16, 32, 32), scheduler="sync", progress=False)
+    assert os.listdir(os.path.join(out, "svision_state"))  # the first run's done-records: what the resume uses
+    monkeypatch.setattr(execute, "run_block", real)
+    stats = pipeline.enhance(src, out, model, block=(16, 32, 32), scheduler="sync", progress=False)
+    assert stats["total"]["skipped"] == 2
+    assert not os.path.exists(os.path.join(out, "svision_state")), os.listdir(os.path.join(out, "svision_state"))
+
+
+def test_help_names_every_subcommand_and_every_argument_has_help():
+    import argparse
+
+    from svision_big.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"compare", "view"} <= set(sub.choices)
+    first = parser.format_help().split("positional arguments")[0]  # usage and the description
+    description = first.split("\n\n", 1)[1]
+    assert all(name in description for name in sub.choices), description  # it named neither compare nor view
+    bare = [
+        f"{name} {a.option_strings[0] if a.option_strings else a.dest}"
+        for name, p in sub.choices.items()
+        for a in p._actions
+        if not a.help and not isinstance(a, argparse._HelpAction)
+    ]
+    assert bare == []  # 31 had none
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_repository_files_say_what_current_tools_expect():
+    """The demo's default folder is git-ignored, the licence is an SPDX expression (setuptools warned that
+    a TOML table stops building after 2027-02-18), and every notebook cell has an id (nbformat 4.5)."""
+    import json
+
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(_ROOT, ".gitignore")) as fh:
+        assert "/svision_demo/" in fh.read().splitlines()
+    with open(os.path.join(_ROOT, "pyproject.toml"), "rb") as fh:
+        meta = tomllib.load(fh)
+    assert meta["project"]["license"] == "MIT"
+    with open(os.path.join(_ROOT, "notebooks", "quickstart.ipynb")) as fh:
+        nb = json.load(fh)
+    ids = [c.get("id") for c in nb["cells"]]
+    assert (nb["nbformat"], nb["nbformat_minor"]) >= (4, 5) and all(ids) and len(set(ids)) == len(ids)

@@ -1,4 +1,4 @@
-"""Command line: demo, convert, train, enhance, run, info. Errors are one line and exit 2."""
+"""Command line: demo, convert, train, enhance, run, compare, view, info. Errors are one line and exit 2."""
 
 from __future__ import annotations
 
@@ -48,6 +48,29 @@ def _storage(text: str | None) -> dict | None:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("storage options must be a JSON object")
     return value
+
+
+def _add_tiff_flags(p: argparse.ArgumentParser) -> None:
+    """What a TIFF input may not say about itself; the OME-Zarr it is converted to records it."""
+    p.add_argument(
+        "--voxel-size",
+        type=_floats,
+        help="a TIFF input's physical voxel size, Z,Y,X (Y,X in 2D; default: the file's, else 1, with a warning)",
+    )
+    p.add_argument("--unit", default=None, help="unit of --voxel-size (default: the file's, else micrometer)")
+
+
+def _tiff_kwargs(a) -> dict:
+    """--voxel-size / --unit for the conversion of a TIFF input: refused for an OME-Zarr input, whose
+    metadata holds its sizes (they were not accepted at all, and a TIFF became 1 micrometer silently)."""
+    given = {k: v for k, v in (("voxel_size", a.voxel_size), ("unit", a.unit)) if v is not None}
+    if given:
+        from .convert import is_tiff
+
+        if not is_tiff(a.input):
+            flags = " and ".join("--" + k.replace("_", "-") for k in given)
+            raise ValueError(f"{flags}: only for a TIFF input; {a.input} carries its own (svision-big info shows them)")
+    return given
 
 
 def _add_training_flags(p: argparse.ArgumentParser) -> None:
@@ -148,7 +171,7 @@ def _add_enhance_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--storage-options", type=_storage, help="JSON fsspec options for the input (e.g. S3 endpoint)")
     p.add_argument("--output-storage-options", type=_storage, help="JSON fsspec options for the output")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress lines (warnings and errors still go to stderr)")
 
 
 def _enhance_kwargs(a) -> dict:
@@ -183,6 +206,12 @@ def _add_log_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-file", help="also append every progress line to this file")
 
 
+_STEPS = "training steps (default: the standard budget)"
+_SEED = "seed of the training sample and the initial weights, 0 to 2^63 - 1 (default 0)"
+_BUDGET = "voxels of level 0 to train on"
+_INPUT_OPTIONS = "JSON fsspec options for the input (e.g. an S3 endpoint)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="svision-big", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -191,12 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log_flags(p)
     p.add_argument("dir", nargs="?", default="svision_demo", help="folder for the demo's files")
     p.add_argument("--steps", type=int, help="training steps (default: the standard budget)")
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument(
+        "--workers", type=int, default=None, help="task threads of the local Dask cluster (default: one per core)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo's outputs")
 
     p = sub.add_parser("convert", help="TIFF -> OME-Zarr pyramid")
-    p.add_argument("input")
-    p.add_argument("output")
+    p.add_argument("input", help="the TIFF (OME-TIFF, ImageJ or plain)")
+    p.add_argument("output", help="the OME-Zarr image to write")
     p.add_argument("--voxel-size", type=_floats, help="Z,Y,X physical voxel size")
     p.add_argument("--unit", default=None, help="unit of --voxel-size (default: the file's, else micrometer)")
     p.add_argument(
@@ -204,28 +235,31 @@ def build_parser() -> argparse.ArgumentParser:
         type=lambda t: [x.strip() for x in t.split(",")],
         help="comma list of channel names (default: the file's)",
     )
-    p.add_argument("--ngff", choices=["0.4", "0.5"], default="0.5")
+    p.add_argument(
+        "--ngff", choices=["0.4", "0.5"], default="0.5", help="NGFF version to write: 0.5 (zarr v3, default) or 0.4"
+    )
     p.add_argument("--axes", help="axes of the TIFF, e.g. zyx or czyx (default: from the file)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
     p = sub.add_parser("train", help="train a model on a sampled region of an OME-Zarr image")
     _add_log_flags(p)
-    p.add_argument("input")
+    p.add_argument("input", help="an OME-Zarr image (path or URL), or a TIFF (converted beside the model)")
     p.add_argument("-o", "--output", required=True, help="model file to write (.svb)")
     p.add_argument("--factor", type=_factor, required=True, help="2, 4, or per axis Z,Y,X such as 4,2,2")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--channel", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--budget", type=int, default=None, help="voxels of level 0 to train on")
+    p.add_argument("--steps", type=int, help=_STEPS)
+    p.add_argument("--channel", type=int, default=0, help="the channel to train on (default 0)")
+    p.add_argument("--seed", type=int, default=0, help=_SEED)
+    p.add_argument("--budget", type=int, default=None, help=_BUDGET)
     _add_training_flags(p)
-    p.add_argument("--storage-options", type=_storage)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    _add_tiff_flags(p)
+    p.add_argument("--storage-options", type=_storage, help=_INPUT_OPTIONS)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model file")
+    p.add_argument("--quiet", action="store_true", help="no progress lines (warnings and errors still go to stderr)")
 
     p = sub.add_parser("enhance", help="enhance an OME-Zarr image with a trained model")
     _add_log_flags(p)
-    p.add_argument("input")
-    p.add_argument("output")
+    p.add_argument("input", help="the OME-Zarr image to enhance (path or URL)")
+    p.add_argument("output", help="the new, upsampled OME-Zarr image (path or URL)")
     p.add_argument("--model", required=True, action="append", help="model file; repeat once per channel")
     p.add_argument("--channel", type=int, help="enhance only this channel")
     p.add_argument(
@@ -238,14 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="train (one model per channel) and enhance")
     _add_log_flags(p)
-    p.add_argument("input")
-    p.add_argument("output")
-    p.add_argument("--factor", type=_factor, required=True)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--channel", type=int)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--budget", type=int, default=None)
+    p.add_argument("input", help="an OME-Zarr image (path or URL), or a TIFF (converted beside the output)")
+    p.add_argument("output", help="the new, upsampled OME-Zarr image (path or URL)")
+    p.add_argument("--factor", type=_factor, required=True, help="2, 4, or per axis Z,Y,X such as 4,2,2")
+    p.add_argument("--steps", type=int, help=_STEPS)
+    p.add_argument(
+        "--channel", type=int, help="train and enhance only this channel (default: every channel, one model each)"
+    )
+    p.add_argument("--seed", type=int, default=0, help=_SEED)
+    p.add_argument("--budget", type=int, default=None, help=_BUDGET)
     _add_training_flags(p)
+    _add_tiff_flags(p)
     _add_enhance_flags(p)
 
     p = sub.add_parser("compare", help="figure + PSNR/SSIM table of a result against its input (and a truth)")
@@ -254,24 +291,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truth", help="a reference OME-Zarr image at the result's resolution")
     p.add_argument("--png", default="compare.png", help="figure to write (default compare.png)")
     p.add_argument("--json", default=None, help="also write the numbers as JSON here")
-    p.add_argument("--channel", type=int, default=0)
-    p.add_argument("--time", type=int, default=0)
+    p.add_argument("--channel", type=int, default=0, help="the channel to show (default 0)")
+    p.add_argument("--time", type=int, default=0, help="the time point to show (default 0)")
     p.add_argument(
         "--acquisition",
         choices=["cubic", "integrate", "sample"],
         help="how to degrade the result back onto the input (default: the result's provenance)",
     )
-    p.add_argument("--storage-options", type=_storage)
+    p.add_argument("--storage-options", type=_storage, help=_INPUT_OPTIONS)
 
     p = sub.add_parser("view", help="open the input and the enhanced output in napari, each at its true place")
-    p.add_argument("input")
-    p.add_argument("output")
-    p.add_argument("--storage-options", type=_storage)
-    p.add_argument("--output-storage-options", type=_storage)
+    p.add_argument("input", help="the OME-Zarr image that was enhanced")
+    p.add_argument("output", help="the enhanced OME-Zarr image")
+    p.add_argument("--storage-options", type=_storage, help=_INPUT_OPTIONS)
+    p.add_argument(
+        "--output-storage-options",
+        type=_storage,
+        help="JSON fsspec options for the output (default: --storage-options)",
+    )
 
     p = sub.add_parser("info", help="describe an OME-Zarr image")
-    p.add_argument("path")
-    p.add_argument("--storage-options", type=_storage)
+    p.add_argument("path", help="an OME-Zarr image (path or URL)")
+    p.add_argument("--storage-options", type=_storage, help=_INPUT_OPTIONS)
     return parser
 
 
@@ -409,7 +450,7 @@ def _dispatch(a) -> int:
     if a.command in ("train", "run"):  # an OME-TIFF / ImageJ TIFF is converted on the way, with its metadata
         from .convert import as_ome_zarr
 
-        a.input = as_ome_zarr(a.input, near=a.output, quiet=a.quiet)
+        a.input = as_ome_zarr(a.input, near=a.output, quiet=a.quiet, **_tiff_kwargs(a))
     if a.command == "train":
         kw = {} if a.budget is None else {"budget": a.budget}
         model = pipeline.train(

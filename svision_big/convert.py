@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
+import zarr
 
 from .ngff import (
     NgffError,
@@ -155,8 +157,10 @@ def _write_image(
     shards: Sequence[int] | None,
     channels: dict | None = None,
     extra_attrs: dict | None = None,
+    warnings: Sequence[str] = (),
 ) -> str:
-    """Common path: store level 0, build the pyramid, then write metadata."""
+    """Common path: store level 0, build the pyramid, then write metadata. ``warnings`` are printed
+    once the arguments and the output place have passed their checks (an error stays one line)."""
     out_url = os.fspath(out_url)
     fmt = format_for(ngff)
     axes = _canonical(src_axes)
@@ -176,14 +180,20 @@ def _write_image(
     c, sh = level_chunks(arr.shape, c, shards)
 
     _prepare_output(out_url, storage_options, overwrite)
+    for warning in warnings:
+        print(f"svision-big: warning: {warning}", file=sys.stderr, flush=True)
     group = open_output_group(out_url, fmt, storage_options, mode="w-")
-    level0 = fmt.create_array(group, "0", arr.shape, c, arr.dtype, list(axes), shards=sh)
     write = sh if sh is not None else c
-    # Threads: the source (numpy, memmap, open TIFF) lives in this process only.
-    da.store(arr.rechunk(write), level0, lock=False, scheduler="threads")
-
     factors = pyramid_factors(arr.shape, spatial)
-    paths = build_pyramid(group, fmt, list(axes), "0", spatial, factors, c, arr.dtype, method="mean", shards=shards)
+    # Every chunk is stored, those equal to the fill value too (zarr leaves them out by default; an
+    # array takes the setting when it is opened): a chunk missing from an image written here is one
+    # that was lost, which enhance warns of and --strict refuses (an all-zero region of a sparse
+    # volume was a false "missing chunk").
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        level0 = fmt.create_array(group, "0", arr.shape, c, arr.dtype, list(axes), shards=sh)
+        # Threads: the source (numpy, memmap, open TIFF) lives in this process only.
+        da.store(arr.rechunk(write), level0, lock=False, scheduler="threads")
+        paths = build_pyramid(group, fmt, list(axes), "0", spatial, factors, c, arr.dtype, method="mean", shards=shards)
     coarsest = group[paths[-1] if paths else "0"]
     if "t" in axes and coarsest.shape[0] > 8:  # display window: a few time points suffice
         coarsest = coarsest.get_orthogonal_selection(np.unique(np.linspace(0, coarsest.shape[0] - 1, 8).astype(int)))
@@ -257,6 +267,20 @@ def _tiff_axes(series: Any) -> str:
     if ndim not in _INFERRED_AXES:
         raise NgffError(f"cannot interpret TIFF axes '{series.axes}' (shape {tuple(series.shape)}): pass --axes")
     return _INFERRED_AXES[ndim]
+
+
+def _left_out(path: str, tf: Any, series: Any) -> str | None:
+    """What a conversion of ``series`` (the first) leaves out of the file, in words: other series
+    (another position, a thumbnail), pages in none of its levels. None when it is the whole file."""
+    pages = len(tf.pages)
+    used = {p.index for level in (getattr(series, "levels", None) or [series]) for p in level.pages if p is not None}
+    used = len([i for i in used if isinstance(i, int)]) or 1
+    if len(tf.series) <= 1 and used >= pages:
+        return None
+    return (
+        f"{path} holds {len(tf.series)} image series in {pages} pages: only the first, shape "
+        f"{tuple(series.shape)} in {used} page{'s' if used > 1 else ''}, is converted"
+    )
 
 
 @dataclass
@@ -398,15 +422,17 @@ def convert_tiff(
     czyx, tczyx); ``axes`` overrides them all, in the TIFF's dimension order.
 
     Voxel sizes and units come from the file (OME-XML PhysicalSize*, ImageJ spacing and
-    resolution), each axis keeping its unit in NGFF spelling ("nm" -> "nanometer"); missing ones
-    are 1.0. ``voxel_size`` (z, y, x) and ``unit`` override the file; without either, micrometer.
+    resolution), each axis keeping its unit in NGFF spelling ("nm" -> "nanometer"). A file without
+    any is 1.0 micrometer (or ``unit``) per axis, with a warning on stderr naming the axes; a file
+    with some but not all (a missing ImageJ z spacing) is refused. ``voxel_size`` (z, y, x) and
+    ``unit`` override the file. Other series and pages the first series leaves out are named in a
+    warning.
     Channel names (OME Channel Name) and colours, and ImageJ display ranges, go into ``omero``.
 
     The TIFF is never loaded whole: uncompressed data is memory-mapped, compressed data is
     read in slabs of whole planes through tifffile's zarr interface.
     """
     import tifffile
-    import zarr
 
     path = os.fspath(tiff_path)
     if not os.path.isfile(path):
@@ -432,8 +458,23 @@ def convert_tiff(
                 src_axes = _parse_axes(meta.axes, len(series.shape))
         canon = _canonical(src_axes)
         spatial = [a for a in canon if _AXIS_TYPES[a] == "space"]
-        if voxel_size is None and meta.sizes:
-            voxel_size = [meta.sizes.get(a, 1.0) for a in spatial]
+        warnings = [left] if (left := _left_out(path, tf, series)) else []
+        if voxel_size is None:
+            missing = [a for a in spatial if a not in meta.sizes]
+            given = [a for a in spatial if a in meta.sizes]
+            if missing and given:  # a missing z became 1 of the lateral unit (1 nm): no size is better than a guess
+                raise NgffError(
+                    f"{path} gives voxel sizes for {','.join(given)} ({', '.join(str(meta.sizes[a]) for a in given)} "
+                    f"{meta.units.get(given[0])}) but not for {','.join(missing)}: pass --voxel-size "
+                    f"{','.join(spatial).upper()}"
+                )
+            if missing:  # it was 1 micrometer per axis, without a word
+                warnings.append(
+                    f"{path} has no voxel size for {','.join(missing)}: assumed 1 {ngff_unit(unit or 'micrometer')} "
+                    f"(give --voxel-size {','.join(spatial).upper()} and --unit)"
+                )
+            if meta.sizes:
+                voxel_size = [meta.sizes.get(a, 1.0) for a in spatial]
         if unit is not None:
             units: str | dict = unit
         elif meta.units:
@@ -483,6 +524,7 @@ def convert_tiff(
             shards,
             channels=channels,
             extra_attrs=extra_attrs,
+            warnings=warnings,
         )
 
 

@@ -96,16 +96,24 @@ class Job:
 # --------------------------------------------------------------------------- per-process state
 
 
-def _open_array(url: str, path: str, options: dict | None, writable: bool, run: str):
+def _open_array(url: str, path: str, options: dict | None, writable: bool, run: str, image: bool = False):
     """Open once per process and run (``run`` = the job's fingerprint: a recreated output never
-    reuses stale metadata)."""
+    reuses stale metadata). ``image``: a level of the output image (not a scratch array), written
+    with every chunk stored, those equal to the fill value too (zarr leaves them out by default), so
+    that an output enhanced again has no false "missing chunks"."""
     import zarr
 
-    key = (url, path, writable, run)
+    key = (url, path, writable, run, image)
     arr = _ARRAYS.get(key)
     if arr is None:
         store = make_store(url, options, read_only=not writable)
         arr = zarr.open_array(store, path=path, mode="r+" if writable else "r")
+        if writable and image:  # this handle only: zarr's global config is left as it is
+            if hasattr(arr, "with_config"):
+                arr = arr.with_config({"write_empty_chunks": True})
+            else:  # an older zarr 3: an array takes the setting when it is opened
+                with zarr.config.set({"array.write_empty_chunks": True}):
+                    arr = zarr.open_array(store, path=path, mode="r+")
         while len(_ARRAYS) >= 16:
             _ARRAYS.pop(next(iter(_ARRAYS)))
         _ARRAYS[key] = arr
@@ -147,7 +155,7 @@ def run_block(job: Job, index: int, background: bool = False) -> tuple[int, floa
         return skip_block(job, index, t0)
     block = job.plan[index]
     in_options = job.in_options if job.in_raw else job.out_options
-    dst = _open_array(job.out_url, job.out_path, job.out_options, writable=True, run=job.done_url)
+    dst = _open_array(job.out_url, job.out_path, job.out_options, writable=True, run=job.done_url, image=job.out_raw)
     model = _MODELS.get(job.model_for(block))
     if model is None:
         raise RuntimeError(f"model {job.model_for(block)} was not shipped to this worker")
@@ -209,7 +217,9 @@ def skip_block(job: Job, index: int, t0: float) -> tuple[int, float, int]:
         norm = model.norm
         xt = norm.forward_array(x, _device(job))
         y = cubic_fill(xt, read, block.write, job.fill.factors, in_shape, norm, job.out_dtype)
-        dst = _open_array(job.out_url, job.out_path, job.out_options, writable=True, run=job.done_url)
+        dst = _open_array(
+            job.out_url, job.out_path, job.out_options, writable=True, run=job.done_url, image=job.out_raw
+        )
         dst[job.selection(block, block.write)] = y
         del x, xt, y
     records = DoneRecords(job.done_url, job.out_options)

@@ -398,6 +398,19 @@ def _transforms(transforms: list[dict] | None, ndim: int, where: str) -> tuple[l
     return scale, translation
 
 
+def _check_multiscales(multiscales, where: str) -> None:
+    """A list of image descriptions (objects), the first with a list of datasets (objects with a
+    path): a dict there was "KeyError: 0", an empty list "IndexError: list index out of range", a
+    dict of datasets "AttributeError: 'str' object has no attribute 'get'"."""
+    if not isinstance(multiscales, list) or not multiscales or not isinstance(multiscales[0], dict):
+        got = f"a {type(multiscales).__name__}" if multiscales else f"an empty {type(multiscales).__name__}"
+        raise NgffError(f"no OME-Zarr image at {where}: 'multiscales' must be a list of objects, not {got}")
+    datasets = multiscales[0].get("datasets")
+    if not isinstance(datasets, list) or not all(isinstance(d, dict) and "path" in d for d in datasets):
+        what = f"a {type(datasets).__name__}" if not isinstance(datasets, list) else "a list with other entries"
+        raise NgffError(f"no OME-Zarr image at {where}: 'datasets' must be a list of objects with a 'path', not {what}")
+
+
 def _detect_format(group: zarr.Group, where: str) -> tuple[NgffFormat, dict]:
     attrs = group.attrs.asdict()
     if group.metadata.zarr_format == 3:
@@ -412,6 +425,7 @@ def _detect_format(group: zarr.Group, where: str) -> tuple[NgffFormat, dict]:
         version = str(ome.get("version", "?"))
         if version != "0.5":
             raise NgffError(f"no OME-Zarr image at {where}: unsupported NGFF version {version}")
+        _check_multiscales(ome["multiscales"], where)
         return _FORMATS["0.5"], ome
     multiscales = attrs.get("multiscales")
     if not isinstance(multiscales, list) or not multiscales:
@@ -420,6 +434,7 @@ def _detect_format(group: zarr.Group, where: str) -> tuple[NgffFormat, dict]:
                 f"no OME-Zarr image at {where}: a bioformats2raw container; open its image, e.g. {where.rstrip('/')}/0"
             )
         raise NgffError(f"no OME-Zarr image at {where}: no 'multiscales' metadata")
+    _check_multiscales(multiscales, where)
     first = multiscales[0]
     version = first.get("version")
     axes = first.get("axes")
@@ -444,6 +459,12 @@ def _open_group_readonly(url: str, storage_options: dict | None) -> zarr.Group:
     except (FileNotFoundError, zarr.errors.NodeNotFoundError):
         if remote and not store_exists(url, storage_options):
             raise NgffError(f"{url} does not exist") from None
+        from .convert import is_tiff  # convert imports this module
+
+        if is_tiff(url):
+            raise NgffError(
+                f"{url} is a TIFF, not an OME-Zarr image: convert it first (svision-big convert {url} OUT.ome.zarr)"
+            ) from None
         raise NgffError(f"no OME-Zarr image at {url}: not a zarr group") from None
     if not isinstance(node, zarr.Group):
         raise NgffError(f"no OME-Zarr image at {url}: a zarr array, not a group")
@@ -769,6 +790,8 @@ def display_window(data, dtype=None, percentiles: tuple[float, float] = (0.1, 99
     ``data``: an array (a coarse level, or one channel of it)."""
     d = np.asarray(data).reshape(-1)
     dtype = np.dtype(dtype if dtype is not None else d.dtype)
+    if d.dtype == bool:  # a mask (a 1-bit TIFF): numpy's percentile cannot subtract booleans
+        d = d.astype(np.uint8)
     if np.issubdtype(d.dtype, np.floating):
         d = d[np.isfinite(d)]
     if d.size:

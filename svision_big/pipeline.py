@@ -294,7 +294,8 @@ def training_region(
             break
     arr = image.level(level)
     sel = tuple(outer.get(i, slice(None)) for i in range(image.ndim))
-    coarse = np.nan_to_num(np.asarray(arr[sel], dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    with np.errstate(over="ignore"):  # beyond float32 is Inf, zeroed here: fit refuses such a volume in one line
+        coarse = np.nan_to_num(np.asarray(arr[sel], dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     ratio = [s0 / max(1, sc) for s0, sc in zip(shape0, coarse.shape)]
     size = _box_size(tuple(shape0), budget)
     box_c = [max(1, int(round(s / r))) for s, r in zip(size, ratio)]
@@ -636,7 +637,7 @@ def enhance_with(input: str | os.PathLike, output: str | os.PathLike, model, set
     fp, provenance = _identity(input, image, models, lay, s, skip)
     state = OutputState(output, s.output_storage_options)
     lock = state.lock(s.break_lock)
-    verdict = state.checked_verdict(fp, s.overwrite, lock, provenance["input_digest"])
+    verdict = state.checked_verdict(fp, s.overwrite, lock, provenance["input_digest"], provenance["identity"])
     if verdict == "replace":
         _check_models_outside(model, output)
     if (
@@ -863,23 +864,26 @@ def _identity(
         "skip_background": skip.provenance() if skip is not None else {"enabled": False},
         "input_digest": input_digest(image),  # a resume compares it (OutputState.verdict)
     }
-    rec["fingerprint"] = _fingerprint(
-        {
-            **{k: rec[k] for k in ("input", "block", "dtype", "channel")},
-            "models": rec["model_hash"],
-            "passes": [list(q.values()) for q in rec["passes"]],
-            "input_shape": list(image.shape),
-            "input_dtype": str(image.dtype),
-            "input_path": image.paths[0],
-            "ngff": lay.fmt.version,
-            "chunks": list(lay.chunks),
-            "shards": lay.shards,
-            "compression": s.compression,
-            **({"precision": s.precision} if s.precision != "float32" else {}),  # float32 keeps older fingerprints
-            **({"nonfinite": s.nonfinite} if s.nonfinite != "error" else {}),  # so does reading NaN as an error
-            **({"skip_background": skip.identity()} if skip is not None else {}),  # and running every block
-        }
-    )
+    parts = {
+        **{k: rec[k] for k in ("input", "block", "dtype", "channel")},
+        "models": rec["model_hash"],
+        "passes": [list(q.values()) for q in rec["passes"]],
+        "input_shape": list(image.shape),
+        "input_dtype": str(image.dtype),
+        "input_path": image.paths[0],
+        "ngff": lay.fmt.version,
+        "chunks": list(lay.chunks),
+        "shards": lay.shards,
+        "compression": s.compression,
+    }
+    optional = {  # hashed only when not the default: older outputs keep their fingerprints
+        "precision": (s.precision, "float32"),
+        "nonfinite": (s.nonfinite, "error"),
+        "skip_background": (skip.identity() if skip is not None else None, None),
+    }
+    rec["fingerprint"] = _fingerprint({**parts, **{k: v for k, (v, default) in optional.items() if v != default}})
+    # what the fingerprint hashes, defaults included: a refusal names the settings that differ (OutputState.verdict)
+    rec["identity"] = json.loads(json.dumps({**parts, **{k: v for k, (v, _) in optional.items()}}, default=str))
     return rec["fingerprint"], rec
 
 
@@ -929,7 +933,7 @@ def _prepare_output(
 ):
     """Under the lock: set up a new output (or clear and set up again), or reopen one to resume.
     Returns (group, resuming), or (None, True) when the output turns out complete."""
-    verdict = state.verdict(fp, s.overwrite, provenance["input_digest"])  # again: under the lock
+    verdict = state.verdict(fp, s.overwrite, provenance["input_digest"], provenance["identity"])  # under the lock
     if verdict in ("replace", "restart"):
         state.clear()
     scratch = [
@@ -1335,20 +1339,20 @@ def run(
     image = _check_run_input(input, output, factor, budget, s)
     cax = _channel_axis(image)
     channels = [channel] if channel is not None else (list(range(image.shape[cax])) if cax is not None else [0])
-    key = _fingerprint(
-        {
-            "input": list(location(input)),  # ./in and in are one input: the run resumes
-            "factor": str(factor),
-            "steps": steps,
-            "seed": seed,
-            "budget": budget,
-            "shape": list(image.shape),
-            "version": __version__,
-            "acquisition": acquisition,
-            "psf_fwhm": None if psf_fwhm is None else list(np.atleast_1d(psf_fwhm)),
-            **({} if denoise == "auto" else {"denoise": denoise}),  # "auto" keeps earlier runs' keys
-        }
-    )
+    run_identity = {
+        "input": list(location(input)),  # ./in and in are one input: the run resumes
+        "factor": str(factor),
+        "steps": steps,
+        "seed": seed,
+        "budget": budget,
+        "shape": list(image.shape),
+        "version": __version__,
+        "acquisition": acquisition,
+        "psf_fwhm": None if psf_fwhm is None else list(np.atleast_1d(psf_fwhm)),
+    }
+    key = _fingerprint({**run_identity, **({} if denoise == "auto" else {"denoise": denoise})})  # "auto": older keys
+    # recorded, "auto" included: a refusal names what differs
+    run_identity = json.loads(json.dumps({**run_identity, "denoise": denoise}, default=str))
     state = OutputState(output, s.output_storage_options)
     kept = {c: state.model_file(c, len(channels)) for c in channels}
     lock = state.lock(s.break_lock)
@@ -1367,11 +1371,11 @@ def run(
     fs, root = state.models_root(key)
     fresh = store_exists(output, s.output_storage_options) and not fs.exists(root)  # not an earlier run of this one
     if fresh:
-        state.checked_verdict("-", overwrite, lock)  # refuses unless --overwrite
+        state.checked_verdict("-", overwrite, lock, identity=run_identity, kind="run")  # refused unless --overwrite
     held = lock.acquire()  # training writes models into the output: the lock covers it, and enhance re-enters it
     try:
         if fresh:
-            if state.verdict("-", overwrite) == "replace":
+            if state.verdict("-", overwrite, identity=run_identity, kind="run") == "replace":
                 state.clear()
             overwrite = False
         train_kw = dict(
@@ -1390,7 +1394,11 @@ def run(
             input,
             output,
             models if len(models) > 1 else models[0],
-            replace(s, overwrite=overwrite, provenance_extra={"run_key": key, "model_files": sorted(kept.values())}),
+            replace(
+                s,
+                overwrite=overwrite,
+                provenance_extra={"run_key": key, "run_identity": run_identity, "model_files": sorted(kept.values())},
+            ),
         )
         state.finish_run(key, kept)
         stats["models"] = [_join(output, n) for n in kept.values()]

@@ -213,7 +213,7 @@ def run_unit(job: LevelJob, index: int) -> tuple[int, int]:
     from .execute import _open_array
 
     src = _open_array(job.url, job.src_path, job.options, writable=False, run=job.token)
-    dst = _open_array(job.url, job.dst_path, job.options, writable=True, run=job.token)
+    dst = _open_array(job.url, job.dst_path, job.options, writable=True, run=job.token, image=True)
     n = write_unit(src, dst, job, index)
     if job.done_url is not None:
         DoneRecords(job.done_url, job.options).mark(index)
@@ -305,14 +305,16 @@ def build_levels(
         if path == level0_path:
             raise ValueError(f"level path {path!r} collides with level 0")
         records = DoneRecords(done_url(level), storage_options) if done_url is not None else None
-        target = _existing_level(group, fmt, path, shape, c, sh, dtype) if keep else None
-        if target is None:
-            keep = False
-            if records is not None:
-                records.clear()  # before the array: records never outlive the chunks they describe
-            target = fmt.create_array(
-                group, path, shape, c, dtype, names, shards=sh, compression=compression, overwrite=True
-            )
+        # written in this process (no client) through this handle: every chunk stored, as run_unit's
+        with zarr.config.set({"array.write_empty_chunks": True}):  # an array takes it when opened
+            target = _existing_level(group, fmt, path, shape, c, sh, dtype) if keep else None
+            if target is None:
+                keep = False
+                if records is not None:
+                    records.clear()  # before the array: records never outlive the chunks they describe
+                target = fmt.create_array(
+                    group, path, shape, c, dtype, names, shards=sh, compression=compression, overwrite=True
+                )
         job = LevelJob(
             url=url,
             options=storage_options,

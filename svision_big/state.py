@@ -146,11 +146,14 @@ class OutputLock:
         finally:
             if fd is not None:
                 os.close(fd)
-        for d in reversed(self._made):
+        # the folders acquire made, and the state folder itself: a run that resumed an output it did
+        # not create left an emptied svision_state/ behind
+        state = os.path.dirname(path)
+        for d in [*reversed(self._made), *([state] if os.path.basename(state) == STATE_DIR else [])]:
             try:
                 os.rmdir(d)
             except OSError:
-                pass  # not empty: the run left its state (done-records) there
+                pass  # not empty: the run left its state (done-records) there; or gone already
 
     def owner(self) -> dict | None:
         """The record of a live owner other than this process, or None (no lock, or a stale one)."""
@@ -188,7 +191,11 @@ class OutputLock:
         self._makedirs(os.path.dirname(path))
         data = json.dumps(self.record).encode()
         for _ in range(50):  # each round: create, or take over a stale lock, or refuse
-            fd = self._create_local(path, data)
+            try:
+                fd = self._create_local(path, data)
+            except FileNotFoundError:  # a run releasing its lock removed the emptied folder: make it again
+                self._makedirs(os.path.dirname(path))
+                continue
             if fd is not None:
                 self._fd = fd
                 return
@@ -446,6 +453,34 @@ class DoneRecords:
         return out
 
 
+def _shown(value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 48 else text[:45] + "..."
+
+
+# what older outputs, which recorded no identity, record of it in their provenance under the same name
+_RECORDED = ("input", "block", "dtype", "channel", "precision", "nonfinite")
+
+
+def settings_differences(prev: dict, identity: dict | None, kind: str = "enhance", most: int = 4) -> str:
+    """The settings an output was made with that differ from this run's, as "block [16, 32, 32], now
+    [8, 16, 16]; dtype uint16, now float32" (the refusal said "fingerprint ..., now -"); "" when none
+    can be named. ``prev``: the output's provenance; ``identity``: this run's (``kind`` "enhance": what
+    the fingerprint hashes; "run": ``run``'s settings). Outputs of older versions, which recorded no
+    identity, are compared on the provenance entries both have."""
+    old = prev.get("identity" if kind == "enhance" else "run_identity")
+    if identity is None:
+        return ""
+    if not isinstance(old, dict):
+        if kind == "run":
+            return "made by svision-big enhance, not run" if "run_key" not in prev else "made by another run"
+        old = {k: prev[k] for k in _RECORDED if k in prev}
+        identity = {k: v for k, v in identity.items() if k in old}
+    names = [k for k in sorted(set(old) | set(identity)) if old.get(k) != identity.get(k)]
+    said = [f"{k} {_shown(old.get(k))}, now {_shown(identity.get(k))}" for k in names[:most]]
+    return "; ".join(said + ([f"{len(names) - most} more"] if len(names) > most else []))
+
+
 class OutputState:
     """The run state of one output, ``OUT/svision_state/``, and what may be done to the output:
 
@@ -483,12 +518,21 @@ class OutputState:
             return {}
         return prev if isinstance(prev, dict) else {}
 
-    def verdict(self, fp: str, overwrite: bool | str, digest: str | None = None) -> str:
+    def verdict(
+        self,
+        fp: str,
+        overwrite: bool | str,
+        digest: str | None = None,
+        identity: dict | None = None,
+        kind: str = "enhance",
+    ) -> str:
         """ "new", "resume" (same fingerprint), "restart" (a setup was killed before any block) or
         "replace" (``overwrite``, and it holds nothing but an svision-big output; an output without
         svision-big provenance only with ``overwrite="any"``); refuses anything else. ``digest``: the
         input's content digest (``pipeline.input_digest``); a fingerprint match whose recorded digest
-        differs is another input, not a resume. Reads only: nothing is written or deleted here."""
+        differs is another input, not a resume. ``identity``: what this run's fingerprint hashes
+        (``kind`` "enhance"), or the settings of a ``run`` (``kind`` "run"); a refusal names the ones
+        that differ from the output's. Reads only: nothing is written or deleted here."""
         if not store_exists(self.output, self.options):
             return "new"
         prev = self.provenance() or None
@@ -509,10 +553,11 @@ class OutputState:
                 f"--overwrite replaces only svision-big outputs; pass --overwrite-any to replace it"
             )
         if not overwrite:
+            differ = settings_differences(prev, identity, kind) or f"fingerprint {prev.get('fingerprint')}, now {fp}"
             why = (
                 f"was made from another input (content digest {prev.get('input_digest')}, now {digest})"
                 if changed
-                else f"was made with other settings (fingerprint {prev.get('fingerprint')}, now {fp})"
+                else f"was made with other settings ({differ})"
             )
             raise NgffError(f"{self.output} already exists and {why}: pass --overwrite to replace it")
         fs, root = _fs(self.output, self.options)
@@ -526,11 +571,19 @@ class OutputState:
             )
         return "replace"
 
-    def checked_verdict(self, fp: str, overwrite: bool, lock: OutputLock, digest: str | None = None) -> str:
+    def checked_verdict(
+        self,
+        fp: str,
+        overwrite: bool,
+        lock: OutputLock,
+        digest: str | None = None,
+        identity: dict | None = None,
+        kind: str = "enhance",
+    ) -> str:
         """``verdict`` without the lock; when it refuses while another run holds the lock (say, that
         run is half-way through creating the output), report the lock, the real cause."""
         try:
-            return self.verdict(fp, overwrite, digest)
+            return self.verdict(fp, overwrite, digest, identity, kind)
         except NgffError:
             owner = lock.owner()
             if owner is not None:

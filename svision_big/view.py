@@ -7,7 +7,7 @@ translation, then the multiscale-level ones, as ``ngff.open_image`` reads them),
 the same world position in both layers. Colours, channel names and display windows come from
 ``omero``.
 
-napari is optional: ``pip install napari[pyqt6]`` (or any Qt binding) to open a window. Without
+napari is optional: ``pip install "svision-big[view]"`` (napari with PyQt6) to open a window. Without
 Qt, :func:`add_image` still fills a headless ``napari.components.ViewerModel``.
 """
 
@@ -131,11 +131,15 @@ def view(
     """
     own = viewer is None
     if own:
+        need = 'svision-big view needs napari with a Qt binding: pip install "svision-big[view]"'
         try:
             import napari
         except ImportError:
-            raise RuntimeError("svision-big view needs napari with a Qt binding: pip install 'napari[pyqt6]'") from None
-        viewer = napari.Viewer(title=f"svision-big: {os.fspath(input)} | {os.fspath(output)}")
+            raise RuntimeError(need) from None
+        try:  # napari imports without Qt; its window does not ("No Qt bindings could be found")
+            viewer = napari.Viewer(title=f"svision-big: {os.fspath(input)} | {os.fspath(output)}")
+        except ImportError as exc:
+            raise RuntimeError(f"{need} ({exc})") from None
     add_image(viewer, input, storage_options)
     out_layers = add_image(
         viewer, output, output_storage_options if output_storage_options is not None else storage_options

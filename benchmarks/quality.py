@@ -505,6 +505,8 @@ def _model_text(mi: dict) -> str:
     b = mi.get("baseline")
     if isinstance(b, dict) and "used" in b:
         base = (f"baseline ({b['safe']})" if b.get("safe") else "baseline") if b["used"] else "trained"
+        if b.get("back_projection"):
+            base = f"baseline ({b['safe']} + back-projection {b['back_projection']})"
     else:
         base = _summary_text(b)
     ens = mi.get("ensemble")

@@ -133,9 +133,9 @@ def test_noise_the_filter_refuses_trains_as_clean_and_is_kept_in_the_check(monke
     seen = {}
     real = T.do_no_harm
 
-    def spy(model, deg, v, cfg, denoiser=0):
+    def spy(model, deg, v, cfg, denoiser=0, **kw):
         seen["check"] = deg
-        return real(model, deg, v, cfg, denoiser)
+        return real(model, deg, v, cfg, denoiser, **kw)
 
     monkeypatch.setattr(T, "do_no_harm", spy)
     acq = synthetic.make_volume("beads", shape_lr=(16, 48, 48), factor=2, seed=6)

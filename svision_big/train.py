@@ -352,6 +352,10 @@ def fit(
     volume = np.asarray(volume)
     if volume.ndim not in (2, 3):
         raise ValueError(f"fit needs a 2D (y, x) or 3D (z, y, x) array, got shape {volume.shape}")
+    if volume.size == 0:
+        raise ValueError(f"fit needs voxels, got an empty array of shape {volume.shape}")
+    if not 0 <= seed < 2**63:  # torch's generator said only "Overflow when unpacking long long"
+        raise ValueError(f"seed {seed}: use a whole number from 0 to 2^63 - 1")
     check_workable(volume)
     factors = parse_factors(factor, volume.ndim)
     cfg = copy.deepcopy(config) if config is not None else TrainConfig()

@@ -1244,3 +1244,21 @@ def test_a_cluster_left_without_workers_ends_the_run_in_one_line(small, tmp_path
                 src, str(tmp_path / "out.ome.zarr"), model, client=client, block=(8, 16, 16), progress=False
             )
         assert time.perf_counter() - t0 < 30  # it waited forever before
+
+
+@pytest.mark.parametrize(
+    "volume,kw,message",
+    [
+        (np.zeros((0, 8, 8), np.float32), {}, "empty array of shape (0, 8, 8)"),
+        (np.ones((8, 16, 16), np.float32), {"seed": 10**21}, "seed 1000000000000000000000: use a whole number"),
+        (np.ones((8, 16, 16), np.float32), {"seed": -1}, "seed -1: use a whole number"),
+    ],
+)
+def test_fit_refuses_what_it_cannot_use_in_one_line(volume, kw, message):
+    """The Python API names the problem (was IndexError 'index -1 is out of bounds' and torch's
+    'Overflow when unpacking long long')."""
+    import svision_big as svb
+
+    with pytest.raises(ValueError) as err:
+        svb.fit(volume, factor=2, quiet=True, **kw)
+    assert message in str(err.value)

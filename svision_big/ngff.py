@@ -516,7 +516,7 @@ def open_image(url_or_group: str | os.PathLike | zarr.Group, storage_options: di
         paths=paths,
         scales=scales,
         translations=translations,
-        omero=ome.get("omero"),
+        omero=usable_omero(ome.get("omero")),
         name=multiscale.get("name"),
         attrs=ome,
         url=url,
@@ -807,6 +807,25 @@ def display_window(data, dtype=None, percentiles: tuple[float, float] = (0.1, 99
     return {"min": dmin, "max": dmax, "start": lo, "end": hi}
 
 
+def usable_omero(omero) -> dict | None:
+    """An input's ``omero`` block as far as it is well-formed. It holds rendering hints only, which an
+    output carries over where it can: a malformed block (not an object, ``channels`` not a list, a
+    channel not an object) must not fail a run after its compute, so those parts read as absent."""
+    if not isinstance(omero, dict):
+        return None
+    channels = omero.get("channels")
+    kept = [c if isinstance(c, dict) else {} for c in channels] if isinstance(channels, list) else []
+    return {**omero, "channels": kept}
+
+
+def _hint(value, kind, default):
+    """``kind(value)`` for a rendering hint carried over from an input, ``default`` where it is malformed."""
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        return default
+
+
 def omero_metadata(
     level,
     axis_names: Sequence[str],
@@ -838,7 +857,7 @@ def omero_metadata(
     else:
         nc = 1
         per_channel = [data]
-    old = list(((previous or {}).get("channels")) or [])
+    old = (usable_omero(previous) or {}).get("channels") or []
     picks = list(channels) if channels is not None else list(range(nc))
     out = []
     for i, d in enumerate(per_channel):
@@ -862,7 +881,7 @@ def omero_metadata(
                 "label": str(label),
                 "color": str(color).upper().lstrip("#"),
                 "active": bool(src.get("active", True)),
-                "coefficient": float(src.get("coefficient", 1.0)),
+                "coefficient": _hint(src.get("coefficient", 1.0), float, 1.0),
                 "family": str(src.get("family", "linear")),
                 "inverted": bool(src.get("inverted", False)),
                 "window": win,

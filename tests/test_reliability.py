@@ -1262,3 +1262,34 @@ def test_fit_refuses_what_it_cannot_use_in_one_line(volume, kw, message):
     with pytest.raises(ValueError) as err:
         svb.fit(volume, factor=2, quiet=True, **kw)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "omero",
+    [
+        {"channels": "bad"},
+        "not an object",
+        {"channels": ["x", {"window": "w", "coefficient": "c", "label": 3}]},
+    ],
+)
+def test_a_malformed_omero_block_does_not_fail_the_run(tmp_path, omero):
+    """Rendering hints are carried over where they can be: a malformed input ``omero`` failed only
+    after the compute, with AttributeError, on every re-run (issue 27.3). It now reads as absent, the
+    run finishes, and the output's own ``omero`` is valid."""
+    from svision_big import pipeline
+    from svision_big.convert import write_ome_zarr
+    from svision_big.ngff import open_image
+    from svision_big.testing import make_model
+
+    src = str(tmp_path / "in.ome.zarr")
+    write_ome_zarr(np.random.default_rng(0).random((8, 24, 24)).astype(np.float32), src, axes="zyx")
+    meta = tmp_path / "in.ome.zarr" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"]["ome"]["omero"] = omero
+    meta.write_text(json.dumps(doc))
+    before = meta.read_bytes()
+    out = str(tmp_path / "out.ome.zarr")
+    pipeline.enhance(src, out, make_model((2, 2, 2), bp=0), dtype="float32", scheduler="sync", progress=False)
+    channels = open_image(out).omero["channels"]
+    assert len(channels) == 1 and float(channels[0]["window"]["end"]) > float(channels[0]["window"]["start"])
+    assert isinstance(channels[0]["coefficient"], float) and meta.read_bytes() == before

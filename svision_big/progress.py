@@ -37,6 +37,21 @@ def _fmt_time(s: float) -> str:
     return f"{h}:{m:02d}:{sec:02d}" if h else f"{m:02d}:{sec:02d}"
 
 
+def decision(text: str, kind: str, stream=None, **data) -> None:
+    """One decision (what was chosen, on which figures, and the flag that reverses it) on standard
+    output: the text line, or under ``--progress json`` a JSON object ``{"event": "decision", "kind":
+    ..., "text": ..., **data}``; appended to ``--log-file`` too, so a job's log says what was done and
+    why, not only how far it got."""
+    stream = stream or sys.stdout
+    record = {"event": "decision", "kind": kind, "text": text, "time": time.time(), **data}
+    out = json.dumps(record, default=str) if _SETTINGS["format"] == "json" else text
+    stream.write(out + "\n")
+    stream.flush()
+    if _SETTINGS["log_file"]:
+        with open(_SETTINGS["log_file"], "a") as fh:
+            fh.write(out + "\n")
+
+
 class Progress:
     def __init__(
         self,

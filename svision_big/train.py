@@ -23,7 +23,7 @@ from .model import Model, StageRecord
 from .network import NetConfig, SVNet
 from .noise import NoiseModel, noise_bins
 from .operator import ENSEMBLES, Normalisation, OperatorSpec, StageOp, apply_normalised, back_project, clamp_, predict
-from .progress import Progress
+from .progress import Progress, decision
 from .sampling import PairSampler, patch_shape, split_regions
 from .values import check_workable
 
@@ -386,16 +386,19 @@ def fit(
     if w is not None:
         drep.update(mode=mode, forced=mode == "on" and not worth)
         if not quiet and not worth:
-            print(f"noise measured, not removed: {denoise_reason(drep)}{_HOW_TO_DENOISE[mode]}", flush=True)
+            decision(
+                f"noise measured, not removed: {denoise_reason(drep)}{_HOW_TO_DENOISE[mode]}", "denoise", used=False
+            )
     if w is not None and (worth or mode == "on"):  # the filter, then the better cubic: no SR network (DENOISED_SR)
         w, off = blend_centre(w, off, drep)
         dnet = as_network(w, off)
         drep.update(noise=[nm_any.gain, nm_any.offset], noise_std_mid=nm_any.std(0.5))
         if not quiet:
-            print(
+            decision(
                 f"noise found (std {nm_any.std(0.5):.3g} at mid range): denoising first with a {drep['kind']} "
                 f"({denoise_reason(drep)}){_HOW_TO_DENOISE[mode]}",
-                flush=True,
+                "denoise",
+                used=True,
             )
         ddeg = Degradation((1,) * volume.ndim, None, None, acq)
         record = StageRecord(dnet.config, dnet.state_dict(), ddeg, 0, DENOISER_ENSEMBLE, drep)
@@ -413,12 +416,14 @@ def fit(
         found = selfsim.estimate(v, sr_plan[0], ACQUISITIONS if acquisition == "auto" else (acq,))
         acq, blur_p = found.acquisition, found.psf_fwhm
         if not quiet:
-            print(
-                f"acquisition {found.acquisition}{' (auto)' if acquisition == 'auto' else ''}, input blur FWHM "
-                f"{tuple(round(q, 2) for q in blur_p)} voxels (spectral mismatch "
+            decision(
+                f"acquisition {found.acquisition}{' (auto; --acquisition overrides)' if acquisition == 'auto' else ''}, "
+                f"input blur FWHM {tuple(round(q, 2) for q in blur_p)} voxels (--psf-fwhm overrides; spectral mismatch "
                 + ", ".join(f"{a} {c:.3g}" for a, c in found.scores.items())
                 + ")",
-                flush=True,
+                "acquisition",
+                acquisition=found.acquisition,
+                psf_fwhm=list(blur_p),
             )
     else:
         blur_p = (0.0,) * volume.ndim
@@ -441,11 +446,13 @@ def fit(
             pair_blur=list(selfsim.pair_blur(stage_blur, sf)),
         )
         if not quiet:
-            print(
+            decision(
                 f"stage {i + 1}: factors {sf}, val loss {report['val_loss']:.3g}, "
                 f"back-projection {bp} iterations{' (noisy data: none)' if nm else ''} (val mse {scores}), "
                 f"noise matching {'on' if nm else 'off'}, {report['seconds']:.0f} s",
-                flush=True,
+                "stage",
+                stage=i + 1,
+                bp_iters=bp,
             )
         ops.append(op)
         stages.append(StageRecord(net.config, net.state_dict(), deg, bp, True, report))
@@ -463,9 +470,11 @@ def fit(
         final_deg = full
         final_iters, final_scores = choose_final_bp(ops, norm, final_deg, v_check, cfg)
         if not quiet:
-            print(
-                f"closing x{'x'.join(map(str, factors))} back-projection: {final_iters} iterations (val mse {final_scores})",
-                flush=True,
+            decision(
+                f"closing x{'x'.join(map(str, factors))} back-projection: {final_iters} iterations "
+                f"(val mse {final_scores})",
+                "closing back-projection",
+                bp_iters=final_iters,
             )
     model = Model(
         stages=stages,
@@ -499,7 +508,8 @@ def fit(
     model.info["fit_seconds"] = round(time.perf_counter() - t_start, 2)
     if not quiet:
         b = model.info["baseline"]
-        print(f"held-aside check (val mse): {b['scores']}: {b['verdict']}", flush=True)
+        decision(f"held-aside check (val mse): {b['scores']}", "check", scores=b["scores"])
+        summarise(model)
     return model
 
 
@@ -937,8 +947,30 @@ def _denoised_cubic(
     model.stages[-1].report["trained"] = []
     model.info["fit_seconds"] = round(time.perf_counter() - t_start, 2)
     if not quiet:
-        print(f"result: {model.info['baseline']['verdict']}", flush=True)
+        summarise(model)
     return model
+
+
+def summary(model: Model) -> tuple[str, str]:
+    """(what the model computes and why, the flag that reverses it), from ``model.info``."""
+    b = model.info.get("baseline") or {}
+    verdict = b.get("verdict", "")
+    if model.info.get("denoiser"):
+        return f"result: {verdict}", "--denoise off trains the SR network on the noisy input instead"
+    if b.get("used") and b.get("back_projection"):
+        return f"result: {verdict}", "--steps and --seed change the network it was compared with; no flag forces it"
+    if b.get("used"):
+        return (
+            f"result: {verdict}",
+            "no flag forces the network yet; --acquisition and --psf-fwhm change what it learns",
+        )
+    return f"result: {verdict}", "the check decides; --acquisition and --psf-fwhm change what the network learns"
+
+
+def summarise(model: Model) -> None:
+    """The one closing line ``train`` and ``run`` print (and log as a ``summary`` decision record)."""
+    text, reverse = summary(model)
+    decision(f"{text} ({reverse})", "summary", result=text[len("result: ") :], reverse=reverse)
 
 
 def choose_final_bp(

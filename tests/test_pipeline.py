@@ -398,14 +398,20 @@ def test_cli_progress_as_json_lines_and_log_file(tmp_path, capsys):
         )
         == 0
     )
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     recs = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     assert recs and all(r["event"] == "progress" and {"done", "total", "eta_s", "rate_per_s"} <= set(r) for r in recs)
     assert any(r["unit"] == "steps" for r in recs)
     blocks = [r for r in recs if r["unit"] == "blocks"]
     assert blocks and blocks[-1]["done"] == blocks[-1]["total"]
     logged = [json.loads(line) for line in open(log)]
-    assert [r["done"] for r in logged] == [r["done"] for r in recs]
+    assert [r["done"] for r in logged if r["event"] == "progress"] == [r["done"] for r in recs]
+    # the decisions go there too, as records: what was chosen, on which figures, and what reverses it
+    decided = [json.loads(line) for line in captured.out.splitlines() if line.startswith('{"event": "decision"')]
+    kinds = [r["kind"] for r in decided]
+    assert "check" in kinds and kinds[-1] == "summary" and decided[-1]["reverse"] and decided[-1]["result"]
+    assert [r for r in logged if r["event"] == "decision"] == decided
     assert progress._SETTINGS["format"] == "text"  # restored for in-process callers
     assert (
         cli_main(["run", src, str(tmp_path / "o2"), "--factor", "2", "--log-file", str(tmp_path / "no" / "x.log")]) == 2

@@ -806,8 +806,13 @@ def do_no_harm(
     wins = pick is not None
     if trained:
         verdict = f"trained operator, ensemble {size}"
-    elif wins:
-        verdict = f"{pick} (it beat the trained operator on held-aside crops)"
+    elif wins:  # preferred over the network, or the network lost or was refused
+        verdict = (
+            f"{pick} (held-aside check MSE {scores[pick] / scores[safe]:.3g}x the {safe}'s, the trained "
+            f"operator's {scores[net] / scores[safe]:.3g}x"
+            + (f"; refused: {'; '.join(refused)}" if refused else "")
+            + ")"
+        )
     elif refused:  # harm the check one scale down cannot see
         verdict = f"{safe} upsampling: the plane brightness swings at the factor's period on the input: " + "; ".join(
             refused

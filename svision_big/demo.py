@@ -80,7 +80,7 @@ def demo(
         f"  total {result['seconds']:.0f} s\n"
         f"where to look:\n"
         f"  svision-big info {out}\n"
-        f"  napari --plugin napari-ome-zarr {out}   (or open it in any OME-Zarr viewer)\n"
+        f"  svision-big view {src} {out}   (napari, both images at their true place; needs svision-big[view])\n"
         f"  numbers: {result_file}",
         flush=True,
     )

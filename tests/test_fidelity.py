@@ -147,6 +147,17 @@ def test_bspline_upsampling_is_scipys_cubic_spline(factors, shape):
     assert np.abs(upsample(torch.from_numpy(x), factors, "keys").numpy() - ref).max() > 1e-2 * rng
 
 
+def _blockwise_error(model: Model, vol: np.ndarray, tmp_path, block: tuple[int, ...]) -> float:
+    """Largest difference, over the result's peak, between the pipeline's blockwise output and the
+    model's whole-volume output, on an odd-sized crop of ``vol`` (outer faces and partial blocks)."""
+    crop = vol[:13, :37, :29]
+    src = str(tmp_path / "in.ome.zarr")
+    write_ome_zarr(crop, src, axes="zyx")
+    pipeline.enhance(src, str(tmp_path / "o"), model, block=block, dtype="float32", scheduler="sync", progress=False)
+    whole = model.enhance(crop, dtype="float32")
+    return float(np.abs(open_image(str(tmp_path / "o")).level(0)[...] - whole).max()) / float(whole.max())
+
+
 def _bad_model():
     """A random-weight net blown up 40x: it loses to both baselines on any check."""
     bad = make_model((2, 2, 2), bp=0)
@@ -183,14 +194,7 @@ def test_the_check_picks_keys_or_bspline(tmp_path, monkeypatch, data, acquisitio
     b = model.info["baseline"]
     assert b["used"] and b["safe"] == safe and set(b["scores"]) >= {"cubic", "B-spline"}
     assert (b["scores"]["cubic"] < b["scores"]["B-spline"]) == (data == "noise")
-    crop = vol[:13, :37, :29]  # odd sizes: the outer faces and partial blocks
-    src = str(tmp_path / "in.ome.zarr")
-    write_ome_zarr(crop, src, axes="zyx")
-    pipeline.enhance(
-        src, str(tmp_path / "o"), model, block=(8, 16, 16), dtype="float32", scheduler="sync", progress=False
-    )
-    whole = model.enhance(crop, dtype="float32")
-    assert np.abs(open_image(str(tmp_path / "o")).level(0)[...] - whole).max() <= 1e-5 * float(whole.max())
+    assert _blockwise_error(model, vol, tmp_path, (8, 16, 16)) <= 1e-5
 
 
 def test_ensemble_size_is_chosen_and_recorded(monkeypatch):
@@ -365,14 +369,7 @@ def test_back_projected_baseline_is_offered_and_runs_in_blocks(tmp_path):
     plain = model.norm.inverse(upsample(x, (2, 1, 1), "bspline").clamp(min=model.norm.floor_n)).numpy()
     r = float(acq.truth.max())
     assert psnr(acq.truth, out, r) > psnr(acq.truth, plain, r) + 1.0
-    crop = lr[:13, :37, :29]
-    src = str(tmp_path / "in.ome.zarr")
-    write_ome_zarr(crop, src, axes="zyx")
-    pipeline.enhance(
-        src, str(tmp_path / "o"), model, block=(4, 16, 16), dtype="float32", scheduler="sync", progress=False
-    )
-    whole = model.enhance(crop, dtype="float32")
-    assert np.abs(open_image(str(tmp_path / "o")).level(0)[...] - whole).max() <= 1e-5 * float(whole.max())
+    assert _blockwise_error(model, lr, tmp_path, (4, 16, 16)) <= 1e-5
 
 
 def _alternating(model: Model, swing: float) -> Model:

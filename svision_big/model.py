@@ -28,7 +28,7 @@ import torch
 from . import __version__
 from .degrade import INTERPOLATIONS, Degradation, check_acquisition
 from .network import NetConfig, SVNet
-from .operator import OperatorSpec, StageOp, enhance_array, precision_dtype
+from .operator import DEFAULT_PRECISION, OperatorSpec, StageOp, enhance_array, precision_dtype, resolve_precision
 from .values import Normalisation, check_workable
 
 FORMAT = "svision-big-model"
@@ -116,15 +116,16 @@ class Model:
         return self._specs[key]
 
     def enhance(
-        self, volume: np.ndarray, dtype: str | np.dtype | None = None, precision: str = "float32"
+        self, volume: np.ndarray, dtype: str | np.dtype | None = None, precision: str = DEFAULT_PRECISION
     ) -> np.ndarray:
         """Whole-array inference in memory; output upsampled by ``factors`` in the input's dtype.
-        ``precision``: the networks' arithmetic, float32 (the reference) or bfloat16 (faster on
-        CPUs with AVX512-BF16, see ``operator.precision_dtype``). NaN/Inf voxels are refused, as
-        the command line refuses them: the network spreads each over its whole receptive field."""
+        ``precision``: the networks' arithmetic, float32 (the default and reference, as on the command
+        line: ``operator.DEFAULT_PRECISION``), bfloat16 (faster on CPUs with AVX512-BF16, see
+        ``operator.precision_dtype``) or auto (``operator.resolve_precision``). NaN/Inf voxels are
+        refused, as the command line refuses them: the network spreads each over its whole receptive field."""
         volume = np.asarray(volume)
         check_workable(volume)
-        return enhance_array(volume, self.spec("cpu", precision), dtype)
+        return enhance_array(volume, self.spec("cpu", resolve_precision(precision, "cpu")), dtype)
 
     def degradations(self) -> list[Degradation]:
         return [s.degradation for s in self.stages]

@@ -16,6 +16,7 @@ import torch
 
 from .degrade import Degradation, apply_window, interpolation_kernel, valid_window
 from .network import SVNet
+from .precision import DEFAULT_PRECISION
 from .values import Normalisation, to_output
 
 
@@ -47,7 +48,7 @@ class OperatorSpec:
     norm: Normalisation
     final: Degradation | None = None  # full-factor degradation for the closing back-projection
     final_bp_iters: int = 0
-    precision: str = "float32"  # the networks' arithmetic (see ``PRECISIONS``); the rest is float32
+    precision: str = DEFAULT_PRECISION  # the networks' arithmetic (see ``PRECISIONS``); the rest is float32
 
     @property
     def factors(self) -> tuple[int, ...]:

@@ -36,7 +36,16 @@ from .ngff import (
     upsampled_transform,
     viewer_metadata,
 )
-from .operator import IMAGE, Pass, output_name, plan_passes, precision_dtype, readers, resolve_precision
+from .operator import (
+    DEFAULT_PRECISION,
+    IMAGE,
+    Pass,
+    output_name,
+    plan_passes,
+    precision_dtype,
+    readers,
+    resolve_precision,
+)
 from .plan import BlockPlan, default_block, on_axes
 from .pyramid import build_levels, pyramid_datasets, pyramid_factors
 from .state import OutputState
@@ -445,7 +454,7 @@ class EnhanceSettings:
     shards: bool = False
     compression: bool = True
     channel: int | None = None  # None: every channel
-    precision: str = "auto"
+    precision: str = DEFAULT_PRECISION
     nonfinite: str = "error"
     strict: bool = False
     skip_background: bool | float | str | None = None  # None/False: off; True/"auto": the default rule; a raw threshold
@@ -569,7 +578,7 @@ def enhance(
     output_storage_options: dict | None = None,
     progress: bool = True,
     device: str | None = None,
-    precision: str = "auto",
+    precision: str = DEFAULT_PRECISION,
     on_block=None,
     force: bool = False,
     break_lock: bool = False,
@@ -582,9 +591,10 @@ def enhance(
 
     ``model``: a Model, a model path, or a list of them (one per channel). ``scheduler``: a Dask
     scheduler address, or "sync" to run in this process; otherwise a local cluster of ``workers``.
-    ``precision``: the networks' arithmetic, "float32" (the reference), "bfloat16" (faster on CPUs
-    with AVX512-BF16; see ``operator.precision_dtype``) or "auto" (bfloat16 where the CPU has it
-    natively, else float32: ``operator.resolve_precision``; the provenance records the choice). ``force``: run blocks too small for their
+    ``precision``: the networks' arithmetic, "float32" (the default and reference:
+    ``operator.DEFAULT_PRECISION``), "bfloat16" (faster on CPUs with AVX512-BF16; see
+    ``operator.precision_dtype``) or "auto" (bfloat16 where the CPU has it natively, else float32:
+    ``operator.resolve_precision``; the provenance records the choice). ``force``: run blocks too small for their
     halo. ``break_lock``: take the output's lock even from a live run or another host. ``nonfinite``:
     NaN/Inf in a float input stop the run ("error") or read as the fill value ("fill", counted in
     the provenance). ``strict``: a missing input chunk stops the run (else: counted, warned about).

@@ -612,12 +612,42 @@ def test_auto_precision_is_bfloat16_only_where_the_cpu_has_it_and_is_recorded(tm
     for pinned in ("bfloat16", "float32"):
         monkeypatch.setenv(operator.AUTO_ENV, pinned)
         out = str(tmp_path / f"o_{pinned}")
-        st = pipeline.enhance(src, out, model, scheduler="sync", progress=False)
+        st = pipeline.enhance(src, out, model, scheduler="sync", progress=False, precision="auto")
         assert open_image(out).group.attrs["svision_big"]["precision"] == pinned
         prints[pinned] = st["fingerprint"]
         explicit = pipeline.enhance(src, out + "_x", model, scheduler="sync", progress=False, precision=pinned)
         assert explicit["fingerprint"] == st["fingerprint"]  # auto resolved is the same run as the name given
     assert prints["bfloat16"] != prints["float32"]
+
+
+def test_one_precision_default_for_the_python_api_the_pipeline_and_the_command_line(tmp_path, monkeypatch):
+    """Issue 28.5: Model.enhance, pipeline.enhance and the command line share one default, float32,
+    whatever the CPU: the same model gives the same bytes on every path (was: the command line ran
+    bfloat16 where the CPU had it, the Python API float32)."""
+    import inspect
+
+    from svision_big import cli, operator
+    from svision_big.model import Model
+    from svision_big.precision import DEFAULT_PRECISION
+
+    monkeypatch.setenv(operator.AUTO_ENV, "bfloat16")  # what "auto" would give on a bfloat16 CPU
+    assert DEFAULT_PRECISION == "float32"
+    assert inspect.signature(Model.enhance).parameters["precision"].default == DEFAULT_PRECISION
+    assert inspect.signature(pipeline.enhance).parameters["precision"].default == DEFAULT_PRECISION
+    assert pipeline.EnhanceSettings().precision == DEFAULT_PRECISION
+    parser = cli.build_parser()
+    for cmd in (["enhance", "a", "b", "--model", "m"], ["run", "a", "b", "--factor", "2"]):
+        assert parser.parse_args(cmd).precision == DEFAULT_PRECISION
+    model = make_model((2, 2, 2))
+    vol = smooth_volume((8, 16, 16), seed=4)
+    src = _write_input(tmp_path, vol)
+    out = str(tmp_path / "o")
+    pipeline.enhance(src, out, model, scheduler="sync", progress=False)
+    assert open_image(out).group.attrs["svision_big"]["precision"] == "float32"
+    got = np.asarray(open_image(out).level(0)[...])
+    assert np.array_equal(got.reshape(model.enhance(vol).shape), model.enhance(vol))
+    # "auto" is accepted by the Python API too, and resolves as the pipeline resolves it
+    assert not np.array_equal(model.enhance(vol, precision="auto"), model.enhance(vol))
 
 
 def test_bad_precision_is_refused_before_anything_is_written(tmp_path):

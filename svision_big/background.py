@@ -215,7 +215,6 @@ def decide(image, value, models, outer, passes, plans: list[BlockPlan]) -> Decis
     spatial = image.spatial_axes
     shapes = [tuple(image.level(i).shape[a] for a in spatial) for i in range(image.nlevels)]
     level = coarse_level(shapes)
-    arr = image.level(level)
     in_shape = shapes[0]
     ratio = tuple(n / c for n, c in zip(in_shape, shapes[level]))
     ts = thresholds([m.norm for m in models], value)
@@ -226,7 +225,7 @@ def decide(image, value, models, outer, passes, plans: list[BlockPlan]) -> Decis
     for o in np.ndindex(*last.outer_shape) if last.outer_shape else [()]:
         idx = [i + off for i, off in zip(o, outer.offsets)]
         sel = on_axes([slice(None)] * image.ndim, outer.axes, idx)  # one time point and channel, every voxel
-        coarse = np.asarray(arr[tuple(sel)], dtype=np.float64)
+        coarse = image.read(level, tuple(sel)).astype(np.float64)
         coarse = np.where(np.isfinite(coarse), coarse, np.inf)  # a NaN cell is not known to be background
         t = ts[o[outer.model_axis]] if outer.model_axis is not None and len(ts) > 1 else ts[0]
         tc, b = coarse_threshold(t, coarse, ratio)

@@ -79,7 +79,7 @@ def _check_outer(image: Image, channel: int, time_index: int, where: str) -> Non
 def _read(image: Image, sel: list, box: Sequence[tuple[int, int]]) -> np.ndarray:
     it = iter(box)
     key = tuple(slice(*next(it)) if s is None else int(s) for s in sel)
-    return np.asarray(image.level(0)[key], dtype=np.float32)
+    return image.read(0, key).astype(np.float32)
 
 
 def _region(in_shape, factors, max_voxels: int) -> list[tuple[int, int]]:

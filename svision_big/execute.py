@@ -19,6 +19,7 @@ import torch
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from .background import Fill, cubic_fill, fill_read
+from .chunks import bad_chunk, missing_chunks
 from .model import Model
 from .ngff import make_store
 from .operator import Pass, output_offset, run_pass
@@ -244,7 +245,7 @@ def _read(job: Job, url: str, path: str, options: dict | None, sel: tuple, index
             if attempt + 1 < READ_ATTEMPTS:
                 time.sleep(RETRY_DELAY_S * 2**attempt)
     where = f"{url.rstrip('/')}/{path}"
-    key = _bad_chunk(arr, sel) if arr is not None else None
+    key = bad_chunk(arr, sel) if arr is not None else None
     cause = (str(last).strip().splitlines() or [type(last).__name__])[0]
     what = f"chunk {key}" if key else "a chunk"
     raise ChunkReadError(
@@ -252,52 +253,6 @@ def _read(job: Job, url: str, path: str, options: dict | None, sel: tuple, index
         f"{job.pass_.label}; stopped after {READ_ATTEMPTS} "
         f"attempts (finished blocks are kept: repair the input and re-run to finish)"
     ) from None
-
-
-def _chunk_coords(arr, sel: tuple):
-    """The stored chunks (shards, where sharded) a selection touches: (coords, key) pairs."""
-    import itertools
-
-    md = arr.metadata
-    grid = md.chunk_grid.chunk_shape if getattr(md, "zarr_format", 3) == 3 else md.chunks
-    ranges = []
-    for s, c, n in zip(sel, grid, arr.shape):
-        if isinstance(s, slice):
-            lo, hi, _ = s.indices(n)
-            ranges.append(range(lo // c, max(lo, hi - 1) // c + 1))
-        else:
-            ranges.append(range(int(s) // c, int(s) // c + 1))
-    for coords in itertools.product(*ranges):
-        yield coords, md.encode_chunk_key(coords)
-
-
-def _bad_chunk(arr, sel: tuple) -> str | None:
-    """The key of the first chunk in ``sel`` that fails to read on its own (the error path only)."""
-    md = arr.metadata
-    grid = md.chunk_grid.chunk_shape if getattr(md, "zarr_format", 3) == 3 else md.chunks
-    for coords, key in _chunk_coords(arr, sel):
-        region = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(coords, grid, arr.shape))
-        try:
-            arr[region]
-        except Exception:  # noqa: BLE001
-            return key
-    return None
-
-
-def _missing_chunks(arr, sel: tuple) -> list[str]:
-    """Keys of the stored chunks ``sel`` touches that do not exist (zarr reads them as the fill value)."""
-    from zarr.core.sync import sync
-
-    store, prefix = arr.store_path.store, arr.store_path.path
-    keys = [key for _, key in _chunk_coords(arr, sel)]
-    found = sync(_exist_all(store, [f"{prefix}/{k}" if prefix else k for k in keys]))
-    return [k for k, ok in zip(keys, found) if not ok]
-
-
-async def _exist_all(store, keys: list[str]) -> list[bool]:
-    import asyncio
-
-    return list(await asyncio.gather(*(store.exists(k) for k in keys)))
 
 
 def _fill(arr) -> float:
@@ -316,7 +271,7 @@ def _check_input(job: Job, src, x: np.ndarray, block: Block, index: int, factors
     where = f"{job.in_url.rstrip('/')}/{job.in_path}"
     note: dict = {}
     sel = job.selection(block, block.read, offsets=True)
-    missing = _missing_chunks(src, sel)
+    missing = missing_chunks(src, sel)
     if missing:
         if job.strict:
             raise InputDataError(

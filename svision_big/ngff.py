@@ -343,6 +343,13 @@ class Image:
             raise NgffError(f"dataset '{self.paths[i]}' of {self._where} is not an array")
         return node
 
+    def read(self, i: int, sel=...) -> np.ndarray:
+        """Level ``i``'s voxels in ``sel``; a chunk that cannot be decoded is one line naming the
+        level and the chunk (``chunks.read_region``)."""
+        from .chunks import read_region
+
+        return read_region(self.level(i), sel, f"{self._where}/{self.paths[i]}")
+
     @property
     def _where(self) -> str:
         return self.url or str(self.group.store)

@@ -183,7 +183,7 @@ def _coarse_peak(image: Image, max_voxels: int = 2**24) -> tuple[int, float] | N
     arr = image.level(level)
     if math.prod(arr.shape) > max_voxels:
         return None
-    a = np.abs(np.asarray(arr[...], dtype=np.float64))
+    a = np.abs(image.read(level).astype(np.float64))
     a = a[np.isfinite(a)]
     return level, float(a.max()) if a.size else 0.0
 
@@ -225,7 +225,7 @@ def _check_coarse_finite(image: Image, input: str, max_voxels: int = 2**24) -> N
     arr = image.level(level)
     if math.prod(arr.shape) > max_voxels:
         return
-    n = int(np.count_nonzero(~np.isfinite(np.asarray(arr[...]))))
+    n = int(np.count_nonzero(~np.isfinite(image.read(level))))
     if n:
         raise NgffError(
             f"{input}: {n:,} NaN/Inf voxels on level {level} of {math.prod(arr.shape):,}: a network "
@@ -301,10 +301,9 @@ def training_region(
         if math.prod(image.level(i).shape[a] for a in spatial) <= coarse_voxels:
             level = i
             break
-    arr = image.level(level)
     sel = tuple(outer.get(i, slice(None)) for i in range(image.ndim))
     with np.errstate(over="ignore"):  # beyond float32 is Inf, zeroed here: fit refuses such a volume in one line
-        coarse = np.nan_to_num(np.asarray(arr[sel], dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        coarse = np.nan_to_num(image.read(level, sel).astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     ratio = [s0 / max(1, sc) for s0, sc in zip(shape0, coarse.shape)]
     size = _box_size(tuple(shape0), budget)
     box_c = [max(1, int(round(s / r))) for s, r in zip(size, ratio)]
@@ -356,7 +355,7 @@ def train(
     outer = _outer_selection(image, channel, time_index)
     box, level = training_region(image, outer, budget)
     sel = on_axes([outer.get(i, slice(None)) for i in range(image.ndim)], spatial, box)
-    sample = np.asarray(image.level(0)[tuple(sel)])
+    sample = image.read(0, tuple(sel))
     sample = _finite_sample(sample, image, input, box, nonfinite, quiet)
     if not quiet:
         print(
@@ -920,11 +919,15 @@ def _digest(image: Image) -> str:
     h.update(json.dumps(meta, sort_keys=True, default=str).encode())
     coarse = image.level(image.nlevels - 1)
     if math.prod(coarse.shape) <= DIGEST_COARSE_VOXELS:
-        h.update(np.ascontiguousarray(coarse[...]).tobytes())
+        h.update(np.ascontiguousarray(image.read(image.nlevels - 1)).tobytes())
     grid = [-(-n // c) for n, c in zip(arr.shape, arr.chunks)]
     for flat in sorted({int(i) for i in np.linspace(0, math.prod(grid) - 1, DIGEST_CHUNKS)}):
         idx = np.unravel_index(flat, grid)
-        h.update(np.ascontiguousarray(arr[tuple(slice(i * c, (i + 1) * c) for i, c in zip(idx, arr.chunks))]).tobytes())
+        h.update(
+            np.ascontiguousarray(
+                image.read(0, tuple(slice(i * c, (i + 1) * c) for i, c in zip(idx, arr.chunks)))
+            ).tobytes()
+        )
     return h.hexdigest()[:16]
 
 

@@ -1025,6 +1025,32 @@ def test_corrupt_input_chunk_is_named_retried_then_resumes_after_repair(small, t
     _assert_same_image(out, ref)
 
 
+def test_a_damaged_chunk_met_before_compute_is_named_in_one_line_and_nothing_is_written(small, tmp_path, capsys):
+    """The checks before compute (the coarsest level's finite check, the input digest, the training
+    sample, compare's read) met a damaged chunk as "error during blosc decompression: -1": now one line
+    names the array and the chunk, for enhance, run and compare; the input is untouched, no output made."""
+    _, _, model_path = small
+    vol = smooth_volume((16, 32, 32), seed=6).astype(np.float32)  # float: the finite check reads the data
+    src = str(write_ome_zarr(vol, str(tmp_path / "one.ome.zarr"), chunks=(8, 16, 16)))
+    assert open_image(src).nlevels == 1  # the check reads level 0 itself
+    chunk = os.path.join(src, "0", "c", "1", "0", "1")
+    open(chunk, "wb").write(b"garbage")
+    before = _tree(src)
+    out = str(tmp_path / "out.ome.zarr")
+    for argv in (
+        ["enhance", src, out, "--model", model_path, "--scheduler", "sync", "--quiet"],
+        ["run", src, out, "--factor", "2", "--steps", "1", "--scheduler", "sync", "--quiet"],
+        ["compare", src, src],
+    ):
+        rc = cli_main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2, argv
+        assert err == [f"svision-big: error: {src}/0: chunk c/1/0/1 cannot be read ({err[0].split('(', 1)[1]}"], argv
+        assert "cannot be read (" in err[0] and err[0].endswith("repair or replace it, then re-run"), argv
+        assert not os.path.exists(out), argv
+    assert _tree(src) == before
+
+
 # --------------------------------------------------------------------------- distributed faults (issue 14.10)
 
 

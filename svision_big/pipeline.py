@@ -523,9 +523,36 @@ def _open_cluster(client, workers: int | None, scheduler: str | None):
         return c, [c]
     n = workers or _usable_cores()
     limit_arenas(n)
+    quiet = _QuietWorkerLog()
     cluster = LocalCluster(n_workers=1, threads_per_worker=n, processes=False, dashboard_address=None)
     c = Client(cluster)
-    return c, [c, cluster, _TorchThreads()]
+    return c, [c, cluster, _TorchThreads(), quiet]
+
+
+class _QuietWorkerLog:
+    """While the in-process cluster lives, two kinds of its worker's records are dropped, because the
+    run reports the same event in one line: "Compute Failed" (8-10 lines: key, state, task,
+    exception, traceback; the exception reaches the run) and, after Ctrl-C or SIGTERM, "Async
+    instruction ... ended with CancelledError" (one per running task; the run says "interrupted").
+    Other worker records still print; a remote cluster's workers log in their own processes."""
+
+    LOGGERS = ("distributed.worker", "distributed.worker.state_machine")
+
+    def __init__(self) -> None:
+        import logging
+
+        self.loggers = [logging.getLogger(n) for n in self.LOGGERS]
+        for lg in self.loggers:
+            lg.addFilter(self)
+
+    @staticmethod
+    def filter(record) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("Compute Failed") or "ended with CancelledError" in msg)
+
+    def close(self) -> None:
+        for lg in self.loggers:
+            lg.removeFilter(self)
 
 
 def _usable_cores() -> int:

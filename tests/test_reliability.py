@@ -331,6 +331,50 @@ def test_sigterm_stops_cleanly_releases_the_lock_and_the_rerun_resumes(small, tm
     _assert_same_image(out, ref)
 
 
+_INT_AT_FIRST_BLOCK = textwrap.dedent("""
+    import os, signal, sys, time
+    from svision_big import execute
+    real = execute.run_block
+    def blocks(*a, **k):
+        if not os.environ.get("_SENT"):
+            os.environ["_SENT"] = "1"
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the worker's tasks run
+        time.sleep(0.5)
+        return real(*a, **k)
+    execute.run_block = blocks
+    from svision_big.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_the_in_process_cluster_adds_no_lines_to_a_failure_or_an_interrupt(small, tmp_path):
+    """Issue 27.6: with the default (in-process) cluster, distributed printed 8-10 lines ("Compute
+    Failed", key, task, traceback) before the one-line error, and Ctrl-C added a "CancelledError"
+    warning per running task under "interrupted". Each is one line now."""
+    src, _, model_path = small
+    vol = smooth_volume((32, 64, 64), seed=5, dtype=np.uint16, scale=900)
+    bad = str(write_ome_zarr(vol, str(tmp_path / "bad.ome.zarr"), chunks=(8, 16, 16)))
+    open(os.path.join(bad, "0", "c", "1", "0", "1"), "wb").write(b"\x28\xb5\x2f\xfd" + bytes(range(60)))
+    out = str(tmp_path / "out.ome.zarr")
+    p = subprocess.run(
+        [sys.executable, "-m", "svision_big.cli", "enhance", bad, out, "--model", model_path, "--quiet"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    assert "chunk c/1/0/1 cannot be read" in lines[0]
+    out2 = str(tmp_path / "out2.ome.zarr")
+    argv = ["enhance", src, out2, "--model", model_path, "--block", "16,32,32", "--force", "--quiet"]
+    p = subprocess.run(
+        [sys.executable, "-c", _INT_AT_FIRST_BLOCK, *argv], env=_env(), capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 130, p.stderr
+    assert p.stderr.strip().splitlines() == ["svision-big: interrupted (re-run the same command to resume)"]
+
+
 def test_setup_killed_at_every_step_resumes_to_the_clean_result(small, tmp_path, capsys):
     src, model, model_path = small
     ref = str(tmp_path / "ref.ome.zarr")

@@ -98,6 +98,21 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
         "filter's error say it pays (auto, the reason is printed), always (on), never (off)",
     )
     p.add_argument(
+        "--operator",
+        choices=["auto", "network", "baseline", "projected"],
+        default="auto",
+        help="what the result is: the held-aside check's choice (auto), the trained SR network even "
+        "where the check prefers a cubic (network), the better cubic (baseline), or that cubic "
+        "back-projected under the acquisition (projected, clean inputs); the check's scores are printed",
+    )
+    p.add_argument(
+        "--ensemble",
+        choices=["auto", "1", "4", "8"],
+        default="auto",
+        help="flip/transpose variants the network averages: the check's choice (auto), or 1, 4, 8 "
+        "(each halving halves the network's cost)",
+    )
+    p.add_argument(
         "--nonfinite",
         choices=["error", "fill"],
         default="error",
@@ -467,6 +482,8 @@ def _dispatch(a) -> int:
             acquisition=a.acquisition,
             psf_fwhm=_psf(a.psf_fwhm),
             denoise=a.denoise,
+            operator=a.operator,
+            ensemble=a.ensemble,
             nonfinite=a.nonfinite,
             **kw,
         )
@@ -499,6 +516,8 @@ def _dispatch(a) -> int:
             acquisition=a.acquisition,
             psf_fwhm=_psf(a.psf_fwhm),
             denoise=a.denoise,
+            operator=a.operator,
+            ensemble=a.ensemble,
             **kw,
             **_enhance_kwargs(a),
         )

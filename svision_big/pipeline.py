@@ -50,7 +50,7 @@ from .plan import BlockPlan, default_block, on_axes
 from .pyramid import build_levels, pyramid_datasets, pyramid_factors
 from .state import OutputState
 from .store import location, same_or_nested
-from .train import denoise_mode, fit, parse_factors
+from .train import check_choice, denoise_mode, fit, parse_factors
 
 DEFAULT_TRAIN_VOXELS = 4_000_000
 # Output chunks for viewers, and each pass's default block (output voxels per axis, whole chunks).
@@ -337,6 +337,8 @@ def train(
     acquisition: str = "auto",
     nonfinite: str = "error",
     denoise: str = "auto",
+    operator: str = "auto",
+    ensemble: int | str = "auto",
 ) -> Model:
     """Train a model on a sampled region of an OME-Zarr image (one channel, one time point).
     ``nonfinite``: NaN/Inf in the sample stop training, naming how many ("error"), or are replaced
@@ -344,6 +346,7 @@ def train(
     _check_training_args(steps, budget, seed)
     _check_nonfinite(nonfinite)
     denoise_mode(denoise)
+    check_choice(operator, ensemble)
     image = open_image(input, storage_options)
     spatial = image.spatial_axes
     if len(spatial) not in (2, 3):
@@ -372,6 +375,8 @@ def train(
         psf_fwhm=stored_order(image, psf_fwhm) if isinstance(psf_fwhm, (tuple, list)) else psf_fwhm,
         acquisition=acquisition,
         denoise=denoise,
+        operator=operator,
+        ensemble=ensemble,
     )
     model.info["source"] = {
         "url": str(input),
@@ -1355,6 +1360,8 @@ def run(
     acquisition: str = "auto",
     psf_fwhm=None,
     denoise: str = "auto",
+    operator: str = "auto",
+    ensemble: int | str = "auto",
     **kwargs,
 ) -> dict:
     """Train one model per channel on sampled regions, then enhance (``kwargs``: the other
@@ -1364,6 +1371,7 @@ def run(
     # every check that needs no model runs before training (minutes) and before any write
     _check_training_args(steps, budget, seed)
     denoise_mode(denoise)
+    check_choice(operator, ensemble)
     s = _check_request(
         input,
         output,
@@ -1390,9 +1398,10 @@ def run(
         "acquisition": acquisition,
         "psf_fwhm": None if psf_fwhm is None else list(np.atleast_1d(psf_fwhm)),
     }
-    key = _fingerprint({**run_identity, **({} if denoise == "auto" else {"denoise": denoise})})  # "auto": older keys
+    choices = {"denoise": denoise, "operator": operator, "ensemble": str(ensemble)}
+    key = _fingerprint({**run_identity, **{k: c for k, c in choices.items() if c != "auto"}})  # "auto": older keys
     # recorded, "auto" included: a refusal names what differs
-    run_identity = json.loads(json.dumps({**run_identity, "denoise": denoise}, default=str))
+    run_identity = json.loads(json.dumps({**run_identity, **choices}, default=str))
     state = OutputState(output, s.output_storage_options)
     kept = {c: state.model_file(c, len(channels)) for c in channels}
     lock = state.lock(s.break_lock)
@@ -1428,6 +1437,8 @@ def run(
             psf_fwhm=psf_fwhm,
             nonfinite=s.nonfinite,
             denoise=denoise,
+            operator=operator,
+            ensemble=ensemble,
         )
         models = [_channel_model(fs, root, input, factor, c, train_kw) for c in channels]
         stats = enhance_with(

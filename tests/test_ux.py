@@ -415,3 +415,75 @@ def test_repository_files_say_what_current_tools_expect():
         nb = json.load(fh)
     ids = [c.get("id") for c in nb["cells"]]
     assert (nb["nbformat"], nb["nbformat_minor"]) >= (4, 5) and all(ids) and len(set(ids)) == len(ids)
+
+
+# --------------------------------------------------------------------------- the user's switches (issue 28.1)
+
+
+def test_operator_and_ensemble_flags_force_the_choice_the_check_would_make_and_say_so(tmp_path, capsys):
+    """Nothing on the command line could ask for the network the check refused (issue 28.1):
+    --operator network|baseline|projected and --ensemble force each choice, the check's scores are
+    still recorded, and the summary names the flag that hands the choice back to the check."""
+    import svision_big as svb
+    from svision_big import synthetic
+    from svision_big.train import baselines, summary
+
+    vol = synthetic.make_volume("beads", shape_lr=(16, 48, 48), factor=(2, 1, 1), seed=3).observed.astype(np.float32)
+    f = (2, 1, 1)
+    auto = svb.fit(vol, factor=f, steps=3, seed=0, quiet=True)
+    net = svb.fit(vol, factor=f, steps=3, seed=0, quiet=True, operator="network", ensemble=1)
+    base = svb.fit(vol, factor=f, steps=3, seed=0, quiet=True, operator="baseline")
+    proj = svb.fit(vol, factor=f, steps=3, seed=0, quiet=True, operator="projected")
+    b_auto, b_net, b_base, b_proj = (m.info["baseline"] for m in (auto, net, base, proj))
+    # the check ran the same way each time: only the pick differs
+    assert b_net["scores"] == b_auto["scores"] == b_base["scores"] == b_proj["scores"]
+    assert b_auto["operator"] == "auto" and b_net["operator"] == "network"
+    assert not b_net["used"] and b_net["ensemble"] == 1 and net.stages[-1].ensemble == 1
+    assert "--operator network" in b_net["verdict"] and net.stages[-1].bp_iters >= 0
+    assert b_base["used"] and b_base["back_projection"] == 0
+    assert np.array_equal(base.enhance(vol), baselines(net)[b_base["safe"]].enhance(vol))  # the safe cubic, exactly
+    assert b_proj["used"] and b_proj["back_projection"] > 0
+    assert not np.array_equal(proj.enhance(vol), base.enhance(vol))
+    assert not np.array_equal(net.enhance(vol), base.enhance(vol))
+    # the summary names the way back
+    text, reverse = summary(net)
+    assert "--operator auto" in reverse and "--operator network" in text
+
+    # bad values and impossible combinations: one line each, before any training
+    for kw, msg in (
+        ({"operator": "best"}, "operator 'best': choose one of auto, network, baseline, projected"),
+        ({"ensemble": 3}, "ensemble 3: choose auto or one of 1, 4, 8"),
+        ({"operator": "network", "denoise": "on"}, "--operator network with --denoise on"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            svb.fit(vol, factor=2, steps=1, quiet=True, **kw)
+
+    # the command line: the flags reach fit, and the printed summary says what reverses them
+    from svision_big.convert import write_ome_zarr
+
+    src = str(write_ome_zarr((vol * 1000).astype(np.uint16), str(tmp_path / "in.ome.zarr")))
+    rc, out, err = _cli(
+        [
+            "train",
+            src,
+            "-o",
+            str(tmp_path / "m.svb"),
+            "--factor",
+            "2",
+            "--steps",
+            "3",
+            "--operator",
+            "network",
+            "--ensemble",
+            "4",
+        ],
+        capsys,
+    )
+    assert rc == 0, err
+    summary = [line for line in out if line.startswith("result: ")]
+    assert summary and "trained operator, ensemble 4 (--operator network" in summary[-1]
+    assert "(--operator auto lets the held-aside check choose)" in summary[-1]
+    m = svb.load_model(str(tmp_path / "m.svb"))
+    assert m.info["baseline"]["operator"] == "network" and m.stages[-1].ensemble == 4
+    rc, out, err = _cli(["train", src, "-o", str(tmp_path / "m2.svb"), "--factor", "2", "--ensemble", "2"], capsys)
+    assert rc == 2 and "--ensemble: invalid choice: '2'" in err[-1]

@@ -422,3 +422,31 @@ def test_plane_brightness_swing_the_check_approved_is_refused(monkeypatch):
     b = chosen.info["baseline"]
     assert b["back_projection"] == 2 == chosen.stages[0].bp_iters and b["refused_for_harm"], b
     assert b["verdict"].startswith("B-spline + back-projection 2") and not b["plane_contrast"]["harm"]
+
+
+def test_the_check_on_refused_noise_adds_no_more_noise_than_the_blind_error_allows(monkeypatch):
+    """Where the noise model claims more noise than the blind filter's whole error (structure read as
+    noise: the filter is refused), the check recorrupted with the model's noise and refused every
+    offer sharper than the B-spline (clean texture x(4,2,2): +2.03 dB lost). The blind error bounds
+    any independent noise, so the check's noise is scaled down to it (docs/fidelity.md, section 3e)."""
+    vol = smooth_volume((12, 40, 40), seed=21).astype(np.float32)  # clean: its "noise" is structure
+    seen = {}
+    real = T.do_no_harm
+
+    def spy(model, deg, v, cfg, *a, **k):
+        seen["deg"] = deg
+        return real(model, deg, v, cfg, *a, **k)
+
+    monkeypatch.setattr(T, "do_no_harm", spy)
+    model = svb.fit(vol, factor=2, steps=2, seed=0, quiet=True)
+    rep = model.info["denoise_check"]
+    assert rep and not rep["used"] and not rep["consistent"]  # refused: the model claims more than can be there
+    assert rep["modelled_noise_var"] > 1e3 * rep["blind_mse"]
+    gain, offset = seen["deg"].noise
+    v = model.norm.forward_array(vol).numpy()
+    check_var = float(np.mean(np.clip(gain * np.clip(v, 0, None) + offset, 0, None)))
+    assert check_var <= rep["blind_mse"] * (1 + 1e-4)
+    # a consistent model (it claims less than the blind error) is left as it is
+    nm = T.NoiseModel(2e-3, 1e-4)
+    assert T.bounded_noise(nm, {"modelled_noise_var": 3e-4, "noise_var": 3e-4}) == nm
+    assert T.bounded_noise(nm, {"modelled_noise_var": 4e-4, "noise_var": 1e-4}) == T.NoiseModel(5e-4, 2.5e-5)

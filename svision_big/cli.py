@@ -316,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["cubic", "integrate", "sample"],
         help="how to degrade the result back onto the input (default: the result's provenance)",
     )
+    p.add_argument(
+        "--gamma",
+        type=float,
+        default=1.0,
+        help="display gamma of the figure (default 1, linear; 0.5 lifts dim structure beside bright objects)",
+    )
     p.add_argument("--storage-options", type=_storage, help=_INPUT_OPTIONS)
 
     p = sub.add_parser("view", help="open the input and the enhanced output in napari, each at its true place")
@@ -456,6 +462,7 @@ def _dispatch(a) -> int:
             time_index=a.time,
             acquisition=a.acquisition,
             storage_options=a.storage_options,
+            gamma=a.gamma,
         )
         return 0
     if a.command == "view":

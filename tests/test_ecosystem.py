@@ -395,6 +395,45 @@ def test_compare_with_truth_numbers(tmp_path):
     assert os.path.getsize(png) > 20_000
 
 
+def test_compare_on_a_saturated_object_shows_the_dim_structure_and_finds_the_pair_beside_it(tmp_path):
+    """Issue 28.2: on a neuron with a saturated soma the window was set by the soma (dim dendrites
+    black), the soma's tied maxima were thousands of candidate peaks (9,746 profiles, each copying
+    the volume: 20 of 22 s), and the profile crossed one object. Now the window leaves the ceiling
+    out, the plateau is no candidate, the closest pair with a dip is found first, the slices are
+    where the result differs most from cubic, and the figure says so."""
+    pytest.importorskip("matplotlib")
+    from svision_big import compare as C
+
+    truth = _pair_volume((16, 64, 64))
+    truth *= 100.0 / truth.max()  # beads at 100
+    zz, yy, xx = np.mgrid[:16, :64, :64]
+    truth += 5000.0 * np.exp(-(((zz - 8) / 4.0) ** 2 + ((yy - 50) / 6.0) ** 2 + ((xx - 50) / 6.0) ** 2))
+    ceiling = 250.0
+    truth = np.minimum(truth, ceiling).astype(np.float32)  # a soma far past the detector's ceiling
+    assert C.saturated(truth) == ceiling and np.count_nonzero(truth == ceiling) > 500
+    lo, hi = C.display_window(truth)
+    assert np.percentile(truth, 99.9) == ceiling  # the old window ended at the ceiling
+    assert hi < ceiling and hi == pytest.approx(np.percentile(truth[truth < ceiling], 99.5))
+    pts = C.line_profile_points(truth)
+    assert pts is not None
+    objs = sorted((tuple(p) for p in pts), key=lambda p: p[2])
+    assert np.allclose(objs[0], (8, 30, 28), atol=1) and np.allclose(objs[1], (8, 30, 33), atol=1)
+
+    x = Degradation((2, 2, 2)).down(torch.from_numpy(truth.astype(np.float64))[None, None])[0, 0].numpy()
+    inp = write_ome_zarr(x.astype(np.float32), str(tmp_path / "in.ome.zarr"), voxel_size=(1.0, 0.2, 0.2))
+    res_v = truth.copy()
+    res_v[3] += 20.0  # the result differs from everything in one plane
+    res_v[:, 50] += 20.0
+    res = write_ome_zarr(res_v, str(tmp_path / "res.ome.zarr"), voxel_size=(0.5, 0.1, 0.1))
+    rep = C.compare(res, inp, out_png=str(tmp_path / "f.png"), quiet=True, gamma=0.5)
+    fig = rep["figure"]
+    assert fig["lateral_z"] == 3 and fig["axial_y"] == 50 and fig["gamma"] == 0.5
+    assert fig["window"][1] < float(res_v.max())
+    assert os.path.getsize(tmp_path / "f.png") > 20_000
+    with pytest.raises(ValueError, match="gamma 0: use a positive number"):
+        C.compare(res, inp, out_png=None, quiet=True, gamma=0)
+
+
 def test_compare_self_consistency(tmp_path):
     pytest.importorskip("matplotlib")
     from svision_big.compare import compare

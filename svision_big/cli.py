@@ -477,7 +477,10 @@ def _dispatch(a) -> int:
 
         a.input = as_ome_zarr(a.input, near=a.output, quiet=a.quiet, **_tiff_kwargs(a))
     if a.command == "train":
+        from .checkpoint import Checkpoints
+
         kw = {} if a.budget is None else {"budget": a.budget}
+        ckpt = Checkpoints(f"{a.output}.ckpt")  # beside the model: an interrupted training resumes from it
         model = pipeline.train(
             a.input,
             a.factor,
@@ -492,9 +495,11 @@ def _dispatch(a) -> int:
             operator=a.operator,
             ensemble=a.ensemble,
             nonfinite=a.nonfinite,
+            checkpoint_dir=ckpt,
             **kw,
         )
         model.save(a.output)
+        ckpt.clear()
         print(f"wrote {a.output} (model {model.hash}); settings: {json.dumps(model.settings())}")
         return 0
     if a.command == "enhance":

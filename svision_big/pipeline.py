@@ -22,6 +22,7 @@ import numpy as np
 
 from . import __version__
 from . import background as bgd
+from .checkpoint import Checkpoints
 from .execute import Job, execute, limit_arenas
 from .halo import pass_halo
 from .model import Model, ModelFileError, load_model
@@ -339,10 +340,12 @@ def train(
     denoise: str = "auto",
     operator: str = "auto",
     ensemble: int | str = "auto",
+    checkpoint_dir=None,
 ) -> Model:
     """Train a model on a sampled region of an OME-Zarr image (one channel, one time point).
     ``nonfinite``: NaN/Inf in the sample stop training, naming how many ("error"), or are replaced
-    by the array's fill value ("fill")."""
+    by the array's fill value ("fill"). ``checkpoint_dir``: where training saves its state every few
+    steps and resumes from (``train.fit``)."""
     _check_training_args(steps, budget, seed)
     _check_nonfinite(nonfinite)
     denoise_mode(denoise)
@@ -377,6 +380,7 @@ def train(
         denoise=denoise,
         operator=operator,
         ensemble=ensemble,
+        checkpoint_dir=checkpoint_dir,
     )
     model.info["source"] = {
         "url": str(input),
@@ -1488,8 +1492,10 @@ def _channel_model(fs, root: str, input: str, factor, channel: int, train_kw: di
         except ModelFileError as exc:  # a model an older version left half-written (a full disk): train again
             print(f"svision-big: note: {exc}; training channel {channel} again", file=sys.stderr, flush=True)
             fs.rm(path)
-    m = train(input, factor, channel=channel, **train_kw)
+    ckpt = Checkpoints(f"{root}/c{channel}.ckpt", fs=fs)  # an interrupted training resumes from here
+    m = train(input, factor, channel=channel, checkpoint_dir=ckpt, **train_kw)
     fs.makedirs(root, exist_ok=True)
     fs.pipe_file(f"{path}.part", m.to_bytes())  # whole, then renamed: a full disk leaves no half model
     fs.mv(f"{path}.part", path)
+    ckpt.clear()
     return m

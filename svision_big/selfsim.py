@@ -110,9 +110,7 @@ def central_crop(v: np.ndarray, max_voxels: int = MAX_VOXELS) -> np.ndarray:
     return v[tuple(slice(a, b) for a, b in box)]
 
 
-def estimate(
-    v: np.ndarray, factors: tuple[int, ...], acquisitions: tuple[str, ...] = ACQUISITIONS
-) -> SelfSimilarity:
+def estimate(v: np.ndarray, factors: tuple[int, ...], acquisitions: tuple[str, ...] = ACQUISITIONS) -> SelfSimilarity:
     """The acquisition and blur that make the input most like itself one scale down, on the axes
     ``factors`` resamples (the others get 0). The mismatch of an acquisition is summed over those
     axes whose best match is good (``POOR_MATCH``; all of them if none is); the lowest wins."""

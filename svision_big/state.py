@@ -383,6 +383,7 @@ _OUR_FILES = re.compile(r"""(?x)^(?:
       | done-[0-9a-f]+/l\d+/\d+                                # pyramid levels' done-records
       | work-[0-9a-f]+/p\d+/(?:zarr\.json | c(?:/\d+)*)        # staged pass outputs
       | models-[0-9a-f]+/c\d+\.svb(?:\.part)?                 # models `run` trained for this output
+      | models-[0-9a-f]+/c\d+\.ckpt/s\d+\.pt(?:\.part)?      # their training checkpoints (a resumed training)
     )
   | svision_model(?:_c\d+)?\.svb                             # ... and where they stay once it is complete
 )$""")

@@ -11,12 +11,13 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from . import selfsim
+from .checkpoint import Checkpoints, digest, rng_state, set_rng_state
 from .degrade import ACQUISITIONS, Degradation, blur, check_acquisition
 from .denoise import as_network, fit_blind_filter
 from .model import Model, StageRecord
@@ -200,8 +201,17 @@ def _val_pairs(sampler: PairSampler, n: int, seed: int) -> list[tuple[torch.Tens
     return [sampler.pair(sampler.origin(rng), rng, gen) for _ in range(n)]
 
 
-def train_stage(v: np.ndarray, deg: Degradation, cfg: TrainConfig, label: str = "train") -> tuple[SVNet, list, dict]:
-    """Train one stage on a normalised volume; returns the best net (by held-aside loss), val pairs, report."""
+def train_stage(
+    v: np.ndarray,
+    deg: Degradation,
+    cfg: TrainConfig,
+    label: str = "train",
+    checkpoints: Checkpoints | None = None,
+    stage: int = 0,
+) -> tuple[SVNet, list, dict]:
+    """Train one stage on a normalised volume; returns the best net (by held-aside loss), val pairs, report.
+    With ``checkpoints``, the whole training state is saved at every validation step and a matching
+    saved state is resumed from: the result is the same bytes as an uninterrupted training."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -219,10 +229,24 @@ def train_stage(v: np.ndarray, deg: Degradation, cfg: TrainConfig, label: str = 
     loss_fn = _loss_fn(cfg.loss)
     val_every = max(10, cfg.steps // 20)
     best = (float("inf"), copy.deepcopy(net.state_dict()), 0)
+    running, first = None, 1
+    ident = None if checkpoints is None else digest(v, deg, replace(cfg, quiet=True), stage, torch.__version__)
+    saved = None if checkpoints is None else checkpoints.load(stage, ident)
+    if saved is not None:
+        net.load_state_dict(saved["net"])
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(saved["sched"])
+        set_rng_state(rng, gen, saved["rng"])
+        best, running, first = (
+            (saved["best_loss"], saved["best"], saved["best_step"]),
+            saved["running"],
+            saved["step"] + 1,
+        )
+        if not cfg.quiet:
+            decision(f"{label}: resuming training at step {first} of {cfg.steps} (checkpoint)", "resume", step=first)
     bar = Progress(cfg.steps, label, unit="steps", quiet=cfg.quiet)
     t0 = time.perf_counter()
-    running = None
-    for step in range(1, cfg.steps + 1):
+    for step in range(first, cfg.steps + 1):
         net.train()
         lr_b, hr_b = sampler.batch(cfg.batch, rng, gen)
         loss = loss_fn(net(lr_b), hr_b)
@@ -235,6 +259,22 @@ def train_stage(v: np.ndarray, deg: Degradation, cfg: TrainConfig, label: str = 
             vl = validation_loss(net, val, loss_fn)
             if vl < best[0]:
                 best = (vl, copy.deepcopy(net.state_dict()), step)
+            if checkpoints is not None and step < cfg.steps:
+                checkpoints.save(
+                    stage,
+                    ident,
+                    {
+                        "step": step,
+                        "net": net.state_dict(),
+                        "opt": opt.state_dict(),
+                        "sched": sched.state_dict(),
+                        "rng": rng_state(rng, gen),
+                        "best_loss": best[0],
+                        "best": best[1],
+                        "best_step": best[2],
+                        "running": running,
+                    },
+                )
             bar.update(step, loss=running, val=vl)
         else:
             bar.update(step, loss=running)
@@ -338,6 +378,7 @@ def fit(
     norm: Normalisation | None = None,
     operator: str = "auto",
     ensemble: int | str = "auto",
+    checkpoint_dir: str | Checkpoints | None = None,
 ) -> Model:
     """Train a model on ``volume`` (numpy (z, y, x) or (y, x)) for the given upsampling factor.
 
@@ -355,6 +396,9 @@ def fit(
     "auto" the network then trains on the input as it is: a denoised input gets no network);
     "baseline": the better cubic on the check; "projected": that cubic back-projected under the
     acquisition (clean inputs only). ``ensemble``: "auto" (the check's choice) or 1, 4, 8 variants.
+    ``checkpoint_dir``: a folder (local or fsspec URL) where each stage's training state is saved
+    every few steps; a fit interrupted there and called again the same way resumes from it, to the
+    same model bytes (``checkpoint.Checkpoints``; remove the folder once the model is saved).
     """
     volume = np.asarray(volume)
     if volume.ndim not in (2, 3):
@@ -454,11 +498,18 @@ def fit(
     else:
         blur_p = (0.0,) * volume.ndim
     stage_source, stage_blur = v, blur_p
+    ckpt = (
+        checkpoint_dir
+        if checkpoint_dir is None or isinstance(checkpoint_dir, Checkpoints)
+        else Checkpoints(checkpoint_dir)
+    )
     for i, sf in enumerate(sr_plan):
         stage_input = blurred(stage_source, selfsim.pair_blur(stage_blur, sf))
         nm = choose_noise(stage_input, noise)
         deg = Degradation(sf, None, None if nm is None else (nm.gain, nm.offset), acq)
-        net, val, report = train_stage(stage_input, deg, cfg, label=f"stage {i + 1} {'x'.join(map(str, sf))}")
+        net, val, report = train_stage(
+            stage_input, deg, cfg, label=f"stage {i + 1} {'x'.join(map(str, sf))}", checkpoints=ckpt, stage=i
+        )
         op = StageOp(net, deg, 0, ensemble=TRAIN_ENSEMBLE)
         bp, scores = choose_bp_iters(op, val, norm.bounds_n, cfg.bp_candidates)
         if nm is not None:  # noisy: none, whatever the (biased) check says, see NOISY_BP

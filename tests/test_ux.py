@@ -487,3 +487,77 @@ def test_operator_and_ensemble_flags_force_the_choice_the_check_would_make_and_s
     assert m.info["baseline"]["operator"] == "network" and m.stages[-1].ensemble == 4
     rc, out, err = _cli(["train", src, "-o", str(tmp_path / "m2.svb"), "--factor", "2", "--ensemble", "2"], capsys)
     assert rc == 2 and "--ensemble: invalid choice: '2'" in err[-1]
+
+
+# --------------------------------------------------------------------------- interrupted training (issue 28.4)
+
+
+def _interrupt_at_step(monkeypatch, n: int) -> None:
+    """Ctrl-C while the ``n``-th training batch is drawn."""
+    from svision_big import sampling
+
+    real = sampling.PairSampler.batch
+    calls = {"n": 0}
+
+    def batch(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(sampling.PairSampler, "batch", batch)
+
+
+def test_an_interrupted_training_resumes_from_its_checkpoint_to_the_same_model(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C at 30% of training restarted it from step 1. fit saves each stage's whole state at
+    every validation step; called again the same way it resumes there, to the same weights and the
+    same output as an uninterrupted fit. A checkpoint of another training is ignored."""
+    import torch
+
+    import svision_big as svb
+
+    vol = smooth_volume((12, 40, 40), seed=21).astype(np.float32)
+    kw = dict(factor=2, steps=40, seed=0, operator="network")
+    ref = svb.fit(vol, quiet=True, **kw)
+    ck = str(tmp_path / "ck")
+    _interrupt_at_step(monkeypatch, 27)  # validation (and saves) every 10 steps: resumes at step 21
+    with pytest.raises(KeyboardInterrupt):
+        svb.fit(vol, quiet=True, checkpoint_dir=ck, **kw)
+    monkeypatch.undo()
+    assert os.listdir(ck) == ["s0.pt"]
+    got = svb.fit(vol, quiet=False, checkpoint_dir=ck, **kw)
+    assert "resuming training at step 21 of 40 (checkpoint)" in capsys.readouterr().out
+    for s1, s2 in zip(ref.stages, got.stages, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(s1.state.values(), s2.state.values(), strict=True))
+    assert np.array_equal(ref.enhance(vol), got.enhance(vol))
+    # another volume, same folder: the checkpoint is not its own, so it trains from step 1
+    other = svb.fit(smooth_volume((12, 40, 40), seed=22).astype(np.float32), quiet=False, checkpoint_dir=ck, **kw)
+    assert "resuming" not in capsys.readouterr().out
+    assert other.stages[0].report["best_step"] > 0
+
+
+def test_run_interrupted_while_training_resumes_the_training_and_leaves_no_checkpoint(tmp_path, monkeypatch):
+    """`run` keeps the checkpoints in the output's state folder; the re-run resumes the training and
+    the output equals an uninterrupted run's; the checkpoints are gone once the model is saved."""
+    from svision_big import pipeline
+    from svision_big.convert import write_ome_zarr
+
+    vol = smooth_volume((12, 40, 40), seed=21, dtype=np.uint16, scale=1000)
+    src = str(write_ome_zarr(vol, str(tmp_path / "in.ome.zarr")))
+    kw = dict(steps=40, seed=0, quiet=True, scheduler="sync", operator="network")
+    ref = str(tmp_path / "ref.ome.zarr")
+    pipeline.run(src, ref, 2, **kw)
+    out = str(tmp_path / "out.ome.zarr")
+    _interrupt_at_step(monkeypatch, 33)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(src, out, 2, **kw)
+    monkeypatch.undo()
+    state = tmp_path / "out.ome.zarr" / "svision_state"
+    saved = sorted(str(p.relative_to(state)) for p in state.rglob("*.pt"))
+    assert len(saved) == 1 and saved[0].endswith("/c0.ckpt/s0.pt")
+    pipeline.run(src, out, 2, **kw)
+    a, b = open_image(ref), open_image(out)
+    assert a.nlevels == b.nlevels
+    for i in range(a.nlevels):
+        np.testing.assert_array_equal(a.read(i), b.read(i))
+    assert not list(tmp_path.joinpath("out.ome.zarr").rglob("*.ckpt"))

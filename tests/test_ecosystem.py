@@ -457,6 +457,12 @@ def test_compare_self_consistency(tmp_path):
     back = Degradation((2, 2, 2)).down(torch.from_numpy(cub.astype(np.float32).astype(np.float64))[None, None])
     expect = psnr(x.astype(np.float32), back[0, 0].numpy().astype(np.float32), float(x.max() - x.min()))
     assert rep["cubic"]["psnr"] == pytest.approx(expect, abs=1e-4)
+    # the table says what the number means (issue 28.2: it was read as a quality score)
+    from svision_big.compare import format_table
+
+    text = format_table(rep)
+    assert "not its quality" in text and "--truth" in text
+    assert "not its quality" not in format_table({**rep, "mode": "truth"})
 
 
 def test_compare_crops_big_volumes(tmp_path):

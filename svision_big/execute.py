@@ -19,7 +19,7 @@ import torch
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from .background import Fill, cubic_fill, fill_read
-from .chunks import bad_chunk, missing_chunks
+from .chunks import absent_chunks, bad_chunk, chunk_region, empty_on_coarser_levels
 from .model import Model
 from .ngff import make_store
 from .operator import Pass, output_offset, run_pass
@@ -81,6 +81,9 @@ class Job:
     nonfinite: str = "error"  # NaN/Inf in a raw input: "error", or "fill" (read as the array's fill value)
     strict: bool = False  # a missing input chunk is an error, not the fill value (zarr's rule)
     fill: Fill | None = None  # the last pass, with --skip-background: how a background block is written
+    # the input's coarser levels (path, per-axis ratio of level 0's shape to theirs): an absent level-0
+    # chunk is missing only where they show data there (``chunks.empty_on_coarser_levels``)
+    coarse_levels: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
     def model_for(self, block: Block) -> str:
         if self.model_axis is None or len(self.models) == 1:
@@ -264,6 +267,14 @@ def _fill(arr) -> float:
     return fv if np.isfinite(fv) else 0.0
 
 
+def _was_empty(job: Job, src, coords: tuple[int, ...]) -> bool:
+    """An absent input chunk that the levels above it show to be all fill value: zarr left it out
+    because it was empty (another tool's default), not because it was lost."""
+    options = job.in_options
+    levels = [(_open_array(job.in_url, p, options, False, job.done_url), r) for p, r in job.coarse_levels]
+    return empty_on_coarser_levels(chunk_region(src, coords), levels, src.fill_value) is True
+
+
 def _check_input(job: Job, src, x: np.ndarray, block: Block, index: int, factors=None) -> dict:
     """Missing chunks and non-finite values in a block of the raw input: counted (over the block's
     own region, so halos do not count twice), refused, or filled, as the job says. One NaN voxel
@@ -271,7 +282,7 @@ def _check_input(job: Job, src, x: np.ndarray, block: Block, index: int, factors
     where = f"{job.in_url.rstrip('/')}/{job.in_path}"
     note: dict = {}
     sel = job.selection(block, block.read, offsets=True)
-    missing = missing_chunks(src, sel)
+    missing = [key for coords, key in absent_chunks(src, sel) if not _was_empty(job, src, coords)]
     if missing:
         if job.strict:
             raise InputDataError(

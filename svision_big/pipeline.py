@@ -1042,6 +1042,11 @@ def _jobs(
         output_name(last): (output, "0"),
         **{output_name(k): (output, state.scratch_path(fp, k)) for k in range(last)},
     }
+    shape0 = image.level(0).shape
+    coarse = tuple(
+        (image.paths[i], tuple(n0 / max(1, n) for n0, n in zip(shape0, image.level(i).shape)))
+        for i in range(1, image.nlevels)
+    )
     base = dict(
         out_url=output,
         spatial_axes=tuple(image.spatial_axes),
@@ -1070,6 +1075,7 @@ def _jobs(
             out_raw=k == last,
             companion_path=where[p.companion][1] if p.companion else None,
             fill=bgd.Fill(input, image.paths[0], tuple(models[0].factors)) if skip is not None and k == last else None,
+            coarse_levels=coarse if p.source == IMAGE else (),
         )
         for k, (p, pl) in enumerate(zip(lay.passes, lay.plans))
     ]

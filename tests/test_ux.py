@@ -211,6 +211,55 @@ def test_a_sparse_volume_written_by_convert_enhances_without_missing_chunks_and_
                 assert img.level(level).nchunks_initialized == img.level(level).nchunks, (image, level)
 
 
+def _drop_empty_chunks(image_url: str) -> int:
+    """Delete every stored chunk that holds only the fill value, at every level: what zarr's
+    default (``write_empty_chunks=False``) leaves behind in another tool's output."""
+    import zarr
+
+    img = open_image(image_url)
+    n = 0
+    for level in range(img.nlevels):
+        arr = img.level(level)
+        for coords in np.ndindex(*arr.cdata_shape):
+            region = tuple(slice(i * c, min((i + 1) * c, m)) for i, c, m in zip(coords, arr.chunks, arr.shape))
+            if not np.any(arr[region] != (arr.fill_value or 0)):
+                key = arr.metadata.encode_chunk_key(coords)
+                os.remove(os.path.join(image_url, img.paths[level], *key.split("/")))
+                n += 1
+    assert isinstance(zarr.__version__, str)
+    return n
+
+
+def test_empty_chunks_another_tool_left_out_are_told_from_lost_ones_by_the_levels_above(tmp_path, capsys):
+    """Issue 27.5: zarr leaves out chunks equal to the fill value by default, so an intact sparse
+    image from another tool was warned of as missing chunks and refused by --strict. The levels
+    above an absent chunk tell: all fill value there, it was empty; data there, it is lost."""
+    from svision_big.convert import write_ome_zarr
+    from svision_big.testing import make_model
+    from svision_big.train import cubic_baseline
+
+    vol = np.zeros((16, 128, 128), np.uint16)  # y, x above 64: a second level
+    vol[:4, :8, :8] = smooth_volume((4, 8, 8), seed=4, dtype=np.uint16, scale=900) + 100
+    src = str(write_ome_zarr(vol, str(tmp_path / "other.ome.zarr"), chunks=(8, 32, 32)))
+    assert open_image(src).nlevels == 2
+    assert _drop_empty_chunks(src) == 31 + 7  # 31 of 32 level-0 chunks, 7 of 8 on level 1
+    model = str(cubic_baseline(make_model((2, 2, 2), bp=0)).save(tmp_path / "m.svb"))
+    argv = ["enhance", src, "OUT", "--model", model, "--scheduler", "sync", "--quiet", "--block", "16,64,64"]
+    for strict in ([], ["--strict"]):
+        out = str(tmp_path / f"out{len(strict)}.ome.zarr")
+        rc, lines, err = _cli([a if a != "OUT" else out for a in argv] + strict, capsys)
+        assert rc == 0 and err == [], err
+        assert "input_missing_chunks" not in open_image(out).group.attrs["svision_big"]
+    # a chunk with data, lost at level 0 only: the level above shows its data, so it is missing
+    os.remove(os.path.join(src, "0", "c", "0", "0", "0"))
+    out = str(tmp_path / "lost.ome.zarr")
+    rc, lines, err = _cli([a if a != "OUT" else out for a in argv], capsys)
+    assert rc == 0 and len(err) == 1 and "1 chunks of" in err[0] and "missing" in err[0], err
+    assert open_image(out).group.attrs["svision_big"]["input_missing_chunks"] == 1
+    rc, lines, err = _cli([a if a != "OUT" else str(tmp_path / "lost2.ome.zarr") for a in argv] + ["--strict"], capsys)
+    assert rc == 2 and "chunk c/0/0/0 is missing" in err[-1]
+
+
 # --------------------------------------------------------------------------- what convert leaves out, or would invent (issue 27.5)
 
 

@@ -8,6 +8,7 @@ import math
 import os
 import sys
 
+from .ngff import DEFAULT_VERSION, SUPPORTED_VERSIONS
 from .precision import DEFAULT_PRECISION, NAMES
 
 
@@ -138,7 +139,7 @@ def _add_enhance_flags(p: argparse.ArgumentParser) -> None:
     where.add_argument("--scheduler", help="address of an existing Dask scheduler, or 'sync' to run in this process")
     p.add_argument("--block", type=_ints, help="output voxels written per task, Z,Y,X (a multiple of the factor)")
     p.add_argument("--dtype", help="output dtype (default: the input's), e.g. float32")
-    p.add_argument("--ngff", choices=["0.4", "0.5"], help="NGFF version of the output (default: the input's)")
+    p.add_argument("--ngff", choices=SUPPORTED_VERSIONS, help="NGFF version of the output (default: the input's)")
     p.add_argument("--shards", action="store_true", help="zarr v3 sharding: one shard per block (NGFF 0.5)")
     p.add_argument("--no-compression", action="store_true", help="store chunks uncompressed")
     p.add_argument(
@@ -254,7 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list of channel names (default: the file's)",
     )
     p.add_argument(
-        "--ngff", choices=["0.4", "0.5"], default="0.5", help="NGFF version to write: 0.5 (zarr v3, default) or 0.4"
+        "--ngff",
+        choices=SUPPORTED_VERSIONS,
+        default=DEFAULT_VERSION,
+        help=f"NGFF version to write: one of {', '.join(SUPPORTED_VERSIONS)} (default {DEFAULT_VERSION})",
     )
     p.add_argument("--axes", help="axes of the TIFF, e.g. zyx or czyx (default: from the file)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")

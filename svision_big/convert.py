@@ -26,6 +26,7 @@ import numpy as np
 import zarr
 
 from .ngff import (
+    DEFAULT_VERSION,
     NgffError,
     format_for,
     multiscales_metadata,
@@ -118,7 +119,7 @@ def omero_metadata(
     data: np.ndarray,
     axes: str,
     dtype: np.dtype,
-    version: str = "0.5",
+    version: str = DEFAULT_VERSION,
     labels: Sequence[str] | None = None,
     colors: Sequence[str] | None = None,
     windows: Sequence[tuple[float, float]] | None = None,
@@ -224,7 +225,7 @@ def write_ome_zarr(
     axes: str = "zyx",
     voxel_size: Sequence[float] | None = None,
     unit: str = "micrometer",
-    ngff: str = "0.5",
+    ngff: str = DEFAULT_VERSION,
     chunks: int | Sequence[int] | None = None,
     overwrite: bool = False,
     name: str | None = None,
@@ -405,7 +406,7 @@ def convert_tiff(
     out_url: str | os.PathLike,
     voxel_size: Sequence[float] | None = None,
     unit: str | None = None,
-    ngff: str = "0.5",
+    ngff: str = DEFAULT_VERSION,
     chunks: int | Sequence[int] | None = None,
     overwrite: bool = False,
     axes: str | None = None,
@@ -551,7 +552,7 @@ def is_tiff(path: str | os.PathLike) -> bool:
 def as_ome_zarr(
     input: str | os.PathLike,
     near: str | os.PathLike | None = None,
-    ngff: str = "0.5",
+    ngff: str = DEFAULT_VERSION,
     quiet: bool = False,
     **convert_kwargs,
 ) -> str:

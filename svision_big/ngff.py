@@ -107,6 +107,18 @@ class NgffFormat(ABC):
         """Add version-specific keys to one ``multiscales`` entry (default: none)."""
         return entry
 
+    @abstractmethod
+    def ome_attrs(self, attrs: dict) -> dict | None:
+        """The OME metadata in a group's attributes, where this version stores it (None: absent)."""
+
+    @abstractmethod
+    def stored_version(self, ome: dict) -> str | None:
+        """The NGFF version the metadata declares (None: undeclared), as this version records it."""
+
+    def reads(self, version: str | None) -> bool:
+        """Whether metadata declaring ``version`` is this format's."""
+        return version == self.version
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(version={self.version!r}, zarr_format={self.zarr_format})"
 
@@ -145,6 +157,24 @@ class FormatV04(NgffFormat):
         )
         return {"compressors": compressor, "chunk_key_encoding": {"name": "v2", "separator": "/"}}
 
+    def ome_attrs(self, attrs: dict) -> dict | None:
+        return attrs  # 0.4 keeps its metadata at the group root
+
+    def stored_version(self, ome: dict) -> str | None:
+        ms = ome.get("multiscales")
+        if not isinstance(ms, list) or not ms or not isinstance(ms[0], dict):
+            return None  # malformed: ``_check_multiscales`` names it
+        first = ms[0]
+        version = first.get("version")
+        axes = first.get("axes")
+        # Before 0.4 axes were missing or plain strings and had no units/types.
+        if version is None and not (isinstance(axes, list) and axes and isinstance(axes[0], dict)):
+            version = "0.3" if axes else "0.1-0.2"
+        return version
+
+    def reads(self, version: str | None) -> bool:
+        return version in (None, self.version)  # 0.4 writers may leave the entry unversioned
+
 
 class FormatV05(NgffFormat):
     """NGFF 0.5: zarr v3, attributes under ``ome``, arrays carry ``dimension_names``."""
@@ -169,16 +199,27 @@ class FormatV05(NgffFormat):
             "dimension_names": list(dimension_names),
         }
 
+    def ome_attrs(self, attrs: dict) -> dict | None:
+        ome = attrs.get("ome")
+        return ome if isinstance(ome, dict) else None
 
-_FORMATS: dict[str, NgffFormat] = {"0.4": FormatV04(), "0.5": FormatV05()}
+    def stored_version(self, ome: dict) -> str | None:
+        return str(ome.get("version", "?"))
+
+
+# The registry: a new NGFF version is one subclass here (and its tests); the command line's choices,
+# the error messages and reading all follow it.
+_FORMATS: dict[str, NgffFormat] = {f.version: f for f in (FormatV04(), FormatV05())}
+SUPPORTED_VERSIONS: tuple[str, ...] = tuple(_FORMATS)
+DEFAULT_VERSION = "0.5"  # what new images are written as (zarr v3)
 
 
 def format_for(version: str) -> NgffFormat:
-    """Return the format object for an NGFF version string ("0.4" or "0.5")."""
+    """Return the format object for an NGFF version string (one of ``SUPPORTED_VERSIONS``)."""
     try:
         return _FORMATS[str(version)]
     except KeyError:
-        raise ValueError(f"unsupported NGFF version '{version}': use 0.4 or 0.5") from None
+        raise ValueError(f"unsupported NGFF version '{version}': use {' or '.join(SUPPORTED_VERSIONS)}") from None
 
 
 # --------------------------------------------------------------------------
@@ -419,38 +460,26 @@ def _check_multiscales(multiscales, where: str) -> None:
 
 
 def _detect_format(group: zarr.Group, where: str) -> tuple[NgffFormat, dict]:
+    """The format whose metadata the group holds, and that metadata: each format of the group's
+    zarr format is asked in turn whether it reads the declared version (a new version is one more
+    registered class, on either zarr format)."""
     attrs = group.attrs.asdict()
-    if group.metadata.zarr_format == 3:
-        ome = attrs.get("ome")
-        if not isinstance(ome, dict) or "multiscales" not in ome:
-            if "bioformats2raw.layout" in (ome or {}):
-                raise NgffError(
-                    f"no OME-Zarr image at {where}: a bioformats2raw container; open its "
-                    f"image, e.g. {where.rstrip('/')}/0"
-                )
-            raise NgffError(f"no OME-Zarr image at {where}: no 'multiscales' metadata")
-        version = str(ome.get("version", "?"))
-        if version != "0.5":
-            raise NgffError(f"no OME-Zarr image at {where}: unsupported NGFF version {version}")
-        _check_multiscales(ome["multiscales"], where)
-        return _FORMATS["0.5"], ome
-    multiscales = attrs.get("multiscales")
-    if not isinstance(multiscales, list) or not multiscales:
-        if "bioformats2raw.layout" in attrs:
+    candidates = [f for f in _FORMATS.values() if f.zarr_format == group.metadata.zarr_format]
+    if not candidates:
+        raise NgffError(f"no OME-Zarr image at {where}: zarr format {group.metadata.zarr_format} holds no NGFF version")
+    ome = candidates[0].ome_attrs(attrs)
+    if (ome or {}).get("multiscales") is None:
+        if "bioformats2raw.layout" in (ome or {}) or "bioformats2raw.layout" in attrs:
             raise NgffError(
                 f"no OME-Zarr image at {where}: a bioformats2raw container; open its image, e.g. {where.rstrip('/')}/0"
             )
         raise NgffError(f"no OME-Zarr image at {where}: no 'multiscales' metadata")
-    _check_multiscales(multiscales, where)
-    first = multiscales[0]
-    version = first.get("version")
-    axes = first.get("axes")
-    # Before 0.4 axes were missing or plain strings and had no units/types.
-    if version is None and not (isinstance(axes, list) and axes and isinstance(axes[0], dict)):
-        version = "0.3" if axes else "0.1-0.2"
-    if version not in (None, "0.4"):
-        raise NgffError(f"no OME-Zarr image at {where}: unsupported NGFF version {version}")
-    return _FORMATS["0.4"], attrs
+    fmt = next((f for f in candidates if f.reads(f.stored_version(f.ome_attrs(attrs)))), None)
+    if fmt is None:  # a foreign version is named before its layout is judged
+        raise NgffError(f"no OME-Zarr image at {where}: unsupported NGFF version {candidates[0].stored_version(ome)}")
+    ome = fmt.ome_attrs(attrs)
+    _check_multiscales(ome["multiscales"], where)
+    return fmt, ome
 
 
 def _open_group_readonly(url: str, storage_options: dict | None) -> zarr.Group:

@@ -444,3 +444,28 @@ def test_s3_round_trip(s3_server):
         write_ome_zarr(data, url, storage_options=s3_server)
     with pytest.raises(NgffError, match="does not exist"):
         open_image("s3://bucket/missing.ome.zarr", storage_options=s3_server)
+
+
+def test_a_new_ngff_version_is_one_registered_subclass(tmp_path, monkeypatch):
+    """Issue 29.4: version differences live in the format classes, which also say how reading finds
+    them; a version registered in ``_FORMATS`` is written, detected and read with no other change,
+    and the command line's --ngff choices are the registry's."""
+    from svision_big import cli, ngff
+    from svision_big.convert import write_ome_zarr
+
+    class FormatV06(ngff.FormatV05):
+        version = "0.6"
+
+    vol = np.arange(8 * 16 * 16, dtype=np.uint16).reshape(8, 16, 16)
+    monkeypatch.setattr(ngff, "_FORMATS", {**ngff._FORMATS, "0.6": FormatV06()})
+    url = write_ome_zarr(vol, str(tmp_path / "v06.ome.zarr"), ngff="0.6")
+    img = ngff.open_image(url)
+    assert img.fmt.version == "0.6" and img.group.attrs["ome"]["version"] == "0.6"
+    np.testing.assert_array_equal(img.read(0), vol)
+    monkeypatch.undo()  # unregistered again: named, not misread as 0.5
+    with pytest.raises(ngff.NgffError, match="unsupported NGFF version 0.6"):
+        ngff.open_image(url)
+    parser = cli.build_parser()
+    for cmd in (["convert", "a.tif", "b"], ["enhance", "a", "b", "--model", "m"]):
+        action = next(a for a in parser._subparsers._group_actions[0].choices[cmd[0]]._actions if a.dest == "ngff")
+        assert tuple(action.choices) == ngff.SUPPORTED_VERSIONS

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -387,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # every failure is one line; SVISION_BIG_DEBUG=1 shows the traceback
         if os.environ.get("SVISION_BIG_DEBUG"):
             raise
-        print(f"svision-big: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"svision-big: error: {_one_line(exc, getattr(args, 'output', None))}", file=sys.stderr)
         return 2
     finally:
         progress._SETTINGS.update(saved)  # in-process callers (tests, notebooks) get their settings back
@@ -395,10 +396,17 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _one_line(exc: BaseException) -> str:
-    """The first line of an error; an error without words (or an internal one) is named by its type."""
+def _one_line(exc: BaseException, output: str | None = None) -> str:
+    """The first line of an error; an error without words (or an internal one) is named by its type.
+    A full disk names where, and how to go on (it said "[Errno 28] No space left on device" only)."""
     text = str(exc).strip()
     first = text.splitlines()[0] if text else ""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f"for {output}" if output else "here"
+        return (
+            f"no space left on the device {where} ({exc.strerror or first}): free space, then re-run the same "
+            "command to resume (the finished work is kept)"
+        )
     if isinstance(exc, (ValueError, OSError, RuntimeError)) and first:
         return first
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

@@ -1363,3 +1363,24 @@ def test_a_malformed_omero_block_does_not_fail_the_run(tmp_path, omero):
     channels = open_image(out).omero["channels"]
     assert len(channels) == 1 and float(channels[0]["window"]["end"]) > float(channels[0]["window"]["start"])
     assert isinstance(channels[0]["coefficient"], float) and meta.read_bytes() == before
+
+
+def test_a_full_disk_is_one_line_naming_the_output_and_how_to_go_on(small, tmp_path, monkeypatch, capsys):
+    """`benchmarks/soak_command.py --mode disk` (a tmpfs filled under the running command, then freed)
+    found each stop one line, exit 2, no lock left, the re-run resuming to identical levels; but the
+    line was "[Errno 28] No space left on device", naming neither the place nor what to do."""
+    import errno
+
+    src, _, model_path = small
+    out = str(tmp_path / "out.ome.zarr")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "enhance", full)
+    rc = cli_main(["enhance", src, out, "--model", model_path, "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [
+        f"svision-big: error: no space left on the device for {out} (No space left on device): free space, "
+        "then re-run the same command to resume (the finished work is kept)"
+    ]

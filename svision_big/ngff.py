@@ -379,7 +379,10 @@ class Image:
         return len(self.paths)
 
     def level(self, i: int) -> zarr.Array:
-        node = self.group[self.paths[i]]
+        try:
+            node = self.group[self.paths[i]]
+        except KeyError:
+            raise NgffError(f"dataset '{self.paths[i]}' of {self._where} does not exist") from None
         if not isinstance(node, zarr.Array):
             raise NgffError(f"dataset '{self.paths[i]}' of {self._where} is not an array")
         return node

@@ -1042,11 +1042,7 @@ def _jobs(
         output_name(last): (output, "0"),
         **{output_name(k): (output, state.scratch_path(fp, k)) for k in range(last)},
     }
-    shape0 = image.level(0).shape
-    coarse = tuple(
-        (image.paths[i], tuple(n0 / max(1, n) for n0, n in zip(shape0, image.level(i).shape)))
-        for i in range(1, image.nlevels)
-    )
+    coarse = _coarse_levels(image)
     base = dict(
         out_url=output,
         spatial_axes=tuple(image.spatial_axes),
@@ -1079,6 +1075,21 @@ def _jobs(
         )
         for k, (p, pl) in enumerate(zip(lay.passes, lay.plans))
     ]
+
+
+def _coarse_levels(image: Image) -> tuple[tuple[str, tuple[float, ...]], ...]:
+    """The input's levels above level 0 that open, with the per-axis ratio of level 0's shape to theirs
+    (what tells an absent chunk's emptiness, ``chunks.empty_on_coarser_levels``). They are a help,
+    not a need: a level that does not open ends the list, it does not fail the run."""
+    shape0 = image.level(0).shape
+    out = []
+    for i in range(1, image.nlevels):
+        try:
+            shape = image.level(i).shape
+        except NgffError:
+            break
+        out.append((image.paths[i], tuple(n0 / max(1, n) for n0, n in zip(shape0, shape))))
+    return tuple(out)
 
 
 def _announce(factors, output: str, resuming: bool, lay: _Layout, skip=None) -> None:

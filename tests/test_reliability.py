@@ -1384,3 +1384,25 @@ def test_a_full_disk_is_one_line_naming_the_output_and_how_to_go_on(small, tmp_p
         f"svision-big: error: no space left on the device for {out} (No space left on device): free space, "
         "then re-run the same command to resume (the finished work is kept)"
     ]
+
+
+def test_a_missing_coarse_dataset_in_the_input_does_not_fail_the_run(small, tmp_path, capsys):
+    """Issue 27.3: a level-1 dataset whose path does not exist must not fail a run that does not need
+    it. The absent-chunk check reads the levels above level 0 as a help: a level that does not open
+    ends its list (it failed with "KeyError: 'nope'" after the output was set up, once that check
+    read every level). Opening that level names it."""
+    _, _, model_path = small
+    vol = smooth_volume((8, 256, 256), seed=3, dtype=np.uint16, scale=1000)
+    src = str(write_ome_zarr(vol, str(tmp_path / "levels.ome.zarr")))
+    meta_path = os.path.join(src, "zarr.json")
+    meta = json.load(open(meta_path))
+    meta["attributes"]["ome"]["multiscales"][0]["datasets"][1]["path"] = "nope"
+    json.dump(meta, open(meta_path, "w"))
+    img = open_image(src)
+    assert img.nlevels >= 3
+    with pytest.raises(NgffError, match="dataset 'nope' of .* does not exist"):
+        img.level(1)
+    out = str(tmp_path / "out.ome.zarr")
+    rc = cli_main(["enhance", src, out, "--model", model_path, "--scheduler", "sync", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    assert open_image(out).level(0).shape == (16, 512, 512)

@@ -19,7 +19,8 @@ import torch
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from .background import Fill, cubic_fill, fill_read
-from .chunks import absent_chunks, bad_chunk, chunk_region, empty_on_coarser_levels
+from .chunks import bad_chunk
+from .inputcheck import InputDataError, check_block
 from .model import Model
 from .ngff import make_store
 from .operator import Pass, output_offset, run_pass
@@ -33,12 +34,6 @@ _ARRAYS: dict[tuple, object] = {}
 NO_WORKERS_S = 600.0  # a cluster without a single worker for this long ends the run (one line, resumable)
 READ_ATTEMPTS = 3  # a region that cannot be read is tried this often (transient store errors), then named
 RETRY_DELAY_S = 0.2  # first wait between attempts (doubled each time)
-NONFINITE = ("error", "fill")
-
-
-class InputDataError(ValueError):
-    """The input holds what the run must not silently use (NaN/Inf, a missing chunk under --strict).
-    Deterministic: never retried."""
 
 
 class ClusterLost(RuntimeError):
@@ -258,58 +253,24 @@ def _read(job: Job, url: str, path: str, options: dict | None, sel: tuple, index
     ) from None
 
 
-def _fill(arr) -> float:
-    fv = arr.fill_value
-    try:
-        fv = float(fv)
-    except (TypeError, ValueError):
-        return 0.0
-    return fv if np.isfinite(fv) else 0.0
-
-
-def _was_empty(job: Job, src, coords: tuple[int, ...]) -> bool:
-    """An absent input chunk that the levels above it show to be all fill value: zarr left it out
-    because it was empty (another tool's default), not because it was lost."""
-    options = job.in_options
-    levels = [(_open_array(job.in_url, p, options, False, job.done_url), r) for p, r in job.coarse_levels]
-    return empty_on_coarser_levels(chunk_region(src, coords), levels, src.fill_value) is True
-
-
 def _check_input(job: Job, src, x: np.ndarray, block: Block, index: int, factors=None) -> dict:
-    """Missing chunks and non-finite values in a block of the raw input: counted (over the block's
-    own region, so halos do not count twice), refused, or filled, as the job says. One NaN voxel
-    spreads over the network's whole receptive field; a missing chunk reads as the fill value without a word."""
-    where = f"{job.in_url.rstrip('/')}/{job.in_path}"
-    note: dict = {}
-    sel = job.selection(block, block.read, offsets=True)
-    missing = [key for coords, key in absent_chunks(src, sel) if not _was_empty(job, src, coords)]
-    if missing:
-        if job.strict:
-            raise InputDataError(
-                f"{where}: chunk {missing[0]} is missing (needed by block {index}; "
-                f"{len(missing)} missing in its region); without --strict it reads as the fill "
-                f"value {src.fill_value}"
-            )
-        note["missing"] = missing
-    if x.dtype.kind == "f":
-        bad = ~np.isfinite(x)
-        if bad.any():
-            core = tuple(
-                slice(w.start // f - r.start, w.stop // f - r.start)
-                for w, r, f in zip(block.write, block.read, factors or job.plan.factors)
-            )
-            n = int(np.count_nonzero(bad[core]))
-            if job.nonfinite != "fill":
-                total = int(np.count_nonzero(bad))
-                raise InputDataError(
-                    f"{where}: {total:,} NaN/Inf voxels in the region block {index} reads: a "
-                    f"network spreads them over the output; pass --nonfinite fill to read them as "
-                    f"the fill value ({_fill(src)})"
-                )
-            x[bad] = _fill(src)
-            if n:
-                note["nonfinite"] = n
-    return note
+    """``inputcheck.check_block`` for one block of the job's raw input (its region, core and the
+    input's coarser levels, opened once per process)."""
+    core = tuple(
+        slice(w.start // f - r.start, w.stop // f - r.start)
+        for w, r, f in zip(block.write, block.read, factors or job.plan.factors)
+    )
+    coarse = [(_open_array(job.in_url, p, job.in_options, False, job.done_url), r) for p, r in job.coarse_levels]
+    return check_block(
+        x,
+        src,
+        job.selection(block, block.read, offsets=True),
+        core,
+        f"{job.in_url.rstrip('/')}/{job.in_path}",
+        index,
+        {"strict": job.strict, "nonfinite": job.nonfinite},
+        coarse,
+    )
 
 
 class _NoWorkerWatch:

@@ -211,7 +211,7 @@ def _check_range(image: Image, input: str, dtype: str) -> None:
 
 
 def _check_nonfinite(mode: str) -> None:
-    from .execute import NONFINITE
+    from .inputcheck import NONFINITE
 
     if mode not in NONFINITE:
         raise ValueError(f"--nonfinite {mode}: use one of {', '.join(NONFINITE)}")
@@ -407,9 +407,9 @@ def _finite_sample(sample: np.ndarray, image: Image, input: str, box, nonfinite:
             f"{input}: the training region [{region}] holds {n:,} NaN/Inf voxels of {sample.size:,}: "
             f"svision-big cannot train on them; pass --nonfinite fill to read them as the fill value"
         )
-    from .execute import _fill
+    from .inputcheck import fill_value
 
-    sample = np.where(bad, _fill(image.level(0)), sample)
+    sample = np.where(bad, fill_value(image.level(0)), sample)
     if not quiet:
         print(f"training: {n:,} NaN/Inf voxels in the training region read as the fill value", flush=True)
     return sample

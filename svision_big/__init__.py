@@ -1,9 +1,23 @@
 """svision_big: Self-Vision resolution enhancement for volumes larger than memory."""
 
+from __future__ import annotations
+
 __version__ = "0.1.0"
 
-from .model import Model, ModelFileError, load_model  # noqa: E402
-from .train import fit  # noqa: E402
+# Imported on first use (PEP 562): `import svision_big` and the commands that need no network
+# (`--help`, `info`, `convert`, `compare`, `view`) start without importing torch (1.9 s -> see
+# benchmarks/README.md, "Start-up").
+_LAZY = {"Model": "model", "ModelFileError": "model", "load_model": "model", "fit": "train"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def enhance(input, output, model, **kwargs) -> dict:
@@ -20,7 +34,7 @@ def run(input, output, factor, **kwargs) -> dict:
     return _run(input, output, factor, **kwargs)
 
 
-def train_model(input, factor, **kwargs) -> Model:
+def train_model(input, factor, **kwargs) -> Model:  # noqa: F821 - imported on first use
     """Train a model on a sampled region of an OME-Zarr image (path or URL); ``fit`` trains on an
     array. See :func:`svision_big.pipeline.train`. (Not ``train``: that name is the module
     ``svision_big.train``.)"""

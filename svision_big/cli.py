@@ -437,8 +437,6 @@ def _check_model_output(path: str, overwrite: bool) -> None:
 
 
 def _dispatch(a) -> int:
-    from . import pipeline
-
     if a.command == "info":
         from .ngff import describe
 
@@ -482,6 +480,8 @@ def _dispatch(a) -> int:
 
         view(a.input, a.output, storage_options=a.storage_options, output_storage_options=a.output_storage_options)
         return 0
+    from . import pipeline  # torch: only the commands that run a network import it
+
     if a.command == "train":  # before a TIFF is converted and before training (minutes), not after
         _check_model_output(a.output, a.overwrite)
     if a.command in ("train", "run"):  # an OME-TIFF / ImageJ TIFF is converted on the way, with its metadata

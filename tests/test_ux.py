@@ -624,3 +624,28 @@ def test_run_interrupted_while_training_resumes_the_training_and_leaves_no_check
     for i in range(a.nlevels):
         np.testing.assert_array_equal(a.read(i), b.read(i))
     assert not list(tmp_path.joinpath("out.ome.zarr").rglob("*.ckpt"))
+
+
+def test_commands_that_run_no_network_start_without_torch(tmp_path):
+    """`svision-big --help` and `info` took about 2 s, most of it importing torch, which they never
+    use (issue 13.1): the package imports its model and training modules on first use."""
+    import subprocess
+    import sys
+
+    from svision_big.convert import write_ome_zarr
+
+    src = str(write_ome_zarr(np.zeros((4, 8, 8), np.uint16), str(tmp_path / "in.ome.zarr")))
+    code = (
+        "import sys\n"
+        "import svision_big, svision_big.cli\n"
+        "assert 'torch' not in sys.modules, 'import'\n"
+        "for argv in (['info', sys.argv[1]], ['--version']):\n"
+        "    try:\n"
+        "        svision_big.cli.main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "assert 'torch' not in sys.modules, 'info'\n"
+        "assert callable(svision_big.fit) and 'torch' in sys.modules  # on first use\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code, src], capture_output=True, text=True, timeout=120, cwd=_ROOT)
+    assert p.returncode == 0, p.stderr

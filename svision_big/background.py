@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .ngff import NgffError
 from .operator import add_upsampled, clamp_, output_name
 from .plan import BlockPlan, on_axes
 from .values import Normalisation, to_output
@@ -213,13 +214,20 @@ class Decision:
 def decide(image, value, models, outer, passes, plans: list[BlockPlan]) -> Decision:
     """Read the coarse level once per outer index, and decide every pass's skipped blocks."""
     spatial = image.spatial_axes
-    shapes = [tuple(image.level(i).shape[a] for a in spatial) for i in range(image.nlevels)]
-    level = coarse_level(shapes)
-    in_shape = shapes[0]
-    ratio = tuple(n / c for n, c in zip(in_shape, shapes[level]))
+    opened = []  # (level, spatial shape) of the levels that open: one missing from the metadata is passed over
+    for i in range(image.nlevels):
+        try:
+            opened.append((i, tuple(image.level(i).shape[a] for a in spatial)))
+        except NgffError:
+            if i == 0:
+                raise
+    k = coarse_level([shape for _, shape in opened])
+    level, coarse_shape = opened[k]
+    in_shape = opened[0][1]
+    ratio = tuple(n / c for n, c in zip(in_shape, coarse_shape))
     ts = thresholds([m.norm for m in models], value)
     last = plans[-1]
-    cells = _cone_cells(last, cone_halo(plans, in_shape), in_shape, shapes[level])
+    cells = _cone_cells(last, cone_halo(plans, in_shape), in_shape, coarse_shape)
     grid = np.zeros(last.shape, bool)
     cts, bgs = [], []
     for o in np.ndindex(*last.outer_shape) if last.outer_shape else [()]:

@@ -1406,3 +1406,8 @@ def test_a_missing_coarse_dataset_in_the_input_does_not_fail_the_run(small, tmp_
     rc = cli_main(["enhance", src, out, "--model", model_path, "--scheduler", "sync", "--quiet"])
     assert rc == 0, capsys.readouterr().err
     assert open_image(out).level(0).shape == (16, 512, 512)
+    # --skip-background reads the levels' shapes too: the missing one is passed over, the same output
+    skip = str(tmp_path / "skip.ome.zarr")
+    argv = ["enhance", src, skip, "--model", model_path, "--scheduler", "sync", "--quiet", "--skip-background"]
+    assert cli_main(argv) == 0, capsys.readouterr().err
+    assert open_image(skip).level(0).shape == (16, 512, 512)

@@ -550,6 +550,15 @@ def test_operator_and_ensemble_flags_force_the_choice_the_check_would_make_and_s
     assert m.info["baseline"]["operator"] == "network" and m.stages[-1].ensemble == 4
     rc, out, err = _cli(["train", src, "-o", str(tmp_path / "m2.svb"), "--factor", "2", "--ensemble", "2"], capsys)
     assert rc == 2 and "--ensemble: invalid choice: '2'" in err[-1]
+    # the flags' choices are the library's (the command line declares them without importing torch)
+    from svision_big import cli
+    from svision_big.operator import ENSEMBLES
+    from svision_big.train import OPERATORS
+
+    train_p = cli.build_parser()._subparsers._group_actions[0].choices["train"]
+    choices = {a.dest: a.choices for a in train_p._actions if a.dest in ("operator", "ensemble")}
+    assert tuple(choices["operator"]) == OPERATORS
+    assert sorted(choices["ensemble"]) == sorted(["auto", *map(str, ENSEMBLES)])
 
 
 # --------------------------------------------------------------------------- interrupted training (issue 28.4)

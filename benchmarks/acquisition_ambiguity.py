@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import quality  # noqa: E402
 import svision_big  # noqa: E402
-from svision_big import selfsim, train  # noqa: E402
+from svision_big import harmcheck, selfsim, train  # noqa: E402
 from svision_big.degrade import ACQUISITIONS, Degradation  # noqa: E402
 
 
@@ -40,11 +40,11 @@ def cases() -> list:
 
 def offers(model, acqs=ACQUISITIONS) -> dict:
     """Every operator the check could choose, by name."""
-    m = dict(train.baselines(model))
-    for k in train.ENSEMBLES:
-        m[f"ensemble {k}"] = train._with_ensemble(model, k)
+    m = dict(harmcheck.baselines(model))
+    for k in harmcheck.ENSEMBLES:
+        m[f"ensemble {k}"] = harmcheck._with_ensemble(model, k)
     for a in acqs:
-        probe = train._with_stages(
+        probe = harmcheck._with_stages(
             model,
             [
                 train.StageRecord(
@@ -53,7 +53,7 @@ def offers(model, acqs=ACQUISITIONS) -> dict:
                 for s in model.stages
             ],
         )
-        for n, op in train.projected_baselines(probe).items():
+        for n, op in harmcheck.projected_baselines(probe).items():
             m[f"{n} [{a}]"] = op
     return m
 
@@ -64,17 +64,17 @@ def run(case) -> dict:
     truth, lr = inp["truth"], inp["lr"]
     factors = case.factors
     captured = {}
-    original = train.do_no_harm
+    original = harmcheck.do_no_harm
 
     def spy(model, deg, v, cfg, denoiser=0, full_scale=None):
         captured.update(model=model, deg=deg, cfg=cfg, full=full_scale)
         return original(model, deg, v, cfg, denoiser, full_scale)
 
-    train.do_no_harm = spy
+    harmcheck.do_no_harm = spy
     try:
         chosen = svision_big.fit(lr, factor=factors, seed=0, quiet=True)
     finally:
-        train.do_no_harm = original
+        harmcheck.do_no_harm = original
     dr = float(truth.max() - truth.min())
     row = {"case": case.name, "true_acquisition": case.acquisition, "factors": list(factors)}
     ss = (chosen.info.get("acquisition") or {}).get("self_similarity")
@@ -104,7 +104,7 @@ def run(case) -> dict:
     for a in ACQUISITIONS:
         blur = tuple(ss["blurs"][a])
         vc = train.blurred(v, selfsim.pair_blur(blur, factors))
-        s, _ = train.check_scores(ops, Degradation(factors, None, noise, a), vc, cfg)
+        s, _ = harmcheck.check_scores(ops, Degradation(factors, None, noise, a), vc, cfg)
         row["checks"][a] = {n: float(x) for n, x in s.items()}
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row

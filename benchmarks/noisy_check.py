@@ -43,6 +43,7 @@ from svision_big.operator import OperatorSpec, StageOp, back_project, enhance_ar
 from svision_big.synthetic import downsample_mean, make_volume  # noqa: E402
 
 T = importlib.import_module("svision_big.train")  # the module (the package exports a function of that name)
+noisecheck = importlib.import_module("svision_big.noisecheck")
 CASES = [("x2-mixed-noisy", "mixed"), ("x2-filaments-noisy", "filaments")]
 SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)
 
@@ -78,7 +79,7 @@ def run_case(name: str, kind: str) -> dict:
     dr = float(truth.max() - truth.min())
     norm = T.measure_normalisation(obs)
     v = norm.forward(torch.from_numpy(obs.astype(np.float32))).numpy()
-    nm = T.choose_noise(v, "auto")
+    nm = noisecheck.choose_noise(v, "auto")
     deg = Degradation(factors, None, None if nm is None else (nm.gain, nm.offset))
     t0 = time.perf_counter()
     net, val, _ = T.train_stage(v, deg, T.TrainConfig(quiet=True))

@@ -131,8 +131,9 @@ def trained_fills(vol: np.ndarray, steps: int) -> dict:
     """The two fills against a model *trained* on this volume (``fit``, in memory, on a region of
     two tissue and four background blocks): the largest and mean differences to the operator's
     output where the input around is background (32+ input voxels beyond the last bead)."""
+    from svision_big.harmcheck import cubic_baseline
     from svision_big.operator import enhance_array
-    from svision_big.train import cubic_baseline, fit
+    from svision_big.train import fit
 
     crop = vol[:, 0 : 2 * BLOCK_IN, 3 * BLOCK_IN :]
     t0 = time.perf_counter()

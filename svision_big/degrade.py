@@ -341,7 +341,7 @@ def resize(x: torch.Tensor, factors: tuple[int, ...], up: bool, acquisition: str
 # The interpolations a residual stage (and the safe baseline) adds its correction to: Keys cubic
 # convolution (MATLAB's and Fiji's bicubic, a = -0.5) or the cubic B-spline (scipy's and skimage's
 # order=3). Which is better depends on the data (block-mean inputs favour the B-spline, point
-# samples Keys): the held-aside check picks (``train.do_no_harm``).
+# samples Keys): the held-aside check picks (``harmcheck.do_no_harm``).
 INTERPOLATIONS = {"keys": ("up", 2), "bspline": ("bspline", BSPLINE_REACH)}  # phase kernel, reach (low-res voxels)
 
 

@@ -25,6 +25,7 @@ from . import background as bgd
 from .checkpoint import Checkpoints
 from .execute import Job, execute, limit_arenas
 from .halo import pass_halo
+from .harmcheck import check_choice
 from .model import Model, ModelFileError, load_model
 from .ngff import (
     Image,
@@ -37,6 +38,7 @@ from .ngff import (
     upsampled_transform,
     viewer_metadata,
 )
+from .noisecheck import denoise_mode
 from .operator import (
     DEFAULT_PRECISION,
     IMAGE,
@@ -49,9 +51,10 @@ from .operator import (
 )
 from .plan import BlockPlan, default_block, on_axes
 from .pyramid import build_levels, pyramid_datasets, pyramid_factors
+from .settings import parse_factors
 from .state import OutputState
 from .store import location, same_or_nested
-from .train import check_choice, denoise_mode, fit, parse_factors
+from .train import fit
 
 DEFAULT_TRAIN_VOXELS = 4_000_000
 # Output chunks for viewers, and each pass's default block (output voxels per axis, whole chunks).

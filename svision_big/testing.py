@@ -12,7 +12,7 @@ import torch
 from svision_big.degrade import Degradation
 from svision_big.model import Model, StageRecord
 from svision_big.network import NetConfig, SVNet
-from svision_big.train import split_stages
+from svision_big.settings import split_stages
 from svision_big.values import Normalisation
 
 __all__ = ["make_model", "stand_in_model"]

@@ -19,7 +19,7 @@ from svision_big.metrics import psnr
 from svision_big.model import Model, ModelFileError, StageRecord
 from svision_big.network import NetConfig, SVNet, pixel_shuffle_nd
 from svision_big.operator import OperatorSpec, StageOp, _forward_t, _variants, enhance_array
-from svision_big.train import parse_factors, split_stages
+from svision_big.settings import parse_factors, split_stages
 from svision_big.values import Normalisation
 
 # --------------------------------------------------------------------------- independent references
@@ -562,7 +562,7 @@ def test_settings_differ_between_clean_sparse_and_noisy():
     m_noisy = svb.fit(noisy.observed, factor=2, steps=120, quiet=True)
     s_clean, s_noisy = m_clean.settings()["stages"][0], m_noisy.settings()["stages"][0]
     assert s_clean["noise"] is None and s_clean["bp_iters"] > 0
-    # noisy: either denoised first (a factor-1 stage, then no SR: train.DENOISED_SR) or trained with
+    # noisy: either denoised first (a factor-1 stage, then no SR: noisecheck.DENOISED_SR) or trained with
     # noise-matched partners; never back-projected (it would copy the input's noise: train.NOISY_BP)
     denoised = s_noisy["factors"] == [1, 1, 1]
     assert denoised == bool(m_noisy.info["denoiser"])
@@ -599,7 +599,7 @@ def test_noise_decision_on_sparse_anisotropic_data():
 @pytest.mark.slow  # trains with fit (4-13 s): pytest -m 'not slow' skips it
 def test_fit_is_reproducible_with_seed(monkeypatch):
     # the seed changes the trained network; a back-projected baseline, which these data take, has none
-    monkeypatch.setattr(sys.modules["svision_big.train"], "PROJECTED_ITERS", ())
+    monkeypatch.setattr(sys.modules["svision_big.harmcheck"], "PROJECTED_ITERS", ())
     acq = synthetic.make_volume("mixed", shape_lr=(8, 32, 32), factor=2, seed=6)
     kw = dict(factor=2, steps=30, quiet=True, acquisition="integrate")
     a = svb.fit(acq.observed, seed=3, **kw)

@@ -11,7 +11,7 @@ import torch
 
 import svision_big as svb
 from conftest import make_model, smooth_volume
-from svision_big import pipeline, synthetic
+from svision_big import harmcheck, noisecheck, pipeline, synthetic
 from svision_big.convert import write_ome_zarr
 from svision_big.degrade import resize, upsample
 from svision_big.denoise import as_network, fit_blind_filter
@@ -79,7 +79,7 @@ def test_denoise_is_the_users_choice_and_the_reason_is_printed(capsys):
     out = capsys.readouterr().out
     assert auto.info["denoiser"] and "filter error" in out and "--denoise on|off overrides" in out
     b = auto.info["baseline"]  # denoised inputs: Keys unless the B-spline wins the check clearly
-    assert b["safe"] == T.safe_baseline(b["scores"], ["denoised cubic", "denoised B-spline"], "denoised cubic")
+    assert b["safe"] == harmcheck.safe_baseline(b["scores"], ["denoised cubic", "denoised B-spline"], "denoised cubic")
     assert auto.stages[-1].config.interpolation == {"denoised cubic": "keys", "denoised B-spline": "bspline"}[b["safe"]]
     off = svb.fit(noisy, factor=2, steps=5, seed=0, quiet=True, denoise="off")
     assert not off.info["denoiser"] and off.info["noise_estimate"] is not None
@@ -118,10 +118,10 @@ def test_operator_that_loses_falls_back_to_exact_cubic():
     bad = _bad_model()
     v = bad.norm.forward(torch.from_numpy(acq.observed.astype(np.float32))).numpy()
     cfg = T.TrainConfig(steps=5)
-    out_model = T.do_no_harm(bad, Degradation((2, 2, 2), None, None, "mixed"), v, cfg)
+    out_model = harmcheck.do_no_harm(bad, Degradation((2, 2, 2), None, None, "mixed"), v, cfg)
     b = out_model.info["baseline"]
     assert b["used"] and b["scores"][b["safe"]] < b["scores"]["ensemble 8"]
-    assert b["verdict"].startswith(b["safe"]) and b["safe"] == T.safe_baseline(
+    assert b["verdict"].startswith(b["safe"]) and b["safe"] == harmcheck.safe_baseline(
         b["scores"], ["cubic", "B-spline"], "B-spline"
     )
     out = out_model.enhance(acq.observed, dtype="float32")
@@ -180,7 +180,7 @@ def test_the_check_picks_keys_or_bspline(tmp_path, monkeypatch, data, acquisitio
     ``BASELINE_MARGIN``: on point samples of white noise Keys scores 3% better, which the default
     margin ignores and a zero margin takes. The chosen one is what the model computes, in blocks as on
     the whole volume."""
-    monkeypatch.setattr(T, "BASELINE_MARGIN", margin)
+    monkeypatch.setattr(harmcheck, "BASELINE_MARGIN", margin)
     from svision_big.degrade import Degradation
 
     vol = (
@@ -190,7 +190,7 @@ def test_the_check_picks_keys_or_bspline(tmp_path, monkeypatch, data, acquisitio
     )
     bad = _bad_model()
     v = bad.norm.forward(torch.from_numpy(vol)).numpy()
-    model = T.do_no_harm(bad, Degradation((2, 2, 2), None, None, acquisition), v, T.TrainConfig(steps=5))
+    model = harmcheck.do_no_harm(bad, Degradation((2, 2, 2), None, None, acquisition), v, T.TrainConfig(steps=5))
     b = model.info["baseline"]
     assert b["used"] and b["safe"] == safe and set(b["scores"]) >= {"cubic", "B-spline"}
     assert (b["scores"]["cubic"] < b["scores"]["B-spline"]) == (data == "noise")
@@ -198,7 +198,7 @@ def test_the_check_picks_keys_or_bspline(tmp_path, monkeypatch, data, acquisitio
 
 
 def test_ensemble_size_is_chosen_and_recorded(monkeypatch):
-    monkeypatch.setattr(T, "PROJECTED_ITERS", ())  # the network against the plain baselines only
+    monkeypatch.setattr(harmcheck, "PROJECTED_ITERS", ())  # the network against the plain baselines only
     acq = synthetic.make_volume("mixed", shape_lr=(16, 48, 48), factor=2, seed=2)
     model = svb.fit(acq.observed, factor=2, steps=150, seed=0, quiet=True, acquisition="integrate")
     b = model.info["baseline"]
@@ -207,7 +207,7 @@ def test_ensemble_size_is_chosen_and_recorded(monkeypatch):
     assert all(s.ensemble == b["ensemble"] for s in model.stages)
     assert all(s.config.interpolation == T.RESIDUAL_INTERPOLATION == "bspline" for s in model.stages)
     best = min(b["scores"][f"ensemble {k}"] for k in (8, 4, 1))
-    assert b["scores"][f"ensemble {b['ensemble']}"] <= best * (1 + T.ENSEMBLE_TOLERANCE)
+    assert b["scores"][f"ensemble {b['ensemble']}"] <= best * (1 + harmcheck.ENSEMBLE_TOLERANCE)
 
 
 def test_saturated_input_is_a_ceiling():
@@ -306,21 +306,21 @@ def test_sparse_poisson_noise_without_read_noise_is_found():
     noisy = np.random.default_rng(0).poisson(c / c.max() * 50.0).astype(np.float32)
     n = T.measure_normalisation(noisy)
     v = (noisy - n.lo) / (n.hi - n.lo)
-    assert len(T.noise_bins(v).x) > 2
-    assert T.choose_noise(v, "auto") is not None
+    assert len(noisecheck.noise_bins(v).x) > 2
+    assert noisecheck.choose_noise(v, "auto") is not None
     n = T.measure_normalisation(c)
-    assert T.choose_noise((c - n.lo) / (n.hi - n.lo), "auto") is None
+    assert noisecheck.choose_noise((c - n.lo) / (n.hi - n.lo), "auto") is None
 
 
 def test_denoising_refused_when_the_noise_model_exceeds_the_blind_error():
     """A noise model claiming more noise than the filter's whole blind error is wrong; taking the
     blind error as all noise would apply the strongest filter there is."""
     v = np.random.default_rng(0).random((16, 24, 24)).astype(np.float32)
-    nm = T.NoiseModel(gain=0.0, offset=0.02)
+    nm = noisecheck.NoiseModel(gain=0.0, offset=0.02)
     agree = {"blind_mse": 0.03}
-    assert T.worth_denoising(v, agree, nm) and agree["consistent"]
+    assert noisecheck.worth_denoising(v, agree, nm) and agree["consistent"]
     disagree = {"blind_mse": 0.019}
-    assert not T.worth_denoising(v, disagree, nm) and not disagree["consistent"]
+    assert not noisecheck.worth_denoising(v, disagree, nm) and not disagree["consistent"]
 
 
 @pytest.mark.parametrize("factor", [2, 4])
@@ -342,14 +342,17 @@ def test_heavy_tailed_structure_is_not_taken_for_noise(factor):
         return T.measure_normalisation(x).forward(torch.from_numpy(x)).numpy()
 
     v = normalised(lr)
-    bins = T.noise_bins(v)
+    bins = noisecheck.noise_bins(v)
     # without the tail test these blobs pass as noisy (they were denoised and lost to cubic)
-    assert bins.theil_sen().std(0.5) > T.NOISE_STD_THRESHOLD or bins.background_std() > T.BACKGROUND_STD_THRESHOLD
-    assert bins.tail_ratio() > T.NOISE_TAIL_LIMIT
-    assert T.choose_noise(v, "auto") is None
+    assert (
+        bins.theil_sen().std(0.5) > noisecheck.NOISE_STD_THRESHOLD
+        or bins.background_std() > noisecheck.BACKGROUND_STD_THRESHOLD
+    )
+    assert bins.tail_ratio() > noisecheck.NOISE_TAIL_LIMIT
+    assert noisecheck.choose_noise(v, "auto") is None
     noisy = normalised(np.random.default_rng(1).poisson(np.clip(lr, 0, None) / lr.max() * 200).astype(np.float32))
-    assert T.noise_bins(noisy).tail_ratio() < 2.0
-    assert T.choose_noise(noisy, "auto") is not None
+    assert noisecheck.noise_bins(noisy).tail_ratio() < 2.0
+    assert noisecheck.choose_noise(noisy, "auto") is not None
 
 
 def test_back_projected_baseline_is_offered_and_runs_in_blocks(tmp_path):
@@ -360,7 +363,7 @@ def test_back_projected_baseline_is_offered_and_runs_in_blocks(tmp_path):
     acq = synthetic.make_volume("beads", shape_lr=(16, 48, 48), factor=(2, 1, 1), seed=3)
     model = svb.fit(acq.observed, factor=(2, 1, 1), steps=60, seed=0, quiet=True)
     b = model.info["baseline"]
-    assert b["back_projection"] in T.PROJECTED_ITERS and "back-projection" in b["verdict"], b
+    assert b["back_projection"] in harmcheck.PROJECTED_ITERS and "back-projection" in b["verdict"], b
     assert len(model.stages) == 1 and model.stages[0].bp_iters == b["back_projection"]
     assert b["scores"][f"{b['safe']} + back-projection {b['back_projection']}"] < b["scores"][b["safe"]]
     lr = acq.observed.astype(np.float32)
@@ -375,12 +378,12 @@ def test_back_projected_baseline_is_offered_and_runs_in_blocks(tmp_path):
 def _alternating(model: Model, swing: float) -> Model:
     """The B-spline baseline of ``model`` plus +swing / -swing on the two output planes of each input
     plane: the signature of the serial-section failure (brightness alternating at the factor's period)."""
-    base = T.cubic_baseline(model, 0, "bspline")
+    base = harmcheck.cubic_baseline(model, 0, "bspline")
     s = base.stages[0]
     state = dict(s.state)
     state["expand.bias"] = torch.tensor([swing, -swing], dtype=state["expand.bias"].dtype)
     rec = T.StageRecord(s.config, state, s.degradation, 0, 1, s.report)
-    return T._with_stages(base, [rec])
+    return harmcheck._with_stages(base, [rec])
 
 
 def test_plane_brightness_swing_the_check_approved_is_refused(monkeypatch):
@@ -392,8 +395,8 @@ def test_plane_brightness_swing_the_check_approved_is_refused(monkeypatch):
     acq = synthetic.make_volume("mixed", shape_lr=(16, 48, 48), factor=(2, 1, 1), seed=4)
     model = make_model((2, 1, 1), bp=0)
     v = model.norm.forward(torch.from_numpy(acq.observed.astype(np.float32))).numpy()
-    flat = T.plane_contrasts(_alternating(model, 0.0), T.cubic_baseline(model, 0, "bspline"), v, 16)
-    swung = T.plane_contrasts(_alternating(model, 0.05), T.cubic_baseline(model, 0, "bspline"), v, 16)
+    flat = harmcheck.plane_contrasts(_alternating(model, 0.0), harmcheck.cubic_baseline(model, 0, "bspline"), v, 16)
+    swung = harmcheck.plane_contrasts(_alternating(model, 0.05), harmcheck.cubic_baseline(model, 0, "bspline"), v, 16)
     assert not flat["harm"] and swung["harm"], (flat, swung)
     assert swung["operator"][1:] == [0.0, 0.0]  # only the upsampled axis is measured
 
@@ -401,11 +404,11 @@ def test_plane_brightness_swing_the_check_approved_is_refused(monkeypatch):
         scores = {k: (0.5 if k.startswith("ensemble") else 1.0) for k in models}
         return scores, [scores]
 
-    monkeypatch.setattr(T, "check_scores", approving)
-    monkeypatch.setattr(T, "PROJECTED_ITERS", ())
+    monkeypatch.setattr(harmcheck, "check_scores", approving)
+    monkeypatch.setattr(harmcheck, "PROJECTED_ITERS", ())
     deg = Degradation((2, 1, 1), None, None, "integrate")
     for swing, kept in ((0.0, True), (0.05, False)):
-        chosen = T.do_no_harm(_alternating(model, swing), deg, v, T.TrainConfig(steps=5), full_scale=v)
+        chosen = harmcheck.do_no_harm(_alternating(model, swing), deg, v, T.TrainConfig(steps=5), full_scale=v)
         b = chosen.info["baseline"]
         assert b["used"] is not kept and b["plane_contrast"]["harm"] is not kept, b
         if not kept:
@@ -416,9 +419,9 @@ def test_plane_brightness_swing_the_check_approved_is_refused(monkeypatch):
         scores = {k: (0.5 if k.startswith("ensemble") else 0.6 if "back-projection" in k else 1.0) for k in models}
         return scores, [scores]
 
-    monkeypatch.setattr(T, "check_scores", approving_both)
-    monkeypatch.setattr(T, "PROJECTED_ITERS", (2,))
-    chosen = T.do_no_harm(_alternating(model, 0.05), deg, v, T.TrainConfig(steps=5), full_scale=v)
+    monkeypatch.setattr(harmcheck, "check_scores", approving_both)
+    monkeypatch.setattr(harmcheck, "PROJECTED_ITERS", (2,))
+    chosen = harmcheck.do_no_harm(_alternating(model, 0.05), deg, v, T.TrainConfig(steps=5), full_scale=v)
     b = chosen.info["baseline"]
     assert b["back_projection"] == 2 == chosen.stages[0].bp_iters and b["refused_for_harm"], b
     assert b["verdict"].startswith("B-spline + back-projection 2") and not b["plane_contrast"]["harm"]
@@ -431,7 +434,7 @@ def test_the_check_on_refused_noise_adds_no_more_noise_than_the_blind_error_allo
     any independent noise, so the check's noise is scaled down to it (docs/fidelity.md, section 3e)."""
     vol = smooth_volume((12, 40, 40), seed=21).astype(np.float32)  # clean: its "noise" is structure
     seen = {}
-    real = T.do_no_harm
+    real = harmcheck.do_no_harm
 
     def spy(model, deg, v, cfg, *a, **k):
         seen["deg"] = deg
@@ -447,6 +450,8 @@ def test_the_check_on_refused_noise_adds_no_more_noise_than_the_blind_error_allo
     check_var = float(np.mean(np.clip(gain * np.clip(v, 0, None) + offset, 0, None)))
     assert check_var <= rep["blind_mse"] * (1 + 1e-4)
     # a consistent model (it claims less than the blind error) is left as it is
-    nm = T.NoiseModel(2e-3, 1e-4)
-    assert T.bounded_noise(nm, {"modelled_noise_var": 3e-4, "noise_var": 3e-4}) == nm
-    assert T.bounded_noise(nm, {"modelled_noise_var": 4e-4, "noise_var": 1e-4}) == T.NoiseModel(5e-4, 2.5e-5)
+    nm = noisecheck.NoiseModel(2e-3, 1e-4)
+    assert noisecheck.bounded_noise(nm, {"modelled_noise_var": 3e-4, "noise_var": 3e-4}) == nm
+    assert noisecheck.bounded_noise(nm, {"modelled_noise_var": 4e-4, "noise_var": 1e-4}) == noisecheck.NoiseModel(
+        5e-4, 2.5e-5
+    )

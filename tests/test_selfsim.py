@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import svision_big as svb
-from svision_big import selfsim, synthetic
+from svision_big import harmcheck, noisecheck, selfsim, synthetic
 from svision_big.degrade import blur, resize
 from svision_big.metrics import psnr
 
@@ -123,15 +123,17 @@ def test_noise_the_filter_refuses_trains_as_clean_and_is_kept_in_the_check(monke
     from svision_big.noise import NoiseModel
 
     claimed = NoiseModel(gain=1e-3, offset=1e-5)
-    monkeypatch.setattr(T, "choose_noise", lambda v, mode: claimed if mode not in (False, "off", None) else None)
+    claim = lambda v, mode: claimed if mode not in (False, "off", None) else None  # noqa: E731
+    monkeypatch.setattr(noisecheck, "choose_noise", claim)  # the input's noise ...
+    monkeypatch.setattr(T, "choose_noise", claim)  # ... and each stage's
 
     def refuse(v, report, nm):
         report.update(used=False)
         return False
 
-    monkeypatch.setattr(T, "worth_denoising", refuse)
+    monkeypatch.setattr(noisecheck, "worth_denoising", refuse)
     seen = {}
-    real = T.do_no_harm
+    real = harmcheck.do_no_harm
 
     def spy(model, deg, v, cfg, denoiser=0, **kw):
         seen["check"] = deg

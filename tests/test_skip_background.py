@@ -16,11 +16,11 @@ import pytest
 from svision_big import background as bgd
 from svision_big import pipeline
 from svision_big.convert import write_ome_zarr
+from svision_big.harmcheck import cubic_baseline
 from svision_big.ngff import NgffError, open_image
 from svision_big.operator import enhance_array
 from svision_big.plan import BlockPlan
 from svision_big.testing import make_model
-from svision_big.train import cubic_baseline
 
 LO, HI = 100.0, 1100.0  # the models' normalisation: background ~100, objects up to ~1100
 

@@ -188,8 +188,8 @@ def _sparse_volume() -> np.ndarray:
 @pytest.mark.parametrize("ngff", ["0.4", "0.5"])
 def test_a_sparse_volume_written_by_convert_enhances_without_missing_chunks_and_passes_strict(tmp_path, capsys, ngff):
     from svision_big.convert import convert_tiff, write_ome_zarr
+    from svision_big.harmcheck import cubic_baseline
     from svision_big.testing import make_model
-    from svision_big.train import cubic_baseline
 
     tif = tmp_path / "sparse.tif"
     tifffile.imwrite(tif, _sparse_volume())
@@ -235,8 +235,8 @@ def test_empty_chunks_another_tool_left_out_are_told_from_lost_ones_by_the_level
     image from another tool was warned of as missing chunks and refused by --strict. The levels
     above an absent chunk tell: all fill value there, it was empty; data there, it is lost."""
     from svision_big.convert import write_ome_zarr
+    from svision_big.harmcheck import cubic_baseline
     from svision_big.testing import make_model
-    from svision_big.train import cubic_baseline
 
     vol = np.zeros((16, 128, 128), np.uint16)  # y, x above 64: a second level
     vol[:4, :8, :8] = smooth_volume((4, 8, 8), seed=4, dtype=np.uint16, scale=900) + 100
@@ -489,7 +489,7 @@ def test_operator_and_ensemble_flags_force_the_choice_the_check_would_make_and_s
     still recorded, and the summary names the flag that hands the choice back to the check."""
     import svision_big as svb
     from svision_big import synthetic
-    from svision_big.train import baselines, summary
+    from svision_big.harmcheck import baselines, summary
 
     vol = synthetic.make_volume("beads", shape_lr=(16, 48, 48), factor=(2, 1, 1), seed=3).observed.astype(np.float32)
     f = (2, 1, 1)
@@ -552,8 +552,8 @@ def test_operator_and_ensemble_flags_force_the_choice_the_check_would_make_and_s
     assert rc == 2 and "--ensemble: invalid choice: '2'" in err[-1]
     # the flags' choices are the library's (the command line declares them without importing torch)
     from svision_big import cli
+    from svision_big.harmcheck import OPERATORS
     from svision_big.operator import ENSEMBLES
-    from svision_big.train import OPERATORS
 
     train_p = cli.build_parser()._subparsers._group_actions[0].choices["train"]
     choices = {a.dest: a.choices for a in train_p._actions if a.dest in ("operator", "ensemble")}

@@ -1,0 +1,263 @@
+"""Whether to denoise, decided from the input alone, and what the result is when it is denoised.
+
+The noise model (``noise.py``) and the blind filter (``denoise.py``) measure; the decisions here
+use them: whether the noise is material (``choose_noise``), whether removing it pays at the
+input's own scale (``worth_denoising``), how much of each voxel to keep (``blend_centre``), and
+how much noise the check may assume where the filter refused it (``bounded_noise``). A denoised
+input gets the filter, then the better cubic, and no SR network (``DENOISED_SR``,
+``denoised_cubic``). ``decide_noise`` runs them in order and returns one ``NoiseDecision``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .degrade import Degradation
+from .denoise import as_network, fit_blind_filter
+from .harmcheck import baselines, check_scores, safe_baseline, summarise
+from .model import Model, StageRecord
+from .noise import NoiseModel, noise_bins
+from .progress import decision
+
+if TYPE_CHECKING:
+    from .operator import Normalisation
+    from .settings import FitRequest
+
+# background noise std (normalised): clean synthetic data (0.2% read noise) 0.0011-0.0014, 1% read noise 0.0045-0.0062
+BACKGROUND_STD_THRESHOLD = 0.003
+NOISE_STD_THRESHOLD = 0.02  # noise std at mid intensity (normalised): Poisson-1000 data measure 0.023-0.030 and are worth denoising (+0.6 to +7.5 dB); clean data with a PSF measure up to 0.025 (signal leak), which `worth_denoising` then refuses (their blind error is far below it)
+
+NOISE_TAIL_LIMIT = 3.0  # ``NoiseBins.tail_ratio`` above which the measured "noise" is structure
+
+
+def choose_noise(v: np.ndarray, mode: str | bool) -> NoiseModel | None:
+    """Noise to add to training partners: estimated from the data; 'auto' applies it only if material.
+
+    Material means: the robust (median-slope) fit reaches NOISE_STD_THRESHOLD at mid intensity,
+    or the darkest voxels already vary by BACKGROUND_STD_THRESHOLD. In sparse data the second
+    test is the only evidence left: their bright bins hold sub-voxel structure that looks like
+    noise whether or not it is (clean and Poisson-noisy beads show the same top-bin variance)."""
+    if mode in (False, "off", None):
+        return None
+    bins = noise_bins(v)
+    model = bins.least_squares()
+    if mode in (True, "on"):
+        return model
+    material = bins.theil_sen().std(0.5) > NOISE_STD_THRESHOLD or bins.background_std() > BACKGROUND_STD_THRESHOLD
+    return model if material and bins.tail_ratio() <= NOISE_TAIL_LIMIT else None
+
+
+# DENOISED_SR: noisy data that the blind filter denoises get the filter, then cubic upsampling, and no
+# SR network (``fit`` returns ``denoised_cubic``). Measured against the truth (x2, integrate
+# acquisition, 300 steps): an SR network trained on the denoised volume lost to denoised cubic
+# (Poisson-50 filaments 38.55 vs 40.36 dB fit-PSNR, Poisson-200 mixed 39.88 vs 43.09), while the
+# held-aside check one scale down preferred the network in both: the check cannot see it, so the
+# network is not offered.
+# Noise that the blind filter refused to remove (``worth_denoising``: the noise model claims more
+# than the filter's whole blind error, or removing it would not pay) is taken for structure: the SR
+# stages train without noise matching, on pairs blurred as the input is.
+REFUSED_NOISE_AS_CLEAN = True
+DENOISE_MARGIN = 0.8
+MATERIAL_NOISE_VAR = (
+    0.005**2
+)  # normalised units: noise below 0.5% of the range is left to the SR network  # the blind filter's estimated error must be below this fraction of the noise it removes
+
+
+def blend_centre(w: np.ndarray, off: float, report: dict) -> tuple[np.ndarray, float]:
+    """The blind filter's estimate and the voxel itself are two estimates of the signal with
+    independent errors (the filter's, ``denoised_error``, and the noise): their inverse-variance
+    blend keeps a fraction ``err / (err + noise)`` of the voxel. An underestimated noise keeps
+    more of it (less smoothing), the safe side."""
+    err, var = max(report["denoised_error"], 0.0), report["noise_var"]
+    beta = err / (err + var) if err + var > 0 else 0.0
+    w = w * (1.0 - beta)
+    w[(w.shape[0] // 2,) * w.ndim] += beta
+    report["centre_weight"] = beta
+    return w, off * (1.0 - beta)
+
+
+DENOISE_MODES = {"auto": "auto", "on": "on", "off": "off", True: "auto", False: "off"}
+_HOW_TO_DENOISE = {"auto": "; --denoise on|off overrides", "on": " (--denoise on)", "off": ""}
+
+
+def denoise_mode(denoise: str | bool) -> str:
+    try:
+        return DENOISE_MODES[denoise]
+    except (KeyError, TypeError):
+        raise ValueError(f"denoise must be auto, on or off, got {denoise!r}") from None
+
+
+def denoise_reason(report: dict) -> str:
+    """Why the blind filter was (not) used, in the measured figures of ``worth_denoising``."""
+    nv, err, mod = report["noise_var"], report["denoised_error"], report["modelled_noise_var"]
+    if not report["consistent"]:
+        return (
+            f"the noise model claims variance {mod:.3g}, more than the filter's whole blind error "
+            f"{report['blind_mse']:.3g}: structure read as noise"
+        )
+    if nv <= MATERIAL_NOISE_VAR:
+        return f"noise variance {nv:.3g} is below {MATERIAL_NOISE_VAR:.3g}, too little to remove"
+    verb = "<" if err < DENOISE_MARGIN * nv else ">="
+    return f"filter error {err:.3g} {verb} {DENOISE_MARGIN:g} x noise variance {nv:.3g}"
+
+
+def worth_denoising(v: np.ndarray, report: dict, nm: NoiseModel) -> bool:
+    """Whether the blind filter makes the input closer to its clean signal, judged at the input's
+    own scale: for independent noise its blind error is (its error against the clean signal) +
+    (the noise variance), so it helps when that error, blind error minus the noise, stays below
+    the noise itself. The noise model runs low (a 25% low gain on Poisson-50 data), which makes
+    this test refuse denoising rather than force it. Records the figures in ``report``."""
+    modelled = float(np.mean(np.clip(nm.gain * np.clip(v, 0, None) + nm.offset, 0, None)))
+    # the blind error bounds the noise from above (the model reads fine structure as noise: on clean
+    # oversampled data it said 8.6e-6 where the blind error was 6.9e-10)
+    noise_var = min(modelled, report["blind_mse"])
+    err = report["blind_mse"] - noise_var
+    # a noise model that claims more noise than the filter's whole blind error is wrong (structure
+    # read as noise): the split of that error into noise and filter error is then unknown, and
+    # taking all of it as noise is the most aggressive filter there is (measured: x(4,2,2)
+    # Poisson-1000 filaments -0.88 dB, cells3d nuclei x2 -0.92 dB against cubic). Stay out.
+    consistent = modelled < report["blind_mse"]
+    used = consistent and noise_var > MATERIAL_NOISE_VAR and err < DENOISE_MARGIN * noise_var
+    report.update(
+        noise_var=noise_var,
+        modelled_noise_var=modelled,
+        denoised_error=err,
+        consistent=bool(consistent),
+        used=bool(used),
+    )
+    return report["used"]
+
+
+def bounded_noise(nm: NoiseModel, report: dict) -> NoiseModel:
+    """``nm`` scaled so that its mean variance on the input is at most the blind filter's whole error,
+    which bounds any independent noise from above (``worth_denoising``). The check on noise the filter
+    refused recorrupts with this, not with the model: on clean texture x(4,2,2) the model claimed
+    variance 2.6e-4 where the blind error was 2.8e-8, and the recorrupted check then refused every
+    offer sharper than the B-spline (1.24-1.66x its error) while the truth gave them +2.0 to +9.0 dB
+    (docs/fidelity.md, section 3e)."""
+    modelled = float(report.get("modelled_noise_var") or 0.0)
+    if modelled <= 0.0:
+        return nm
+    s = min(1.0, float(report["noise_var"]) / modelled)
+    return NoiseModel(nm.gain * s, nm.offset * s)
+
+
+DENOISER_ENSEMBLE = 1  # the filter is symmetric already: every variant gives the same
+
+
+@dataclass
+class NoiseDecision:
+    """What ``fit`` found about the input's noise and what it does about it (``decide_noise``)."""
+
+    model: NoiseModel | None  # the noise the SR stages match and the check carries (None: clean)
+    stage_mode: str | bool  # the ``noise`` mode each stage's own noise estimate runs with
+    refused: NoiseModel | None = None  # noise the filter would not remove: the check still carries it
+    report: dict = field(default_factory=dict)  # the blind filter's figures (``worth_denoising``)
+    denoiser: StageRecord | None = None  # the denoising stage, when the input is denoised
+
+
+def decide_noise(
+    v: np.ndarray, noise: str | bool, denoise: str | bool, operator: str, acq: str, seed: int, quiet: bool
+) -> NoiseDecision:
+    """Measure the noise of the normalised training sample ``v``, try the blind filter where there is
+    noise, and decide: denoise (the filter as a first stage, ``denoiser``), refuse (the noise is taken
+    for structure, ``refused``), or train with noise-matched pairs (``model``). ``operator`` "network"
+    trains on the input as it is; "projected" cannot follow a denoiser (one-line ValueError)."""
+    nm0 = choose_noise(v, noise)
+    # the blind filter is tried whenever material noise is measured (``worth_denoising`` decides);
+    # the least-squares model reads sub-voxel beads as noise: clean x4 beads were denoised
+    mode = denoise_mode(denoise)
+    if operator == "network" and mode == "on":
+        raise ValueError(
+            "--operator network with --denoise on: a denoised input gets no SR network; use --denoise auto or off"
+        )
+    if operator == "network" and mode == "auto":
+        mode = "off"  # the network was asked for: it trains on the input as it is (noise-matched pairs)
+        if not quiet and nm0 is not None:
+            decision(
+                "noise measured, not removed: --operator network trains the SR network on the input as it "
+                "is, with noise-matched pairs (--denoise on and the default operator denoise it instead)",
+                "denoise",
+                used=False,
+            )
+    nm_any = nm0
+    if mode == "on" and nm_any is None:
+        nm_any = choose_noise(v, "on")  # asked for: the noise model even where it is not material
+    w, off, drep = fit_blind_filter(v, seed) if nm_any is not None and mode != "off" else (None, 0.0, {})
+    worth = w is not None and worth_denoising(v, drep, nm_any)
+    if w is not None:
+        drep.update(mode=mode, forced=mode == "on" and not worth)
+        if not quiet and not worth:
+            decision(
+                f"noise measured, not removed: {denoise_reason(drep)}{_HOW_TO_DENOISE[mode]}", "denoise", used=False
+            )
+    if w is not None and (worth or mode == "on"):  # the filter, then the better cubic: no SR network (DENOISED_SR)
+        return NoiseDecision(nm_any, noise, None, drep, _denoiser(w, off, drep, nm_any, v.ndim, acq, mode, quiet))
+    if REFUSED_NOISE_AS_CLEAN and nm0 is not None and drep and not drep.get("used"):
+        return NoiseDecision(None, False, nm0, drep)  # see REFUSED_NOISE_AS_CLEAN
+    return NoiseDecision(nm0, noise, None, drep)
+
+
+def _denoiser(
+    w: np.ndarray, off: float, drep: dict, nm: NoiseModel, ndim: int, acq: str, mode: str, quiet: bool
+) -> StageRecord:
+    """The blind filter, blended with the voxel itself (``blend_centre``), as a factor-1 first stage."""
+    w, off = blend_centre(w, off, drep)
+    dnet = as_network(w, off)
+    drep.update(noise=[nm.gain, nm.offset], noise_std_mid=nm.std(0.5))
+    if not quiet:
+        decision(
+            f"noise found (std {nm.std(0.5):.3g} at mid range): denoising first with a {drep['kind']} "
+            f"({denoise_reason(drep)}){_HOW_TO_DENOISE[mode]}",
+            "denoise",
+            used=True,
+        )
+    ddeg = Degradation((1,) * ndim, None, None, acq)
+    return StageRecord(dnet.config, dnet.state_dict(), ddeg, 0, DENOISER_ENSEMBLE, drep)
+
+
+def denoised_cubic(dec: NoiseDecision, req: FitRequest, norm: Normalisation, v: np.ndarray, t_start: float) -> Model:
+    """The model for denoised inputs (DENOISED_SR): the blind denoising filter, then the better cubic
+    (Keys or B-spline) on the held-aside check, noise-matched, under every acquisition."""
+    if req.operator == "projected":
+        raise ValueError(
+            "--operator projected: back-projection needs a clean input, and this one is denoised "
+            "(noise is never back-projected); use --operator baseline or network"
+        )
+    nm0, denoiser = dec.model, dec.denoiser
+    lend = Model(stages=[denoiser, denoiser], norm=norm, factors=req.factors)  # the second only lends its record
+    cands = baselines(lend, 1)
+    deg = Degradation(req.factors, None, (nm0.gain, nm0.offset), "mixed")
+    scores, _ = check_scores(cands, deg, v, req.cfg, 1)
+    # denoised inputs: Keys (the B-spline's stronger response near Nyquist carries the noise left)
+    safe = safe_baseline(scores, list(cands), "denoised cubic")
+    model = cands[safe]
+    model.info = {
+        "seed": req.seed,
+        "train_shape": list(v.shape),
+        "steps": 0,
+        "acquisition": {
+            "chosen": req.acquisition if req.acquisition != "auto" else f"auto ({req.acq})",
+            "trained_with": req.acq,
+            "psf_fwhm": None if req.psf_fwhm is None else list(req.psf_fwhm),
+        },
+        "noise_estimate": nm0.std(0.5),
+        "denoiser": True,
+        "denoise_check": denoiser.report,
+        "baseline": {
+            "used": True,
+            "verdict": f"{safe} upsampling (noisy input: no SR network, see noisecheck.DENOISED_SR)",
+            "safe": safe,
+            "ensemble": 1,
+            "scores": {k: float(x) for k, x in scores.items()},
+        },
+    }
+    model.stages[-1].report["trained"] = []
+    model.info["fit_seconds"] = round(time.perf_counter() - t_start, 2)
+    if not req.quiet:
+        summarise(model)
+    return model

@@ -1,10 +1,11 @@
-"""Running a block plan: one task per block, on a Dask cluster or in this process.
+"""The enhance block task: one pass of a block plan, served by the block engine (``engine``).
 
 Tasks carry only a small :class:`Job` and a block index: each reads its own input region,
-runs the in-memory operator, writes its own output chunks and a done-record, and returns a
-tiny status. The model reaches a worker once (a worker plugin holding its bytes) and is built
-once per process (a cache keyed by the model hash). Submission is windowed, so the client
-never holds a graph of more than a few tasks per worker, however many blocks there are.
+runs the in-memory operator and writes its own output chunks (:func:`run_block`); the engine
+records it done, submits windowed and watches the cluster. The model reaches a worker once (a
+worker plugin holding its bytes) and is built once per process (:data:`MODELS`, keyed by the model
+hash). ``--skip-background`` is a per-block policy of this task: a background block is written
+from the cubic upsampling of its input instead of the network (or, before the last pass, not at all).
 """
 
 from __future__ import annotations
@@ -18,27 +19,23 @@ import numpy as np
 import torch
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from . import engine
 from .background import Fill, cubic_fill, fill_read
 from .chunks import bad_chunk
+from .engine import BlockTask, BlockWork, ClusterLost, ProcessCache, run_blocks
 from .inputcheck import InputDataError, check_block
 from .model import Model
-from .ngff import make_store
 from .operator import Pass, output_offset, run_pass
 from .plan import Block, BlockPlan, on_axes
-from .progress import Progress
 from .state import DoneRecords
 from .values import to_output
 
-_MODELS: dict[str, Model] = {}
-_ARRAYS: dict[tuple, object] = {}
-NO_WORKERS_S = 600.0  # a cluster without a single worker for this long ends the run (one line, resumable)
+__all__ = ["MODELS", "ChunkReadError", "ClusterLost", "Job", "execute", "register_models", "run_block"]
+
+MODELS = ProcessCache()  # model hash -> the Model built in this process
+NO_WORKERS_S = engine.NO_WORKERS_S  # a cluster without a single worker for this long ends the run (resumable)
 READ_ATTEMPTS = 3  # a region that cannot be read is tried this often (transient store errors), then named
 RETRY_DELAY_S = 0.2  # first wait between attempts (doubled each time)
-
-
-class ClusterLost(RuntimeError):
-    """The Dask scheduler went away (killed, or the client's link cut): one line, not a
-    FutureCancelledError traceback; the finished blocks' records stay, so a re-run resumes."""
 
 
 class ChunkReadError(OSError):
@@ -95,30 +92,6 @@ class Job:
 # --------------------------------------------------------------------------- per-process state
 
 
-def _open_array(url: str, path: str, options: dict | None, writable: bool, run: str, image: bool = False):
-    """Open once per process and run (``run`` = the job's fingerprint: a recreated output never
-    reuses stale metadata). ``image``: a level of the output image (not a scratch array), written
-    with every chunk stored, those equal to the fill value too (zarr leaves them out by default), so
-    that an output enhanced again has no false "missing chunks"."""
-    import zarr
-
-    key = (url, path, writable, run, image)
-    arr = _ARRAYS.get(key)
-    if arr is None:
-        store = make_store(url, options, read_only=not writable)
-        arr = zarr.open_array(store, path=path, mode="r+" if writable else "r")
-        if writable and image:  # this handle only: zarr's global config is left as it is
-            if hasattr(arr, "with_config"):
-                arr = arr.with_config({"write_empty_chunks": True})
-            else:  # an older zarr 3: an array takes the setting when it is opened
-                with zarr.config.set({"array.write_empty_chunks": True}):
-                    arr = zarr.open_array(store, path=path, mode="r+")
-        while len(_ARRAYS) >= 16:
-            _ARRAYS.pop(next(iter(_ARRAYS)))
-        _ARRAYS[key] = arr
-    return arr
-
-
 def _device(job: Job) -> str:
     if job.device:
         return job.device
@@ -126,10 +99,10 @@ def _device(job: Job) -> str:
 
 
 def register_models(models: dict[str, bytes | Model]) -> None:
-    """Build each model once in this process; later tasks find it by hash."""
+    """Build each model once in this process (:data:`MODELS`); later tasks find it by hash."""
     for h, m in models.items():
-        if h not in _MODELS:
-            _MODELS[h] = m if isinstance(m, Model) else Model.from_bytes(m, where=f"model {h}")
+        if h not in MODELS:
+            MODELS.put(h, m if isinstance(m, Model) else Model.from_bytes(m, where=f"model {h}"))
 
 
 class ModelPlugin(WorkerPlugin):
@@ -145,30 +118,57 @@ class ModelPlugin(WorkerPlugin):
         torch.set_num_threads(1)
 
 
-def run_block(job: Job, index: int, background: bool = False) -> tuple[int, float, int]:
-    """The task: read block + halo (and the companion), run the pass, write the owned chunks, record done.
-    ``background`` (``--skip-background`` decided so): the block is written without the network
-    (:func:`skip_block`)."""
-    t0 = time.perf_counter()
-    if background:
-        return skip_block(job, index, t0)
-    block = job.plan[index]
-    in_options = job.in_options if job.in_raw else job.out_options
-    dst = _open_array(job.out_url, job.out_path, job.out_options, writable=True, run=job.done_url, image=job.out_raw)
-    model = _MODELS.get(job.model_for(block))
+def _ship_models(models: dict[str, Model], client) -> None:
+    """The task's setup: build the models in this process (``client`` None), or ship their bytes
+    to every worker once (one plugin)."""
+    if client is None:
+        register_models(models)
+        return
+    blobs = {h: m.to_bytes() for h, m in models.items()}
+    plugin = ModelPlugin(blobs, name=f"svision-big-models-{'-'.join(sorted(blobs))}")
+    client.register_plugin(plugin, name=plugin.name)
+
+
+def _model(job: Job, block: Block) -> Model:
+    model = MODELS.get(job.model_for(block))
     if model is None:
         raise RuntimeError(f"model {job.model_for(block)} was not shipped to this worker")
+    return model
+
+
+# --------------------------------------------------------------------------- the block task
+
+
+def run_block(job: Job, index: int, background: bool = False) -> tuple[int, dict]:
+    """The enhance task's process (``engine.BlockWork``): block ``index`` of the pass, written;
+    returns (voxels written, the note of what it found in its input). ``background``: the
+    ``--skip-background`` policy decided so for this block (:func:`_background`); else the block
+    + halo (and the companion) is read, the pass run, and the owned region kept (:func:`_enhanced`).
+    The engine records the block done (its note first)."""
+    block = job.plan[index]
+    y, note = _background(job, block, index) if background else _enhanced(job, block, index)
+    if y is not None:
+        dst = engine.open_array(
+            job.out_url, job.out_path, job.out_options, writable=True, run=job.done_url, image=job.out_raw
+        )
+        dst[job.selection(block, block.write)] = y
+    return block.write_voxels, note
+
+
+def _enhanced(job: Job, block: Block, index: int) -> tuple[np.ndarray, dict]:
+    """The block's owned region computed by the pass, in the output's values (or float32)."""
+    in_options = job.in_options if job.in_raw else job.out_options
     device = _device(job)
-    spec = model.spec(device, job.precision)
+    spec = _model(job, block).spec(device, job.precision)
     sel = job.selection(block, block.read, offsets=job.in_raw)
     x, src = _read(job, job.in_url, job.in_path, in_options, sel, index)
     note: dict = {}
     if job.in_raw:
         note = _check_input(job, src, x, block, index)
-    if job.in_raw:
         xt = spec.norm.forward_array(x, device)
     else:
         xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+    del x
     comp = None
     if job.companion_path is not None:
         hr = tuple(slice(r.start * f, r.stop * f) for r, f in zip(block.read, job.plan.factors))
@@ -184,47 +184,27 @@ def run_block(job: Job, index: int, background: bool = False) -> tuple[int, floa
         raise RuntimeError(f"{job.pass_.label}: block {index} computed {tuple(y.shape)} voxels, not the region {crop}")
     y = y[crop]  # only the owned region goes on (the halo's share is dropped first)
     if job.out_raw:
-        y = to_output(y, spec.norm, job.out_dtype)
-    else:
-        y = y.contiguous().cpu().numpy()
-    dst[job.selection(block, block.write)] = y
-    records = DoneRecords(job.done_url, job.out_options)
-    if note:
-        records.note(index, note)  # before the done-record: a resumed run still counts this block's findings
-    records.mark(index)
-    del y, x
-    _release_heap()
-    return index, time.perf_counter() - t0, block.write_voxels
+        return to_output(y, spec.norm, job.out_dtype), note
+    return y.contiguous().cpu().numpy(), note
 
 
-def skip_block(job: Job, index: int, t0: float) -> tuple[int, float, int]:
+def _background(job: Job, block: Block, index: int) -> tuple[np.ndarray | None, dict]:
     """A background block: in the last pass, the cubic upsampling of its input region (read from
     the image whatever the pass's source, checked as every raw read is); in earlier passes,
-    nothing (no computed block reads what it would write). Either way a note, then the record."""
-    block = job.plan[index]
+    nothing (no computed block reads what it would write). Either way a note."""
     note: dict = {"background": True}
-    if job.fill is not None:
-        fj = replace(job, in_url=job.fill.image_url, in_path=job.fill.image_path, in_raw=True)
-        in_shape = tuple(o // f for o, f in zip(job.plan.out_shape, job.fill.factors))
-        read = fill_read(block.write, job.fill.factors, in_shape)
-        fb = replace(block, read=read)
-        x, src = _read(fj, fj.in_url, fj.in_path, job.in_options, fj.selection(fb, read, offsets=True), index)
-        note.update(_check_input(fj, src, x, fb, index, job.fill.factors))
-        model = _MODELS.get(job.model_for(block))
-        if model is None:
-            raise RuntimeError(f"model {job.model_for(block)} was not shipped to this worker")
-        norm = model.norm
-        xt = norm.forward_array(x, _device(job))
-        y = cubic_fill(xt, read, block.write, job.fill.factors, in_shape, norm, job.out_dtype)
-        dst = _open_array(
-            job.out_url, job.out_path, job.out_options, writable=True, run=job.done_url, image=job.out_raw
-        )
-        dst[job.selection(block, block.write)] = y
-        del x, xt, y
-    records = DoneRecords(job.done_url, job.out_options)
-    records.note(index, note)
-    records.mark(index)
-    return index, time.perf_counter() - t0, block.write_voxels
+    if job.fill is None:
+        return None, note
+    fj = replace(job, in_url=job.fill.image_url, in_path=job.fill.image_path, in_raw=True)
+    in_shape = tuple(o // f for o, f in zip(job.plan.out_shape, job.fill.factors))
+    read = fill_read(block.write, job.fill.factors, in_shape)
+    fb = replace(block, read=read)
+    x, src = _read(fj, fj.in_url, fj.in_path, job.in_options, fj.selection(fb, read, offsets=True), index)
+    note.update(_check_input(fj, src, x, fb, index, job.fill.factors))
+    norm = _model(job, block).norm
+    xt = norm.forward_array(x, _device(job))
+    del x
+    return cubic_fill(xt, read, block.write, job.fill.factors, in_shape, norm, job.out_dtype), note
 
 
 def _read(job: Job, url: str, path: str, options: dict | None, sel: tuple, index: int):
@@ -235,11 +215,11 @@ def _read(job: Job, url: str, path: str, options: dict | None, sel: tuple, index
     arr = None
     for attempt in range(READ_ATTEMPTS):
         try:
-            arr = _open_array(url, path, options, writable=False, run=job.done_url)
+            arr = engine.open_array(url, path, options, writable=False, run=job.done_url)
             return np.asarray(arr[sel]), arr
         except Exception as exc:  # noqa: BLE001 - every store and codec has its own errors
             last = exc
-            _ARRAYS.pop((url, path, False, job.done_url), None)
+            engine.forget_array(url, path, writable=False, run=job.done_url)
             if attempt + 1 < READ_ATTEMPTS:
                 time.sleep(RETRY_DELAY_S * 2**attempt)
     where = f"{url.rstrip('/')}/{path}"
@@ -260,7 +240,7 @@ def _check_input(job: Job, src, x: np.ndarray, block: Block, index: int, factors
         slice(w.start // f - r.start, w.stop // f - r.start)
         for w, r, f in zip(block.write, block.read, factors or job.plan.factors)
     )
-    coarse = [(_open_array(job.in_url, p, job.in_options, False, job.done_url), r) for p, r in job.coarse_levels]
+    coarse = [(engine.open_array(job.in_url, p, job.in_options, False, job.done_url), r) for p, r in job.coarse_levels]
     return check_block(
         x,
         src,
@@ -273,186 +253,23 @@ def _check_input(job: Job, src, x: np.ndarray, block: Block, index: int, factors
     )
 
 
-class _NoWorkerWatch:
-    """Cancels the run's futures once the cluster has had no worker for ``limit`` seconds: Dask
-    waits for workers forever, and the soak (docs/reliability.md) once lost both of its workers."""
-
-    def __init__(self, client, limit: float, every: float = 1.0):
-        import threading
-
-        self.client, self.limit, self.every = client, limit, every
-        self.futures: list = []
-        self.fired = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="svision-big-no-worker-watch")
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        since = None
-        while not self._stop.wait(self.every):
-            try:
-                n = len(self.client.scheduler_info().get("workers", {}))
-            except Exception:  # noqa: BLE001 - the scheduler itself gone: the main loop says so
-                return
-            if n:
-                since = None
-                continue
-            since = since or time.monotonic()
-            if time.monotonic() - since >= self.limit:
-                self.fired = True
-                try:
-                    self.client.cancel(list(self.futures))
-                except Exception:  # noqa: BLE001
-                    pass
-                return
+# --------------------------------------------------------------------------- the driver
 
 
-def _address(client) -> str:
-    try:
-        return str(client.scheduler.address)
-    except Exception:  # noqa: BLE001
-        return "(unknown address)"
-
-
-def _cluster_gone(client, exc: BaseException) -> bool:
-    """True when ``exc`` means the scheduler is unreachable, not that a task failed."""
-    from concurrent.futures import CancelledError
-
-    from distributed.comm.core import CommClosedError
-
-    if isinstance(exc, (CancelledError, CommClosedError, TimeoutError)):
-        return True
-    return getattr(client, "status", "running") not in ("running", "connecting")
-
-
-def _libc():
-    global _LIBC
-    if _LIBC is None:
-        try:
-            import ctypes
-
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-            _LIBC.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-        except (OSError, AttributeError):
-            _LIBC = False
-    return _LIBC
-
-
-def _release_heap() -> None:
-    """Hand the block's freed memory back to the OS before the next block (glibc keeps it in its
-    arenas otherwise, and a worker's resident memory crept up block after block)."""
-    if _libc():
-        _LIBC.malloc_trim(0)
-
-
-def limit_arenas(n: int) -> None:
-    """At most ``n`` glibc malloc arenas (its default is 8 per core): the task threads of an
-    in-process worker otherwise spread their blocks over arenas that each keep a high-water mark.
-    Measured on the 512 M-voxel command (2 task threads): peak 0.81 -> 0.68 GB; 64 M: 0.67 -> 0.61
-    GB (``benchmarks/whole_command.py``). Call before the threads start."""
-    if _libc():
-        _LIBC.mallopt(-8, max(1, int(n)))  # M_ARENA_MAX
-
-
-_LIBC = None
-
-
-# --------------------------------------------------------------------------- drivers
-
-
-def _run_on_cluster(
-    job: Job,
-    models: dict[str, Model],
-    client,
-    todo,
-    window: int | None,
-    finished: Callable[[int, int], None],
-    where: Callable[[], str],
-    started: Callable[[], None] = lambda: None,
-    background=None,
-) -> None:
-    """The blocks ``todo`` of one pass on the cluster (:func:`run_windowed`), the models shipped
-    first (one plugin per worker), calling ``finished(index, voxels)`` per block."""
-
-    def ship_models() -> None:
-        blobs = {h: m.to_bytes() for h, m in models.items()}
-        plugin = ModelPlugin(blobs, name=f"svision-big-models-{'-'.join(sorted(blobs))}")
-        client.register_plugin(plugin, name=plugin.name)
-
-    tag = "svb-" + job.done_url.rsplit("done-", 1)[-1].replace("/", "-")
-    extra = None if background is None else (lambda i: (bool(background[i]),))
-    run_windowed(
-        client, run_block, job, todo, lambda r: finished(r[0], r[2]), where, tag, window, ship_models, started, extra
+def enhance_task(job: Job, models: dict[str, Model], label: str = "enhance", background=None) -> BlockTask:
+    """One pass as a block task for the engine. ``background``: a flat bool per block
+    (``--skip-background``), True where the block is written without the network."""
+    return BlockTask(
+        work=BlockWork(run_block, job, job.done_url, job.out_options, release=True),
+        blocks=len(job.plan),
+        label=label,
+        key="svb-" + job.done_url.rsplit("done-", 1)[-1].replace("/", "-"),
+        rate_scale=math.prod(job.plan.block),
+        rate_unit="output voxels/s (approx)",
+        args=None if background is None else (lambda i: (bool(background[i]),)),
+        setup=lambda client: _ship_models(models, client),
+        data_errors=(InputDataError, ChunkReadError),
     )
-
-
-def run_windowed(
-    client,
-    task: Callable,
-    job,
-    todo,
-    finished: Callable[[object], None],
-    where: Callable[[], str],
-    tag: str,
-    window: int | None = None,
-    setup: Callable[[], None] | None = None,
-    started: Callable[[], None] | None = None,
-    extra: Callable[[int], tuple] | None = None,
-) -> None:
-    """Submit ``task(job, i)`` for each ``i`` of ``todo`` windowed (a few tasks per worker in flight,
-    the next submitted as each ends), so the scheduler never holds more than the window however
-    many tasks there are; ``finished(result)`` per task. ``setup()`` runs first, under the same
-    guard; ``started()`` once the first window is out; ``extra(i)``: more arguments for task ``i``. A lost cluster is one line (:class:`ClusterLost`, ``where()`` says how far the run got)."""
-    from distributed import as_completed
-
-    watch = _NoWorkerWatch(client, NO_WORKERS_S)
-    try:
-        watch.start()
-        if setup is not None:
-            setup()
-        window = window or 2 * max(1, sum(client.nthreads().values())) + 2
-
-        def submit(i: int):
-            return client.submit(task, job, i, *(extra(i) if extra else ()), pure=False, key=f"{tag}-{i}")
-
-        first = [submit(i) for _, i in zip(range(window), todo)]
-        if started is not None:
-            started()
-        watch.futures = first
-        pending = as_completed(first)
-        for fut in pending:
-            result = fut.result()
-            fut.release()
-            finished(result)
-            nxt = next(todo, None)
-            if nxt is not None:
-                f = submit(nxt)
-                watch.futures.append(f)
-                pending.add(f)
-    except (InputDataError, ChunkReadError):
-        raise  # the data's fault, named by the task
-    except Exception as exc:  # noqa: BLE001
-        if watch.fired:
-            raise ClusterLost(
-                f"the Dask cluster at {_address(client)} had no worker for {watch.limit:.0f} s, after "
-                f"{where()}: the finished blocks are kept; re-run the same command once workers are up "
-                f"to resume"
-            ) from None
-        if _cluster_gone(client, exc):
-            raise ClusterLost(
-                f"lost the Dask scheduler {_address(client)} ({type(exc).__name__}) after {where()}: "
-                f"the finished blocks are kept; re-run the same command against a running scheduler "
-                f"to resume"
-            ) from None
-        raise
-    finally:
-        watch.stop()
 
 
 def execute(
@@ -467,61 +284,14 @@ def execute(
 ) -> dict:
     """Run every block not yet recorded done; return counts and timings. ``background``: a flat
     bool per block (``--skip-background``), True where the block is written without the network."""
-    records = DoneRecords(job.done_url, job.out_options)
-    records.create()
-    done = records.load()
-    total = len(job.plan)
-    todo = (i for i in range(total) if i not in done)
-    n_todo = total - len(done)
-    voxels_per_block = math.prod(job.plan.block)
-    bar = Progress(
-        total,
-        label,
-        unit="blocks",
-        quiet=not progress,
-        rate_scale=voxels_per_block,
-        rate_unit="output voxels/s (approx)",
-    )
-    bar.done = len(done)
-    t0 = time.perf_counter()
-    count = {"blocks": 0, "voxels": 0}
-
-    def finished(index: int, voxels: int) -> None:
-        count["blocks"] += 1
-        count["voxels"] += voxels
-        bar.update(len(done) + count["blocks"])
-        if on_block:
-            on_block(index)
-
-    if client is None:
-        register_models(models)
-        for i in todo:
-            _, _, v = run_block(job, i, background is not None and bool(background[i]))
-            finished(i, v)
-    else:
-        try:
-            _run_on_cluster(
-                job,
-                models,
-                client,
-                todo,
-                window,
-                finished,
-                lambda: f"{len(done) + count['blocks']} of {total} blocks",
-                started=lambda: bar.update(len(done), force=True),  # the first line: the tasks are out
-                background=background,
-            )
-        except ClusterLost:
-            bar.close()
-            raise
-    computed, out_voxels = count["blocks"], count["voxels"]
-    bar.close()
-    seconds = time.perf_counter() - t0
+    task = enhance_task(job, models, label, background)
+    run = run_blocks(task, client, progress, on_block, window, no_workers_s=NO_WORKERS_S)
+    seconds, out_voxels = run["seconds"], run["voxels"]
     out = {
-        "blocks": total,
-        "skipped": len(done),
-        "computed": computed,
-        "todo_at_start": n_todo,
+        "blocks": run["total"],
+        "skipped": run["skipped"],
+        "computed": run["computed"],
+        "todo_at_start": run["total"] - run["skipped"],
         "seconds": round(seconds, 3),
         "output_voxels": out_voxels,
         "voxels_per_second": out_voxels / seconds if seconds > 0 else 0.0,
@@ -529,7 +299,7 @@ def execute(
     if background is not None:
         out["background"] = int(np.count_nonzero(background))
     if job.in_raw or job.fill is not None:  # what the blocks found in the input, this run and earlier ones
-        notes = records.notes()
+        notes = DoneRecords(job.done_url, job.out_options).notes()
         missing = sorted({k for n in notes for k in n.get("missing", ())})
         out["nonfinite"] = sum(n.get("nonfinite", 0) for n in notes)
         out["missing_chunks"] = len(missing)

@@ -23,7 +23,8 @@ import numpy as np
 from . import __version__
 from . import background as bgd
 from .checkpoint import Checkpoints
-from .execute import Job, execute, limit_arenas
+from .engine import limit_arenas
+from .execute import Job, execute
 from .halo import pass_halo
 from .harmcheck import check_choice
 from .model import Model, ModelFileError, load_model

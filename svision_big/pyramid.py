@@ -1,9 +1,9 @@
 """Multiscale pyramid built write unit by write unit from a stored level 0.
 
 Each level is computed from the previous *stored* level, so the pyramid always agrees with what
-is on disk. A level runs like a pass of level 0: one task per write unit of the level (a chunk,
-or a shard when sharded), computed from its index, submitted windowed (a few tasks per worker in
-flight, :func:`svision_big.execute.run_windowed`), so the scheduler holds a few tasks however
+is on disk. A level is a block task of the block engine (``engine``), as a pass of level 0 is:
+one task per write unit of the level (a chunk, or a shard when sharded), computed from its index,
+submitted windowed (a few tasks per worker in flight), so the scheduler holds a few tasks however
 large the level is; each task reads the matching region of the previous level, reduces it and
 writes exactly its unit (no two tasks touch one chunk or shard, which zarr v3 sharding requires),
 then leaves a done-record when the caller keeps them: a killed pyramid resumes where it stopped.
@@ -12,18 +12,18 @@ then leaves a done-record when the caller keeps them: a killed pyramid resumes w
 from __future__ import annotations
 
 import math
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 import zarr
 
+from .engine import BlockTask, BlockWork, open_array, run_blocks
 from .ngff import NgffFormat, downsampled_transform
 from .plan import on_axes
-from .progress import Progress
 from .state import DoneRecords
 from .values import cast_output
 
@@ -208,16 +208,35 @@ def write_unit(src, dst, job: LevelJob, index: int) -> int:
     return int(y.size)
 
 
-def run_unit(job: LevelJob, index: int) -> tuple[int, int]:
-    """The task on a worker: open both levels (once per process), write the unit, record it done."""
-    from .execute import _open_array
+def run_unit(job: LevelJob, index: int) -> tuple[int, None]:
+    """The level task's process on a worker: open both levels (once per process) and write the
+    unit; returns (its voxels, no note). The engine records it done."""
+    src = open_array(job.url, job.src_path, job.options, writable=False, run=job.token)
+    dst = open_array(job.url, job.dst_path, job.options, writable=True, run=job.token, image=True)
+    return write_unit(src, dst, job, index), None
 
-    src = _open_array(job.url, job.src_path, job.options, writable=False, run=job.token)
-    dst = _open_array(job.url, job.dst_path, job.options, writable=True, run=job.token, image=True)
-    n = write_unit(src, dst, job, index)
-    if job.done_url is not None:
-        DoneRecords(job.done_url, job.options).mark(index)
-    return index, n
+
+def level_task(job: LevelJob, level: int, n_levels: int, unit: str, arrays: tuple | None = None) -> BlockTask:
+    """Level ``level`` of ``n_levels`` as a block task for the engine (``unit``: "chunks" or
+    "shards"). ``arrays``: the (previous level, this level) handles to write through in this
+    process (no cluster)."""
+    if arrays is None:
+        process: Callable[..., tuple[int, None]] = run_unit
+    else:
+
+        def process(job: LevelJob, index: int) -> tuple[int, None]:
+            return write_unit(arrays[0], arrays[1], job, index), None
+
+    return BlockTask(
+        work=BlockWork(process, job, job.done_url, job.options),
+        blocks=len(job),
+        label=f"pyramid level {level}/{n_levels}",
+        key=f"svb-pyramid-{job.token}-l{level}",
+        unit=unit,
+        rate_scale=math.prod(job.unit),
+        rate_unit="level voxels/s (approx)",
+        place=f"pyramid level {level}: ",
+    )
 
 
 def _group_url(group: zarr.Group) -> str:
@@ -328,78 +347,14 @@ def build_levels(
             done_url=records.url if records is not None else None,
             token=token,
         )
-        out.append(
-            _run_level(
-                job,
-                group[prev_path],
-                target,
-                level,
-                len(factors_per_level),
-                "shards" if sh is not None else "chunks",
-                records,
-                client,
-                progress,
-                on_unit,
-                window,
-            )
-        )
-        out[-1]["path"] = path
+        unit = "shards" if sh is not None else "chunks"
+        arrays = (group[prev_path], target) if client is None else None
+        task = level_task(job, level, len(factors_per_level), unit, arrays)
+        run = run_blocks(task, client, progress, None if on_unit is None else partial(on_unit, level), window)
+        out.append({"level": level, "units": run["total"], "skipped": run["skipped"], "computed": run["computed"]})
+        out[-1].update(seconds=round(run["seconds"], 3), path=path)
         prev_path, prev_shape = path, shape
     return out
-
-
-def _run_level(
-    job: LevelJob, src, target, level: int, n_levels: int, what: str, records, client, progress: bool, on_unit, window
-) -> dict:
-    """Every unit of one level not yet recorded done: in this process, or windowed on ``client``."""
-    done: set[int] = set()
-    if records is not None:
-        records.create()
-        done = records.load()
-    total = len(job)
-    todo = (i for i in range(total) if i not in done)
-    bar = Progress(
-        total,
-        f"pyramid level {level}/{n_levels}",
-        unit=what,
-        quiet=not progress,
-        rate_scale=math.prod(job.unit),
-        rate_unit="level voxels/s (approx)",
-    )
-    bar.done = len(done)
-    count = {"units": 0}
-    t0 = time.perf_counter()
-
-    def finished(result: tuple[int, int]) -> None:
-        count["units"] += 1
-        bar.update(len(done) + count["units"])
-        if on_unit is not None:
-            on_unit(level, result[0])
-
-    try:
-        if client is None:
-            for i in todo:
-                write_unit(src, target, job, i)
-                if records is not None:
-                    records.mark(i)
-                finished((i, 0))
-        else:
-            from .execute import run_windowed
-
-            tag = f"svb-pyramid-{job.token}-l{level}"
-            where = f"pyramid level {level}: {{}} of {total} {what}"
-            run_windowed(
-                client, run_unit, job, todo, finished, lambda: where.format(len(done) + count["units"]), tag, window
-            )
-    finally:
-        bar.close()
-    return {
-        "level": level,
-        "units": total,
-        "skipped": len(done),
-        "computed": count["units"],
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
 
 
 def build_pyramid(

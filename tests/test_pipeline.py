@@ -133,7 +133,7 @@ def test_local_cluster_workers_load_model_once(tmp_path):
             dtype="float32",
             progress=False,
         )
-        loaded = client.run(lambda: sorted(ex._MODELS))
+        loaded = client.run(lambda: sorted(ex.MODELS))
         threads = client.run(lambda: torch.get_num_threads())
     assert all(v == [model.hash] for v in loaded.values()) and len(loaded) == 2
     assert all(t == 1 for t in threads.values())

@@ -1029,7 +1029,7 @@ def test_every_bad_invocation_is_one_line_exit_2_and_changes_nothing(sweep, what
 
 
 def test_corrupt_input_chunk_is_named_retried_then_resumes_after_repair(small, tmp_path, monkeypatch, capsys):
-    from svision_big import execute
+    from svision_big import engine, execute
 
     _, model, model_path = small
     src = _chunked_input(tmp_path)
@@ -1039,13 +1039,13 @@ def test_corrupt_input_chunk_is_named_retried_then_resumes_after_repair(small, t
     out = str(tmp_path / "out.ome.zarr")
     monkeypatch.setattr(execute, "RETRY_DELAY_S", 0.0)
     calls = []
-    real_open = execute._open_array
+    real_open = engine.open_array
 
     def counting(url, path, *a, **k):
         calls.append((url, path, k.get("writable", a[1] if len(a) > 1 else None)))
         return real_open(url, path, *a, **k)
 
-    monkeypatch.setattr(execute, "_open_array", counting)
+    monkeypatch.setattr(engine, "open_array", counting)
     with pytest.raises(
         OSError,
         match=rf"{src}/0: chunk c/1/0/1 cannot be read \(.*\), needed by block \d+ of .*"

@@ -9,7 +9,7 @@ import math
 import os
 import sys
 
-from .ngff import DEFAULT_VERSION, SUPPORTED_VERSIONS
+from .ngff.format import DEFAULT_VERSION, SUPPORTED_VERSIONS
 from .precision import DEFAULT_PRECISION, NAMES
 
 
@@ -438,7 +438,7 @@ def _check_model_output(path: str, overwrite: bool) -> None:
 
 def _dispatch(a) -> int:
     if a.command == "info":
-        from .ngff import describe
+        from .ngff.image import describe
 
         print(describe(a.path, a.storage_options))
         return 0

@@ -25,21 +25,13 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from .ngff import (
-    DEFAULT_VERSION,
-    NgffError,
-    format_for,
-    multiscales_metadata,
-    ngff_unit,
-    open_image,
-    open_output_group,
-    remove_store,
-    store_exists,
-)
-from .ngff import (
-    omero_metadata as _omero,
-)
+from .ngff.format import DEFAULT_VERSION, format_for
+from .ngff.image import open_image
+from .ngff.transforms import multiscales_metadata
+from .ngff.viewer import ngff_unit
+from .ngff.viewer import omero_metadata as _omero
 from .pyramid import build_pyramid, level_chunks, pyramid_datasets, pyramid_factors
+from .store import NgffError, is_remote, open_output_group, remove_store, store_exists, without_file_scheme
 
 __all__ = [
     "convert_tiff",
@@ -175,8 +167,7 @@ def _write_image(
             f"voxel_size needs {len(spatial)} positive values (order "
             f"{''.join(axes[i] for i in spatial)}), got {tuple(voxel_size)}"
         )
-    if shards is not None and fmt.zarr_format == 2:
-        raise NgffError("sharding needs NGFF 0.5 (zarr v3); NGFF 0.4 cannot shard")
+    fmt.check_shards(shards)
     c = _resolve_chunks(chunks, arr.shape, axes)
     c, sh = level_chunks(arr.shape, c, shards)
 
@@ -540,9 +531,9 @@ SOURCE_KEY = "svision_big_source"
 def is_tiff(path: str | os.PathLike) -> bool:
     """True for a local file that starts like a TIFF (classic or BigTIFF, either byte order)."""
     p = os.fspath(path)
-    if "://" in p and not p.startswith("file://"):
+    if is_remote(p):
         return False
-    p = p[len("file://") :] if p.startswith("file://") else p
+    p = without_file_scheme(p)
     if not os.path.isfile(p):
         return False
     with open(p, "rb") as f:
@@ -566,7 +557,7 @@ def as_ome_zarr(
     src = os.fspath(input)
     if not is_tiff(src):
         return src
-    path = os.path.abspath(src[len("file://") :] if src.startswith("file://") else src)
+    path = os.path.abspath(without_file_scheme(src))
     st = os.stat(path)
     record = {
         "tiff": path,
@@ -577,8 +568,8 @@ def as_ome_zarr(
     }
     digest = hashlib.sha1(repr(sorted(record.items())).encode()).hexdigest()[:10]
     near = None if near is None else os.fspath(near)
-    if near and not ("://" in near and not near.startswith("file://")):
-        folder = os.path.dirname(os.path.abspath(near[len("file://") :] if near.startswith("file://") else near))
+    if near and not is_remote(near):
+        folder = os.path.dirname(os.path.abspath(without_file_scheme(near)))
     else:
         folder = os.path.join(tempfile.gettempdir(), "svision_big")
     os.makedirs(folder, exist_ok=True)

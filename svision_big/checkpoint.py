@@ -34,9 +34,9 @@ class Checkpoints:
     def __init__(self, url: str, storage_options: dict | None = None, fs=None) -> None:
         """``url``: the folder; with ``fs`` (an fsspec filesystem), a path on it."""
         if fs is None:
-            from fsspec.core import url_to_fs
+            from .store import fs_and_path
 
-            fs, url = url_to_fs(str(url), **(storage_options or {}))
+            fs, url = fs_and_path(str(url), storage_options)
         self.fs, self.root = fs, str(url).rstrip("/")
 
     def _path(self, stage: int) -> str:

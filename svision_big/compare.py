@@ -21,15 +21,27 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
+from .figure import SATURATED_FRACTION, busiest_planes, display_window, draw_figure, figure_info, saturated
 from .metrics import psnr, ssim
 from .ngff import Image, NgffError, open_image
 
-__all__ = ["compare", "line_profile_points", "format_table"]
+__all__ = [
+    "compare",
+    "CompareOptions",
+    "line_profile_points",
+    "format_table",
+    # the figure's (svision_big.figure), named here as before
+    "SATURATED_FRACTION",
+    "busiest_planes",
+    "display_window",
+    "saturated",
+]
 
 DEFAULT_MAX_VOXELS = 1 << 24
 MARGIN = 4  # input voxels read around the region, so the region's cubic upsampling sees its context
@@ -192,37 +204,6 @@ def _dip(profile: np.ndarray, i1: int, i2: int) -> float | None:
     return None if top <= 0 else round(float((profile[lo : hi + 1].min() - base) / top), 4)
 
 
-SATURATED_FRACTION = 1e-3  # voxels tied at the maximum, as a fraction, that mark a detector's ceiling
-
-
-def saturated(vol: np.ndarray) -> float | None:
-    """The maximum, where at least ``SATURATED_FRACTION`` of the voxels sit at it (a ceiling), else None."""
-    top = float(vol.max())
-    return top if np.count_nonzero(vol == top) >= SATURATED_FRACTION * vol.size else None
-
-
-def display_window(vol: np.ndarray) -> tuple[float, float]:
-    """(low, high) of the display: the 0.5th and 99.5th percentiles, taken without the voxels at a
-    saturated ceiling. A saturated soma set the old window (0.1-99.9th percentiles) at its own
-    value, and the dim dendrites beside it were black."""
-    top = saturated(vol)
-    v = vol[vol < top] if top is not None else vol
-    if v.size == 0:
-        v = vol
-    lo, hi = (float(q) for q in np.percentile(v, [0.5, 99.5]))
-    return (lo, hi) if hi > lo else (lo, lo + 1.0)
-
-
-def busiest_planes(y: np.ndarray, cubic: np.ndarray) -> tuple[int, int]:
-    """(z, y) of the lateral and axial planes where the result differs most from cubic upsampling
-    (sum of squared differences): where there is something to see. Slices through the middle of
-    the profile crossed a saturated soma twice, where both are the same."""
-    d = (np.asarray(y, np.float64) - np.asarray(cubic, np.float64)) ** 2
-    if d.ndim == 2:
-        return 0, int(np.argmax(d.sum(axis=1)))
-    return int(np.argmax(d.sum(axis=(1, 2)))), int(np.argmax(d.sum(axis=(0, 2))))
-
-
 def format_table(report: dict) -> str:
     """The numbers of a :func:`compare` report as a small text table."""
     mode = report["mode"]
@@ -255,33 +236,129 @@ SELF_CONSISTENCY_MEANING = (
 )
 
 
+@dataclass(frozen=True)
+class CompareOptions:
+    """``compare``'s settings, each declared once: ``compare(result, input, truth, **options)`` takes these names."""
+
+    out_png: str | os.PathLike | None = field(
+        default="compare.png", metadata={"help": "the figure to write (None: no figure)"}
+    )
+    out_json: str | os.PathLike | None = field(
+        default=None,
+        metadata={"help": "the numbers as JSON (default: beside the PNG, .json; None without a PNG: none)"},
+    )
+    channel: int = field(default=0, metadata={"help": "the channel to compare"})
+    time_index: int = field(default=0, metadata={"help": "the time point to compare"})
+    acquisition: str | None = field(
+        default=None,
+        metadata={
+            "help": "how to degrade the result back for self-consistency (default: what the result's model "
+            'recorded, else "cubic")'
+        },
+    )
+    max_voxels: int = field(
+        default=DEFAULT_MAX_VOXELS, metadata={"help": "result voxels of the central region compared, at most"}
+    )
+    storage_options: dict | None = field(default=None, metadata={"help": "fsspec options of the images"})
+    quiet: bool = field(default=False, metadata={"help": "no table printed"})
+    gamma: float = field(
+        default=1.0,
+        metadata={
+            "help": "the display's gamma (below 1 lifts dim structure beside bright objects); the window leaves "
+            "out voxels at a saturated ceiling"
+        },
+    )
+
+
+def compare_options(options: dict) -> CompareOptions:
+    """``options`` as ``CompareOptions``, or a TypeError naming the unknown keyword."""
+    known = [f.name for f in fields(CompareOptions)]
+    for name in options:
+        if name not in known:
+            raise TypeError(f"compare() got an unexpected keyword argument {name!r}; it takes {', '.join(known)}")
+    return CompareOptions(**options)
+
+
+@dataclass(frozen=True)
+class _Views:
+    """What is compared, as float32 arrays: the input region ``x``, its cubic upsampling, the result
+    ``y`` and the truth ``ref`` (None without one), the last three on the result's grid."""
+
+    x: np.ndarray
+    cubic: np.ndarray
+    y: np.ndarray
+    ref: np.ndarray | None
+    factors: list[int]
+    scale: list[float]  # the result's voxel size per spatial axis
+    box: list[tuple[int, int]]  # the region, in input voxels
+    rbox: list[tuple[int, int]]  # ... and in result voxels
+    whole: bool
+
+
+@dataclass(frozen=True)
+class _Line:
+    """The line profile: its ends ``a``..``b``, the two objects ``p1``, ``p2`` it crosses (result
+    voxels), its sample points, their distance along it (physical) and each curve."""
+
+    a: np.ndarray
+    b: np.ndarray
+    p1: np.ndarray
+    p2: np.ndarray
+    found_pair: bool
+    pts: np.ndarray
+    dist: np.ndarray
+    curves: dict
+    marks: tuple[int, int]  # the samples nearest p1 and p2
+
+    def summary(self) -> dict:
+        return {
+            "from": [round(float(v), 3) for v in self.a],
+            "to": [round(float(v), 3) for v in self.b],
+            "objects": [[round(float(v), 3) for v in self.p1], [round(float(v), 3) for v in self.p2]],
+            "found_pair": self.found_pair,
+            "dip": {k: _dip(v, *self.marks) for k, v in self.curves.items()},
+        }
+
+
 def compare(
     result: str | os.PathLike,
     input: str | os.PathLike,
     truth: str | os.PathLike | np.ndarray | None = None,
-    out_png: str | os.PathLike | None = "compare.png",
-    out_json: str | os.PathLike | None = None,
-    channel: int = 0,
-    time_index: int = 0,
-    acquisition: str | None = None,
-    max_voxels: int = DEFAULT_MAX_VOXELS,
-    storage_options: dict | None = None,
-    quiet: bool = False,
-    gamma: float = 1.0,
+    **options: Any,
 ) -> dict:
     """Compare an enhanced ``result`` (OME-Zarr) with its ``input`` (OME-Zarr) and, when given, a
     ``truth`` (OME-Zarr or array on the result's grid). Writes ``out_png`` (None: no figure) and
     ``out_json`` (default: beside the PNG, ``.json``; None without a PNG: none), prints a table
     unless ``quiet``, and returns the report dict.
 
+    The options are ``CompareOptions``' fields (each with its meaning there): ``out_png``
+    ("compare.png"), ``out_json``, ``channel``, ``time_index``, ``acquisition``, ``max_voxels``,
+    ``storage_options``, ``quiet``, ``gamma`` (1.0).
     ``acquisition``: how to degrade the result back for self-consistency (default: what the
     result's model recorded, else "cubic"). ``gamma``: the display's gamma (below 1 lifts dim
     structure beside bright objects); the window leaves out voxels at a saturated ceiling."""
+    opts = compare_options(options)
+    gamma = opts.gamma
     if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
         raise ValueError(f"gamma {gamma!r}: use a positive number (1: linear; 0.5 lifts dim structure)")
-    res_img = open_image(result, storage_options)
-    in_img = open_image(input, storage_options)
-    _check_outer(in_img, channel, time_index, str(input))
+    res_img, in_img, factors = _open_pair(result, input, opts)
+    views = _read_views(res_img, in_img, factors, truth, opts)
+    report = _report_head(views, result, input, truth, opts)
+    report.update(_scores(views, res_img, opts.acquisition))
+    line = _line(views)
+    report["profile"] = line.summary()
+    report["figure"] = figure_info(views, gamma)
+    _write_outputs(report, views, line, res_img.axes[res_img.spatial_axes[-1]].get("unit"), opts)
+    if not opts.quiet:
+        print(format_table(report), flush=True)
+    return report
+
+
+def _open_pair(result, input, opts: CompareOptions) -> tuple[Image, Image, list[int]]:
+    """The result and input images, checked to share 2 or 3 spatial axes, and the factors between them."""
+    res_img = open_image(result, opts.storage_options)
+    in_img = open_image(input, opts.storage_options)
+    _check_outer(in_img, opts.channel, opts.time_index, str(input))
     rs, ins = res_img.spatial_axes, in_img.spatial_axes
     if len(rs) != len(ins) or len(rs) not in (2, 3):
         raise NgffError(f"{result} and {input} need the same 2 or 3 spatial axes")
@@ -289,80 +366,115 @@ def compare(
     i_shape = [in_img.shape[a] for a in ins]
     if any(r % i for r, i in zip(r_shape, i_shape)):
         raise NgffError(f"the result's shape {tuple(r_shape)} is not a whole multiple of the input's {tuple(i_shape)}")
-    factors = [r // i for r, i in zip(r_shape, i_shape)]
-    box = _region(i_shape, factors, max_voxels)
+    return res_img, in_img, [r // i for r, i in zip(r_shape, i_shape)]
+
+
+def _read_views(res_img: Image, in_img: Image, factors: list[int], truth, opts: CompareOptions) -> _Views:
+    """Read the compared region (a central box of at most ``max_voxels`` result voxels) of the
+    input, with ``MARGIN`` voxels of context for its cubic upsampling, of the result and of the truth."""
+    i_shape = [in_img.shape[a] for a in in_img.spatial_axes]
+    box = _region(i_shape, factors, opts.max_voxels)
     whole = all(b == (0, n) for b, n in zip(box, i_shape))
     ctx = [(max(0, a - MARGIN), min(n, b + MARGIN)) for (a, b), n in zip(box, i_shape)]
     inner = tuple(slice((a - c) * f, (b - c) * f) for (a, b), (c, _), f in zip(box, ctx, factors))
-    sel_in = _select(in_img, _channel(in_img, channel), time_index)
-    sel_res = _select(res_img, _channel(res_img, channel), time_index)
+    sel_in = _select(in_img, _channel(in_img, opts.channel), opts.time_index)
+    sel_res = _select(res_img, _channel(res_img, opts.channel), opts.time_index)
     x_ctx = _read(in_img, sel_in, ctx)
     x = x_ctx[tuple(slice(a - c, b - c) for (a, b), (c, _) in zip(box, ctx))]
     cubic = _up(x_ctx, factors)[inner]
     rbox = [(a * f, b * f) for (a, b), f in zip(box, factors)]
     y = _read(res_img, sel_res, rbox)
+    r_shape = [res_img.shape[a] for a in res_img.spatial_axes]
+    ref = _read_truth(truth, r_shape, rbox, opts)
+    scale = [res_img.scales[0][a] for a in res_img.spatial_axes]
+    return _Views(x, cubic, y, ref, factors, scale, box, rbox, whole)
 
-    ref = None
-    if truth is not None:
-        if isinstance(truth, np.ndarray):
-            full = np.asarray(truth, dtype=np.float32)
-            if list(full.shape) != r_shape:
-                raise NgffError(f"the truth's shape {full.shape} is not the result's {tuple(r_shape)}")
-            ref = full[tuple(slice(a, b) for a, b in rbox)]
-        else:
-            t_img = open_image(truth, storage_options)
-            t_shape = [t_img.shape[a] for a in t_img.spatial_axes]
-            if t_shape != r_shape:
-                raise NgffError(f"the truth's shape {tuple(t_shape)} is not the result's {tuple(r_shape)}")
-            ref = _read(t_img, _select(t_img, _channel(t_img, channel), time_index), rbox)
 
-    report: dict[str, Any] = {
+def _read_truth(truth, r_shape: list[int], rbox, opts: CompareOptions) -> np.ndarray | None:
+    """The truth's region ``rbox`` (None without a truth); its shape must be the result's."""
+    if truth is None:
+        return None
+    if isinstance(truth, np.ndarray):
+        full = np.asarray(truth, dtype=np.float32)
+        if list(full.shape) != r_shape:
+            raise NgffError(f"the truth's shape {full.shape} is not the result's {tuple(r_shape)}")
+        return full[tuple(slice(a, b) for a, b in rbox)]
+    t_img = open_image(truth, opts.storage_options)
+    t_shape = [t_img.shape[a] for a in t_img.spatial_axes]
+    if t_shape != r_shape:
+        raise NgffError(f"the truth's shape {tuple(t_shape)} is not the result's {tuple(r_shape)}")
+    return _read(t_img, _select(t_img, _channel(t_img, opts.channel), opts.time_index), rbox)
+
+
+def _report_head(views: _Views, result, input, truth, opts: CompareOptions) -> dict[str, Any]:
+    """The report's first entries: what was compared, and where (the scores fill in ``result`` and ``cubic``)."""
+    return {
         "result": {},
         "cubic": {},
-        "factors": factors,
-        "region": {"input": [list(b) for b in box], "result": [list(b) for b in rbox], "whole": whole},
-        "channel": channel,
-        "time_index": time_index,
+        "factors": views.factors,
+        "region": {
+            "input": [list(b) for b in views.box],
+            "result": [list(b) for b in views.rbox],
+            "whole": views.whole,
+        },
+        "channel": opts.channel,
+        "time_index": opts.time_index,
         "inputs": {
             "result": os.fspath(result),
             "input": os.fspath(input),
             "truth": None if truth is None or isinstance(truth, np.ndarray) else os.fspath(truth),
         },
     }
-    if ref is not None:
-        report["mode"] = "truth"
-        dr = float(ref.max() - ref.min()) or 1.0
-        report["data_range"] = dr
-        for key, v in (("result", y), ("cubic", cubic)):
-            report[key] = {"psnr": _finite(psnr(ref, v, dr)), "ssim": _finite(ssim(ref, v, dr))}
-    else:
-        report["mode"] = "self-consistency"
-        acq, psf = _acquisition(res_img)
-        if acquisition is not None:
-            acq, psf = acquisition, None
-        report["acquisition"] = acq
-        report["psf_fwhm"] = None if psf is None else list(psf)
-        dr = float(x.max() - x.min()) or 1.0
-        report["data_range"] = dr
-        for key, v in (("result", y), ("cubic", cubic)):
-            back = _down(v, factors, acq, psf)
-            report[key] = {"psnr": _finite(psnr(x, back, dr)), "ssim": _finite(ssim(x, back, dr))}
 
-    # line profile across two close objects of the reference (truth, else result)
-    show = ref if ref is not None else y
+
+def _scores(views: _Views, res_img: Image, acquisition: str | None) -> dict[str, Any]:
+    """PSNR and SSIM of the result and of cubic upsampling: against the truth, else (self-consistency)
+    degraded back onto the input's grid against the input."""
+    ref, x, y, cubic = views.ref, views.x, views.y, views.cubic
+    out: dict[str, Any] = {}
+    if ref is not None:
+        out["mode"] = "truth"
+        dr = float(ref.max() - ref.min()) or 1.0
+        out["data_range"] = dr
+        for key, v in (("result", y), ("cubic", cubic)):
+            out[key] = {"psnr": _finite(psnr(ref, v, dr)), "ssim": _finite(ssim(ref, v, dr))}
+        return out
+    out["mode"] = "self-consistency"
+    acq, psf = _acquisition(res_img)
+    if acquisition is not None:
+        acq, psf = acquisition, None
+    out["acquisition"] = acq
+    out["psf_fwhm"] = None if psf is None else list(psf)
+    dr = float(x.max() - x.min()) or 1.0
+    out["data_range"] = dr
+    for key, v in (("result", y), ("cubic", cubic)):
+        back = _down(v, views.factors, acq, psf)
+        out[key] = {"psnr": _finite(psnr(x, back, dr)), "ssim": _finite(ssim(x, back, dr))}
+    return out
+
+
+def _line_objects(show: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The two objects the line profile crosses: two close objects of ``show``, else (no such pair)
+    half a line through the brightest voxel below any ceiling, along x, on either side."""
     pair = line_profile_points(show)
-    scale = [res_img.scales[0][a] for a in rs]
-    if pair is None:  # no two close objects: a line through the brightest voxel (below a ceiling), along x
-        top = saturated(show)
-        c = np.array(
-            np.unravel_index(int(np.argmax(show if top is None else np.where(show < top, show, -np.inf))), show.shape),
-            dtype=float,
-        )
-        half = min(16.0, (show.shape[-1] - 1) / 2)
-        p1, p2 = c.copy(), c.copy()
-        p1[-1], p2[-1] = max(0.0, c[-1] - half / 2), min(show.shape[-1] - 1.0, c[-1] + half / 2)
-    else:
-        p1, p2 = pair
+    if pair is not None:
+        return pair[0], pair[1], True
+    top = saturated(show)
+    c = np.array(
+        np.unravel_index(int(np.argmax(show if top is None else np.where(show < top, show, -np.inf))), show.shape),
+        dtype=float,
+    )
+    half = min(16.0, (show.shape[-1] - 1) / 2)
+    p1, p2 = c.copy(), c.copy()
+    p1[-1], p2[-1] = max(0.0, c[-1] - half / 2), min(show.shape[-1] - 1.0, c[-1] + half / 2)
+    return p1, p2, False
+
+
+def _line(views: _Views) -> _Line:
+    """The line profile across two close objects of the reference (the truth, else the result),
+    extended past them, sampled on every view (the input at its own grid's positions)."""
+    show = views.ref if views.ref is not None else views.y
+    p1, p2, found = _line_objects(show)
     d = p2 - p1
     length = float(np.linalg.norm(d)) or 1.0
     ext = max(3.0, 0.5 * length)
@@ -374,138 +486,28 @@ def compare(
     pts = np.clip(pts, 0, np.array(show.shape) - 1)
     i1 = int(np.argmin(np.linalg.norm(pts - p1, axis=1)))
     i2 = int(np.argmin(np.linalg.norm(pts - p2, axis=1)))
-    dist = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(pts, axis=0) * np.array(scale), axis=1))])
+    dist = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(pts, axis=0) * np.array(views.scale), axis=1))])
     # the input on the result's grid: result index o is input index (o + 0.5)/f - 0.5
-    in_pts = (pts + 0.5) / np.array(factors, dtype=float) - 0.5
+    in_pts = (pts + 0.5) / np.array(views.factors, dtype=float) - 0.5
     curves = {
-        "input": _profile(x, np.clip(in_pts, 0, np.array(x.shape) - 1)),
-        "cubic": _profile(cubic, pts),
-        "result": _profile(y, pts),
+        "input": _profile(views.x, np.clip(in_pts, 0, np.array(views.x.shape) - 1)),
+        "cubic": _profile(views.cubic, pts),
+        "result": _profile(views.y, pts),
     }
-    if ref is not None:
-        curves["truth"] = _profile(ref, pts)
-    report["profile"] = {
-        "from": [round(float(v), 3) for v in a],
-        "to": [round(float(v), 3) for v in b],
-        "objects": [[round(float(v), 3) for v in p1], [round(float(v), 3) for v in p2]],
-        "found_pair": pair is not None,
-        "dip": {k: _dip(v, i1, i2) for k, v in curves.items()},
-    }
+    if views.ref is not None:
+        curves["truth"] = _profile(views.ref, pts)
+    return _Line(a, b, p1, p2, found, pts, dist, curves, (i1, i2))
 
-    shown = ref if ref is not None else y
-    zc, yc = busiest_planes(y, cubic)
-    report["figure"] = {
-        "window": list(display_window(shown)),
-        "gamma": float(gamma),
-        "saturated": saturated(shown),
-        "lateral_z": zc,
-        "axial_y": yc,
-        "planes": "where the result differs most from cubic upsampling",
-    }
-    if out_png is not None:
-        _figure(
-            os.fspath(out_png),
-            x,
-            cubic,
-            y,
-            ref,
-            factors,
-            scale,
-            pts,
-            dist,
-            curves,
-            (i1, i2),
-            report,
-            res_img.axes[rs[-1]].get("unit"),
-        )
-        report["png"] = os.fspath(out_png)
+
+def _write_outputs(report: dict, views: _Views, line: _Line, unit: str | None, opts: CompareOptions) -> None:
+    """The figure (``out_png``), then the JSON (``out_json``, by default beside the figure)."""
+    out_json = opts.out_json
+    if opts.out_png is not None:
+        draw_figure(os.fspath(opts.out_png), views, line, report, unit)
+        report["png"] = os.fspath(opts.out_png)
         if out_json is None:
-            out_json = os.path.splitext(os.fspath(out_png))[0] + ".json"
+            out_json = os.path.splitext(os.fspath(opts.out_png))[0] + ".json"
     if out_json is not None:
         report["json"] = os.fspath(out_json)
         with open(out_json, "w") as fh:
             json.dump(report, fh, indent=1, allow_nan=False)
-    if not quiet:
-        print(format_table(report), flush=True)
-    return report
-
-
-def _figure(path, x, cubic, y, ref, factors, scale, pts, dist, curves, marks, report, unit) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig_info = report["figure"]
-    panels = [("input", x, True), ("cubic", cubic, False), ("result", y, False)]
-    if ref is not None:
-        panels.append(("truth", ref, False))
-    lo, hi = fig_info["window"]
-    gamma = fig_info["gamma"]
-    three = y.ndim == 3
-    rows = 4 if three else 2  # lateral slice, axial slice, maximum projection; the profile
-    ncol = len(panels)
-    fig = plt.figure(figsize=(3.2 * ncol, 3.0 * rows), dpi=100)
-    gs = fig.add_gridspec(rows, ncol)
-    zc, yc = fig_info["lateral_z"], fig_info["axial_y"]
-    in_scale = [s * f for s, f in zip(scale, factors)]
-
-    def extent(n0, n1, s0, s1):  # physical: voxel centres at index*scale, edges half a voxel out
-        return (-0.5 * s1, (n1 - 0.5) * s1, (n0 - 0.5) * s0, -0.5 * s0)
-
-    def show(ax, plane, s0, s1, title):
-        shown = np.clip((np.asarray(plane, np.float64) - lo) / (hi - lo), 0.0, 1.0) ** gamma
-        ax.imshow(shown, cmap="gray", vmin=0, vmax=1, extent=extent(*plane.shape, s0, s1), interpolation="nearest")
-        ax.set_title(title, fontsize=9)
-        ax.tick_params(labelsize=7)
-
-    for j, (name, vol, coarse) in enumerate(panels):
-        sc = in_scale if coarse else scale
-        f = factors if coarse else [1] * len(factors)
-        ax = fig.add_subplot(gs[0, j])
-        plane = vol[min(vol.shape[0] - 1, zc // f[0])] if three else vol
-        show(ax, plane, sc[-2], sc[-1], f"{name} (lateral{f', z={zc}' if three else ''})")
-        if name == "result":
-            ax.plot(pts[:, -1] * scale[-1], pts[:, -2] * scale[-2], "-", color="orange", lw=1)
-        if three:
-            plane = vol[:, min(vol.shape[1] - 1, yc // f[1]), :]
-            show(fig.add_subplot(gs[1, j]), plane, sc[0], sc[-1], f"{name} (axial, y={yc})")
-            show(fig.add_subplot(gs[2, j]), vol.max(axis=0), sc[-2], sc[-1], f"{name} (max projection along z)")
-    ax = fig.add_subplot(gs[rows - 1, :])
-    styles = {"input": ("0.6", "--"), "cubic": ("tab:blue", "-"), "result": ("tab:red", "-"), "truth": ("k", ":")}
-    for k, v in curves.items():
-        c, ls = styles[k]
-        dip = report["profile"]["dip"].get(k)
-        ax.plot(dist, v, ls, color=c, lw=1.5, label=k + ("" if dip is None else f" (dip {dip:.2f})"))
-    for m in marks:
-        ax.axvline(dist[m], color="0.85", lw=0.8, zorder=0)
-    ax.set_xlabel(f"distance along the line ({unit or 'physical units'})", fontsize=8)
-    ax.set_ylabel("intensity", fontsize=8)
-    ax.legend(fontsize=8, loc="upper right")
-    ax.tick_params(labelsize=7)
-    mode = report["mode"]
-
-    def f(v):
-        return "inf" if v is None else f"{v:.2f}"
-
-    what = (
-        "line profile across two close objects"
-        if report["profile"]["found_pair"]
-        else "no two close objects found: line profile through the brightest voxel below any ceiling, along x"
-    )
-    ax.set_title(
-        f"{what}; {'PSNR vs truth' if mode == 'truth' else 'self-consistency PSNR'}:"
-        f" cubic {f(report['cubic']['psnr'])} dB, result {f(report['result']['psnr'])} dB",
-        fontsize=9,
-    )
-    window = f"display {lo:.4g}..{hi:.4g}" + (f", gamma {gamma:g}" if gamma != 1 else "")
-    if fig_info["saturated"] is not None:
-        window += f" (voxels at the ceiling {fig_info['saturated']:.4g} left out of the window)"
-    fig.suptitle(
-        f"svision-big x{'x'.join(map(str, factors)) if len(set(factors)) > 1 else factors[0]}; {window}; "
-        "slices where the result differs most from cubic",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

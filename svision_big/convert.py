@@ -7,7 +7,9 @@ conversion never looks like a valid image.
 
 The TIFF's own metadata is kept: OME-XML (PhysicalSizeZ/Y/X and their units, channel names and
 colours, the image name) and ImageJ hyperstacks (``spacing``, ``unit``, the X/Y resolution tags,
-display ranges). Units become NGFF names ("nm" -> "nanometer"). Explicit arguments override it.
+display ranges), read by ``tiffmeta``. Units become NGFF names ("nm" -> "nanometer"). Explicit arguments
+override it. The options of ``write_ome_zarr`` and ``convert_tiff`` are declared once, in ``ImageOptions``
+(``ArrayOptions``, ``TiffOptions``).
 """
 
 from __future__ import annotations
@@ -16,9 +18,8 @@ import hashlib
 import os
 import sys
 import tempfile
-import xml.etree.ElementTree as ET
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import dask.array as da
@@ -32,6 +33,7 @@ from .ngff.viewer import ngff_unit
 from .ngff.viewer import omero_metadata as _omero
 from .pyramid import build_pyramid, level_chunks, pyramid_datasets, pyramid_factors
 from .store import NgffError, is_remote, open_output_group, remove_store, store_exists, without_file_scheme
+from .tiffmeta import TiffMetadata, tiff_metadata
 
 __all__ = [
     "convert_tiff",
@@ -43,6 +45,9 @@ __all__ = [
     "TiffMetadata",
     "is_tiff",
     "as_ome_zarr",
+    "ImageOptions",
+    "ArrayOptions",
+    "TiffOptions",
 ]
 
 CANONICAL_AXES = "tczyx"
@@ -129,6 +134,64 @@ def omero_metadata(
     return _omero(data, list(axes), dtype, version=version, labels=labels, colors=colors, previous=previous, name=name)
 
 
+@dataclass(frozen=True)
+class ImageOptions:
+    """How ``write_ome_zarr`` and ``convert_tiff`` store an image, each option declared once (their own
+    options, ``ArrayOptions`` and ``TiffOptions``, add the axes, the unit and what a TIFF brings)."""
+
+    voxel_size: Sequence[float] | None = field(
+        default=None,
+        metadata={"help": "physical voxel size per spatial axis, in z, y, x order (default 1.0; a TIFF: the file's)"},
+    )
+    ngff: str = field(default=DEFAULT_VERSION, metadata={"help": "the NGFF version to write"})
+    chunks: int | Sequence[int] | None = field(
+        default=None, metadata={"help": "chunk shape in NGFF order, or one edge for every spatial axis"}
+    )
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing zarr store at the output"})
+    name: str | None = field(default=None, metadata={"help": "the image's name (a TIFF: the file's, else its stem)"})
+    storage_options: dict | None = field(default=None, metadata={"help": "fsspec options of the output"})
+    shards: Sequence[int] | None = field(default=None, metadata={"help": "shard shape in NGFF order (NGFF 0.5 only)"})
+
+
+@dataclass(frozen=True)
+class ArrayOptions(ImageOptions):
+    """``write_ome_zarr``'s options: ``ImageOptions`` and these."""
+
+    axes: str = field(default="zyx", metadata={"help": "the array's dimensions in its own order (t, c, z, y, x)"})
+    unit: str = field(default="micrometer", metadata={"help": "the unit of the spatial axes"})
+
+
+@dataclass(frozen=True)
+class TiffOptions(ImageOptions):
+    """``convert_tiff``'s options: ``ImageOptions`` and these."""
+
+    unit: str | None = field(default=None, metadata={"help": "the unit of every spatial axis (default: the file's)"})
+    axes: str | None = field(default=None, metadata={"help": "the TIFF's axes in its dimension order"})
+    channel_names: Sequence[str] | None = field(default=None, metadata={"help": "names of the channels"})
+    extra_attrs: dict | None = field(default=None, metadata={"help": "attributes added to the image group"})
+
+
+def _options(kind: type, options: dict, function: str):
+    """``options`` as ``kind``, or a TypeError naming the unknown keyword."""
+    known = [f.name for f in fields(kind)]
+    for name in options:
+        if name not in known:
+            raise TypeError(f"{function}() got an unexpected keyword argument {name!r}; it takes {', '.join(known)}")
+    return kind(**options)
+
+
+@dataclass(frozen=True)
+class _Described:
+    """What the written image says beyond its ``ImageOptions``: the units (one name, or per spatial
+    axis letter), channel hints for ``omero`` (labels, colors, windows), extra group attributes, and
+    the warnings to print once the arguments and the output place have passed their checks."""
+
+    unit: str | dict
+    channels: dict | None = None
+    extra_attrs: dict | None = None
+    warnings: Sequence[str] = ()
+
+
 def _prepare_output(out_url: str, storage_options: dict | None, overwrite: bool) -> None:
     if store_exists(out_url, storage_options):
         if not overwrite:
@@ -136,29 +199,13 @@ def _prepare_output(out_url: str, storage_options: dict | None, overwrite: bool)
         remove_store(out_url, storage_options)
 
 
-def _write_image(
-    src: da.Array,
-    src_axes: str,
-    out_url: str,
-    voxel_size: Sequence[float] | None,
-    unit: str | dict,
-    ngff: str,
-    chunks: int | Sequence[int] | None,
-    overwrite: bool,
-    name: str | None,
-    storage_options: dict | None,
-    shards: Sequence[int] | None,
-    channels: dict | None = None,
-    extra_attrs: dict | None = None,
-    warnings: Sequence[str] = (),
-) -> str:
-    """Common path: store level 0, build the pyramid, then write metadata. ``warnings`` are printed
-    once the arguments and the output place have passed their checks (an error stays one line)."""
-    out_url = os.fspath(out_url)
-    fmt = format_for(ngff)
-    axes = _canonical(src_axes)
-    arr = da.transpose(src, [src_axes.index(a) for a in axes])
-    spatial = [i for i, a in enumerate(axes) if _AXIS_TYPES[a] == "space"]
+def _spatial(axes: str) -> list[int]:
+    return [i for i, a in enumerate(axes) if _AXIS_TYPES[a] == "space"]
+
+
+def _voxel_sizes(voxel_size: Sequence[float] | None, axes: str) -> list[float]:
+    """One positive size per spatial axis (default 1.0)."""
+    spatial = _spatial(axes)
     if voxel_size is None:
         voxel_size = [1.0] * len(spatial)
     voxel_size = [float(v) for v in np.atleast_1d(voxel_size)]
@@ -167,16 +214,55 @@ def _write_image(
             f"voxel_size needs {len(spatial)} positive values (order "
             f"{''.join(axes[i] for i in spatial)}), got {tuple(voxel_size)}"
         )
-    fmt.check_shards(shards)
-    c = _resolve_chunks(chunks, arr.shape, axes)
-    c, sh = level_chunks(arr.shape, c, shards)
+    return voxel_size
 
-    _prepare_output(out_url, storage_options, overwrite)
-    for warning in warnings:
+
+def _write_image(src: da.Array, src_axes: str, out_url: str, opts: ImageOptions, described: _Described) -> str:
+    """Common path: store level 0, build the pyramid, then write metadata. ``described.warnings`` are
+    printed once the arguments and the output place have passed their checks (an error stays one line)."""
+    out_url = os.fspath(out_url)
+    fmt = format_for(opts.ngff)
+    axes = _canonical(src_axes)
+    arr = da.transpose(src, [src_axes.index(a) for a in axes])
+    spatial = _spatial(axes)
+    voxel_size = _voxel_sizes(opts.voxel_size, axes)
+    fmt.check_shards(opts.shards)
+    c = _resolve_chunks(opts.chunks, arr.shape, axes)
+    layout = level_chunks(arr.shape, c, opts.shards)
+
+    _prepare_output(out_url, opts.storage_options, opts.overwrite)
+    for warning in described.warnings:
         print(f"svision-big: warning: {warning}", file=sys.stderr, flush=True)
-    group = open_output_group(out_url, fmt, storage_options, mode="w-")
-    write = sh if sh is not None else c
+    group = open_output_group(out_url, fmt, opts.storage_options, mode="w-")
     factors = pyramid_factors(arr.shape, spatial)
+    paths = _store_levels(group, fmt, arr, axes, factors, layout, opts.shards)
+    coarsest = _display_sample(group, paths, axes)
+
+    scale0 = [1.0] * len(axes)
+    for i, v in zip(spatial, voxel_size):
+        scale0[i] = v
+    datasets = pyramid_datasets(scale0, [0.0] * len(axes), spatial, factors, paths)
+    ome = multiscales_metadata(
+        axes_metadata(axes, described.unit),
+        datasets,
+        name=opts.name,
+        version=fmt.version,
+        extra={"type": "mean", "metadata": {"method": "block mean", "software": "svision_big"}},
+    )
+    ome["omero"] = omero_metadata(
+        coarsest, axes, arr.dtype, version=fmt.version, name=opts.name, **(described.channels or {})
+    )
+    if described.extra_attrs:
+        group.attrs.update(described.extra_attrs)
+    fmt.write_ome_attrs(group, ome)  # last: the image is only valid once complete
+    return out_url
+
+
+def _store_levels(group, fmt, arr: da.Array, axes: str, factors, layout, shards) -> list[str]:
+    """Level 0 from ``arr``, then the pyramid from it; returns the pyramid's level paths.
+    ``layout``: level 0's (chunks, shards)."""
+    c, sh = layout
+    write = sh if sh is not None else c
     # Every chunk is stored, those equal to the fill value too (zarr leaves them out by default; an
     # array takes the setting when it is opened): a chunk missing from an image written here is one
     # that was lost, which enhance warns of and --strict refuses (an all-zero region of a sparse
@@ -185,67 +271,35 @@ def _write_image(
         level0 = fmt.create_array(group, "0", arr.shape, c, arr.dtype, list(axes), shards=sh)
         # Threads: the source (numpy, memmap, open TIFF) lives in this process only.
         da.store(arr.rechunk(write), level0, lock=False, scheduler="threads")
-        paths = build_pyramid(group, fmt, list(axes), "0", spatial, factors, c, arr.dtype, method="mean", shards=shards)
+        return build_pyramid(
+            group, fmt, list(axes), "0", _spatial(axes), factors, c, arr.dtype, method="mean", shards=shards
+        )
+
+
+def _display_sample(group, paths: list[str], axes: str) -> np.ndarray:
+    """The coarsest level (a few time points of it), for the display window."""
     coarsest = group[paths[-1] if paths else "0"]
     if "t" in axes and coarsest.shape[0] > 8:  # display window: a few time points suffice
-        coarsest = coarsest.get_orthogonal_selection(np.unique(np.linspace(0, coarsest.shape[0] - 1, 8).astype(int)))
-    else:
-        coarsest = coarsest[...]
-
-    scale0 = [1.0] * len(axes)
-    for i, v in zip(spatial, voxel_size):
-        scale0[i] = v
-    datasets = pyramid_datasets(scale0, [0.0] * len(axes), spatial, factors, paths)
-    ome = multiscales_metadata(
-        axes_metadata(axes, unit),
-        datasets,
-        name=name,
-        version=fmt.version,
-        extra={"type": "mean", "metadata": {"method": "block mean", "software": "svision_big"}},
-    )
-    ome["omero"] = omero_metadata(coarsest, axes, arr.dtype, version=fmt.version, name=name, **(channels or {}))
-    if extra_attrs:
-        group.attrs.update(extra_attrs)
-    fmt.write_ome_attrs(group, ome)  # last: the image is only valid once complete
-    return out_url
+        return coarsest.get_orthogonal_selection(np.unique(np.linspace(0, coarsest.shape[0] - 1, 8).astype(int)))
+    return coarsest[...]
 
 
-def write_ome_zarr(
-    array: np.ndarray,
-    out_url: str | os.PathLike,
-    axes: str = "zyx",
-    voxel_size: Sequence[float] | None = None,
-    unit: str = "micrometer",
-    ngff: str = DEFAULT_VERSION,
-    chunks: int | Sequence[int] | None = None,
-    overwrite: bool = False,
-    name: str | None = None,
-    storage_options: dict | None = None,
-    shards: Sequence[int] | None = None,
-) -> str:
+def write_ome_zarr(array: np.ndarray, out_url: str | os.PathLike, **options: Any) -> str:
     """Write an in-memory array as an OME-Zarr pyramid; returns ``out_url``.
 
+    The options are ``ArrayOptions``' fields (``ImageOptions``' and two more): ``axes`` ("zyx"),
+    ``voxel_size``, ``unit`` ("micrometer"), ``ngff``, ``chunks``, ``overwrite``, ``name``,
+    ``storage_options``, ``shards``.
     ``axes`` names the array's dimensions in its own order (any order of
     t, c, z, y, x); data is stored in NGFF order (t, c, z, y, x).
     ``voxel_size`` is per spatial axis in z, y, x order (default 1.0);
     ``chunks`` (and ``shards``, NGFF 0.5 only) are in NGFF order.
     """
+    opts = _options(ArrayOptions, options, "write_ome_zarr")
     array = np.asarray(array)
-    axes = _parse_axes(axes, array.ndim)
+    axes = _parse_axes(opts.axes, array.ndim)
     src = da.from_array(array, chunks=array.shape if array.size else -1)
-    return _write_image(
-        src,
-        axes,
-        os.fspath(out_url),
-        voxel_size,
-        unit,
-        ngff,
-        chunks,
-        overwrite,
-        name,
-        storage_options,
-        shards,
-    )
+    return _write_image(src, axes, os.fspath(out_url), opts, _Described(opts.unit))
 
 
 def _tiff_axes(series: Any) -> str:
@@ -275,139 +329,12 @@ def _left_out(path: str, tf: Any, series: Any) -> str | None:
     )
 
 
-@dataclass
-class TiffMetadata:
-    """What a TIFF says about itself. ``sizes`` / ``units``: per spatial axis letter (z, y, x);
-    ``channel_names``, ``colors`` (hex RGB) and ``windows`` ((start, end) display ranges): per channel."""
-
-    kind: str | None = None  # "ome", "imagej" or None
-    axes: str | None = None  # NGFF letters in the file's dimension order, when the metadata names them
-    sizes: dict = field(default_factory=dict)
-    units: dict = field(default_factory=dict)
-    channel_names: list = field(default_factory=list)
-    colors: list = field(default_factory=list)
-    windows: list = field(default_factory=list)
-    name: str | None = None
-
-
-def _local(tag: str) -> str:
-    return tag.rsplit("}", 1)[-1]
-
-
-def _ome_color(value: str | None) -> str | None:
-    """OME's Color (a signed 32-bit RGBA integer) as hex RGB."""
-    if value is None:
-        return None
-    try:
-        v = int(value) & 0xFFFFFFFF
-    except ValueError:
-        return None
-    return f"{(v >> 24) & 255:02X}{(v >> 16) & 255:02X}{(v >> 8) & 255:02X}"
-
-
-def _ome_metadata(xml: str, series_index: int = 0) -> TiffMetadata:
-    meta = TiffMetadata(kind="ome")
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError:
-        return meta
-    images = [e for e in root if _local(e.tag) == "Image"]
-    if not images:
-        return meta
-    image = images[min(series_index, len(images) - 1)]
-    meta.name = image.get("Name") or None
-    pixels = next((e for e in image if _local(e.tag) == "Pixels"), None)
-    if pixels is None:
-        return meta
-    for a in "zyx":
-        size = pixels.get(f"PhysicalSize{a.upper()}")
-        if size is not None:
-            try:
-                v = float(size)
-            except ValueError:
-                continue
-            if v > 0:
-                meta.sizes[a] = v
-                meta.units[a] = ngff_unit(pixels.get(f"PhysicalSize{a.upper()}Unit") or "µm")  # OME's default
-    order = pixels.get("DimensionOrder")
-    if order and sorted(order.upper()) == sorted("XYZCT"):
-        sizes = {a: int(pixels.get(f"Size{a}", "1") or 1) for a in "XYZCT"}
-        # DimensionOrder is fastest first: reversed, it is the array order; size-1 axes are squeezed
-        meta.axes = "".join(a.lower() for a in reversed(order.upper()) if sizes[a] > 1 or a in "YX")
-    for ch in (e for e in pixels if _local(e.tag) == "Channel"):
-        meta.channel_names.append(ch.get("Name") or None)
-        meta.colors.append(_ome_color(ch.get("Color")))
-    return meta
-
-
-def _imagej_metadata(tf: Any, series: Any) -> TiffMetadata:
-    ij = dict(tf.imagej_metadata or {})
-    meta = TiffMetadata(kind="imagej")
-    unit = ij.get("unit")
-    if isinstance(unit, str) and "\\u" in unit:  # ImageJ writes "\u00B5m" for micrometre
-        unit = unit.encode().decode("unicode_escape")
-    unit = ngff_unit(unit)
-    if unit in ("pixel", "pixels"):
-        unit = None  # an uncalibrated image: its resolution tags mean nothing
-    page = series.pages[0] if series.pages else tf.pages[0]
-    for a, tag in (("y", "YResolution"), ("x", "XResolution")):
-        t = page.tags.get(tag)
-        if t is None or unit is None:
-            continue
-        try:
-            num, den = t.value
-            v = float(den) / float(num)  # the tag is pixels per unit
-        except (TypeError, ValueError, ZeroDivisionError):
-            continue
-        if v > 0:
-            meta.sizes[a] = v
-            meta.units[a] = unit
-    spacing = ij.get("spacing")
-    if spacing is not None and "Z" in series.axes.upper():
-        try:
-            if float(spacing) > 0:
-                meta.sizes["z"] = float(spacing)
-                meta.units["z"] = unit or "micrometer"
-        except (TypeError, ValueError):
-            pass
-    ranges = ij.get("Ranges")
-    if ranges is not None and len(ranges) >= 2:
-        r = [float(v) for v in ranges]
-        meta.windows = [(r[i], r[i + 1]) for i in range(0, len(r) - 1, 2)]
-    labels = ij.get("Labels")
-    nch = int(ij.get("channels") or 1)
-    # Labels name the slices of a stack; with one label per channel they name the channels
-    if isinstance(labels, (list, tuple)) and nch > 1 and len(labels) == nch:
-        meta.channel_names = [str(v) if v else None for v in labels]
-    return meta
-
-
-def tiff_metadata(tf: Any, series_index: int = 0) -> TiffMetadata:
-    """Physical sizes, units, channel names and display hints of an open ``tifffile.TiffFile``:
-    from the OME-XML when there is one, else from the ImageJ description and resolution tags."""
-    if getattr(tf, "is_ome", False) and tf.ome_metadata:
-        return _ome_metadata(tf.ome_metadata, series_index)
-    if getattr(tf, "is_imagej", False) and tf.imagej_metadata is not None:
-        return _imagej_metadata(tf, tf.series[series_index])
-    return TiffMetadata()
-
-
-def convert_tiff(
-    tiff_path: str | os.PathLike,
-    out_url: str | os.PathLike,
-    voxel_size: Sequence[float] | None = None,
-    unit: str | None = None,
-    ngff: str = DEFAULT_VERSION,
-    chunks: int | Sequence[int] | None = None,
-    overwrite: bool = False,
-    axes: str | None = None,
-    storage_options: dict | None = None,
-    shards: Sequence[int] | None = None,
-    name: str | None = None,
-    channel_names: Sequence[str] | None = None,
-    extra_attrs: dict | None = None,
-) -> str:
+def convert_tiff(tiff_path: str | os.PathLike, out_url: str | os.PathLike, **options: Any) -> str:
     """Convert the first series of a TIFF to an OME-Zarr pyramid; returns ``out_url``.
+
+    The options are ``TiffOptions``' fields (``ImageOptions``' and four more): ``voxel_size``,
+    ``unit``, ``ngff``, ``chunks``, ``overwrite``, ``axes``, ``storage_options``, ``shards``,
+    ``name``, ``channel_names``, ``extra_attrs``.
 
     Axes come from tifffile's series axes (T, C, Z, Y, X; S samples become
     channels), else from the OME DimensionOrder, else from the number of dimensions (yx, zyx,
@@ -426,98 +353,123 @@ def convert_tiff(
     """
     import tifffile
 
+    opts = _options(TiffOptions, options, "convert_tiff")
     path = os.fspath(tiff_path)
-    if not os.path.isfile(path):
-        raise NgffError(f"{path} does not exist" if not os.path.exists(path) else f"{path} is not a file")
-    format_for(ngff)  # fail fast on a bad version, before touching anything
-    try:
-        tf = tifffile.TiffFile(path)
-    except Exception as e:  # tifffile raises several types for non-TIFF input
-        raise NgffError(f"{path} is not a readable TIFF file: {e}") from None
-    with tf:
+    with _open_tiff(tifffile, path, opts.ngff) as tf:
         if not tf.series:
             raise NgffError(f"{path} has no image series")
         series = tf.series[0]
         meta = tiff_metadata(tf)
-        if axes:
-            src_axes = _parse_axes(axes, len(series.shape))
-        else:
-            try:
-                src_axes = _tiff_axes(series)
-            except NgffError:
-                if meta.axes is None or len(meta.axes) != len(series.shape):
-                    raise
-                src_axes = _parse_axes(meta.axes, len(series.shape))
-        canon = _canonical(src_axes)
-        spatial = [a for a in canon if _AXIS_TYPES[a] == "space"]
+        src_axes = _source_axes(series, meta, opts.axes)
+        spatial = [a for a in _canonical(src_axes) if _AXIS_TYPES[a] == "space"]
         warnings = [left] if (left := _left_out(path, tf, series)) else []
-        if voxel_size is None:
-            missing = [a for a in spatial if a not in meta.sizes]
-            given = [a for a in spatial if a in meta.sizes]
-            if missing and given:  # a missing z became 1 of the lateral unit (1 nm): no size is better than a guess
-                raise NgffError(
-                    f"{path} gives voxel sizes for {','.join(given)} ({', '.join(str(meta.sizes[a]) for a in given)} "
-                    f"{meta.units.get(given[0])}) but not for {','.join(missing)}: pass --voxel-size "
-                    f"{','.join(spatial).upper()}"
-                )
-            if missing:  # it was 1 micrometer per axis, without a word
-                warnings.append(
-                    f"{path} has no voxel size for {','.join(missing)}: assumed 1 {ngff_unit(unit or 'micrometer')} "
-                    f"(give --voxel-size {','.join(spatial).upper()} and --unit)"
-                )
-            if meta.sizes:
-                voxel_size = [meta.sizes.get(a, 1.0) for a in spatial]
-        if unit is not None:
-            units: str | dict = unit
-        elif meta.units:
-            default = next(iter(meta.units.values()))
-            units = {a: meta.units.get(a, default) for a in spatial}
-        else:
-            units = "micrometer"
-        nch = series.shape[src_axes.index("c")] if "c" in src_axes else 1
-        labels = (
-            list(channel_names)
-            if channel_names is not None
-            else (meta.channel_names[:nch] if any(meta.channel_names[:nch]) else None)
-        )
-        channels = {
-            "labels": labels,
-            "colors": meta.colors[:nch] if any(meta.colors[:nch]) else None,
-            "windows": meta.windows[:nch] if len(meta.windows) >= nch else None,
-        }
-        canon_shape = tuple(series.shape[src_axes.index(a)] for a in canon)
-        c = _resolve_chunks(chunks, canon_shape, canon)
-        write = dict(zip(canon, level_chunks(canon_shape, c, shards)[1] or c))
-        if series.dataoffset is not None:
-            # Contiguous and uncompressed: any block can be read directly.
-            source = tifffile.memmap(path, mode="r", series=0)
-            src_chunks = tuple(write[a] for a in src_axes)
-            lock = False
-        else:
-            # Pages are decoded whole: take whole planes, a write-chunk deep.
-            source = zarr.open(series.aszarr(), mode="r")
-            inplane = src_axes.index("y")  # y, x and samples live inside a page
-            src_chunks = tuple(n if i >= inplane else write[a] for i, (n, a) in enumerate(zip(series.shape, src_axes)))
-            lock = True  # one file handle: serialise reads
-        src = da.from_array(source, chunks=src_chunks, lock=lock, asarray=True)
-        if name is None:
-            name = meta.name or os.path.basename(path).split(".")[0]
-        return _write_image(
-            src,
-            src_axes,
-            os.fspath(out_url),
-            voxel_size,
-            units,
-            ngff,
-            chunks,
-            overwrite,
-            name,
-            storage_options,
-            shards,
-            channels=channels,
-            extra_attrs=extra_attrs,
+        voxel_size = _tiff_voxel_size(path, meta, spatial, opts, warnings)
+        described = _Described(
+            unit=_tiff_units(meta, spatial, opts.unit),
+            channels=_channel_hints(series, src_axes, meta, opts.channel_names),
+            extra_attrs=opts.extra_attrs,
             warnings=warnings,
         )
+        src = _tiff_source(tifffile, path, series, src_axes, opts)
+        name = opts.name if opts.name is not None else (meta.name or os.path.basename(path).split(".")[0])
+        return _write_image(
+            src, src_axes, os.fspath(out_url), replace(opts, voxel_size=voxel_size, name=name), described
+        )
+
+
+def _open_tiff(tifffile, path: str, ngff: str):
+    """The open ``tifffile.TiffFile`` at ``path``; one-line errors for a missing file, a bad NGFF
+    version (before touching anything) and a file that is no TIFF."""
+    if not os.path.isfile(path):
+        raise NgffError(f"{path} does not exist" if not os.path.exists(path) else f"{path} is not a file")
+    format_for(ngff)  # fail fast on a bad version, before touching anything
+    try:
+        return tifffile.TiffFile(path)
+    except Exception as e:  # tifffile raises several types for non-TIFF input
+        raise NgffError(f"{path} is not a readable TIFF file: {e}") from None
+
+
+def _source_axes(series: Any, meta: TiffMetadata, axes: str | None) -> str:
+    """The TIFF's axes in its dimension order: ``axes``, else tifffile's, else the OME DimensionOrder's."""
+    if axes:
+        return _parse_axes(axes, len(series.shape))
+    try:
+        return _tiff_axes(series)
+    except NgffError:
+        if meta.axes is None or len(meta.axes) != len(series.shape):
+            raise
+        return _parse_axes(meta.axes, len(series.shape))
+
+
+def _tiff_voxel_size(
+    path: str, meta: TiffMetadata, spatial: list[str], opts: TiffOptions, warnings: list[str]
+) -> Sequence[float] | None:
+    """``opts.voxel_size``, else the file's; a file with sizes for some spatial axes but not all is
+    refused, one with none gets a warning (appended to ``warnings``) and None (1 per axis)."""
+    if opts.voxel_size is not None:
+        return opts.voxel_size
+    missing = [a for a in spatial if a not in meta.sizes]
+    given = [a for a in spatial if a in meta.sizes]
+    if missing and given:  # a missing z became 1 of the lateral unit (1 nm): no size is better than a guess
+        raise NgffError(
+            f"{path} gives voxel sizes for {','.join(given)} ({', '.join(str(meta.sizes[a]) for a in given)} "
+            f"{meta.units.get(given[0])}) but not for {','.join(missing)}: pass --voxel-size "
+            f"{','.join(spatial).upper()}"
+        )
+    if missing:  # it was 1 micrometer per axis, without a word
+        warnings.append(
+            f"{path} has no voxel size for {','.join(missing)}: assumed 1 {ngff_unit(opts.unit or 'micrometer')} "
+            f"(give --voxel-size {','.join(spatial).upper()} and --unit)"
+        )
+    if meta.sizes:
+        return [meta.sizes.get(a, 1.0) for a in spatial]
+    return None
+
+
+def _tiff_units(meta: TiffMetadata, spatial: list[str], unit: str | None) -> str | dict:
+    """``unit``, else the file's per spatial axis (an axis it leaves out takes its first), else micrometer."""
+    if unit is not None:
+        return unit
+    if meta.units:
+        default = next(iter(meta.units.values()))
+        return {a: meta.units.get(a, default) for a in spatial}
+    return "micrometer"
+
+
+def _channel_hints(series: Any, src_axes: str, meta: TiffMetadata, channel_names: Sequence[str] | None) -> dict:
+    """``omero``'s labels (``channel_names``, else the file's), colours and display windows, where the
+    file has them for every channel."""
+    nch = series.shape[src_axes.index("c")] if "c" in src_axes else 1
+    labels = (
+        list(channel_names)
+        if channel_names is not None
+        else (meta.channel_names[:nch] if any(meta.channel_names[:nch]) else None)
+    )
+    return {
+        "labels": labels,
+        "colors": meta.colors[:nch] if any(meta.colors[:nch]) else None,
+        "windows": meta.windows[:nch] if len(meta.windows) >= nch else None,
+    }
+
+
+def _tiff_source(tifffile, path: str, series: Any, src_axes: str, opts: TiffOptions) -> da.Array:
+    """The first series as a dask array, in blocks the output's writes can take whole."""
+    canon = _canonical(src_axes)
+    canon_shape = tuple(series.shape[src_axes.index(a)] for a in canon)
+    c = _resolve_chunks(opts.chunks, canon_shape, canon)
+    write = dict(zip(canon, level_chunks(canon_shape, c, opts.shards)[1] or c))
+    if series.dataoffset is not None:
+        # Contiguous and uncompressed: any block can be read directly.
+        source = tifffile.memmap(path, mode="r", series=0)
+        src_chunks = tuple(write[a] for a in src_axes)
+        lock = False
+    else:
+        # Pages are decoded whole: take whole planes, a write-chunk deep.
+        source = zarr.open(series.aszarr(), mode="r")
+        inplane = src_axes.index("y")  # y, x and samples live inside a page
+        src_chunks = tuple(n if i >= inplane else write[a] for i, (n, a) in enumerate(zip(series.shape, src_axes)))
+        lock = True  # one file handle: serialise reads
+    return da.from_array(source, chunks=src_chunks, lock=lock, asarray=True)
 
 
 # --------------------------------------------------------------------------

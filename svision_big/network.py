@@ -179,54 +179,15 @@ class SVNet(nn.Module):
         faces = tuple(faces) if faces is not None else ((True, True),) * nd
         layers = self.layers()
         fmt = torch.channels_last_3d if nd == 3 else torch.channels_last
-
-        def lateral(t, conv, r):  # zero-pad the lateral face sides, then an unpadded convolution
-            pad = []
-            for lo, hi in reversed(faces[nd - 2 :]):
-                pad += [r if lo else 0, r if hi else 0]
-            if any(pad):
-                t = nn.functional.pad(t, pad).contiguous(memory_format=fmt)
-            if nd == 3:
-                return _conv3d(t, conv, (0, 0, 0))
-            return nn.functional.conv2d(_one_channel_last(t), conv.weight, conv.bias, groups=conv.groups)
-
         if nd == 2:
             t = x.contiguous(memory_format=fmt)
             for conv, act in layers:
-                t = lateral(t, conv, conv.padding[0])
+                t = _lateral_conv2d(t, conv, conv.padding[0], faces)
                 t = _activate(t, act)
             yield 0, pixel_shuffle_nd(t, self.config.factors)
             return
         fz = self.config.factors[0]
         (z_lo, z_hi) = faces[0]
-
-        def lateral_pad(r):  # zero columns on the lateral sides that are faces
-            return [(r if lo else 0, r if hi else 0) for lo, hi in faces[1:]]
-
-        def extend(kept, t, r, tail):
-            """The layer's input: the ``kept`` slices (already padded), then slab ``t`` laterally
-            zero-padded on face sides, then ``tail`` zero slices, written once into one buffer
-            (a separate pad and concatenation copied every slab twice: 11% of the network pass)."""
-            (ph0, ph1), (pw0, pw1) = lateral_pad(r)
-            n, c, s, h, w = t.shape
-            d0 = kept.shape[2]
-            buf = torch.empty(
-                (n, c, d0 + s + tail, h + ph0 + ph1, w + pw0 + pw1), dtype=t.dtype, device=t.device, memory_format=fmt
-            )
-            buf[:, :, :d0].copy_(kept)
-            new = buf[:, :, d0 : d0 + s]
-            new[:, :, :, ph0 : ph0 + h, pw0 : pw0 + w].copy_(t)
-            for sl in (
-                new[:, :, :, :ph0],
-                new[:, :, :, ph0 + h :],
-                new[:, :, :, ph0 : ph0 + h, :pw0],
-                new[:, :, :, ph0 : ph0 + h, pw0 + w :],
-                buf[:, :, d0 + s :],
-            ):
-                if sl.numel():
-                    sl.zero_()
-            return buf
-
         bufs: list = [None] * len(layers)
         depth, done = x.shape[2], 0
         for z0 in range(0, depth, slab):
@@ -234,16 +195,10 @@ class SVNet(nn.Module):
             t = x[:, :, z0 : z0 + slab]
             for i, (conv, act) in enumerate(layers):
                 r = conv.padding[0]
+                pad = _face_pad(faces, r)
                 if bufs[i] is None:  # the first slab: r zero slices before a low z face
-                    (ph0, ph1), (pw0, pw1) = lateral_pad(r)
-                    n, c, _, h, w = t.shape
-                    bufs[i] = torch.empty(
-                        (n, c, r if z_lo else 0, h + ph0 + ph1, w + pw0 + pw1),
-                        dtype=t.dtype,
-                        device=t.device,
-                        memory_format=fmt,
-                    ).zero_()
-                buf = extend(bufs[i], t, r, r if last and z_hi else 0)
+                    bufs[i] = _zero_slices(t, r if z_lo else 0, pad, fmt)
+                buf = _extend(bufs[i], t, pad, r if last and z_hi else 0, fmt)
                 if buf.shape[2] < 2 * r + 1:
                     bufs[i], t = buf, None
                     break
@@ -281,3 +236,55 @@ class SVNet(nn.Module):
                 conv.bias.data.copy_(layer.bias.data)
                 dense.body[i] = conv
         return dense
+
+
+# --------------------------------------------------------------------------- streamed inference's steps
+
+
+def _lateral_conv2d(t: torch.Tensor, conv, r: int, faces) -> torch.Tensor:
+    """A 2D layer: zero-pad the sides of ``t`` that are faces by ``r``, then an unpadded convolution."""
+    pad = []
+    for lo, hi in reversed(faces):
+        pad += [r if lo else 0, r if hi else 0]
+    if any(pad):
+        t = nn.functional.pad(t, pad).contiguous(memory_format=torch.channels_last)
+    return nn.functional.conv2d(_one_channel_last(t), conv.weight, conv.bias, groups=conv.groups)
+
+
+def _face_pad(faces, r: int) -> list[tuple[int, int]]:
+    """Zero columns on the lateral sides that are faces: (low, high) per lateral axis."""
+    return [(r if lo else 0, r if hi else 0) for lo, hi in faces[1:]]
+
+
+def _zero_slices(t: torch.Tensor, depth: int, pad, fmt) -> torch.Tensor:
+    """``depth`` zero slices shaped as slab ``t`` laterally padded by ``pad`` (a layer's first kept slices)."""
+    (ph0, ph1), (pw0, pw1) = pad
+    n, c, _, h, w = t.shape
+    return torch.empty(
+        (n, c, depth, h + ph0 + ph1, w + pw0 + pw1), dtype=t.dtype, device=t.device, memory_format=fmt
+    ).zero_()
+
+
+def _extend(kept: torch.Tensor, t: torch.Tensor, pad, tail: int, fmt) -> torch.Tensor:
+    """A layer's input: the ``kept`` slices (already padded), then slab ``t`` laterally zero-padded
+    by ``pad`` on face sides, then ``tail`` zero slices, written once into one buffer (a separate pad
+    and concatenation copied every slab twice: 11% of the network pass)."""
+    (ph0, ph1), (pw0, pw1) = pad
+    n, c, s, h, w = t.shape
+    d0 = kept.shape[2]
+    buf = torch.empty(
+        (n, c, d0 + s + tail, h + ph0 + ph1, w + pw0 + pw1), dtype=t.dtype, device=t.device, memory_format=fmt
+    )
+    buf[:, :, :d0].copy_(kept)
+    new = buf[:, :, d0 : d0 + s]
+    new[:, :, :, ph0 : ph0 + h, pw0 : pw0 + w].copy_(t)
+    for sl in (
+        new[:, :, :, :ph0],
+        new[:, :, :, ph0 + h :],
+        new[:, :, :, ph0 : ph0 + h, :pw0],
+        new[:, :, :, ph0 : ph0 + h, pw0 + w :],
+        buf[:, :, d0 + s :],
+    ):
+        if sl.numel():
+            sl.zero_()
+    return buf

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -23,6 +23,7 @@ import zarr
 
 from .engine import BlockTask, BlockWork, open_array, run_blocks
 from .ngff import NgffFormat, downsampled_transform
+from .options import keywords
 from .plan import on_axes
 from .state import DoneRecords
 from .values import cast_output
@@ -31,6 +32,7 @@ __all__ = [
     "build_pyramid",
     "build_levels",
     "LevelJob",
+    "PyramidOptions",
     "reduce_block",
     "pyramid_factors",
     "cumulative_factors",
@@ -266,6 +268,116 @@ def _existing_level(group: zarr.Group, fmt: NgffFormat, path: str, shape, chunks
     return arr if same else None
 
 
+@dataclass(frozen=True)
+class PyramidOptions:
+    """``build_levels``' and ``build_pyramid``'s parameters after the factors, each declared once:
+    the first six may also be passed positionally, in this order (``PYRAMID_POSITIONAL``)."""
+
+    chunks: Sequence[int] = field(metadata={"help": "the level chunks (NGFF order), clipped per level (required)"})
+    dtype: Any = field(metadata={"help": "the levels' dtype (required)"})
+    method: str = field(default="mean", metadata={"help": "the reduction: mean or max"})
+    client: Any = field(default=None, metadata={"help": "a Dask client, or None to run in this process"})
+    shards: Sequence[int] | None = field(default=None, metadata={"help": "shard shape (NGFF 0.5), clipped per level"})
+    compression: bool = field(default=True, metadata={"help": "compress the level chunks"})
+    url: str | None = field(default=None, metadata={"help": "where workers open the group's store"})
+    storage_options: dict | None = field(default=None, metadata={"help": "fsspec options of the store"})
+    done_url: Callable[[int], str] | None = field(
+        default=None, metadata={"help": "where a level's done-records go (None: none kept, no resuming)"}
+    )
+    progress: bool = field(default=False, metadata={"help": "show a progress bar"})
+    on_unit: Callable[[int, int], None] | None = field(
+        default=None, metadata={"help": "called with (level, index) as each unit is finished"}
+    )
+    window: int | None = field(default=None, metadata={"help": "tasks in flight per worker (None: the engine's)"})
+
+
+PYRAMID_POSITIONAL = ("chunks", "dtype", "method", "client", "shards", "compression")
+
+
+def _pyramid_options(function: str, args: tuple, options: dict) -> PyramidOptions:
+    """``args`` (bound to ``PYRAMID_POSITIONAL``) and ``options`` as ``PyramidOptions``, with the
+    TypeErrors Python gives ``function`` with those parameters after its six leading ones."""
+    missing = [n for n in PYRAMID_POSITIONAL[:2][len(args) :] if n not in options]
+    if missing:
+        names = " and ".join(repr(n) for n in missing)
+        raise TypeError(
+            f"{function}() missing {len(missing)} required positional argument{'s' * (len(missing) > 1)}: {names}"
+        )
+    return keywords(function, PyramidOptions, options, args, PYRAMID_POSITIONAL, lead=6)
+
+
+@dataclass(frozen=True)
+class _Build:
+    """One pyramid build: the group, its format, the axis names, level 0's path, the chunks, the
+    number of levels, the options (``dtype`` a numpy dtype), the workers' store url, the group's
+    path prefix and this build's token."""
+
+    group: zarr.Group
+    fmt: NgffFormat
+    names: list[str]
+    level0_path: str
+    chunks: Sequence[int]
+    n_levels: int
+    options: PyramidOptions
+    url: str | None
+    prefix: str
+    token: str
+
+
+def _level_target(b: _Build, path: str, shape, c, sh, keep: bool, records: DoneRecords | None):
+    """The level's array: the stored one when ``keep`` and its layout matches (None otherwise, then
+    a new array replaces it, its records cleared first). Returns (array, whether it was kept)."""
+    o, dtype = b.options, b.options.dtype
+    # written in this process (no client) through this handle: every chunk stored, as run_unit's
+    with zarr.config.set({"array.write_empty_chunks": True}):  # an array takes it when opened
+        target = _existing_level(b.group, b.fmt, path, shape, c, sh, dtype) if keep else None
+        if target is None:
+            keep = False
+            if records is not None:
+                records.clear()  # before the array: records never outlive the chunks they describe
+            target = b.fmt.create_array(
+                b.group, path, shape, c, dtype, b.names, shards=sh, compression=o.compression, overwrite=True
+            )
+    return target, keep
+
+
+def _build_level(b: _Build, level: int, prev: tuple[str, tuple], f: tuple[int, ...], keep: bool):
+    """Level ``level`` reduced by ``f`` (per axis) from ``prev`` (its path and shape); returns (its
+    counts, its shape, whether it was kept)."""
+    o = b.options
+    prev_path, prev_shape = prev
+    shape = tuple(n // fi for n, fi in zip(prev_shape, f))
+    if any(n == 0 for n in shape):
+        raise ValueError(f"level {level} would be empty: {prev_shape} / {f}")
+    c, sh = level_chunks(shape, b.chunks, o.shards)
+    path = str(level)
+    if path == b.level0_path:
+        raise ValueError(f"level path {path!r} collides with level 0")
+    records = DoneRecords(o.done_url(level), o.storage_options) if o.done_url is not None else None
+    target, keep = _level_target(b, path, shape, c, sh, keep, records)
+    job = LevelJob(
+        url=b.url,
+        options=o.storage_options,
+        src_path=b.prefix + prev_path,
+        dst_path=b.prefix + path,
+        shape=shape,
+        factors=f,
+        unit=sh if sh is not None else c,
+        dtype=o.dtype.str,
+        method=o.method,
+        done_url=records.url if records is not None else None,
+        token=b.token,
+    )
+    unit = "shards" if sh is not None else "chunks"
+    arrays = (b.group[prev_path], target) if o.client is None else None
+    task = level_task(job, level, b.n_levels, unit, arrays)
+    on_unit = None if o.on_unit is None else partial(o.on_unit, level)
+    run = run_blocks(task, o.client, o.progress, on_unit, o.window)
+    counts = {"level": level, "units": run["total"], "skipped": run["skipped"], "computed": run["computed"]}
+    counts.update(seconds=round(run["seconds"], 3), path=path)
+    return counts, shape, keep
+
+
 def build_levels(
     group: zarr.Group,
     fmt: NgffFormat,
@@ -273,22 +385,15 @@ def build_levels(
     level0_path: str,
     spatial_axes: Sequence[int],
     factors_per_level: Sequence[Sequence[int]],
-    chunks: Sequence[int],
-    dtype: Any,
-    method: str = "mean",
-    client: Any = None,
-    shards: Sequence[int] | None = None,
-    compression: bool = True,
-    *,
-    url: str | None = None,
-    storage_options: dict | None = None,
-    done_url: Callable[[int], str] | None = None,
-    progress: bool = False,
-    on_unit: Callable[[int, int], None] | None = None,
-    window: int | None = None,
+    *args: Any,
+    **options: Any,
 ) -> list[dict]:
     """Write levels 1..n into ``group``, each reduced from the previous stored level, one task per
     write unit; returns one dict per level (path, units, skipped, computed, seconds).
+
+    The rest are ``PyramidOptions``' fields: ``chunks`` and ``dtype`` (required), ``method``
+    ("mean"), ``client``, ``shards``, ``compression`` (True), those six also positionally, then
+    ``url``, ``storage_options``, ``done_url``, ``progress``, ``on_unit``, ``window``.
 
     ``factors_per_level`` holds per-level factors (per spatial axis, or per axis), e.g. from
     :func:`pyramid_factors`. Odd sizes are floored (the excess voxel is dropped), which keeps
@@ -302,58 +407,22 @@ def build_levels(
     (levels are derived data) and every unit is computed. Metadata is left to the caller, who
     writes it last. ``on_unit(level, index)`` is called as each unit is finished.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown pyramid method {method!r}: use one of {', '.join(METHODS)}")
-    dtype = np.dtype(dtype)
+    o = _pyramid_options("build_levels", args, options)
+    if o.method not in METHODS:
+        raise ValueError(f"unknown pyramid method {o.method!r}: use one of {', '.join(METHODS)}")
+    o = replace(o, dtype=np.dtype(o.dtype))
     names = [a["name"] if isinstance(a, dict) else str(a) for a in image_axes]
-    ndim = len(names)
-    if client is not None and url is None:
-        url = _group_url(group)
+    url = _group_url(group) if o.client is not None and o.url is None else o.url
     prefix = f"{group.path}/" if group.path else ""
-    token = uuid.uuid4().hex[:12]
-    keep = done_url is not None  # a level is kept only when every level before it was (derived data)
-    prev_path, prev_shape = level0_path, tuple(group[level0_path].shape)
+    b = _Build(group, fmt, names, level0_path, o.chunks, len(factors_per_level), o, url, prefix, uuid.uuid4().hex[:12])
+    keep = o.done_url is not None  # a level is kept only when every level before it was (derived data)
+    prev = (level0_path, tuple(group[level0_path].shape))
     out: list[dict] = []
     for level, factors in enumerate(factors_per_level, start=1):
-        f = _full_factors(factors, ndim, spatial_axes)
-        shape = tuple(n // fi for n, fi in zip(prev_shape, f))
-        if any(n == 0 for n in shape):
-            raise ValueError(f"level {level} would be empty: {prev_shape} / {f}")
-        c, sh = level_chunks(shape, chunks, shards)
-        path = str(level)
-        if path == level0_path:
-            raise ValueError(f"level path {path!r} collides with level 0")
-        records = DoneRecords(done_url(level), storage_options) if done_url is not None else None
-        # written in this process (no client) through this handle: every chunk stored, as run_unit's
-        with zarr.config.set({"array.write_empty_chunks": True}):  # an array takes it when opened
-            target = _existing_level(group, fmt, path, shape, c, sh, dtype) if keep else None
-            if target is None:
-                keep = False
-                if records is not None:
-                    records.clear()  # before the array: records never outlive the chunks they describe
-                target = fmt.create_array(
-                    group, path, shape, c, dtype, names, shards=sh, compression=compression, overwrite=True
-                )
-        job = LevelJob(
-            url=url,
-            options=storage_options,
-            src_path=prefix + prev_path,
-            dst_path=prefix + path,
-            shape=shape,
-            factors=f,
-            unit=sh if sh is not None else c,
-            dtype=dtype.str,
-            method=method,
-            done_url=records.url if records is not None else None,
-            token=token,
-        )
-        unit = "shards" if sh is not None else "chunks"
-        arrays = (group[prev_path], target) if client is None else None
-        task = level_task(job, level, len(factors_per_level), unit, arrays)
-        run = run_blocks(task, client, progress, None if on_unit is None else partial(on_unit, level), window)
-        out.append({"level": level, "units": run["total"], "skipped": run["skipped"], "computed": run["computed"]})
-        out[-1].update(seconds=round(run["seconds"], 3), path=path)
-        prev_path, prev_shape = path, shape
+        f = _full_factors(factors, len(names), spatial_axes)
+        counts, shape, keep = _build_level(b, level, prev, f, keep)
+        out.append(counts)
+        prev = (counts["path"], shape)
     return out
 
 
@@ -364,28 +433,10 @@ def build_pyramid(
     level0_path: str,
     spatial_axes: Sequence[int],
     factors_per_level: Sequence[Sequence[int]],
-    chunks: Sequence[int],
-    dtype: Any,
-    method: str = "mean",
-    client: Any = None,
-    shards: Sequence[int] | None = None,
-    compression: bool = True,
-    **kwargs,
+    *args: Any,
+    **options: Any,
 ) -> list[str]:
-    """:func:`build_levels`, returning the created paths ("1", "2", ...)."""
-    levels = build_levels(
-        group,
-        fmt,
-        image_axes,
-        level0_path,
-        spatial_axes,
-        factors_per_level,
-        chunks,
-        dtype,
-        method,
-        client,
-        shards,
-        compression,
-        **kwargs,
-    )
+    """:func:`build_levels` (the same options), returning the created paths ("1", "2", ...)."""
+    _pyramid_options("build_pyramid", args, options)  # its own name in a TypeError
+    levels = build_levels(group, fmt, image_axes, level0_path, spatial_axes, factors_per_level, *args, **options)
     return [q["path"] for q in levels]

@@ -16,10 +16,12 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
+
+from .options import keywords
 
 __all__ = [
     "Acquisition",
@@ -296,23 +298,38 @@ def _record(
     )
 
 
+@dataclass(frozen=True)
+class VolumeOptions:
+    """``make_volume``'s parameters after ``factor``, each declared once: the first five may also be
+    passed positionally, in this order (``VOLUME_POSITIONAL``)."""
+
+    psf_fwhm: float | Sequence[float] | None = field(
+        default=None, metadata={"help": "the PSF's FWHM per axis in high-res voxels (default: see make_volume)"}
+    )
+    noise: float = field(default=0.0, metadata={"help": "Gaussian noise sigma"})
+    poisson_peak: float | None = field(default=None, metadata={"help": "photons at intensity 1 (None: no shot noise)"})
+    dtype: np.dtype | type = field(default=np.float32, metadata={"help": "the arrays' dtype"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    n: int | None = field(default=None, metadata={"help": "number of beads/filaments (default scales with volume)"})
+    intensity: float = field(default=1.0, metadata={"help": "the truth's maximum"})
+
+
+VOLUME_POSITIONAL = ("psf_fwhm", "noise", "poisson_peak", "dtype", "seed")
+
+
 def make_volume(
     kind: str = "mixed",
     shape_lr: Sequence[int] = (24, 64, 64),
     factor: int | Sequence[int] = 2,
-    psf_fwhm: float | Sequence[float] | None = None,
-    noise: float = 0.0,
-    poisson_peak: float | None = None,
-    dtype: np.dtype | type = np.float32,
-    seed: int = 0,
-    *,
-    n: int | None = None,
-    intensity: float = 1.0,
+    *args,
+    **options,
 ) -> Acquisition:
     """One-call synthetic acquisition of a given *observed* (low-res) shape.
 
     ``kind``: "beads" (sparse spheres, for FWHM), "filaments" (curvilinear structure) or
-    "mixed". The object is built at ``shape_lr * factor``. Default PSF: lateral FWHM
+    "mixed". The object is built at ``shape_lr * factor``. The rest are ``VolumeOptions``' fields
+    (``psf_fwhm``, ``noise``, ``poisson_peak``, ``dtype``, ``seed`` also positionally, then ``n``
+    and ``intensity`` by name). Default PSF: lateral FWHM
     2 x factor high-res voxels (so the recording is roughly Nyquist-sampled), axial
     (axis 0 of a 3D volume) 2.5 x the lateral, as in a typical two-photon microscope.
     The truth is normalised so its maximum equals ``intensity`` (so ``poisson_peak *
@@ -320,6 +337,9 @@ def make_volume(
     beads/filaments (default scales with the volume): a small ``n``, a low ``intensity``
     and ``poisson_peak`` give a sparse, dim, shot-noise-limited bead volume.
     """
+    o = keywords("make_volume", VolumeOptions, options, args, VOLUME_POSITIONAL, lead=3)
+    psf_fwhm, noise, poisson_peak, dtype, seed, n = o.psf_fwhm, o.noise, o.poisson_peak, o.dtype, o.seed, o.n
+    intensity = o.intensity
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
     shape_lr = tuple(int(s) for s in shape_lr)

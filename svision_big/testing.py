@@ -7,36 +7,50 @@ scripts in ``benchmarks/`` import them from here, so that benchmarks do not reac
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, fields
+
 import torch
 
 from svision_big.degrade import Degradation
 from svision_big.model import Model, StageRecord
 from svision_big.network import NetConfig, SVNet
+from svision_big.options import keywords
 from svision_big.settings import split_stages
 from svision_big.values import Normalisation
 
 __all__ = ["make_model", "stand_in_model"]
 
 
-def make_model(
-    factors=(2, 2, 2),
-    bp: int = 1,
-    mapping: int = 1,
-    final_bp: int = 0,
-    seed: int = 0,
-    lo: float = 0.0,
-    hi: float = 1.0,
-    ensemble: int | bool = True,
-    interpolation: str = "keys",
-) -> Model:
+@dataclass(frozen=True)
+class ModelOptions:
+    """``make_model``'s parameters after ``factors``, each declared once (positionally in this order too)."""
+
+    bp: int = field(default=1, metadata={"help": "back-projection iterations per stage"})
+    mapping: int = field(default=1, metadata={"help": "grouped convolutions per network (the default architecture: 4)"})
+    final_bp: int = field(default=0, metadata={"help": "closing back-projection iterations (more than one stage)"})
+    seed: int = field(default=0, metadata={"help": "the random weights' seed"})
+    lo: float = field(default=0.0, metadata={"help": "the normalisation's low end (data value mapped to 0)"})
+    hi: float = field(default=1.0, metadata={"help": "the normalisation's high end (data value mapped to 1)"})
+    ensemble: int | bool = field(default=True, metadata={"help": "True/8, 4 or 1 variants"})
+    interpolation: str = field(default="keys", metadata={"help": "what the residual corrects (keys or bspline)"})
+
+
+MODEL_POSITIONAL = tuple(f.name for f in fields(ModelOptions))
+
+
+def make_model(factors=(2, 2, 2), *args, **options) -> Model:
     """A model with random weights: the operator's structure, halo and arithmetic are all real.
 
-    ``factors`` are split into x2 stages as training splits them; ``bp`` back-projection
-    iterations per stage; ``mapping`` grouped convolutions per network (the default
-    architecture has 4); ``final_bp`` closing back-projection iterations (only with more than one
-    stage); ``lo``/``hi`` the normalisation range (data values mapped to 0..1); ``ensemble``
-    True/8, 4 or 1 variants; ``interpolation`` what the residual corrects (Keys or B-spline).
+    ``factors`` are split into x2 stages as training splits them; the rest are ``ModelOptions``'
+    fields: ``bp`` back-projection iterations per stage; ``mapping`` grouped convolutions per
+    network (the default architecture has 4); ``final_bp`` closing back-projection iterations (only
+    with more than one stage); ``seed``; ``lo``/``hi`` the normalisation range (data values mapped
+    to 0..1); ``ensemble`` True/8, 4 or 1 variants; ``interpolation`` what the residual corrects
+    (Keys or B-spline).
     """
+    o = keywords("make_model", ModelOptions, options, args, MODEL_POSITIONAL, lead=1)
+    bp, mapping, final_bp, seed, lo, hi = o.bp, o.mapping, o.final_bp, o.seed, o.lo, o.hi
+    ensemble, interpolation = o.ensemble, o.interpolation
     torch.manual_seed(seed)
     stages = []
     for sf in split_stages(tuple(factors)):

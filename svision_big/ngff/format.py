@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from ..store import NgffError
 
 __all__ = [
     "NgffFormat",
+    "ArrayCreation",
     "FormatV04",
     "FormatV05",
     "format_for",
@@ -28,6 +30,19 @@ __all__ = [
     "SUPPORTED_VERSIONS",
     "DEFAULT_VERSION",
 ]
+
+
+@dataclass(frozen=True)
+class ArrayCreation:
+    """``NgffFormat.create_array``'s parameters after the dimension names, each declared once."""
+
+    shards: Sequence[int] | None = field(default=None, metadata={"help": "shard shape (NGFF 0.5 only)"})
+    compression: bool = field(default=True, metadata={"help": "compress the chunks"})
+    fill_value: Any = field(default=0, metadata={"help": "the value of chunks never written"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an array already at the path"})
+
+
+ARRAY_POSITIONAL = ("shards", "compression", "fill_value", "overwrite")
 
 
 class NgffFormat(ABC):
@@ -52,20 +67,23 @@ class NgffFormat(ABC):
         chunks: Sequence[int],
         dtype: Any,
         dimension_names: Sequence[str],
-        shards: Sequence[int] | None = None,
-        compression: bool = True,
-        fill_value: Any = 0,
-        overwrite: bool = False,
+        *args: Any,
+        **options: Any,
     ) -> zarr.Array:
-        """Create an image array encoded as this NGFF version requires."""
+        """Create an image array encoded as this NGFF version requires. The rest are
+        ``ArrayCreation``'s fields, positionally in its order too: ``shards`` (None), ``compression``
+        (True), ``fill_value`` (0), ``overwrite`` (False)."""
+        from ..options import keywords  # options imports this module
+
+        o = keywords("create_array", ArrayCreation, options, args, ARRAY_POSITIONAL, lead=7)
         return group.create_array(
             path,
             shape=tuple(int(s) for s in shape),
             chunks=tuple(int(c) for c in chunks),
             dtype=np.dtype(dtype),
-            fill_value=fill_value,
-            overwrite=overwrite,
-            **self.array_encoding(dimension_names, shards, compression),
+            fill_value=o.fill_value,
+            overwrite=o.overwrite,
+            **self.array_encoding(dimension_names, o.shards, o.compression),
         )
 
     @abstractmethod

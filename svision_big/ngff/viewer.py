@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -231,24 +232,37 @@ def _hint(value, kind, default):
         return default
 
 
-def omero_metadata(
-    level,
-    axis_names: Sequence[str],
-    dtype=None,
-    version: str = DEFAULT_VERSION,
-    labels: Sequence[str] | None = None,
-    colors: Sequence[str] | None = None,
-    name: str | None = None,
-    previous: dict | None = None,
-    channels: Sequence[int] | None = None,
-) -> dict:
+@dataclass(frozen=True)
+class OmeroOptions:
+    """``omero_metadata``'s parameters after the axis names, each declared once (positionally in this
+    order too)."""
+
+    dtype: Any = field(default=None, metadata={"help": "the image's dtype (default: the level's)"})
+    version: str = field(default=DEFAULT_VERSION, metadata={"help": "the output's NGFF version"})
+    labels: Sequence[str] | None = field(default=None, metadata={"help": "channel labels"})
+    colors: Sequence[str] | None = field(default=None, metadata={"help": "channel colours"})
+    name: str | None = field(default=None, metadata={"help": "the image's name"})
+    previous: dict | None = field(default=None, metadata={"help": "an input's omero block to carry over"})
+    channels: Sequence[int] | None = field(default=None, metadata={"help": "which of its channels the image holds"})
+
+
+OMERO_POSITIONAL = tuple(f.name for f in fields(OmeroOptions))
+
+
+def omero_metadata(level, axis_names: Sequence[str], *args, **options) -> dict:
     """An ``omero`` block for an image whose coarse level is ``level`` (array or zarr array; big
     levels are sampled by whole chunks): one channel per index along ``c`` (or one), windows from
-    the 0.1/99.9 percentiles, ``version`` = the output's NGFF version.
+    the 0.1/99.9 percentiles, ``version`` = the output's NGFF version. The rest are
+    ``OmeroOptions``' fields (``dtype``, ``version``, ``labels``, ``colors``, ``name``,
+    ``previous``, ``channels``).
 
     ``previous``: an input's ``omero`` to carry over (labels, colours, activity, and windows that
     are valid); ``channels`` picks which of its channels the image holds (default: the first ones).
     ``labels`` / ``colors`` override both."""
+    from ..options import keywords  # options imports this package
+
+    o = keywords("omero_metadata", OmeroOptions, options, args, OMERO_POSITIONAL, lead=2)
+    dtype, version, labels, colors, name, previous, channels = (getattr(o, f) for f in OMERO_POSITIONAL)
     names = [str(a).lower() for a in axis_names]
     data = _sample(level) if "c" not in names else None
     dtype = np.dtype(dtype if dtype is not None else level.dtype)

@@ -21,7 +21,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,7 @@ from scipy import ndimage
 from .figure import SATURATED_FRACTION, busiest_planes, display_window, draw_figure, figure_info, saturated
 from .metrics import psnr, ssim
 from .ngff import Image, NgffError, open_image
+from .options import keywords
 
 __all__ = [
     "compare",
@@ -271,12 +272,8 @@ class CompareOptions:
 
 
 def compare_options(options: dict) -> CompareOptions:
-    """``options`` as ``CompareOptions``, or a TypeError naming the unknown keyword."""
-    known = [f.name for f in fields(CompareOptions)]
-    for name in options:
-        if name not in known:
-            raise TypeError(f"compare() got an unexpected keyword argument {name!r}; it takes {', '.join(known)}")
-    return CompareOptions(**options)
+    """``options`` as ``CompareOptions``, or the TypeError Python gives for an unknown keyword."""
+    return keywords("compare", CompareOptions, options)
 
 
 @dataclass(frozen=True)

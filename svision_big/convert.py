@@ -19,7 +19,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import dask.array as da
@@ -31,6 +31,7 @@ from .ngff.image import open_image
 from .ngff.transforms import multiscales_metadata
 from .ngff.viewer import ngff_unit
 from .ngff.viewer import omero_metadata as _omero
+from .options import keywords
 from .pyramid import build_pyramid, level_chunks, pyramid_datasets, pyramid_factors
 from .store import NgffError, is_remote, open_output_group, remove_store, store_exists, without_file_scheme
 from .tiffmeta import TiffMetadata, tiff_metadata
@@ -172,12 +173,8 @@ class TiffOptions(ImageOptions):
 
 
 def _options(kind: type, options: dict, function: str):
-    """``options`` as ``kind``, or a TypeError naming the unknown keyword."""
-    known = [f.name for f in fields(kind)]
-    for name in options:
-        if name not in known:
-            raise TypeError(f"{function}() got an unexpected keyword argument {name!r}; it takes {', '.join(known)}")
-    return kind(**options)
+    """``options`` as ``kind``, or the TypeError Python gives for an unknown keyword."""
+    return keywords(function, kind, options)
 
 
 @dataclass(frozen=True)

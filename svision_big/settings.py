@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -18,6 +18,7 @@ import numpy as np
 from .checkpoint import Checkpoints
 from .degrade import check_acquisition
 from .harmcheck import check_choice
+from .options import keywords
 from .values import check_workable
 
 if TYPE_CHECKING:
@@ -133,12 +134,8 @@ class FitOptions:
 
 
 def fit_options(options: dict) -> FitOptions:
-    """``options`` as ``FitOptions``, or a TypeError naming the unknown keyword."""
-    known = {f.name for f in fields(FitOptions)}
-    for name in options:
-        if name not in known:
-            raise TypeError(f"fit() got an unexpected keyword argument {name!r}; it takes {', '.join(sorted(known))}")
-    return FitOptions(**options)
+    """``options`` as ``FitOptions``, or the TypeError Python gives for an unknown keyword."""
+    return keywords("fit", FitOptions, options)
 
 
 @dataclass(frozen=True)

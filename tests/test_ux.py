@@ -552,13 +552,15 @@ def test_operator_and_ensemble_flags_force_the_choice_the_check_would_make_and_s
     assert rc == 2 and "--ensemble: invalid choice: '2'" in err[-1]
     # the flags' choices are the library's (the command line declares them without importing torch)
     from svision_big import cli
+    from svision_big.degrade import ACQUISITIONS
     from svision_big.harmcheck import OPERATORS
     from svision_big.operator import ENSEMBLES
 
     train_p = cli.build_parser()._subparsers._group_actions[0].choices["train"]
-    choices = {a.dest: a.choices for a in train_p._actions if a.dest in ("operator", "ensemble")}
+    choices = {a.dest: a.choices for a in train_p._actions if a.dest in ("operator", "ensemble", "acquisition")}
     assert tuple(choices["operator"]) == OPERATORS
     assert sorted(choices["ensemble"]) == sorted(["auto", *map(str, ENSEMBLES)])
+    assert sorted(choices["acquisition"]) == sorted(["auto", *ACQUISITIONS])
 
 
 # --------------------------------------------------------------------------- interrupted training (issue 28.4)

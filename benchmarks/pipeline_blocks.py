@@ -34,7 +34,7 @@ def child_blocks(spec: dict) -> dict:
     import torch
 
     from svision_big.halo import pass_halo
-    from svision_big.operator import plan_passes, run_pass
+    from svision_big.passes import plan_passes, run_pass
 
     model = build_model(spec["bp"])
     mspec = model.spec()
@@ -46,7 +46,7 @@ def child_blocks(spec: dict) -> dict:
     x = torch.rand(read, generator=g) * 0.3
     comp = torch.rand([n * f for n, f in zip(read, p.factors)], generator=g) * 0.3 if p.companion else None
     run_pass(mspec, p, x[:20, :20, :20], comp[:40, :40, :40] if comp is not None else None)  # warm up
-    from svision_big.operator import output_offset
+    from svision_big.passes import output_offset
     from svision_big.values import cast_output
 
     faces = ((False, False),) * 3  # an interior block: every side is halo
@@ -91,7 +91,7 @@ def section_halo(cfg: dict, blocks: dict | None = None) -> dict:
     """Per pass (network, back-projection): halo and ``BlockPlan.overhead()`` at the default block and
     against block size, on a 34 G-voxel output, with the peak RSS measured in the blocks section."""
     from svision_big.halo import pass_halo
-    from svision_big.operator import plan_passes
+    from svision_big.passes import plan_passes
     from svision_big.pipeline import _default_pass_block
     from svision_big.plan import BlockPlan
 
@@ -103,7 +103,7 @@ def section_halo(cfg: dict, blocks: dict | None = None) -> dict:
         spec = build_model(bp).spec()
         for p in plan_passes(spec):
             halo = pass_halo(spec, p)
-            d = min(_default_pass_block(p.kind, halo), min(out_shape))
+            d = min(_default_pass_block(p, halo), min(out_shape))
             row = {
                 "bp": bp,
                 "pass": p.kind,

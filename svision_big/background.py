@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from .ngff import NgffError
-from .operator import add_upsampled, clamp_, output_name
+from .operator import add_upsampled, clamp_
+from .passes import output_name
 from .plan import BlockPlan, on_axes
 from .values import Normalisation, to_output
 

@@ -25,7 +25,7 @@ from .chunks import bad_chunk
 from .engine import BlockTask, BlockWork, ClusterLost, ProcessCache, run_blocks
 from .inputcheck import InputDataError, check_block
 from .model import Model
-from .operator import Pass, output_offset, run_pass
+from .passes import Pass, output_offset, run_pass
 from .plan import Block, BlockPlan, on_axes
 from .state import DoneRecords
 from .values import to_output

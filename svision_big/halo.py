@@ -3,17 +3,21 @@
 One input voxel's structural influence is propagated through the very tap tables and network
 radii the operator uses (boolean masks along one axis at a time), so the halo is exact for
 every model: no guessing, no per-block padding rules. ``receptive_halo`` covers the whole
-operator in one sweep; ``pass_halo`` one pass of it (see ``operator.Pass``).
+operator in one sweep; ``pass_halo`` one pass of it (see ``passes.Pass``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .degrade import Degradation, phase_table
-from .operator import OperatorSpec, Pass, ensemble_size, guard_reach
+from .operator import OperatorSpec, ensemble_size, guard_reach
+
+if TYPE_CHECKING:
+    from .passes import Pass
 
 
 def _through(mask: np.ndarray, table: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
@@ -98,39 +102,17 @@ def receptive_halo(spec: OperatorSpec) -> tuple[int, ...]:
 
 def _pass_influences(spec: OperatorSpec, p: Pass, axis: int, n: int) -> list[tuple[np.ndarray, int]]:
     """High-res outputs (along one axis) touched by an impulse in each of the pass's inputs,
-    with the low-res cell the impulse sits in."""
-    f = p.factors[axis]
+    with the low-res cell the impulse sits in (``Pass.influences``)."""
     c = n // 2
     x0 = np.zeros(n, dtype=bool)
     x0[c] = True
     g = guard_reach(spec, p.factors)  # the saturation guard: cells around each output cell
-    if p.kind == "net":
-        r = max(spec.stages[p.stage].net.config.radius(), g)
-        return [(np.repeat(_dilate(x0, r), f), c)]
-    if p.kind == "bp":
-        deg, iters = spec.stages[p.stage].degradation, spec.stages[p.stage].bp_iters
-    else:
-        deg, iters = spec.final, spec.final_bp_iters
-        if deg is None or iters <= 0:
-            iters = 0
-    guarded = np.repeat(_dilate(x0, g) if g else np.zeros(n, dtype=bool), f)
-    out = [
-        (
-            (_bp_mask(np.zeros(n * f, dtype=bool), x0, deg, axis, iters) if iters else np.zeros(n * f, dtype=bool))
-            | guarded,
-            c,
-        )
-    ]
-    for phase in range(f):  # an impulse in the companion, at each sub-voxel position of cell c
-        y0 = np.zeros(n * f, dtype=bool)
-        y0[c * f + phase] = True
-        out.append((_bp_mask(y0, np.zeros(n, dtype=bool), deg, axis, iters) if iters else y0, c))
-    return out
+    return [(m, c) for m in p.influences(spec, axis, x0, g)]
 
 
 def pass_halo(spec: OperatorSpec, p: Pass) -> tuple[int, ...]:
     """Exact halo of one pass, in voxels of its low-res input per side (as ``receptive_halo``)."""
     halo = [_reach(lambda n, a=axis: _pass_influences(spec, p, a, n), p.factors[axis]) for axis in range(spec.ndim)]
-    if p.kind == "net" and spec.ndim >= 2 and ensemble_size(spec.stages[p.stage].ensemble, p.factors) > 1:
+    if spec.ndim >= 2 and p.mixes_lateral(spec):
         halo[-2] = halo[-1] = max(halo[-2], halo[-1])
     return tuple(halo)

@@ -20,7 +20,8 @@ from .degrade import ACQUISITIONS, Degradation
 from .denoise import as_network, fit_blind_filter
 from .model import Model, StageRecord
 from .network import NetConfig, SVNet
-from .operator import ENSEMBLES, apply_normalised
+from .operator import ENSEMBLES
+from .passes import apply_normalised
 from .progress import decision
 from .sampling import patch_shape, split_regions
 

@@ -261,27 +261,6 @@ def add_upsampled(
     return acc
 
 
-def output_offset(spec: OperatorSpec, p: Pass, faces) -> tuple[int, ...]:
-    """Where a pass's output starts inside its read region times ``p.factors``, in high-res voxels,
-    per axis: on sides that are not volume faces the network leaves out its convolution radius,
-    and back-projection the margin its iterations cannot compute exactly."""
-    if p.kind == "net":
-        r = trim_radius(spec.stages[p.stage].net)
-        return tuple(0 if lo else r * f for (lo, _), f in zip(faces, p.factors))
-    deg, iters = _bp_settings(spec, p)
-    if deg is None or iters <= 0:
-        return (0,) * len(faces)
-    psf = None if deg.psf_fwhm is None else tuple(float(s) for s in deg.psf_fwhm)
-    return tuple(_bp_start(tuple(deg.factors), psf, deg.acquisition, a, iters, lo) for a, (lo, _) in enumerate(faces))
-
-
-def _bp_settings(spec: OperatorSpec, p: Pass) -> tuple[Degradation | None, int]:
-    if p.kind == "bp":
-        st = spec.stages[p.stage]
-        return st.degradation, st.bp_iters
-    return spec.final, spec.final_bp_iters
-
-
 def _axis_kernels(deg: Degradation, axis: int):
     return deg.kernels(axis)
 
@@ -330,7 +309,7 @@ def back_project(y: torch.Tensor, x: torch.Tensor, deg: Degradation, iters: int,
 
     ``faces`` (per axis, (low, high)): which sides of the block are volume faces; on the others
     every iteration computes only what it can compute exactly (``bp_windows``), so the result
-    covers less than ``y`` (``output_offset`` says where it starts). ``None``: the whole volume,
+    covers less than ``y`` (``Pass.output_offset`` says where it starts). ``None``: the whole volume,
     the same arithmetic tap for tap."""
     nd = len(deg.factors)
     faces = tuple(faces) if faces is not None else ((True, True),) * nd
@@ -426,117 +405,6 @@ def saturation_guard_(
     return torch.where(near[hr], torch.maximum(y, low[hr]), y)
 
 
-# --------------------------------------------------------------------------- passes
-
-
-IMAGE = "image"  # the input image, as a pass input
-
-
-def output_name(k: int) -> str:
-    """The name of pass ``k``'s output, as other passes list it in their ``inputs``."""
-    return f"p{k}"
-
-
-@dataclass(frozen=True)
-class Pass:
-    """One blockwise sweep of the operator, so that each part gets its own (small) halo.
-
-    Run in one sweep, back-projection's wide halo (about 3 low-res voxels per iteration) would
-    make every block re-run the network over that whole margin. Split into passes, the network
-    runs with its own radius and back-projection reads the stored network output.
-
-    ``kind``: "net" (ensemble network, clamp), "bp" (iterative back-projection of the previous
-    pass's output against this stage's input) or "final" (closing full-factor back-projection
-    against the original input). ``inputs`` names what the pass reads (as daisy's upstream
-    tasks): first its low-res input (``source``: ``IMAGE`` or ``output_name(k)`` of an earlier
-    pass), then, for "bp" and "final", the high-res estimate it corrects (``companion``, read at
-    the read region times ``factors``).
-    """
-
-    kind: str
-    stage: int
-    factors: tuple[int, ...]
-    inputs: tuple[str, ...]
-
-    @property
-    def source(self) -> str:
-        return self.inputs[0]
-
-    @property
-    def companion(self) -> str | None:
-        return self.inputs[1] if len(self.inputs) > 1 else None
-
-    @property
-    def label(self) -> str:
-        return {
-            "net": f"stage {self.stage + 1} network",
-            "bp": f"stage {self.stage + 1} back-projection",
-            "final": "closing back-projection",
-        }[self.kind]
-
-
-def readers(passes, k: int) -> tuple[int, ...]:
-    """The passes (indices) that read pass ``k``'s output."""
-    name = output_name(k)
-    return tuple(i for i, q in enumerate(passes) if name in q.inputs)
-
-
-def plan_passes(specs) -> tuple[Pass, ...]:
-    """The passes for one or more operators of the same structure (one per channel): a
-    back-projection pass wherever any of them back-projects (iterations 0 make it a copy)."""
-    specs = list(specs) if isinstance(specs, (list, tuple)) else [specs]
-    first = specs[0]
-    if any(len(s.stages) != len(first.stages) or s.factors != first.factors for s in specs):
-        raise ValueError("operators with different stages cannot share passes")
-    passes: list[Pass] = []
-    source = IMAGE
-    for i, st in enumerate(first.stages):
-        passes.append(Pass("net", i, st.factors, (source,)))
-        if any(s.stages[i].bp_iters > 0 for s in specs):
-            passes.append(Pass("bp", i, st.factors, (source, output_name(len(passes) - 1))))
-        source = output_name(len(passes) - 1)
-    if any(s.final is not None and s.final_bp_iters > 0 for s in specs):
-        passes.append(Pass("final", len(first.stages), first.factors, (IMAGE, output_name(len(passes) - 1))))
-    return tuple(passes)
-
-
-def run_pass(
-    spec: OperatorSpec, p: Pass, x: torch.Tensor, companion: torch.Tensor | None = None, faces=None
-) -> torch.Tensor:
-    """One pass on normalised tensors: ``x`` is the pass's low-res input, ``companion`` the previous
-    pass's high-res output (bp and final passes). ``faces``: see ``predict`` (passes
-    return less than the whole region where a side is halo; ``output_offset`` says where)."""
-    floor = spec.norm.bounds_n
-    with torch.inference_mode():
-        if p.kind == "net":
-            stage = spec.stages[p.stage]
-            y = clamp_(predict(stage.net, x, stage.ensemble, faces), floor)
-        elif p.kind == "bp":
-            stage = spec.stages[p.stage]
-            y = back_project(companion, x, stage.degradation, stage.bp_iters, floor, faces)
-        elif p.kind == "final":
-            if spec.final is None or spec.final_bp_iters <= 0:
-                return companion.clone()
-            y = back_project(companion, x, spec.final, spec.final_bp_iters, floor, faces)
-        else:
-            raise ValueError(f"unknown pass kind {p.kind!r}")
-        offset = (0,) * x.ndim if faces is None else output_offset(spec, p, faces)
-        return saturation_guard_(y, x, p.factors, floor[1], offset)
-
-
-def apply_normalised(x: torch.Tensor, spec: OperatorSpec, upto: int | None = None) -> torch.Tensor:
-    """All passes (or those of the first ``upto`` stages, without the closing back-projection),
-    in normalised units: exactly the sequence the chunked pipeline runs block by block."""
-    outs = {IMAGE: x}
-    last = IMAGE
-    for k, p in enumerate(plan_passes(spec)):
-        if upto is not None and (p.kind == "final" or p.stage >= upto):
-            break
-        last = output_name(k)
-        outs[last] = run_pass(spec, p, outs[p.source], outs[p.companion] if p.companion else None)
-    return outs[last]
-
-
 def enhance_array(
     volume: np.ndarray, spec: OperatorSpec, dtype: np.dtype | str | None = None, device: str | torch.device = "cpu"
 ) -> np.ndarray:
@@ -547,5 +415,7 @@ def enhance_array(
     """
     if volume.ndim != spec.ndim:
         raise ValueError(f"the model works on {spec.ndim}D arrays, got shape {volume.shape}")
+    from .passes import apply_normalised  # the passes build on this module
+
     out_dtype = np.dtype(dtype) if dtype is not None else volume.dtype
     return to_output(apply_normalised(spec.norm.forward_array(volume, device), spec), spec.norm, out_dtype)

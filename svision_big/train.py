@@ -25,7 +25,8 @@ from .intensity import foreground_threshold, measure_normalisation
 from .model import Model, StageRecord
 from .network import NetConfig, SVNet
 from .noisecheck import NoiseDecision, bounded_noise, choose_noise, decide_noise, denoised_cubic
-from .operator import Normalisation, OperatorSpec, StageOp, apply_normalised, back_project, clamp_, predict
+from .operator import Normalisation, OperatorSpec, StageOp, back_project, clamp_, predict
+from .passes import apply_normalised
 from .progress import Progress, decision
 from .sampling import PairSampler, patch_shape, split_regions
 from .settings import (

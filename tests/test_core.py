@@ -201,11 +201,12 @@ def test_windowed_back_projection_equals_the_whole_volume_bit_for_bit(factors, p
     import itertools
 
     from svision_big.halo import pass_halo
-    from svision_big.operator import IMAGE, Pass, back_project, output_name, output_offset
+    from svision_big.operator import back_project
+    from svision_big.passes import IMAGE, BackProjectionPass, output_name, output_offset
 
     deg = Degradation(factors, psf, acquisition=acq)
     spec = OperatorSpec((StageOp(None, deg, iters),), Normalisation(0.0, 1.0, 0.0))
-    p = Pass("bp", 0, factors, (IMAGE, output_name(0)))  # reads the image and pass 0's output
+    p = BackProjectionPass(0, factors, (IMAGE, output_name(0)))  # reads the image and pass 0's output
     halo = pass_halo(spec, p)
     shape = tuple(2 * h + 5 + a for a, h in enumerate(halo))  # odd and even lengths
     g = torch.Generator().manual_seed(5)
@@ -408,7 +409,7 @@ def test_pass_halos_bound_each_pass_impulse_response(factors, final):
     """Each pass (network, back-projection, closing back-projection) gets its own halo: perturbing
     one voxel of its low-res input or of its high-res companion changes nothing beyond it."""
     from svision_big.halo import pass_halo
-    from svision_big.operator import plan_passes, run_pass
+    from svision_big.passes import plan_passes, run_pass
 
     spec = _random_spec(factors, bp=2, final=final, floor=None)
     passes = plan_passes(spec)

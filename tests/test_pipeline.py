@@ -23,7 +23,7 @@ from svision_big.cli import main as cli_main
 from svision_big.convert import write_ome_zarr
 from svision_big.execute import Job
 from svision_big.ngff import NgffError, open_image
-from svision_big.operator import plan_passes
+from svision_big.passes import plan_passes
 from svision_big.plan import BlockPlan
 from svision_big.testing import make_model
 

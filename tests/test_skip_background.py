@@ -216,9 +216,9 @@ def test_bad_threshold_is_one_line_and_exit_2(tmp_path, capsys):
 
 def test_propagation_skips_exactly_the_blocks_no_computed_block_reads():
     """Pure planning: an earlier pass's block is skipped iff every later block reading it is."""
-    from svision_big.operator import IMAGE, Pass
+    from svision_big.passes import IMAGE, BackProjectionPass, NetPass
 
-    passes = (Pass("net", 0, (2, 2), (IMAGE,)), Pass("bp", 0, (2, 2), (IMAGE, "p0")))
+    passes = (NetPass(0, (2, 2), (IMAGE,)), BackProjectionPass(0, (2, 2), (IMAGE, "p0")))
     plans = [BlockPlan((64, 64), (2, 2), (32, 32), (3, 3)), BlockPlan((64, 64), (2, 2), (32, 32), (2, 2))]
     last = np.ones(plans[1].shape, bool)
     last[0, 0] = False  # one computed block in the corner

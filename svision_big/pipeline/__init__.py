@@ -28,13 +28,13 @@ from __future__ import annotations
 
 from ..model import Model, ModelFileError, load_model
 from ..options import DEFAULT_TRAIN_VOXELS, EnhanceSettings, TrainOptions
+from ..passes import NARROW_BP_HALO
 from ..train import fit
 from .enhancing import enhance, enhance_with
 from .identity import input_digest
 from .layout import (
     DEFAULT_CHUNK,
     DEFAULT_PASS_BLOCK,
-    NARROW_BP_HALO,
     _default_pass_block,
     _scratch_layout,
     _whole_chunks,

@@ -9,8 +9,8 @@ import sys
 from .. import background as bgd
 from ..execute import Job, execute
 from ..ngff import NgffError, open_output_group
-from ..operator import IMAGE, output_name, readers
 from ..options import EnhanceSettings, defaults, keywords, signature
+from ..passes import IMAGE, output_name, readers
 from .cluster import _check_device, _close, _open_cluster
 from .finish import _already_complete, _finish_output
 from .layout import _axis_names, scratch_arrays

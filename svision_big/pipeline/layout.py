@@ -14,19 +14,12 @@ import numpy as np
 
 from ..halo import pass_halo
 from ..ngff import Image, NgffError
-from ..operator import IMAGE, Pass, output_name, plan_passes
+from ..passes import IMAGE, BackProjectionPass, ClosingPass, NetPass, Pass, output_name, plan_passes
 from ..plan import BlockPlan, default_block, on_axes
 
-# Output chunks for viewers, and each pass's default block (output voxels per axis, whole chunks).
-# Bigger blocks repeat less halo and the streamed network runs as fast per voxel at any size, so
-# its block is as large as a single-threaded worker's memory allows; back-projection runs as fast
-# in smaller blocks, at half the memory. `python benchmarks/pipeline.py --only blocks` measures them.
+# Output chunks for viewers. Each pass's default block is its class's (``passes.Pass.default_block``).
 DEFAULT_CHUNK = 128
-DEFAULT_PASS_BLOCK = {"net": 256, "bp": 128, "final": 128}
-# A back-projection pass whose halo is no wider than the network's (2 iterations or fewer at x2)
-# takes the network's block instead: its compute is negligible, so what it costs is reading the
-# staged float32 output, and smaller blocks re-read a larger share of halo, in more tasks.
-NARROW_BP_HALO = 8
+DEFAULT_PASS_BLOCK = {c.kind: c.block for c in (NetPass, BackProjectionPass, ClosingPass)}
 # Blocks smaller than twice the halo on a split axis repeat more work than they do (a few voxels
 # per block can mean hours of halo). They are refused (unless ``force``) once the repeated work
 # passes this many input voxels (a few core-minutes), so small test volumes may still be cut into
@@ -35,10 +28,8 @@ MAX_REPEATED_VOXELS = 2**24
 MIN_SCRATCH_INNER = 16  # smaller inner chunks cost more per-chunk overhead than they save in reads
 
 
-def _default_pass_block(kind: str, halo: tuple[int, ...]) -> int:
-    if kind != "net" and max(halo, default=0) <= NARROW_BP_HALO:
-        return DEFAULT_PASS_BLOCK["net"]
-    return DEFAULT_PASS_BLOCK[kind]
+def _default_pass_block(p: Pass, halo: tuple[int, ...]) -> int:
+    return p.default_block(halo)
 
 
 @dataclass(frozen=True)
@@ -162,7 +153,7 @@ def _blocks(given, passes, specs, out_spatial, factors) -> tuple[tuple[int, ...]
     if given is None:
         chunk = default_block(out_spatial, factors, DEFAULT_CHUNK)
         last_halo = tuple(max(h) for h in zip(*(pass_halo(sp, passes[-1]) for sp in specs)))
-        block = default_block(out_spatial, factors, _default_pass_block(passes[-1].kind, last_halo))
+        block = default_block(out_spatial, factors, _default_pass_block(passes[-1], last_halo))
         return _whole_chunks(block, chunk, out_spatial), chunk
     _check_block(given, len(out_spatial))
     if not isinstance(given, (int, np.integer)) and len(given) == 1:
@@ -212,7 +203,7 @@ def _pass_plans(passes, specs, in_shape, block, outer_shape, defaults: bool = Tr
         if k == len(passes) - 1:
             blk = block
         elif defaults:
-            blk = default_block(out, p.factors, _default_pass_block(p.kind, halo))
+            blk = default_block(out, p.factors, _default_pass_block(p, halo))
         else:
             blk = tuple(max(f, min(b, n) - min(b, n) % f) for b, n, f in zip(block, out, p.factors))
         if k == len(passes) - 1 and out != tuple(n * f for n, f in zip(in_shape, specs[0].factors)):

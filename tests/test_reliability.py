@@ -1248,6 +1248,18 @@ def test_s3_output_inherits_the_input_options_and_holds_no_state_when_done(s3_se
     assert open_image(out, storage_options=s3_server).group.attrs["svision_big"]["input"] == src
 
 
+def test_sharding_an_ngff_04_output_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    """``run --ngff 0.4 --shards`` trained for minutes, then said that NGFF 0.4 cannot shard: the format
+    is checked with the other settings, before training, in one line, and nothing is written."""
+    src = _write_input(tmp_path / "in.ome.zarr", smooth_volume((8, 16, 16), seed=2))
+    monkeypatch.setattr(running, "train", lambda *a, **k: pytest.fail("trained before checking the format"))
+    out = str(tmp_path / "out.ome.zarr")
+    rc = cli_main(["run", src, out, "--factor", "2", "--ngff", "0.4", "--shards", "--scheduler", "sync"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "sharding needs NGFF 0.5" in err[0], err
+    assert not os.path.exists(out)
+
+
 def test_unreachable_output_store_fails_in_one_line_before_training(tmp_path, monkeypatch, capsys):
     src = _write_input(tmp_path / "in.ome.zarr", smooth_volume((8, 16, 16), seed=2))
     monkeypatch.setattr(running, "train", lambda *a, **k: pytest.fail("trained before checking the output"))

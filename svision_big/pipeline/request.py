@@ -259,7 +259,7 @@ def _output_format(image: Image, input: str, output: str, lay: Layout, s: Enhanc
     """The layout with the output's NGFF format and dtype, once every check that needs no write passed."""
     fmt = format_for(s.ngff or image.fmt.version)
     dtype = _output_dtype(s.dtype, image.dtype)
-    fmt.check_shards(s.shards)
+    fmt.check_shards(s.shards or None)
     if s.nonfinite == "error":
         _check_coarse_finite(image, input)  # most NaN/Inf inputs fail here, before anything is written
     _check_range(image, input, dtype)

@@ -125,7 +125,7 @@ def _check_run_input(input: str, output: str, factor, budget: int, s: EnhanceSet
     _check_trainable(image, budget, input)
     _check_block(s.block, len(spatial))
     _check_range(image, input, _output_dtype(s.dtype, image.dtype))  # before training (minutes)
-    format_for(s.ngff or image.fmt.version).check_shards(s.shards)  # NGFF 0.4 cannot shard: before training
+    format_for(s.ngff or image.fmt.version).check_shards(s.shards or None)  # NGFF 0.4 cannot shard: before training
     _check_reachable(output, s.output_storage_options, "output")  # before training (minutes), not after
     return image
 

@@ -11,6 +11,7 @@ is exactly zero.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,11 +20,12 @@ import torch
 from .degrade import ACQUISITIONS, Degradation
 from .denoise import as_network, fit_blind_filter
 from .model import Model, StageRecord
-from .network import NetConfig, SVNet
+from .network import SVNet
 from .operator import ENSEMBLES
 from .passes import apply_normalised
 from .progress import decision
 from .sampling import patch_shape, split_regions
+from .stages import BASELINE_NAMES, BaselineStage, leading_denoisers
 
 if TYPE_CHECKING:
     from .settings import TrainConfig
@@ -59,45 +61,27 @@ def held_aside_slab(shape_lr: tuple[int, ...], factors: tuple[int, ...], patch: 
     return tuple(slice(a, b) for a, b in box)
 
 
-def cubic_baseline(model: Model, keep: int = 0, interpolation: str = "keys") -> Model:
-    """The safe baseline as a model: the first ``keep`` stages (the denoiser, if any), then cubic
-    upsampling by the whole factor with ``interpolation`` (Keys or B-spline: a one-stage net whose
-    learned correction is exactly zero, no ensemble, no back-projection), so the pipeline runs it
-    like any model."""
-    cfg = NetConfig(
-        factors=model.factors,
-        features=1,
-        shrink=1,
-        mapping=0,
-        groups=1,
-        extract_kernel=1,
-        kernel=1,
-        interpolation=interpolation,
+def cubic_baseline(model: Model, interpolation: str = "keys") -> Model:
+    """The safe baseline as a model: the model's denoiser, if it has one, then ``interpolation`` (Keys or
+    B-spline) by the whole factor, with no ensemble and no back-projection (``stages.BaselineStage``),
+    so the pipeline runs it like any model."""
+    keep = leading_denoisers(model.stages)
+    # the stage it replaces lends its noise model and acquisition (a denoiser alone lends its own): with
+    # no back-projection nothing uses them
+    first = model.stages[min(keep, len(model.stages) - 1)].degradation
+    stage = BaselineStage(
+        model.factors, interpolation, 0, first.noise, first.acquisition, [s.report for s in model.stages[keep:]]
     )
-    net = SVNet(cfg)
-    for prm in net.parameters():
-        torch.nn.init.zeros_(prm)
-    first = model.stages[keep].degradation  # its noise model stays on record; with no back-projection nothing uses it
-    deg = Degradation(model.factors, None, first.noise, first.acquisition)
-    rec = StageRecord(
-        cfg,
-        {k: t.detach().clone() for k, t in net.state_dict().items()},
-        deg,
-        0,
-        1,
-        {"baseline": BASELINE_NAMES[interpolation], "trained": [s.report for s in model.stages[keep:]]},
+    return Model(
+        stages=[*model.stages[:keep], stage.record()], norm=model.norm, factors=model.factors, info=dict(model.info)
     )
-    return Model(stages=[*model.stages[:keep], rec], norm=model.norm, factors=model.factors, info=dict(model.info))
 
 
-BASELINE_NAMES = {"keys": "cubic", "bspline": "B-spline"}  # the baselines' names in reports and verdicts
-
-
-def baselines(model: Model, denoiser: int = 0) -> dict[str, Model]:
+def baselines(model: Model) -> dict[str, Model]:
     """The safe baselines the trained operator must beat: Keys cubic and cubic B-spline upsampling,
-    after the denoiser when there is one (its stages are kept)."""
-    pre = "denoised " if denoiser else ""
-    return {f"{pre}{name}": cubic_baseline(model, denoiser, i) for i, name in BASELINE_NAMES.items()}
+    after the model's denoiser when it has one (the denoiser is kept)."""
+    pre = "denoised " if leading_denoisers(model.stages) else ""
+    return {f"{pre}{name}": cubic_baseline(model, i) for i, name in BASELINE_NAMES.items()}
 
 
 # How much better on the check the other cubic must be to replace the default one. Measured on the
@@ -129,12 +113,12 @@ def projected_baselines(model: Model) -> dict[str, Model]:
     ``n`` in ``PROJECTED_ITERS``: models the pipeline runs like any other."""
     acq = model.stages[0].degradation.acquisition
     out = {}
-    for interp, name in BASELINE_NAMES.items():
-        base = cubic_baseline(model, 0, interp)
-        s = base.stages[0]
+    for interp in BASELINE_NAMES:
         for n in PROJECTED_ITERS:
-            rec = StageRecord(s.config, s.state, Degradation(model.factors, None, None, acq), n, 1, dict(s.report))
-            out[f"{name} + back-projection {n}"] = _with_stages(base, [rec])
+            stage = BaselineStage(model.factors, interp, n, None, acq, [s.report for s in model.stages])
+            out[stage.label] = Model(
+                stages=[stage.record()], norm=model.norm, factors=model.factors, info=dict(model.info)
+            )
     return out
 
 
@@ -145,9 +129,7 @@ def safe_baseline(scores: dict[str, float], names: list[str], default: str) -> s
 
 
 def _with_ensemble(model: Model, size: int) -> Model:
-    return _with_stages(
-        model, [StageRecord(s.config, s.state, s.degradation, s.bp_iters, size, s.report) for s in model.stages]
-    )
+    return _with_stages(model, [replace(s, ensemble=size) for s in model.stages])
 
 
 def _with_stages(model: Model, stages: list[StageRecord]) -> Model:
@@ -168,10 +150,9 @@ def check_mse(model: Model, src: torch.Tensor, tgt: torch.Tensor) -> float:
 
 
 def _swap_denoiser(model: Model, net: SVNet) -> Model:
+    """``model`` with the filter ``net`` (fitted to a check source) in place of its own denoiser's."""
     s = model.stages[0]
-    return _with_stages(
-        model, [StageRecord(net.config, net.state_dict(), s.degradation, 0, s.ensemble, s.report), *model.stages[1:]]
-    )
+    return _with_stages(model, [replace(s, config=net.config, state=net.state_dict()), *model.stages[1:]])
 
 
 def do_no_harm(
@@ -179,7 +160,6 @@ def do_no_harm(
     deg: Degradation,
     v: np.ndarray,
     cfg: TrainConfig,
-    denoiser: int = 0,
     full_scale: np.ndarray | None = None,
     operator: str = "auto",
     ensemble: int | None = None,
@@ -198,15 +178,16 @@ def do_no_harm(
     score go into ``model.info["baseline"]``. ``operator`` other than "auto" forces that offer (and
     ``ensemble`` the network's size) whatever the check says; the scores are recorded all the same."""
     # the denoiser was chosen at the input's own scale (``worth_denoising``): its baseline replaces cubic
-    candidates = baselines(model, denoiser)
+    candidates = baselines(model)
     variants = {f"ensemble {k}": _with_ensemble(model, k) for k in ENSEMBLES}
     # back-projection needs the acquisition and a clean input (see train.NOISY_BP)
-    projected = projected_baselines(model) if not denoiser and deg.acquisition != "mixed" and deg.noise is None else {}
-    scores, per = check_scores({**candidates, **variants, **projected}, deg, v, cfg, denoiser)
+    denoised = leading_denoisers(model.stages) > 0
+    projected = projected_baselines(model) if not denoised and deg.acquisition != "mixed" and deg.noise is None else {}
+    scores, per = check_scores({**candidates, **variants, **projected}, deg, v, cfg)
     best = min(scores[f"ensemble {k}"] for k in ENSEMBLES)
     size = ensemble or min(k for k in ENSEMBLES if scores[f"ensemble {k}"] <= best * (1.0 + ENSEMBLE_TOLERANCE))
     # clean inputs: the B-spline (its flat passband wins on every clean synthetic case, by up to 7 dB)
-    safe = safe_baseline(scores, list(candidates), f"{'denoised ' if denoiser else ''}B-spline")
+    safe = safe_baseline(scores, list(candidates), f"{'denoised ' if denoised else ''}B-spline")
     net = f"ensemble {size}"
     offers = {net: variants[net], **_projected_offer(projected, scores, safe)}
     bp = next((n for n in offers if n != net), None)
@@ -370,32 +351,33 @@ def _check_denoiser(src: torch.Tensor, seed: int) -> SVNet | None:
 
 
 def check_scores(
-    models: dict[str, Model], deg: Degradation, v: np.ndarray, cfg: TrainConfig, denoiser: int = 0
+    models: dict[str, Model], deg: Degradation, v: np.ndarray, cfg: TrainConfig
 ) -> tuple[dict[str, float], list[dict[str, float]]]:
     """Each model's MSE on the held-aside check (``check_volumes``): the mean over the check volumes,
-    and per check volume. A denoiser (the first ``denoiser`` stages) is fitted afresh to each check
-    source (see ``do_no_harm``)."""
+    and per check volume. A model's denoiser (a first stage of kind "denoiser") is fitted afresh to
+    each check source (see ``do_no_harm``)."""
     vols = check_volumes(v, deg, cfg.seed)
+    denoised = {k: leading_denoisers(m.stages) > 0 for k, m in models.items()}
     scores = {k: 0.0 for k in models}
     per: list[dict[str, float]] = []
     for src, tgt in vols:
         sl = held_aside_slab(tuple(src.shape), deg.factors, 2 * cfg.patch)
         s_src = src[sl].contiguous()
         s_tgt = tgt[tuple(slice(a.start * f, a.stop * f) for a, f in zip(sl, deg.factors))].contiguous()
-        swap = _check_denoiser(src, cfg.seed) if denoiser else None
+        swap = _check_denoiser(src, cfg.seed) if any(denoised.values()) else None
         one = {}
         for name, m in models.items():
-            one[name] = check_mse(m if swap is None else _swap_denoiser(m, swap), s_src, s_tgt)
+            one[name] = check_mse(_swap_denoiser(m, swap) if swap is not None and denoised[name] else m, s_src, s_tgt)
             scores[name] += one[name] / len(vols)
         per.append(one)
     return scores, per
 
 
 def summary(model: Model) -> tuple[str, str]:
-    """(what the model computes and why, the flag that reverses it), from ``model.info``."""
+    """(what the model computes and why, the flag that reverses it), from ``model.info`` and its stages' kinds."""
     b = model.info.get("baseline") or {}
     verdict = b.get("verdict", "")
-    if model.info.get("denoiser"):
+    if leading_denoisers(model.stages):
         return (
             f"result: {verdict}",
             "--operator network (or --denoise off) trains the SR network on the noisy input instead",

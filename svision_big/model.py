@@ -72,14 +72,37 @@ def _ensemble(v) -> int | bool:
     return int(v)
 
 
+KINDS = ("denoiser", "baseline", "network")  # what a stage is: one class each in stages.py
+
+
+def infer_kind(config: NetConfig, state: dict[str, torch.Tensor]) -> str:
+    """The kind of a stage recorded without one (files written before kinds were), from what only
+    that kind has: the blind denoiser is the only stage with factor 1 on every axis, a baseline the
+    only one whose weights are all zero."""
+    if all(f == 1 for f in config.factors):
+        return "denoiser"
+    if not any(bool(t.any()) for t in state.values()):
+        return "baseline"
+    return "network"
+
+
 @dataclass
 class StageRecord:
+    """One stage as the model file keeps it. Every kind runs as an ``SVNet``, so ``kind`` is recorded
+    beside the weights (``stages.py`` builds each kind's record); left out, it follows from them."""
+
     config: NetConfig
     state: dict[str, torch.Tensor]
     degradation: Degradation
     bp_iters: int
     ensemble: int | bool = True
     report: dict = field(default_factory=dict)
+    kind: str = ""
+
+    def __post_init__(self):
+        self.kind = self.kind or infer_kind(self.config, self.state)
+        if self.kind not in KINDS:
+            raise ValueError(f"stage kind {self.kind!r} is not one of {', '.join(KINDS)}")
 
 
 @dataclass
@@ -141,6 +164,7 @@ class Model:
             "factors": list(self.factors),
             "stages": [
                 {
+                    "kind": s.kind,
                     "factors": list(s.degradation.factors),
                     "bp_iters": s.bp_iters,
                     "ensemble": s.ensemble,
@@ -173,6 +197,7 @@ class Model:
             "final_bp_iters": self.final_bp_iters,
             "stages": [
                 {
+                    "kind": s.kind,
                     "config": s.config.to_dict(),
                     "degradation": _deg_to_dict(s.degradation),
                     "bp_iters": s.bp_iters,
@@ -186,13 +211,16 @@ class Model:
 
     @property
     def hash(self) -> str:
-        """Content hash of the operator: settings that change the output + weights (not reports)."""
+        """Content hash of the operator: settings that change the output + weights (not reports, and not
+        the stages' kinds, which follow from them: models written before kinds were keep their hash,
+        and with it the resume records of their outputs)."""
         h = hashlib.sha256()
         head = self._header()
         for key in ("info", "package_version"):
             head.pop(key)
         for s in head["stages"]:
             s.pop("report")
+            s.pop("kind")
         h.update(json.dumps(head, sort_keys=True).encode())
         for s in self.stages:
             for name in sorted(s.state):
@@ -247,20 +275,7 @@ class Model:
                     f"{where} is corrupt or was modified: its content does not match the digest it "
                     f"carries (re-train, or restore the file)"
                 )
-            stages = []
-            for i, (s, w) in enumerate(zip(head["stages"], weights, strict=True)):
-                config = NetConfig.from_dict(s["config"])
-                _check_stage(config, w, where, i)  # before anything the size of the header is allocated
-                stages.append(
-                    StageRecord(
-                        config,
-                        dict(w),
-                        _deg_from_dict(s["degradation"]),
-                        int(s["bp_iters"]),
-                        _ensemble(s["ensemble"]),
-                        s.get("report", {}),
-                    )
-                )
+            stages = _read_stages(head["stages"], weights, where)
             n = head["norm"]
             model = cls(
                 stages=stages,
@@ -286,6 +301,26 @@ class Model:
                 f"{where} is a damaged svision-big model file ({type(exc).__name__}: {text})"
             ) from None
         return model
+
+
+def _read_stages(heads: list[dict], weights: list[dict], where: str) -> list[StageRecord]:
+    """The stages' records, each header checked against its weights first (``_check_stage``)."""
+    stages = []
+    for i, (s, w) in enumerate(zip(heads, weights, strict=True)):
+        config = NetConfig.from_dict(s["config"])
+        _check_stage(config, w, where, i)  # before anything the size of the header is allocated
+        stages.append(
+            StageRecord(
+                config,
+                dict(w),
+                _deg_from_dict(s["degradation"]),
+                int(s["bp_iters"]),
+                _ensemble(s["ensemble"]),
+                s.get("report", {}),
+                s.get("kind", ""),  # files written before kinds were recorded: ``infer_kind``
+            )
+        )
+    return stages
 
 
 def _digest(header: str, weights) -> str:

@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .degrade import Degradation
-from .denoise import as_network, fit_blind_filter
+from .denoise import fit_blind_filter
 from .harmcheck import baselines, check_scores, safe_baseline, summarise
 from .model import Model, StageRecord
 from .noise import NoiseModel, noise_bins
 from .progress import decision
+from .stages import DenoiserStage
 
 if TYPE_CHECKING:
     from .operator import Normalisation
@@ -146,9 +147,6 @@ def bounded_noise(nm: NoiseModel, report: dict) -> NoiseModel:
     return NoiseModel(nm.gain * s, nm.offset * s)
 
 
-DENOISER_ENSEMBLE = 1  # the filter is symmetric already: every variant gives the same
-
-
 @dataclass
 class NoiseDecision:
     """What ``fit`` found about the input's noise and what it does about it (``decide_noise``)."""
@@ -196,18 +194,15 @@ def decide_noise(
                 f"noise measured, not removed: {denoise_reason(drep)}{_HOW_TO_DENOISE[mode]}", "denoise", used=False
             )
     if w is not None and (worth or mode == "on"):  # the filter, then the better cubic: no SR network (DENOISED_SR)
-        return NoiseDecision(nm_any, noise, None, drep, _denoiser(w, off, drep, nm_any, v.ndim, acq, mode, quiet))
+        return NoiseDecision(nm_any, noise, None, drep, _denoiser(w, off, drep, nm_any, acq, mode, quiet))
     if REFUSED_NOISE_AS_CLEAN and nm0 is not None and drep and not drep.get("used"):
         return NoiseDecision(None, False, nm0, drep)  # see REFUSED_NOISE_AS_CLEAN
     return NoiseDecision(nm0, noise, None, drep)
 
 
-def _denoiser(
-    w: np.ndarray, off: float, drep: dict, nm: NoiseModel, ndim: int, acq: str, mode: str, quiet: bool
-) -> StageRecord:
+def _denoiser(w: np.ndarray, off: float, drep: dict, nm: NoiseModel, acq: str, mode: str, quiet: bool) -> StageRecord:
     """The blind filter, blended with the voxel itself (``blend_centre``), as a factor-1 first stage."""
     w, off = blend_centre(w, off, drep)
-    dnet = as_network(w, off)
     drep.update(noise=[nm.gain, nm.offset], noise_std_mid=nm.std(0.5))
     if not quiet:
         decision(
@@ -216,8 +211,7 @@ def _denoiser(
             "denoise",
             used=True,
         )
-    ddeg = Degradation((1,) * ndim, None, None, acq)
-    return StageRecord(dnet.config, dnet.state_dict(), ddeg, 0, DENOISER_ENSEMBLE, drep)
+    return DenoiserStage(w, off, acq, drep).record()
 
 
 def denoised_cubic(dec: NoiseDecision, req: FitRequest, norm: Normalisation, v: np.ndarray, t_start: float) -> Model:
@@ -229,10 +223,9 @@ def denoised_cubic(dec: NoiseDecision, req: FitRequest, norm: Normalisation, v: 
             "(noise is never back-projected); use --operator baseline or network"
         )
     nm0, denoiser = dec.model, dec.denoiser
-    lend = Model(stages=[denoiser, denoiser], norm=norm, factors=req.factors)  # the second only lends its record
-    cands = baselines(lend, 1)
+    cands = baselines(Model(stages=[denoiser], norm=norm, factors=req.factors))  # what the baselines follow
     deg = Degradation(req.factors, None, (nm0.gain, nm0.offset), "mixed")
-    scores, _ = check_scores(cands, deg, v, req.cfg, 1)
+    scores, _ = check_scores(cands, deg, v, req.cfg)
     # denoised inputs: Keys (the B-spline's stronger response near Nyquist carries the noise left)
     safe = safe_baseline(scores, list(cands), "denoised cubic")
     model = cands[safe]
@@ -256,7 +249,6 @@ def denoised_cubic(dec: NoiseDecision, req: FitRequest, norm: Normalisation, v: 
             "scores": {k: float(x) for k, x in scores.items()},
         },
     }
-    model.stages[-1].report["trained"] = []
     model.info["fit_seconds"] = round(time.perf_counter() - t_start, 2)
     if not req.quiet:
         summarise(model)

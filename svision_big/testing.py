@@ -55,7 +55,7 @@ def make_model(factors=(2, 2, 2), *args, **options) -> Model:
     stages = []
     for sf in split_stages(tuple(factors)):
         net = SVNet(NetConfig(tuple(sf), mapping=mapping, interpolation=interpolation))
-        stages.append(StageRecord(net.config, net.state_dict(), Degradation(tuple(sf)), bp, ensemble))
+        stages.append(StageRecord(net.config, net.state_dict(), Degradation(tuple(sf)), bp, ensemble, kind="network"))
     final = Degradation(tuple(factors)) if final_bp and len(stages) > 1 else None
     return Model(
         stages=stages,
@@ -79,5 +79,5 @@ def stand_in_model(factors=(2, 2, 2), bp: int = 0, lo: float = 0.0, hi: float = 
     with torch.no_grad():
         for name, prm in net.named_parameters():
             prm.fill_(0.0 if name.endswith("bias") else 1.0)
-    st = StageRecord(cfg, net.state_dict(), Degradation(factors), bp, ensemble=False)
+    st = StageRecord(cfg, net.state_dict(), Degradation(factors), bp, ensemble=False, kind="network")
     return Model(stages=[st], norm=Normalisation(lo, hi, 0.0), factors=factors)

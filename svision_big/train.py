@@ -36,6 +36,7 @@ from .settings import (
     fit_request,
     split_stages,
 )
+from .stages import NetworkStage
 
 # What a trained stage's residual corrects (degrade.INTERPOLATIONS). The B-spline, measured against Keys on
 # the trained clean cases (fit-PSNR, dB): nuclei x2 58.47 -> 63.52, authors' beads x4 48.22 -> 50.53,
@@ -307,7 +308,7 @@ def train_stages(
                 bp_iters=bp,
             )
         ops.append(StageOp(net, deg, bp, ensemble=TRAIN_ENSEMBLE))
-        stages.append(StageRecord(net.config, net.state_dict(), deg, bp, True, report))
+        stages.append(NetworkStage(net, deg, bp, report).record())
         if i + 1 < len(plan):  # the next stage learns from this one's output on the input itself
             sub = stage_source[sample_box(stage_source.shape, stage_source, req.max_stage2_voxels)]
             spec = OperatorSpec(tuple(ops), norm)

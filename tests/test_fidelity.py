@@ -448,7 +448,7 @@ def test_back_projected_baseline_is_offered_and_runs_in_blocks(tmp_path):
 def _alternating(model: Model, swing: float) -> Model:
     """The B-spline baseline of ``model`` plus +swing / -swing on the two output planes of each input
     plane: the signature of the serial-section failure (brightness alternating at the factor's period)."""
-    base = harmcheck.cubic_baseline(model, 0, "bspline")
+    base = harmcheck.cubic_baseline(model, "bspline")
     s = base.stages[0]
     state = dict(s.state)
     state["expand.bias"] = torch.tensor([swing, -swing], dtype=state["expand.bias"].dtype)
@@ -465,12 +465,12 @@ def test_plane_brightness_swing_the_check_approved_is_refused(monkeypatch):
     acq = synthetic.make_volume("mixed", shape_lr=(16, 48, 48), factor=(2, 1, 1), seed=4)
     model = make_model((2, 1, 1), bp=0)
     v = model.norm.forward(torch.from_numpy(acq.observed.astype(np.float32))).numpy()
-    flat = harmcheck.plane_contrasts(_alternating(model, 0.0), harmcheck.cubic_baseline(model, 0, "bspline"), v, 16)
-    swung = harmcheck.plane_contrasts(_alternating(model, 0.05), harmcheck.cubic_baseline(model, 0, "bspline"), v, 16)
+    flat = harmcheck.plane_contrasts(_alternating(model, 0.0), harmcheck.cubic_baseline(model, "bspline"), v, 16)
+    swung = harmcheck.plane_contrasts(_alternating(model, 0.05), harmcheck.cubic_baseline(model, "bspline"), v, 16)
     assert not flat["harm"] and swung["harm"], (flat, swung)
     assert swung["operator"][1:] == [0.0, 0.0]  # only the upsampled axis is measured
 
-    def approving(models, deg, v, cfg, denoiser=0):  # the check one scale down, fooled
+    def approving(models, deg, v, cfg):  # the check one scale down, fooled
         scores = {k: (0.5 if k.startswith("ensemble") else 1.0) for k in models}
         return scores, [scores]
 
@@ -485,7 +485,7 @@ def test_plane_brightness_swing_the_check_approved_is_refused(monkeypatch):
             assert "swings at the factor's period" in b["verdict"] and chosen.stages[0].bp_iters == 0
 
     # the next offer, a back-projected baseline the check also approves, replaces the refused network
-    def approving_both(models, deg, v, cfg, denoiser=0):
+    def approving_both(models, deg, v, cfg):
         scores = {k: (0.5 if k.startswith("ensemble") else 0.6 if "back-projection" in k else 1.0) for k in models}
         return scores, [scores]
 

@@ -48,7 +48,10 @@ Targets, reported per case and summarised, never asserted:
 * authors_fwhm (authors'-beads case): lateral bead FWHM of the result within 15% of the truth's.
 
     python benchmarks/quality.py                        # everything (~60 min on 2 cores)
-    python benchmarks/quality.py --quick                # smoke test (< 5 min): 3 small cases + 1 real
+    python benchmarks/quality.py --quick --jobs 2       # the 13 cases that separate candidates (SEPARATING),
+                                                        # at the package defaults (about 5 min); rows shared
+                                                        # with the full run's cache
+    python benchmarks/quality.py --smoke                # plumbing only (< 1 min): 3 small cases + 1 real, 100 steps
     python benchmarks/quality.py --only nuclei          # cases whose name contains 'nuclei' (substring:
                                                         # '-x2' also selects '-x211')
     python benchmarks/quality.py --only x211 --steps 200 --no-n2v
@@ -125,6 +128,25 @@ class RealCase:
 
 REAL_CASES = [RealCase(v, a, f) for v in real_volumes.VOLUMES for f in ("x2", "x211") for a in ("integrate", "sample")]
 QUICK_REAL = [RealCase("cells3d_nuclei", "integrate", "x2", crop=((14, 46), (80, 176), (80, 176)), tag="-small")]
+
+# ``--quick``: the matrix's cases that tell fidelity candidates apart (issue 25.4), run at the package
+# defaults, longest first (seconds per case with --jobs 2 at 5374199 in brackets; about 4-5 min in all).
+# Each stands for a measured failure or a gain a candidate must keep (docs/fidelity.md):
+SEPARATING = [
+    "beads-sample-psf1.5-clean-x211",  # (117) acquisition read as integrate: -3.69 dB (section 3e)
+    "texture-integrate-psf1.5-clean-x411",  # (84) the network gains +1.41
+    "real-rbc_lattice-integrate-x2",  # (66) the network's real gain, +0.40
+    "real-rbc_lattice-sample-x2",  # (62) fixed interpolator: B-spline kept, Keys 0.19 dB better
+    "real-cells3d_nuclei-integrate-x2",  # (61) the check on refused noise hides +0.18 (section 3e)
+    "nuclei-cubic-psf2.5-clean-x211",  # (55) projected baseline +1.96 under a wrong acquisition
+    "real-cells3d_nuclei-integrate-x211",  # (14) denoised real z-only: -2.48 (noisy truth, section 3c)
+    "real-cells3d_nuclei-sample-x211",  # (14) denoised real z-only: -0.89
+    "texture-sample-nopsf-clean-x2",  # (4) clean unblurred texture denoised: -2.69 (section 3f)
+    "texture-integrate-nopsf-p50-x2",  # (3) noisy unblurred texture over-denoised: -1.21
+    "nuclei-sample-psf2.5-p1000-x211",  # (4) denoising gains +7.52
+    "beads-integrate-psf2.0-p1000-x2",  # (4) denoising gains +1.49
+    "nuclei-cubic-psf1.5-p1000-x411",  # (1) denoised Keys where the B-spline is better: -0.30
+]
 
 
 # --------------------------------------------------------------------------- machine
@@ -722,7 +744,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--quick",
         action="store_true",
-        help=f"3 small synthetic cases + 1 small real one, {QUICK_STEPS} steps, tiny N2V (smoke test, < 5 min)",
+        help=f"the {len(SEPARATING)} cases that separate candidates (SEPARATING), at the package defaults (about 5 min)",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"3 small synthetic cases + 1 small real one, {QUICK_STEPS} steps, tiny N2V (plumbing check, < 1 min)",
     )
     p.add_argument("--only", default=None, help="run only cases whose name contains this text")
     p.add_argument("--steps", type=int, default=None, help="training steps per stage (default: the package default)")
@@ -730,21 +757,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-real", action="store_true", help="skip the real volumes")
     p.add_argument("--jobs", type=int, default=1, help="cases run at once (default 1; each gets cores/jobs threads)")
     p.add_argument("--list", action="store_true", help="print the case names and exit")
-    p.add_argument("--out", default=str(HERE / "results" / "quality.json"))
+    p.add_argument("--out", default=None, help="JSON (default results/quality.json; quality_quick.json with --quick)")
     p.add_argument("--verbose", action="store_true", help="show training progress")
     p.add_argument(
         "--no-cache", action="store_true", help="recompute every row (default: reuse rows of this code version)"
     )
     args = p.parse_args(argv)
+    if args.quick and args.smoke:
+        p.error("--quick and --smoke are two different subsets: give one")
+    args.out = args.out or str(HERE / "results" / ("quality_quick.json" if args.quick else "quality.json"))
 
-    cases = list(matrix.QUICK_CASES if args.quick else matrix.CASES)
+    cases = list(matrix.QUICK_CASES if args.smoke else matrix.CASES)
     skipped = []
     if not args.no_real:
-        for rc in QUICK_REAL if args.quick else REAL_CASES:
+        for rc in QUICK_REAL if args.smoke else REAL_CASES:
             if real_volumes.load(rc.volume) is None:
                 skipped.append(f"{rc.name} (volume not cached: bash benchmarks/setup_peers.sh)")
             else:
                 cases.append(rc)
+    if args.quick:
+        by_name = {c.name: c for c in cases}
+        skipped += [f"{n} (volume not cached)" for n in SEPARATING if n not in by_name and n.startswith("real-")]
+        cases = [by_name[n] for n in SEPARATING if n in by_name]
     if args.only:
         cases = [c for c in cases if args.only in c.name]
         skipped = [s for s in skipped if args.only in s]
@@ -755,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in skipped:
             print(f"skipped: {s}")
         return 0
-    steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else None)
+    steps = args.steps if args.steps is not None else (QUICK_STEPS if args.smoke else None)
 
     n2v_ok, n2v_note = (False, "disabled (--no-n2v)") if args.no_n2v else n2v_available()
     if not n2v_ok or not any(getattr(c, "noisy", False) for c in cases):
@@ -764,7 +798,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# quality benchmark: {len(cases)} cases, steps {steps or 'default'}, {info['cpu']}, "
         f"{info['usable_cores']} cores, torch {info['torch']} ({info['torch_threads']} threads); "
-        f"N2V: {('on' + (' (tiny budget: plumbing check only)' if args.quick else '') + ', ' + n2v_note) if n2v_ok else 'off, ' + n2v_note}",
+        f"N2V: {('on' + (' (tiny budget: plumbing check only)' if args.smoke else '') + ', ' + n2v_note) if n2v_ok else 'off, ' + n2v_note}",
         flush=True,
     )
     for s in skipped:
@@ -772,14 +806,14 @@ def main(argv: list[str] | None = None) -> int:
 
     version = code_version()
     cache = (
-        None if args.no_cache else HERE / ".cache" / "quality" / f"{version}-s{steps}-q{int(args.quick)}-n{int(n2v_ok)}"
+        None if args.no_cache else HERE / ".cache" / "quality" / f"{version}-s{steps}-q{int(args.smoke)}-n{int(n2v_ok)}"
     )
     print(f"# code version {version}; row cache {cache or 'off'}", flush=True)
     t_all = time.perf_counter()
     rows: list[dict] = []
     if args.jobs <= 1:
         for i, c in enumerate(cases, 1):
-            row = _cached(cache, c, lambda c=c: _run_safe(c, steps, n2v_ok, args.quick, args.verbose))
+            row = _cached(cache, c, lambda c=c: _run_safe(c, steps, n2v_ok, args.smoke, args.verbose))
             rows.append(row)
             _progress(i, len(cases), row)
     else:
@@ -796,7 +830,7 @@ def main(argv: list[str] | None = None) -> int:
                     todo.append(c)
                 else:
                     done[c.name] = row
-            futs = {ex.submit(_worker, c, steps, n2v_ok, args.quick, args.verbose, threads): c for c in todo}
+            futs = {ex.submit(_worker, c, steps, n2v_ok, args.smoke, args.verbose, threads): c for c in todo}
             for i, fut in enumerate(cf.as_completed(futs), 1):
                 row = _cached(cache, futs[fut], fut.result)
                 done[row["case"]] = row
@@ -816,6 +850,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": info,
         "command": [sys.executable, *sys.argv],
         "quick": args.quick,
+        "smoke": args.smoke,
         "steps": steps or "default",
         "n2v": {"enabled": n2v_ok, "note": n2v_note},
         "skipped": skipped,

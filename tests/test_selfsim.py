@@ -147,3 +147,22 @@ def test_noise_the_filter_refuses_trains_as_clean_and_is_kept_in_the_check(monke
     assert _stage_report(model)["noise"] is None
     assert seen["check"].noise == (claimed.gain, claimed.offset)
     assert seen["check"].acquisition == model.info["acquisition"]["trained_with"]
+
+
+def test_acquisitions_the_input_cannot_tell_apart_are_named(capsys):
+    """Block means of blurred points match point samples almost as well (a box blurs like a Gaussian):
+    ``fit`` says so and names the flag; sharp cubic-resized points have no rival."""
+    from svision_big.settings import FitOptions, fit_request
+
+    truth = _points((64, 96, 96), n=2000, seed=2)
+    sharp = resize(torch.from_numpy(truth), (2, 2, 2), up=False, acquisition="cubic").numpy()
+    assert selfsim.estimate(sharp, (2, 2, 2)).rivals() == {}
+    lr = resize(blur(torch.from_numpy(truth), (6.0, 4.0, 4.0)), (2, 2, 2), up=False, acquisition="integrate").numpy()
+    found = selfsim.estimate(lr, (2, 2, 2))
+    assert found.acquisition == "integrate" and set(found.rivals()) == {"sample"}, found.scores
+    assert found.record()["ambiguous_with"].keys() == {"sample"}
+    T.decide_acquisition(lr, fit_request(lr, 2, FitOptions()), noisy=False)
+    out = capsys.readouterr().out
+    assert "acquisition ambiguous: sample" in out and "--acquisition" in out, out
+    T.decide_acquisition(lr, fit_request(lr, 2, FitOptions(acquisition="integrate")), noisy=False)
+    assert "ambiguous" not in capsys.readouterr().out  # given: nothing to say

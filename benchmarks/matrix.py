@@ -67,6 +67,8 @@ class Case:
     shape_lr: tuple[int, int, int] | None = None  # None = SHAPE_LR[factor]
     tag: str = ""  # name suffix (quick cases)
     authors_beads: bool = False  # the authors'-beads case: lateral bead FWHM target
+    z_step: int = 1  # the truth's own z step in lateral voxels (anisotropic cases: its planes point-sampled)
+    anisotropic: bool = False  # issue 26's group: z sampled 4x coarser than y/x, z-only factors
 
     @property
     def factors(self) -> tuple[int, int, int]:
@@ -82,7 +84,8 @@ class Case:
 
     @property
     def name(self) -> str:
-        return f"{self.structure}-{self.acquisition}-{self.psf_text}-{self.noise}-{self.factor}{self.tag}"
+        aniso = f"-zstep{self.factors[0] * self.z_step}" if self.anisotropic else ""
+        return f"{self.structure}-{self.acquisition}-{self.psf_text}-{self.noise}-{self.factor}{aniso}{self.tag}"
 
     @property
     def noisy(self) -> bool:
@@ -134,6 +137,21 @@ CASES: list[Case] = [
     Case("texture", C, 1.5, "p1000", "x4"),
     Case("texture", S, 2.0, "p200r1", "x211"),
     Case("texture", I, None, "p50", "x2"),
+]
+
+# Issue 26's anisotropic group (``quality.py --anisotropic``): z-stacks whose low-res planes are 4x
+# the lateral pixel apart (z factor 2 on a truth itself sampled every 2 lateral voxels in z, or z factor
+# 4 on an isotropic truth), axial PSF 2.5x the lateral, every structure once per z factor, clean and
+# Poisson 200 with 1% read noise; point sampling (z-steps) on five, block means on three.
+ANISOTROPIC_CASES: list[Case] = [
+    Case("filaments", S, 1.5, "clean", "x211", z_step=2, anisotropic=True),
+    Case("beads", S, 1.5, "p200r1", "x211", z_step=2, anisotropic=True),
+    Case("nuclei", I, 1.5, "p200r1", "x211", z_step=2, anisotropic=True),
+    Case("texture", S, 2.0, "clean", "x211", z_step=2, anisotropic=True),
+    Case("filaments", I, 2.0, "p200r1", "x411", anisotropic=True),
+    Case("beads", S, 2.0, "clean", "x411", anisotropic=True),
+    Case("nuclei", S, 2.0, "clean", "x411", anisotropic=True),
+    Case("texture", I, 1.5, "p200r1", "x411", anisotropic=True),
 ]
 
 # --quick: small volumes spanning the three acquisitions and the noise axis.
@@ -327,9 +345,12 @@ class Synthetic:
 def simulate(case: Case) -> Synthetic:
     rng = np.random.default_rng(case.seed)
     shape_hr = tuple(s * f for s, f in zip(case.lr_shape, case.factors))
-    obj = make_object(case.structure, shape_hr, rng)
+    fine = (shape_hr[0] * case.z_step, *shape_hr[1:])  # isotropic: the object and its PSF live here
+    obj = make_object(case.structure, fine, rng)
     psf = case.psf_fwhm_hr()
     truth = psf_blur(obj, psf) if psf is not None else obj.astype(np.float32)
+    if case.z_step > 1:  # the truth's planes are z-steps of the isotropic scene: point samples
+        truth = acquire(truth, (case.z_step, 1, 1), "sample")
     truth = (truth / max(float(truth.max()), 1e-12)).astype(np.float32)
     clean = acquire(truth, case.factors, case.acquisition)
     observed, info = add_noise(clean, case.noise, np.random.default_rng(case.seed + 1))

@@ -6,6 +6,8 @@ not a matrix volume: resampled, no voxel size, see ``real_volumes.py``). Its own
 means, then point samples) is the input and the volume the truth. For each, ``fit`` at its defaults,
 then the model with and without ``operator.saturation_guard_``: fit-PSNR gain over the better cubic,
 and the output voxels below 20 where the truth is at least 24 (the input never goes below 24.7).
+Also the *checkerboard index* of the error (result - truth) for the result and the better cubic: how
+much of the error is a period-2 pattern (``checkerboard``; about 1 for an error with no such pattern).
 
     python benchmarks/saturation.py          # ~4 min on 2 cores; writes benchmarks/results/saturation.json
 """
@@ -42,6 +44,25 @@ def neuron() -> np.ndarray:
     return tifffile.imread(found[0]).astype(np.float32)
 
 
+def checkerboard(err: np.ndarray, block: int = 8) -> dict[str, float]:
+    """For each period-2 pattern (along z, y, x, and the 3D checkerboard), the error's projection on it
+    in every ``block``^3 window, squared, over the window's error energy, averaged over the windows with
+    any error. An error with no period-2 structure scores about 1 (white noise: exactly 1 on average); a
+    checkerboard of the window's size scores up to block^3."""
+    z, y, x = (n - n % block for n in err.shape)
+    e = err[:z, :y, :x].astype(np.float64)
+    iz, iy, ix = np.ogrid[:z, :y, :x]
+    patterns = {"z": (-1.0) ** iz, "y": (-1.0) ** iy, "x": (-1.0) ** ix, "zyx": (-1.0) ** (iz + iy + ix)}
+    split = (z // block, block, y // block, block, x // block, block)
+    energy = (e * e).reshape(split).sum(axis=(1, 3, 5))
+    keep = energy > 1e-12 * max(float(energy.max()), 1e-30)
+    out = {}
+    for name, alt in patterns.items():
+        proj = (e * alt).reshape(split).sum(axis=(1, 3, 5))
+        out[name] = round(float(np.mean(proj[keep] ** 2 / energy[keep])), 3)
+    return out
+
+
 def case(truth: np.ndarray, acquisition: str) -> dict:
     import svision_big
     from svision_big import operator
@@ -60,7 +81,9 @@ def case(truth: np.ndarray, acquisition: str) -> dict:
         return int(np.count_nonzero((y < 20) & (truth >= 24)))
 
     row = {"acquisition": acquisition, "verdict": model.info["baseline"]["verdict"], "cubic": best}
-    row["cubic_under"] = under(quality.CUBIC_VARIANTS[best](lr, (2, 2, 2)))
+    cubic_out = quality.CUBIC_VARIANTS[best](lr, (2, 2, 2))
+    row["cubic_under"] = under(cubic_out)
+    row["cubic_checkerboard"] = checkerboard(cubic_out - truth)
     guard = operator.saturation_guard_
     try:
         for label in ("guard", "no guard"):
@@ -69,7 +92,12 @@ def case(truth: np.ndarray, acquisition: str) -> dict:
             model._specs.clear()
             y = np.asarray(model.enhance(lr), np.float32)
             fit = quality.scores(truth, y, dr, with_ssim=False)["fit_psnr"]
-            row[label] = {"gain_db": round(fit - cub[best], 3), "under": under(y), "min": round(float(y.min()), 2)}
+            row[label] = {
+                "gain_db": round(fit - cub[best], 3),
+                "under": under(y),
+                "min": round(float(y.min()), 2),
+                "checkerboard": checkerboard(y - truth),
+            }
     finally:
         operator.saturation_guard_ = guard
     row["seconds"] = round(time.perf_counter() - t0, 1)
@@ -90,6 +118,10 @@ def main() -> None:
             f"{r['acquisition']:10s} {r['verdict'][:28]:28s} {r['guard']['gain_db']:+10.3f} {r['no guard']['gain_db']:+9.3f} "
             f"{r['guard']['under']:11d} {r['no guard']['under']:9d} {r['cubic_under']:6d}"
         )
+    print("checkerboard index of the error (z, y, x, zyx; about 1: no period-2 pattern):")
+    for r in rows:
+        for label, cb in (("result", r["guard"]["checkerboard"]), ("cubic", r["cubic_checkerboard"])):
+            print(f"  {r['acquisition']:10s} {label:7s} " + " ".join(f"{k} {v:.2f}" for k, v in cb.items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"file": FILE, "rows": rows}, indent=1) + "\n")
 

@@ -69,8 +69,19 @@ def quality_figures(result: dict, source: str = "results/quality.json") -> list[
         f"the real volumes average {sum(real) / len(real):+.2f} dB",
         f"{sum(bool(r['met']) for r in rows)}/{len(rows)} meet every target",
         f"+{max(gains):.1f} dB on clean blurred data",
+        f"agrees in sign with the truth's gain on {_same_sign(rows)} of {len(rows)} cases",
     ]
     return [Figure(t, source, cmd) for t in texts]
+
+
+def _same_sign(rows: list[dict]) -> int:
+    """Rows where compare's self-consistency gain and the truth's agree in sign (0.05 dB or less is 0),
+    as ``quality.tracking`` counts them."""
+
+    def sign(g: float) -> int:
+        return 0 if abs(g) <= 0.05 else (1 if g > 0 else -1)
+
+    return sum(sign(r["self_consistency"]["gain_db"]) == sign(r["gain_db"]) for r in rows if "self_consistency" in r)
 
 
 def figures(results: Path = RESULTS) -> list[Figure]:

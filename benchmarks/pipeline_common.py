@@ -333,7 +333,7 @@ def flops_per_output_voxel(model) -> dict:
             return fl
 
         residual = resize_flops(fs, up=True) if cfg.residual else 0.0
-        nv = len(_variants(fs[-2] == fs[-1], st.ensemble))
+        nv = len(_variants(fs[-2] == fs[-1], st.ensemble, st.zflip))
         # the residual cubic upsampling commutes with the flips/rotations: counted once, not per variant
         ens = nv * (net_per_out + 1) + 1 + residual
         deg = st.degradation

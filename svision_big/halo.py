@@ -95,7 +95,7 @@ def receptive_halo(spec: OperatorSpec) -> tuple[int, ...]:
     halo = [
         _reach(lambda n, a=axis: [(_influence(spec, a, n), n // 2)], spec.factors[axis]) for axis in range(spec.ndim)
     ]
-    if spec.ndim >= 2 and any(ensemble_size(s.ensemble, s.factors) > 1 for s in spec.stages):
+    if spec.ndim >= 2 and any(ensemble_size(s.ensemble, s.factors, s.zflip) > 1 for s in spec.stages):
         halo[-2] = halo[-1] = max(halo[-2], halo[-1])
     return tuple(halo)
 

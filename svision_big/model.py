@@ -98,6 +98,7 @@ class StageRecord:
     ensemble: int | bool = True
     report: dict = field(default_factory=dict)
     kind: str = ""
+    zflip: bool = False  # the ensemble's variants include z flips (``operator._variants``; absent: lateral only)
 
     def __post_init__(self):
         self.kind = self.kind or infer_kind(self.config, self.state)
@@ -134,7 +135,7 @@ class Model:
                 net = net.densified().eval().to(device=device, dtype=dtype)
                 for p in net.parameters():
                     p.requires_grad_(False)
-                ops.append(StageOp(net, s.degradation, s.bp_iters, s.ensemble))
+                ops.append(StageOp(net, s.degradation, s.bp_iters, s.ensemble, s.zflip))
             self._specs[key] = OperatorSpec(tuple(ops), self.norm, self.final, self.final_bp_iters, precision)
         return self._specs[key]
 
@@ -168,6 +169,7 @@ class Model:
                     "factors": list(s.degradation.factors),
                     "bp_iters": s.bp_iters,
                     "ensemble": s.ensemble,
+                    "zflip": s.zflip,
                     "noise": None if s.degradation.noise is None else list(s.degradation.noise),
                     "psf_fwhm": None if s.degradation.psf_fwhm is None else list(s.degradation.psf_fwhm),
                 }
@@ -203,6 +205,7 @@ class Model:
                     "bp_iters": s.bp_iters,
                     "ensemble": s.ensemble,
                     "report": s.report,
+                    **({"zflip": True} if s.zflip else {}),  # absent when off: older models keep their hash
                 }
                 for s in self.stages
             ],
@@ -318,6 +321,7 @@ def _read_stages(heads: list[dict], weights: list[dict], where: str) -> list[Sta
                 _ensemble(s["ensemble"]),
                 s.get("report", {}),
                 s.get("kind", ""),  # files written before kinds were recorded: ``infer_kind``
+                bool(s.get("zflip", False)),
             )
         )
     return stages

@@ -35,7 +35,8 @@ class StageOp:
     net: SVNet = field(compare=False)
     degradation: Degradation
     bp_iters: int
-    ensemble: int | bool = True  # lateral variants averaged: True (all), 8, 4 or 1
+    ensemble: int | bool = True  # variants averaged: True (all), 8, 4 or 1
+    zflip: bool = False  # the variants include z flips (``_variants``); models written before: lateral only
 
     @property
     def factors(self) -> tuple[int, ...]:
@@ -122,7 +123,7 @@ ENSEMBLES = (8, 4, 1)  # variants the held-aside check chooses from: each halvin
 _FLIPS = [(0, False), (0, True), (2, False), (2, True)]
 
 
-def _variants(rotations: bool, size: int | bool = True) -> list[tuple[int, bool]]:
+def _lateral_variants(rotations: bool, size: int | bool = True) -> list[tuple[int, bool]]:
     """Lateral (y, x) symmetries: the 8 of the square (rot90 x flip) or, when y and x are
     upsampled differently (rotation would swap their factors), or 4 are asked for, the 4 flips
     (none, x, y and x, y); ``size`` 1 or False: the identity. True = as many as the factors allow."""
@@ -135,9 +136,27 @@ def _variants(rotations: bool, size: int | bool = True) -> list[tuple[int, bool]
     return _FLIPS
 
 
-def ensemble_size(ensemble: int | bool, factors: tuple[int, ...]) -> int:
+# With z flips (``StageOp.zflip``, every 3D stage trained since they were measured): 8 variants are the 4
+# lateral flips in both z orientations, 4 are the identity and the y-and-x flip in both, 1 the identity.
+# A network's error has a z-alternating part (its sub-voxel phases along z) that lateral symmetries
+# cannot average out and a z flip does: docs/fidelity.md, section 3g.
+_Z_VARIANTS = {8: [(k, f, z) for z in (False, True) for k, f in _FLIPS], 4: [(0, False, z) for z in (False, True)]}
+_Z_VARIANTS[4] += [(2, False, z) for z in (False, True)]
+
+
+def _variants(rotations: bool, size: int | bool = True, zflip: bool = False) -> list[tuple[int, bool, bool]]:
+    """The ensemble's variants as (lateral rot90 count, x flip, z flip): lateral only
+    (``_lateral_variants``) unless ``zflip``."""
+    if not zflip:
+        return [(k, f, False) for k, f in _lateral_variants(rotations, size)]
+    if size is False or (size is not True and size < 4):
+        return [(0, False, False)]
+    return _Z_VARIANTS[8 if size is True or size >= 8 else 4]
+
+
+def ensemble_size(ensemble: int | bool, factors: tuple[int, ...], zflip: bool = False) -> int:
     """How many variants ``ensemble`` runs for a stage with these factors."""
-    return len(_variants(len(factors) >= 2 and factors[-2] == factors[-1], ensemble))
+    return len(_variants(len(factors) >= 2 and factors[-2] == factors[-1], ensemble, zflip))
 
 
 def _forward_t(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
@@ -155,18 +174,23 @@ def _inverse_t(y: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
 SLAB = 8  # low-res z-slices per streamed network step (measured: 4-16 equally fast, 2 slower)
 
 
-def _transform_faces(faces, k: int, flip: bool):
-    """Which sides are volume faces after an ensemble variant's flip/rotation (lateral axes only)."""
+def _transform_faces(faces, k: int, flip: bool, zflip: bool = False):
+    """Which sides are volume faces after an ensemble variant's flip/rotation (and z flip: its two
+    z sides swap)."""
     (ylo, yhi), (xlo, xhi) = faces[-2:]
     m = torch.zeros(3, 3)
     m[0, 1], m[2, 1], m[1, 0], m[1, 2] = float(ylo), float(yhi), float(xlo), float(xhi)
     m = _forward_t(m, k, flip)
     lat = ((bool(m[0, 1]), bool(m[2, 1])), (bool(m[1, 0]), bool(m[1, 2])))
-    return tuple(faces[:-2]) + lat
+    rest = tuple(faces[:-2])
+    if zflip:
+        rest = ((rest[0][1], rest[0][0]),) + rest[1:]
+    return rest + lat
 
 
-def predict(net: SVNet, x: torch.Tensor, ensemble: bool = True, faces=None) -> torch.Tensor:
-    """Network output for a spatial tensor, averaged over the lateral symmetry group.
+def predict(net: SVNet, x: torch.Tensor, ensemble: bool = True, faces=None, zflip: bool = False) -> torch.Tensor:
+    """Network output for a spatial tensor, averaged over the lateral symmetry group (and z flips
+    with ``zflip``, 3D only).
 
     ``faces`` (per axis, (low, high)): which sides of ``x`` are the volume's faces. Other sides
     are halo: the output leaves out ``trim_radius(net)`` input voxels there, because the
@@ -177,8 +201,9 @@ def predict(net: SVNet, x: torch.Tensor, ensemble: bool = True, faces=None) -> t
 
     Runs channels-last (about 25% faster convolutions on CPU), streams 3D inputs through the
     network in z-slabs (the symmetries are lateral, so every variant's slab undoes into the same
-    output slab), and adds the residual's cubic upsampling once: it commutes with every flip
-    and rotation, so averaging it is a no-op."""
+    output slab; a z-flipped variant's slabs arrive in reverse order and are flipped back into
+    place), and adds the residual's cubic upsampling once: it commutes with every flip and
+    rotation, so averaging it is a no-op."""
     fmt = torch.channels_last_3d if x.ndim == 3 else torch.channels_last
     factors = net.config.factors
     faces = tuple(faces) if faces is not None else ((True, True),) * x.ndim
@@ -189,14 +214,17 @@ def predict(net: SVNet, x: torch.Tensor, ensemble: bool = True, faces=None) -> t
     trim = [(0 if lo else t, 0 if hi else t) for lo, hi in faces]
     # the network's input: what its convolutions need around the output, no more
     xn = x[tuple(slice(a - r if a else 0, n - b + r if b else n) for n, (a, b) in zip(x.shape, trim))]
-    variants = _variants(x.ndim >= 2 and factors[-2] == factors[-1], ensemble)
+    variants = _variants(x.ndim >= 2 and factors[-2] == factors[-1], ensemble, zflip and x.ndim == 3)
     shape = [(n - a - b) * f for n, (a, b), f in zip(x.shape, trim, factors)]
     acc = torch.zeros(shape, dtype=x.dtype, device=x.device)
     net_dtype = next(net.parameters()).dtype  # 16-bit nets: slabs in, float32 accumulation
-    for k, flip in variants:
-        xt = _forward_t(xn, k, flip)[None, None].to(net_dtype).contiguous(memory_format=fmt)
-        for z0, y in net.correction_slabs(xt, SLAB, _transform_faces(faces, k, flip)):
+    for k, flip, zf in variants:
+        xt = _forward_t(torch.flip(xn, (0,)) if zf else xn, k, flip)
+        xt = xt[None, None].to(net_dtype).contiguous(memory_format=fmt)
+        for z0, y in net.correction_slabs(xt, SLAB, _transform_faces(faces, k, flip, zf)):
             y = _inverse_t(y[0, 0], k, flip)
+            if zf:
+                y, z0 = torch.flip(y, (0,)), shape[0] - z0 - y.shape[0]
             acc[z0 : z0 + y.shape[0]] += y
     if len(variants) > 1:
         acc /= len(variants)

@@ -121,7 +121,7 @@ class NetPass(Pass):
 
     def compute(self, spec, x, companion, faces):
         stage = spec.stages[self.stage]
-        return clamp_(predict(stage.net, x, stage.ensemble, faces), spec.norm.bounds_n)
+        return clamp_(predict(stage.net, x, stage.ensemble, faces, stage.zflip), spec.norm.bounds_n)
 
     def output_offset(self, spec, faces):
         # on sides that are not volume faces the network leaves out its convolution radius
@@ -133,7 +133,8 @@ class NetPass(Pass):
         return [np.repeat(_dilate(x0, r), self.factors[axis])]
 
     def mixes_lateral(self, spec):
-        return ensemble_size(spec.stages[self.stage].ensemble, self.factors) > 1
+        stage = spec.stages[self.stage]
+        return ensemble_size(stage.ensemble, self.factors, stage.zflip) > 1
 
 
 @dataclass(frozen=True)

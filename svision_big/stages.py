@@ -116,6 +116,11 @@ class NetworkStage(Stage):
     def label(self) -> str:
         return f"network x{'x'.join(map(str, self.net.config.factors))}"
 
+    @property
+    def zflip(self) -> bool:
+        """A 3D network's ensemble also flips z (``operator._variants``, docs/fidelity.md 3g)."""
+        return self.net.config.ndim == 3
+
     def record(self) -> StageRecord:
         return StageRecord(
             self.net.config,
@@ -125,6 +130,7 @@ class NetworkStage(Stage):
             self.ensemble,
             self.report,
             self.kind,
+            self.zflip,
         )
 
 

@@ -33,6 +33,7 @@ class ModelOptions:
     hi: float = field(default=1.0, metadata={"help": "the normalisation's high end (data value mapped to 1)"})
     ensemble: int | bool = field(default=True, metadata={"help": "True/8, 4 or 1 variants"})
     interpolation: str = field(default="keys", metadata={"help": "what the residual corrects (keys or bspline)"})
+    zflip: bool | None = field(default=None, metadata={"help": "z flips in the ensemble (None: for 3D, as fit does)"})
 
 
 MODEL_POSITIONAL = tuple(f.name for f in fields(ModelOptions))
@@ -51,11 +52,13 @@ def make_model(factors=(2, 2, 2), *args, **options) -> Model:
     o = keywords("make_model", ModelOptions, options, args, MODEL_POSITIONAL, lead=1)
     bp, mapping, final_bp, seed, lo, hi = o.bp, o.mapping, o.final_bp, o.seed, o.lo, o.hi
     ensemble, interpolation = o.ensemble, o.interpolation
+    zflip = len(factors) == 3 if o.zflip is None else o.zflip
     torch.manual_seed(seed)
     stages = []
     for sf in split_stages(tuple(factors)):
         net = SVNet(NetConfig(tuple(sf), mapping=mapping, interpolation=interpolation))
-        stages.append(StageRecord(net.config, net.state_dict(), Degradation(tuple(sf)), bp, ensemble, kind="network"))
+        deg = Degradation(tuple(sf))
+        stages.append(StageRecord(net.config, net.state_dict(), deg, bp, ensemble, kind="network", zflip=zflip))
     final = Degradation(tuple(factors)) if final_bp and len(stages) > 1 else None
     return Model(
         stages=stages,

@@ -190,7 +190,7 @@ def choose_bp_iters(stage: StageOp, val: list, floor: float | None, candidates: 
     errors = {n: [] for n in candidates}
     with torch.inference_mode():
         for lr, hr in _check_pairs(val, stage.degradation):
-            y = clamp_(predict(stage.net, lr, stage.ensemble), floor)
+            y = clamp_(predict(stage.net, lr, stage.ensemble, zflip=stage.zflip), floor)
             done = 0
             for n in sorted(candidates):
                 y = back_project(y, lr, stage.degradation, n - done, floor)

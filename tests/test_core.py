@@ -23,7 +23,7 @@ from svision_big.harmcheck import baselines, cubic_baseline, projected_baselines
 from svision_big.metrics import psnr
 from svision_big.model import Model, ModelFileError, StageRecord, _digest, infer_kind
 from svision_big.network import NetConfig, SVNet, pixel_shuffle_nd
-from svision_big.operator import OperatorSpec, StageOp, _forward_t, _variants, enhance_array
+from svision_big.operator import OperatorSpec, StageOp, _forward_t, _variants, enhance_array, ensemble_size
 from svision_big.settings import parse_factors, split_stages
 from svision_big.stages import DenoiserStage
 from svision_big.testing import make_model
@@ -344,12 +344,14 @@ def test_pixel_shuffle_places_subpixels():
 # --------------------------------------------------------------------------- operator
 
 
-def _random_spec(factors=(2, 2, 2), bp=3, final=False, floor=0.0, seed=0, acq="cubic", ensemble=True) -> OperatorSpec:
+def _random_spec(
+    factors=(2, 2, 2), bp=3, final=False, floor=0.0, seed=0, acq="cubic", ensemble=True, zflip=False
+) -> OperatorSpec:
     torch.manual_seed(seed)
     stages = []
     for sf in split_stages(factors):
         net = SVNet(NetConfig(sf, mapping=2)).eval()
-        stages.append(StageOp(net, Degradation(sf, acquisition=acq), bp, ensemble))
+        stages.append(StageOp(net, Degradation(sf, acquisition=acq), bp, ensemble, zflip))
     fin = Degradation(factors, acquisition=acq) if final and len(stages) > 1 else None
     return OperatorSpec(tuple(stages), Normalisation(0.0, 1.0, floor), fin, 2 if fin else 0)
 
@@ -379,6 +381,26 @@ def test_ensemble_operator_is_equivariant(factors, acq, ensemble):
         zflip = enhance_array(np.ascontiguousarray(x[::-1]), spec)[::-1]
         assert zflip.shape == y.shape and np.isfinite(zflip).all()
         assert np.abs(zflip - y).max() > 1e-3  # far beyond the 1e-5 the ensemble's symmetries hold to
+
+
+@pytest.mark.parametrize("ensemble,n", [(8, 8), (True, 8), (4, 4), (1, 1)])
+@pytest.mark.parametrize("factors", [(2, 2, 2), (2, 1, 1), (4, 2, 2)])
+def test_ensemble_with_z_flips_is_equivariant_under_every_flip(factors, ensemble, n):
+    """With z flips (every 3D stage fit trains): 8 variants are the lateral flips in both z orientations,
+    4 the identity and the y-and-x flip in both, so the operator commutes with a z flip (and, at 8, with
+    every lateral flip); without them it does not commute with the z flip."""
+    assert ensemble_size(ensemble, factors, zflip=True) == n
+    spec = _random_spec(factors, bp=2, acq="integrate", ensemble=ensemble, zflip=True)
+    x = np.random.default_rng(5).random((7, 9, 8)).astype(np.float32)
+    y = enhance_array(x, spec)
+    flips = [(0,)] + ([(1,), (2,), (1, 2)] if n == 8 else [(1, 2)] if n == 4 else [])
+    for axes in flips if n > 1 else []:
+        np.testing.assert_allclose(
+            np.flip(enhance_array(np.ascontiguousarray(np.flip(x, axes)), spec), axes), y, atol=1e-5
+        )
+    plain = _random_spec(factors, bp=2, acq="integrate", ensemble=ensemble, zflip=False)
+    yp = enhance_array(x, plain)
+    assert np.abs(np.flip(enhance_array(np.ascontiguousarray(x[::-1]), plain), 0) - yp).max() > 1e-4
 
 
 @pytest.mark.parametrize(

@@ -30,9 +30,9 @@ def demo(
 
     The acquisition is the kind the method is for (the authors ask for a good signal-to-noise
     input): high SNR (0.2% read noise), a lateral PSF of 1.5 low-res voxels FWHM (under-sampled,
-    as the paper's simulated beads) and an axial one 2.5x wider. Measured (2 cores, 43 s):
-    PSNR 47.63 dB against 40.94 (Keys cubic) and 43.43 (cubic B-spline), SSIM 0.9952 against 0.9878
-    and 0.9918. See benchmarks/README.md for
+    as the paper's simulated beads) and an axial one 2.5x wider. Measured (2 cores, 44 s):
+    PSNR 47.68 dB against 40.94 (Keys cubic) and 43.43 (cubic B-spline), SSIM 0.9952 against 0.9878
+    and 0.9918 (benchmarks/results/demo.json). See benchmarks/README.md for
     noisy data and for ``--acquisition auto``."""
     t_start = time.perf_counter()
     src = os.path.join(folder, "input.ome.zarr")

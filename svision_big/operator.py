@@ -140,8 +140,10 @@ def _lateral_variants(rotations: bool, size: int | bool = True) -> list[tuple[in
 # lateral flips in both z orientations, 4 are the identity and the y-and-x flip in both, 1 the identity.
 # A network's error has a z-alternating part (its sub-voxel phases along z) that lateral symmetries
 # cannot average out and a z flip does: docs/fidelity.md, section 3g.
-_Z_VARIANTS = {8: [(k, f, z) for z in (False, True) for k, f in _FLIPS], 4: [(0, False, z) for z in (False, True)]}
-_Z_VARIANTS[4] += [(2, False, z) for z in (False, True)]
+_Z_VARIANTS = {
+    8: [(k, f, z) for z in (False, True) for k, f in _FLIPS],
+    4: [(k, False, z) for k in (0, 2) for z in (False, True)],
+}
 
 
 def _variants(rotations: bool, size: int | bool = True, zflip: bool = False) -> list[tuple[int, bool, bool]]:

@@ -268,14 +268,15 @@ def decide_acquisition(v: np.ndarray, req: FitRequest, noisy: bool) -> Acquisiti
             acquisition=found.acquisition,
             psf_fwhm=list(found.psf_fwhm),
         )
-        if req.acquisition == "auto" and found.rivals():
-            rivals = ", ".join(f"{a} (mismatch {r:.2f}x)" for a, r in found.rivals().items())
+        rivals = found.rivals() if req.acquisition == "auto" else {}
+        if rivals:
+            named = ", ".join(f"{a} (mismatch {r:.2f}x)" for a, r in rivals.items())
             decision(
-                f"acquisition ambiguous: {rivals} fits the input almost as well as {found.acquisition}, and the "
+                f"acquisition ambiguous: {named} fits the input almost as well as {found.acquisition}, and the "
                 "input alone cannot tell them apart; where it is known, --acquisition gives it (integrate: camera "
                 "pixels, a detector's dwell; sample: point scanning, z-steps)",
                 "acquisition",
-                ambiguous_with=sorted(found.rivals()),
+                ambiguous_with=sorted(rivals),
             )
     return AcquisitionDecision(found.acquisition, found.psf_fwhm, found)
 

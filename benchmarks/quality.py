@@ -413,7 +413,16 @@ def make_inputs(case) -> dict:
     }
 
 
-def run_case(case, steps: int | None, n2v: bool, quick: bool, verbose: bool) -> dict:
+def axial_options(case, axial: str) -> dict:
+    """``fit``'s keywords for ``--axial``: the lateral stage takes z-only factors, with the z spacing the
+    case was made with (anisotropic cases: its z_step; the others the factor, i.e. the default)."""
+    f = getattr(case, "factors", None) or getattr(case, "factor", None)
+    if axial == "3d" or f is None or tuple(f)[1:] != (1, 1):
+        return {}
+    return {"axial": axial, "z_spacing": float(f[0] * getattr(case, "z_step", 1))}
+
+
+def run_case(case, steps: int | None, n2v: bool, quick: bool, verbose: bool, axial: str = "3d") -> dict:
     t_case = time.perf_counter()
     factors = case.factors
     inp = make_inputs(case)
@@ -430,6 +439,8 @@ def run_case(case, steps: int | None, n2v: bool, quick: bool, verbose: bool) -> 
 
     kwargs = {} if steps is None else {"steps": steps}
     t0 = time.perf_counter()
+    kwargs.update(axial_options(case, axial))
+    row["fit_options"] = {k: v for k, v in kwargs.items() if k != "steps"}
     model = svision_big.fit(lr, factor=factors, seed=0, quiet=not verbose, **kwargs)
     row["fit_seconds"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
@@ -678,16 +689,16 @@ def summary(rows: list[dict]) -> tuple[str, dict]:
 # --------------------------------------------------------------------------- main
 
 
-def _worker(case, steps, n2v, quick, verbose, threads):
+def _worker(case, steps, n2v, quick, verbose, threads, axial="3d"):
     if threads:
         torch.set_num_threads(threads)
-    return _run_safe(case, steps, n2v, quick, verbose)
+    return _run_safe(case, steps, n2v, quick, verbose, axial)
 
 
-def _run_safe(case, steps, n2v, quick, verbose) -> dict:
+def _run_safe(case, steps, n2v, quick, verbose, axial="3d") -> dict:
     t0 = time.perf_counter()
     try:
-        return run_case(case, steps, n2v, quick, verbose)
+        return run_case(case, steps, n2v, quick, verbose, axial)
     except Exception as e:  # noqa: BLE001 - one broken case must not end a 60-minute run
         return {
             "case": case.name,
@@ -762,6 +773,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help=f"issue 26's {len(matrix.ANISOTROPIC_CASES)} anisotropic z-only cases (matrix.ANISOTROPIC_CASES) instead",
     )
+    p.add_argument(
+        "--axial",
+        choices=("3d", "lateral"),
+        default="3d",
+        help="fit(axial=...) on the z-only cases (lateral: the lateral-to-axial stage; JSON name gets _lateral)",
+    )
     p.add_argument("--only", default=None, help="run only cases whose name contains this text")
     p.add_argument("--steps", type=int, default=None, help="training steps per stage (default: the package default)")
     p.add_argument("--no-n2v", action="store_true", help="skip the Noise2Void + cubic peer")
@@ -777,6 +794,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick + args.smoke + args.anisotropic > 1:
         p.error("--quick, --smoke and --anisotropic are different subsets: give one")
     name = "quality_quick" if args.quick else "quality_anisotropic" if args.anisotropic else "quality"
+    name += "" if args.axial == "3d" else f"_{args.axial}"
     args.out = args.out or str(HERE / "results" / f"{name}.json")
 
     cases = list(matrix.QUICK_CASES if args.smoke else matrix.ANISOTROPIC_CASES if args.anisotropic else matrix.CASES)
@@ -817,15 +835,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# skipped: {s}", flush=True)
 
     version = code_version()
+    axial_tag = "" if args.axial == "3d" else f"-{args.axial}"
     cache = (
-        None if args.no_cache else HERE / ".cache" / "quality" / f"{version}-s{steps}-q{int(args.smoke)}-n{int(n2v_ok)}"
+        None
+        if args.no_cache
+        else HERE / ".cache" / "quality" / (f"{version}-s{steps}-q{int(args.smoke)}-n{int(n2v_ok)}" + axial_tag)
     )
     print(f"# code version {version}; row cache {cache or 'off'}", flush=True)
     t_all = time.perf_counter()
     rows: list[dict] = []
     if args.jobs <= 1:
         for i, c in enumerate(cases, 1):
-            row = _cached(cache, c, lambda c=c: _run_safe(c, steps, n2v_ok, args.smoke, args.verbose))
+            row = _cached(cache, c, lambda c=c: _run_safe(c, steps, n2v_ok, args.smoke, args.verbose, args.axial))
             rows.append(row)
             _progress(i, len(cases), row)
     else:
@@ -842,7 +863,9 @@ def main(argv: list[str] | None = None) -> int:
                     todo.append(c)
                 else:
                     done[c.name] = row
-            futs = {ex.submit(_worker, c, steps, n2v_ok, args.smoke, args.verbose, threads): c for c in todo}
+            futs = {
+                ex.submit(_worker, c, steps, n2v_ok, args.smoke, args.verbose, threads, args.axial): c for c in todo
+            }
             for i, fut in enumerate(cf.as_completed(futs), 1):
                 row = _cached(cache, futs[fut], fut.result)
                 done[row["case"]] = row

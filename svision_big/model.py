@@ -72,7 +72,7 @@ def _ensemble(v) -> int | bool:
     return int(v)
 
 
-KINDS = ("denoiser", "baseline", "network")  # what a stage is: one class each in stages.py
+KINDS = ("denoiser", "baseline", "network", "lateral")  # what a stage is: one class each in stages.py
 
 
 def infer_kind(config: NetConfig, state: dict[str, torch.Tensor]) -> str:

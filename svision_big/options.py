@@ -218,6 +218,31 @@ class TrainOptions:
             "(each halving halves the network's cost)",
         ),
     )
+    axial: str = option(
+        "3d",
+        "z-only factors: 3d (the cross-scale 3D network) or lateral (a 2D network learnt from the lateral planes)",
+        flag(
+            "--axial",
+            commands=_TRAIN_RUN,
+            choices=["3d", "lateral"],
+            default="3d",
+            help="for z-only factors (2,1,1 or 4,1,1): the cross-scale 3D network (3d), or a 2D network learnt "
+            "from the input's own lateral planes degraded as z was, run along z (lateral; docs/fidelity.md 3h)",
+        ),
+    )
+    z_spacing: Any = option(
+        None,
+        "--axial lateral: the input's z step in lateral voxels (None: from its voxel sizes)",
+        flag(
+            "--z-spacing",
+            commands=_TRAIN_RUN,
+            type=float,
+            default=None,
+            help="--axial lateral: the input's z step in lateral voxels (default: its z voxel size over the "
+            "lateral one; where they are equal, the z factor: the output isotropic)",
+            value=lambda a: OMIT if a.z_spacing is None else a.z_spacing,
+        ),
+    )
     nonfinite: str = option(
         "error",
         'NaN/Inf in the sample stop training, naming how many ("error"), or read as the fill value ("fill")',
@@ -267,7 +292,19 @@ TRAIN_POSITIONAL = (
     "checkpoint_dir",
 )
 # the training keywords ``run`` takes (it passes them on to ``train``); its others are ``EnhanceSettings``
-RUN_TRAINING = ("steps", "seed", "budget", "quiet", "acquisition", "psf_fwhm", "denoise", "operator", "ensemble")
+RUN_TRAINING = (
+    "steps",
+    "seed",
+    "budget",
+    "quiet",
+    "acquisition",
+    "psf_fwhm",
+    "denoise",
+    "operator",
+    "ensemble",
+    "axial",
+    "z_spacing",
+)
 
 
 @dataclass(frozen=True)

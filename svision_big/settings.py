@@ -124,6 +124,20 @@ class FitOptions:
         },
     )
     ensemble: int | str = field(default="auto", metadata={"help": "auto (the check's choice) or 1, 4, 8 variants"})
+    axial: str = field(
+        default="3d",
+        metadata={
+            "help": "z-only factors: 3d (the cross-scale 3D network) or lateral (a 2D network learnt from the lateral "
+            "planes, degraded as z was, run along z; docs/fidelity.md 3h)"
+        },
+    )
+    z_spacing: float | None = field(
+        default=None,
+        metadata={
+            "help": "axial lateral: the input's z step in lateral voxels (z voxel size over the lateral one); "
+            "None: the z factor (the output isotropic)"
+        },
+    )
     checkpoint_dir: str | Checkpoints | None = field(
         default=None,
         metadata={
@@ -156,6 +170,8 @@ class FitRequest:
     max_train_voxels: int
     max_stage2_voxels: int
     checkpoints: Checkpoints | None
+    axial: str = "3d"
+    z_spacing: float | None = None
 
 
 def fit_request(volume: np.ndarray, factor: int | tuple[int, ...] | str, opts: FitOptions) -> FitRequest:
@@ -181,6 +197,7 @@ def fit_request(volume: np.ndarray, factor: int | tuple[int, ...] | str, opts: F
     if psf_fwhm is not None and (len(psf_fwhm) != volume.ndim or any(float(p) < 0 for p in psf_fwhm)):
         raise ValueError(f"psf_fwhm {tuple(psf_fwhm)} needs {volume.ndim} non-negative widths (one per spatial axis)")
     ckpt = opts.checkpoint_dir
+    check_axial(opts.axial, opts.z_spacing, factors)
     return FitRequest(
         factors=factors,
         cfg=cfg,
@@ -196,4 +213,21 @@ def fit_request(volume: np.ndarray, factor: int | tuple[int, ...] | str, opts: F
         max_train_voxels=opts.max_train_voxels,
         max_stage2_voxels=opts.max_stage2_voxels,
         checkpoints=ckpt if ckpt is None or isinstance(ckpt, Checkpoints) else Checkpoints(ckpt),
+        axial=opts.axial,
+        z_spacing=None if opts.z_spacing is None else float(opts.z_spacing),
     )
+
+
+AXIAL = ("3d", "lateral")
+
+
+def check_axial(axial: str, z_spacing: float | None, factors: tuple[int, ...]) -> None:
+    """One-line ValueErrors for an ``axial`` choice the factors or the spacing cannot take."""
+    if axial not in AXIAL:
+        raise ValueError(f"axial {axial!r}: choose one of {', '.join(AXIAL)}")
+    if axial == "lateral" and (len(factors) != 3 or factors[0] == 1 or any(f != 1 for f in factors[1:])):
+        raise ValueError(
+            f"axial lateral enhances z alone: it needs a z-only factor such as 2,1,1 or 4,1,1, got {','.join(map(str, factors))}"
+        )
+    if z_spacing is not None and not (float(z_spacing) > 0 and math.isfinite(float(z_spacing))):
+        raise ValueError(f"z_spacing {z_spacing!r}: give the z step in lateral voxels, a positive number")

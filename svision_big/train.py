@@ -398,7 +398,8 @@ def fit(volume: np.ndarray, factor: int | tuple[int, ...] | str = 2, **options: 
 
     The options are ``FitOptions``' fields (each with its meaning there): ``steps``, ``seed``,
     ``psf_fwhm``, ``noise``, ``quiet``, ``acquisition``, ``denoise``, ``max_train_voxels``,
-    ``max_stage2_voxels``, ``config``, ``norm``, ``operator``, ``ensemble``, ``checkpoint_dir``.
+    ``max_stage2_voxels``, ``config``, ``norm``, ``operator``, ``ensemble``, ``checkpoint_dir``, ``axial``,
+    ``z_spacing``.
     The recipe is a row of named decisions, each recorded in ``model.info``: the noise
     (``noisecheck.decide_noise``: a denoised input gets the filter, then the better cubic), the
     acquisition and blur (``decide_acquisition``), the stages (``train_stages``), the closing
@@ -412,6 +413,10 @@ def fit(volume: np.ndarray, factor: int | tuple[int, ...] | str = 2, **options: 
     v = v_full[sample_box(v_full.shape, v_full, req.max_train_voxels)]
     t_start = time.perf_counter()
     noise = decide_noise(v, req.noise, req.denoise, req.operator, req.acq, req.seed, req.quiet)
+    if req.axial == "lateral":  # trains on the input as it is, noise-matched where it is noisy
+        from .lateral import fit_lateral
+
+        return fit_lateral(v, req, norm, noise, t_start)
     if noise.denoiser is not None:
         return denoised_cubic(noise, req, norm, v, t_start)
     acq = decide_acquisition(v, req, noise.model is not None)

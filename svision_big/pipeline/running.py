@@ -87,7 +87,7 @@ def run(input: str | os.PathLike, output: str | os.PathLike, factor, **kwargs) -
 
 
 _RUN_KEYWORDS = ("steps", "seed", "channel", "budget", "storage_options", "output_storage_options", "quiet")
-_RUN_KEYWORDS += ("overwrite", "acquisition", "psf_fwhm", "denoise", "operator", "ensemble")
+_RUN_KEYWORDS += ("overwrite", "acquisition", "psf_fwhm", "denoise", "operator", "ensemble", "axial", "z_spacing")
 run.__signature__ = signature(
     ("input", "output", "factor"),
     {n: {**defaults(TrainOptions), **defaults(EnhanceSettings)}[n] for n in _RUN_KEYWORDS},
@@ -109,6 +109,8 @@ def _run_identity(input: str, factor, image: Image, t: TrainOptions) -> tuple[st
         "psf_fwhm": None if t.psf_fwhm is None else list(np.atleast_1d(t.psf_fwhm)),
     }
     choices = {"denoise": t.denoise, "operator": t.operator, "ensemble": str(t.ensemble)}
+    if t.axial != "3d":  # absent at its default: older keys hold
+        choices.update(axial=t.axial, z_spacing=t.z_spacing)
     key = _fingerprint({**run_identity, **{k: c for k, c in choices.items() if c != "auto"}})  # "auto": older keys
     # recorded, "auto" included: a refusal names what differs
     return key, json.loads(json.dumps({**run_identity, **choices}, default=str))

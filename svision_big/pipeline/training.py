@@ -109,6 +109,8 @@ def train(input: str | os.PathLike, factor, *args, **options) -> Model:
         operator=o.operator,
         ensemble=o.ensemble,
         checkpoint_dir=o.checkpoint_dir,
+        axial=o.axial,
+        z_spacing=o.z_spacing if o.z_spacing is not None or o.axial != "lateral" else z_spacing(image, factor),
     )
     model.info["source"] = {
         "url": str(input),
@@ -123,6 +125,18 @@ def train(input: str | os.PathLike, factor, *args, **options) -> Model:
 train.__signature__ = signature(
     ("input", "factor"), {n: defaults(TrainOptions)[n] for n in TRAIN_POSITIONAL}, keyword_only=False
 )
+
+
+def z_spacing(image: Image, factor) -> float | None:
+    """The input's z step in lateral voxels, from its level-0 voxel sizes; None (the z factor: the
+    output isotropic) where the sizes say the voxels are cubic, which is also what a file without
+    sizes is read as."""
+    spatial = image.spatial_axes
+    if len(spatial) != 3:
+        return None
+    s = [image.scales[0][a] for a in spatial]
+    ratio = s[0] / (0.5 * (s[1] + s[2]))
+    return None if abs(ratio - 1.0) < 1e-6 else float(ratio)
 
 
 def _finite_sample(sample: np.ndarray, image: Image, input: str, box, nonfinite: str, quiet: bool) -> np.ndarray:

@@ -1,0 +1,104 @@
+"""The lateral-to-axial stage (``fit(axial="lateral")``): z resolution learnt from the lateral planes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import svision_big as svb
+from svision_big import lateral, pipeline, synthetic
+from svision_big.convert import write_ome_zarr
+from svision_big.metrics import psnr
+from svision_big.model import load_model
+from svision_big.network import NetConfig, SVNet
+from svision_big.ngff import open_image
+
+
+def _bspline_z(lr: np.ndarray, f: int) -> np.ndarray:
+    from scipy import ndimage
+
+    return np.maximum(ndimage.zoom(lr, (f, 1, 1), order=3, grid_mode=True, mode="grid-mirror"), 0)
+
+
+def test_embedded_net_is_the_mean_of_the_2d_net_along_both_lateral_axes():
+    """The 3D net the model file keeps computes exactly the 2D net run on every (z, y) plane and on
+    every (z, x) plane, averaged: random weights, x2 and x4, grouped and dense mapping layers."""
+    for f, groups in ((2, 2), (4, 1)):
+        torch.manual_seed(f)
+        net2d = SVNet(NetConfig(factors=(f, 1), interpolation="bspline", groups=groups, mapping=2 + groups))
+        for p in net2d.parameters():
+            p.data.normal_(0.0, 0.3)
+        net3 = lateral.embed(net2d)
+        x = torch.rand(1, 1, 9, 14, 11)
+        with torch.no_grad():
+            y = net3(x)[0, 0]
+            along_y = net2d(x[0, 0].permute(2, 0, 1)[:, None])[:, 0].permute(1, 2, 0)
+            along_x = net2d(x[0, 0].permute(1, 0, 2)[:, None])[:, 0].permute(1, 0, 2)
+        assert y.shape == (9 * f, 14, 11)
+        assert float((y - 0.5 * (along_y + along_x)).abs().max()) <= 1e-5 * float(y.abs().max())
+
+
+def test_axial_blur_is_estimated_from_the_lateral_planes():
+    """Filaments blurred 2 voxels laterally and 5 axially, z block-averaged by 2: the extra axial blur
+    that makes the lateral planes look like z is sqrt(5^2 - 2^2) = 4.58 voxels."""
+    acq = synthetic.make_volume("filaments", shape_lr=(32, 64, 64), factor=(2, 1, 1), seed=1)
+    assert acq.psf_fwhm == (5.0, 2.0, 2.0)
+    am = lateral.estimate_axial(acq.observed, 2, 2.0, ("integrate",))
+    assert am.estimated and am.acquisition == "integrate"
+    assert abs(am.extra_fwhm - math.sqrt(21.0)) <= 0.75, am
+
+
+def test_lateral_stage_gains_over_the_bspline_and_runs_in_blocks(tmp_path):
+    """Filaments x(2,1,1), axial PSF 2.5x the lateral: the lateral stage beats the B-spline against the
+    truth, its model file keeps the stage's kind and output, and the pipeline computes it in blocks
+    exactly as on the whole volume."""
+    acq = synthetic.make_volume("filaments", shape_lr=(24, 64, 64), factor=(2, 1, 1), seed=2)
+    lr = acq.observed.astype(np.float32)
+    model = svb.fit(lr, factor=(2, 1, 1), steps=200, seed=0, quiet=True, axial="lateral", acquisition="integrate")
+    assert model.stages[0].kind == "lateral" and model.info["axial"]["stage"] == "lateral"
+    out = model.enhance(lr, dtype="float32")
+    r = float(acq.truth.max())
+    assert psnr(acq.truth, out, r) > psnr(acq.truth, _bspline_z(lr, 2), r) + 0.5
+    path = tmp_path / "m.svb"
+    model.save(path)
+    again = load_model(path)
+    assert again.stages[0].kind == "lateral"
+    assert np.array_equal(again.enhance(lr, dtype="float32"), out)
+    crop = lr[:13, :37, :29]
+    write_ome_zarr(crop, str(tmp_path / "in.ome.zarr"), axes="zyx")
+    pipeline.enhance(
+        str(tmp_path / "in.ome.zarr"),
+        str(tmp_path / "o"),
+        model,
+        block=(4, 16, 16),
+        dtype="float32",
+        scheduler="sync",
+        progress=False,
+    )
+    whole = model.enhance(crop, dtype="float32")
+    blocks = open_image(str(tmp_path / "o")).level(0)[...]
+    assert float(np.abs(blocks - whole).max()) <= 1e-5 * float(whole.max())
+
+
+@pytest.mark.parametrize(
+    "factor,options,message",
+    [
+        ((2, 2, 2), {}, "needs a z-only factor"),
+        ((1, 2, 2), {}, "needs a z-only factor"),
+        ((2, 1, 1), {"z_spacing": 1.0}, "at least 2 lateral voxels apart"),
+        ((2, 1, 1), {"z_spacing": -1}, "positive number"),
+    ],
+)
+def test_axial_lateral_refuses_what_it_cannot_do(factor, options, message):
+    v = np.random.default_rng(0).random((16, 32, 32), dtype=np.float32)
+    with pytest.raises(ValueError, match=message):
+        svb.fit(v, factor=factor, steps=1, quiet=True, axial="lateral", **options)
+
+
+def test_unknown_axial_choice_is_named():
+    v = np.random.default_rng(0).random((16, 32, 32), dtype=np.float32)
+    with pytest.raises(ValueError, match="axial 'iso': choose one of 3d, lateral"):
+        svb.fit(v, factor=(2, 1, 1), steps=1, quiet=True, axial="iso")

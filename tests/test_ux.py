@@ -114,6 +114,20 @@ def test_view_without_qt_names_the_extra_to_install(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(napari, "Viewer", no_qt)
     rc, _, err = _cli(["view", src, src], capsys)
     assert rc == 2 and len(err) == 1 and 'pip install "svision-big[view]"' in err[0], err
+    # napari 0.9 makes its Viewer without Qt and fails at its event loop, with a 15-line ImportError (the
+    # command said "error: ImportError: No Qt bindings could be found for napari==0.9.2." and no extra)
+    from napari.components import ViewerModel
+
+    def no_event_loop(*a, **k):
+        raise ImportError("No Qt bindings could be found for napari==0.9.2.\n\nnapari requires either PyQt5, ...")
+
+    monkeypatch.setattr(napari, "Viewer", lambda title=None: ViewerModel(title=title))
+    monkeypatch.setattr(napari, "run", no_event_loop)
+    rc, _, err = _cli(["view", src, src], capsys)
+    assert rc == 2 and err == [
+        'svision-big: error: svision-big view needs napari with a Qt binding: pip install "svision-big[view]" '
+        "(No Qt bindings could be found for napari==0.9.2.)"
+    ], err
     monkeypatch.setitem(__import__("sys").modules, "napari", None)  # napari not installed at all
     rc, _, err = _cli(["view", src, src], capsys)
     assert rc == 2 and err == [

@@ -624,6 +624,62 @@ def test_an_interrupted_training_resumes_from_its_checkpoint_to_the_same_model(t
     assert other.stages[0].report["best_step"] > 0
 
 
+_KILL_AT_STEP = """
+import os, signal, sys
+import numpy as np
+import torch
+import svision_big as svb
+from svision_big import sampling
+
+torch.set_num_threads(1)
+n, calls, real = int(sys.argv[3]), [0], sampling.PairSampler.batch
+
+def batch(self, *a, **k):
+    calls[0] += 1
+    if calls[0] == n:
+        os.kill(os.getpid(), signal.SIGKILL)  # no Python clean-up runs
+    return real(self, *a, **k)
+
+sampling.PairSampler.batch = batch
+svb.fit(np.load(sys.argv[1]), factor=2, steps=20, seed=0, operator="network", quiet=True, checkpoint_dir=sys.argv[2])
+"""
+
+
+def test_a_training_killed_at_a_random_step_resumes_to_the_same_model(tmp_path, capsys):
+    """Issue 28.4 asked for a test that kills the training at a random step: SIGKILL (nothing saved on
+    the way out), at a step drawn anew each run and named on failure; the same call resumes from the
+    last checkpoint to the uninterrupted model's weights and output."""
+    import random
+    import subprocess
+    import sys
+
+    import torch
+
+    import svision_big as svb
+
+    vol = smooth_volume((12, 40, 40), seed=21).astype(np.float32)
+    np.save(tmp_path / "v.npy", vol)
+    kw = dict(factor=2, steps=20, seed=0, operator="network", quiet=True)
+    ref = svb.fit(vol, **kw)
+    step = random.randint(11, 20)  # batches drawn: validation (and a save) every 10 steps
+    ck = str(tmp_path / "ck")
+    p = subprocess.run(
+        [sys.executable, "-c", _KILL_AT_STEP, str(tmp_path / "v.npy"), ck, str(step)],
+        env=dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == -9, (step, p.stderr)
+    assert os.listdir(ck) == ["s0.pt"], step
+    capsys.readouterr()
+    got = svb.fit(vol, checkpoint_dir=ck, **{**kw, "quiet": False})
+    assert "resuming training at step 11 of 20 (checkpoint)" in capsys.readouterr().out, step  # not from step 1
+    for s1, s2 in zip(ref.stages, got.stages, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(s1.state.values(), s2.state.values(), strict=True)), step
+    assert np.array_equal(ref.enhance(vol), got.enhance(vol)), step
+
+
 def test_run_interrupted_while_training_resumes_the_training_and_leaves_no_checkpoint(tmp_path, monkeypatch):
     """`run` keeps the checkpoints in the output's state folder; the re-run resumes the training and
     the output equals an uninterrupted run's; the checkpoints are gone once the model is saved."""

@@ -304,7 +304,14 @@ def _dispatch(a) -> int:
         model = pipeline.train(a.input, a.factor, checkpoint_dir=ckpt, **cli_keywords(a, TrainOptions, "train"))
         model.save(a.output)
         ckpt.clear()
-        print(f"wrote {a.output} (model {model.hash}); settings: {json.dumps(model.settings())}")
+        from .progress import decision
+
+        decision(
+            f"wrote {a.output} (model {model.hash}); settings: {json.dumps(model.settings())}",
+            "done",
+            output=a.output,
+            model=model.hash,
+        )
         return 0
     if a.command == "enhance":
         model = a.model if len(a.model) > 1 else a.model[0]
@@ -325,8 +332,17 @@ def _dispatch(a) -> int:
 
 
 def _report(stats: dict) -> None:
+    """The command's closing lines: on standard output, and under ``--progress json`` / ``--log-file``
+    as ``{"event": "decision", "kind": "done"}`` records (a job log had only the progress lines)."""
+    from .progress import decision
+
     if stats.get("state") == "already complete":
-        print(f"{stats['output']} is already complete (fingerprint {stats['fingerprint']}); nothing to do")
+        decision(
+            f"{stats['output']} is already complete (fingerprint {stats['fingerprint']}); nothing to do",
+            "done",
+            output=stats["output"],
+            state="already complete",
+        )
         return
     total = stats.get("total", stats)  # every pass: a resume skips the earlier passes' blocks too
     per_pass = "; ".join(
@@ -341,14 +357,25 @@ def _report(stats: dict) -> None:
         )
         if stats.get(k)
     )
-    print(
+    decision(
         f"wrote {stats['output']}: {total['computed']} blocks computed, {total['skipped']} already done "
         f"over {len(stats.get('passes', [])) or 1} pass(es) ({per_pass}){found}, "
         f"{stats['voxels_per_second'] / 1e6:.2f} M output voxels/s, levels {stats['levels']}, "
-        f"{stats['seconds']:.1f} s + pyramid {stats['pyramid_seconds']:.1f} s"
+        f"{stats['seconds']:.1f} s + pyramid {stats['pyramid_seconds']:.1f} s",
+        "done",
+        output=stats["output"],
+        computed=total["computed"],
+        skipped=total["skipped"],
+        levels=stats["levels"],
+        seconds=stats["seconds"],
     )
     if stats.get("models"):
-        print(f"kept the trained model{'s' if len(stats['models']) > 1 else ''}: {', '.join(stats['models'])}")
+        decision(
+            f"kept the trained model{'s' if len(stats['models']) > 1 else ''}: {', '.join(stats['models'])}",
+            "done",
+            output=stats["output"],
+            models=list(stats["models"]),
+        )
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from .ngff.transforms import multiscales_metadata
 from .ngff.viewer import ngff_unit
 from .ngff.viewer import omero_metadata as _omero
 from .options import keywords
+from .progress import decision
 from .pyramid import build_pyramid, level_chunks, pyramid_datasets, pyramid_factors
 from .store import NgffError, is_remote, open_output_group, remove_store, store_exists, without_file_scheme
 from .tiffmeta import TiffMetadata, tiff_metadata
@@ -529,11 +530,11 @@ def as_ome_zarr(
             img = open_image(out)
             if img.group.attrs.get(SOURCE_KEY) == record:
                 if not quiet:
-                    print(f"{src}: using the OME-Zarr converted earlier, {out}", flush=True)
+                    decision(f"{src}: using the OME-Zarr converted earlier, {out}", "convert", output=out)
                 return out
         except NgffError:
             pass  # an interrupted conversion: done again
     if not quiet:
-        print(f"{src}: a TIFF, converting it to {out}", flush=True)
+        decision(f"{src}: a TIFF, converting it to {out}", "convert", output=out)
     convert_tiff(path, out, ngff=ngff, overwrite=True, extra_attrs={SOURCE_KEY: record}, **convert_kwargs)
     return out

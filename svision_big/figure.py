@@ -76,8 +76,8 @@ def draw_figure(path: str, views: _Views, line: _Line, report: dict, unit: str |
     if fig_info["saturated"] is not None:
         window += f" (voxels at the ceiling {fig_info['saturated']:.4g} left out of the window)"
     fig.suptitle(
-        f"svision-big x{'x'.join(map(str, factors)) if len(set(factors)) > 1 else factors[0]}; {window}; "
-        "slices where the result differs most from cubic",
+        f"svision-big x{'x'.join(map(str, factors)) if len(set(factors)) > 1 else factors[0]}; {window};\n"
+        "slices where the result differs most from cubic",  # one line was wider than a 3-column figure
         fontsize=10,
     )
     fig.tight_layout()
@@ -145,7 +145,7 @@ def _profile_panel(ax, line: _Line, report: dict, unit: str | None) -> None:
         else "no two close objects found: line profile through the brightest voxel below any ceiling, along x"
     )
     ax.set_title(
-        f"{what}; {'PSNR vs truth' if mode == 'truth' else 'self-consistency PSNR'}:"
+        f"{what}; {'PSNR vs truth' if mode == 'truth' else 'self-consistency PSNR (not a quality score)'}:"
         f" cubic {f(report['cubic']['psnr'])} dB, result {f(report['result']['psnr'])} dB",
         fontsize=9,
     )

@@ -149,7 +149,10 @@ def view(
     if own and show:
         import napari
 
-        napari.run()
+        try:  # napari 0.9 makes its Viewer without Qt and fails here, at its event loop
+            napari.run()
+        except ImportError as exc:
+            raise RuntimeError(f"{need} ({str(exc).strip().splitlines()[0]})") from None
     return viewer
 
 

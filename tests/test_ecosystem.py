@@ -435,6 +435,32 @@ def test_compare_on_a_saturated_object_shows_the_dim_structure_and_finds_the_pai
         C.compare(res, inp, out_png=None, quiet=True, gamma=0)
 
 
+def test_compare_without_two_close_objects_says_so_in_the_figure(tmp_path, monkeypatch):
+    """Issue 28.2: where no pair of close objects exists the profile still crosses something; the
+    report and the profile's title say that no pair was found (it was titled as a pair regardless)."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    from svision_big.compare import compare
+
+    truth = _bead((16, 64, 64), (8, 32, 32), (1.6, 1.3, 1.3)).astype(np.float32)  # one object alone
+    x = Degradation((2, 2, 2)).down(torch.from_numpy(truth.astype(np.float64))[None, None])[0, 0].numpy()
+    inp = write_ome_zarr(x.astype(np.float32), str(tmp_path / "in.ome.zarr"))
+    res = write_ome_zarr(truth, str(tmp_path / "res.ome.zarr"))
+    titles = []
+    real = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "set_title", lambda ax, t, *a, **k: titles.append(t) or real(ax, t, *a, **k)
+    )
+    rep = compare(res, inp, out_png=str(tmp_path / "f.png"), quiet=True)
+    assert rep["profile"]["found_pair"] is False
+    assert json.load(open(tmp_path / "f.json"))["profile"]["found_pair"] is False
+    assert any(t.startswith("no two close objects found") for t in titles), titles
+    assert not any(t.startswith("line profile across two close objects") for t in titles)
+    # without a truth the figure's score is named for what it is (compare's table already said so)
+    assert any("self-consistency PSNR (not a quality score)" in t for t in titles), titles
+
+
 def test_compare_self_consistency(tmp_path):
     pytest.importorskip("matplotlib")
     from svision_big.compare import compare

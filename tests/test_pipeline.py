@@ -408,9 +408,14 @@ def test_cli_progress_as_json_lines_and_log_file(tmp_path, capsys):
     logged = [json.loads(line) for line in open(log)]
     assert [r["done"] for r in logged if r["event"] == "progress"] == [r["done"] for r in recs]
     # the decisions go there too, as records: what was chosen, on which figures, and what reverses it
-    decided = [json.loads(line) for line in captured.out.splitlines() if line.startswith('{"event": "decision"')]
+    decided = [json.loads(line) for line in captured.out.splitlines()]  # every line a record: the plan and the
+    # closing lines were plain text there, and absent from the log file
     kinds = [r["kind"] for r in decided]
-    assert "check" in kinds and kinds[-1] == "summary" and decided[-1]["reverse"] and decided[-1]["result"]
+    summary = decided[kinds.index("summary")]
+    assert "check" in kinds and summary["reverse"] and summary["result"]
+    assert kinds[0] == "training region" and "plan" in kinds and kinds[-1] == "done"
+    wrote = [r for r in decided if r["kind"] == "done" and r["text"].startswith("wrote ")]
+    assert len(wrote) == 1 and wrote[0]["output"] == out and wrote[0]["computed"] > 0 and wrote[0]["levels"]
     assert [r for r in logged if r["event"] == "decision"] == decided
     assert progress._SETTINGS["format"] == "text"  # restored for in-process callers
     assert (

@@ -376,6 +376,31 @@ def test_the_in_process_cluster_adds_no_lines_to_a_failure_or_an_interrupt(small
     assert p.stderr.strip().splitlines() == ["svision-big: interrupted (re-run the same command to resume)"]
 
 
+def test_the_in_process_cluster_warns_nothing_when_port_8787_is_taken():
+    """With another Dask cluster (or another svision-big run) on the machine, every enhance printed
+    distributed's "Port 8787 is already in use. / Perhaps you already have a cluster running? /
+    Hosting the HTTP server on port N instead" above its own lines: the dashboard was off, but the
+    scheduler's HTTP server still took 8787. It takes a free loopback port now."""
+    import warnings
+
+    from svision_big.pipeline import cluster
+
+    held = socket.socket()
+    try:
+        held.bind(("0.0.0.0", 8787))
+        held.listen()
+    except OSError:
+        pass  # already taken on this machine: the case itself
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, owned = cluster._open_cluster(None, 1, None)
+            cluster._close(owned, None)
+    finally:
+        held.close()
+    assert [str(w.message) for w in caught if "already in use" in str(w.message)] == []
+
+
 def test_setup_killed_at_every_step_resumes_to_the_clean_result(small, tmp_path, capsys):
     src, model, model_path = small
     ref = str(tmp_path / "ref.ome.zarr")

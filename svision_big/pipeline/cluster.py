@@ -60,7 +60,16 @@ def _open_cluster(client, workers: int | None, scheduler: str | None):
     n = workers or _usable_cores()
     limit_arenas(n)
     quiet = _QuietWorkerLog()
-    cluster = LocalCluster(n_workers=1, threads_per_worker=n, processes=False, dashboard_address=None)
+    # no dashboard; the scheduler's HTTP server (health routes) still starts, and without an address it
+    # takes port 8787: with another Dask cluster or svision-big run on the machine it printed a 3-line
+    # "Port 8787 is already in use" warning. A free port on the loopback interface instead.
+    cluster = LocalCluster(
+        n_workers=1,
+        threads_per_worker=n,
+        processes=False,
+        dashboard_address=None,
+        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+    )
     c = Client(cluster)
     return c, [c, cluster, _TorchThreads(), quiet]
 

@@ -11,6 +11,7 @@ from ..execute import Job, execute
 from ..ngff import NgffError, open_output_group
 from ..options import EnhanceSettings, defaults, keywords, signature
 from ..passes import IMAGE, output_name, readers
+from ..progress import decision
 from .cluster import _check_device, _close, _open_cluster
 from .finish import _already_complete, _finish_output
 from .layout import _axis_names, scratch_arrays
@@ -170,23 +171,26 @@ def _coarse_levels(image) -> tuple[tuple[str, tuple[float, ...]], ...]:
 
 def _announce(r: EnhanceRun, resuming: bool) -> None:
     lay, skip = r.lay, r.skip
-    print(
+    decision(
         f"enhance: factors {r.models[0].factors}, {'resuming' if resuming else 'new output'} {r.output}; "
         f"{len(lay.passes)} pass(es):",
-        flush=True,
+        "plan",
+        resuming=resuming,
     )
     for k, (p, pl) in enumerate(zip(lay.passes, lay.plans)):
         bg = f", {skip.counts()[k]} in the background (no network)" if skip is not None else ""
-        print(
+        decision(
             f"  {p.label}: {len(pl)} blocks of {pl.block} output voxels, halo {pl.halo} input voxels "
             f"(halo overhead {pl.overhead():.0%}){bg}",
-            flush=True,
+            "plan",
+            blocks=len(pl),
         )
     if skip is not None:
-        print(
+        decision(
             f"  --skip-background: threshold {', '.join(f'{t:g}' for t in skip.thresholds)} "
             f"({'auto' if skip.auto else 'given'}), decided on input level {skip.level}",
-            flush=True,
+            "skip-background",
+            thresholds=list(skip.thresholds),
         )
 
 

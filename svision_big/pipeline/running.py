@@ -17,6 +17,7 @@ from ..model import Model, ModelFileError
 from ..ngff import Image, NgffError, format_for, open_image, store_exists
 from ..noisecheck import denoise_mode
 from ..options import RUN_TRAINING, EnhanceSettings, TrainOptions, defaults, signature
+from ..progress import decision
 from ..settings import parse_factors
 from ..state import OutputState
 from ..store import location
@@ -140,7 +141,7 @@ def _channel_model(fs, root: str, input: str, factor, channel: int, train_kw: di
         try:
             m = Model.from_bytes(fs.cat_file(path), where=path)
             if not train_kw["quiet"]:
-                print(f"channel {channel}: reusing the model trained earlier ({path})", flush=True)
+                decision(f"channel {channel}: reusing the model trained earlier ({path})", "reuse", model=path)
             return m
         except ModelFileError as exc:  # a model an older version left half-written (a full disk): train again
             print(f"svision-big: note: {exc}; training channel {channel} again", file=sys.stderr, flush=True)

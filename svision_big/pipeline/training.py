@@ -14,6 +14,7 @@ from ..ngff import Image, NgffError, open_image
 from ..noisecheck import denoise_mode
 from ..options import DEFAULT_TRAIN_VOXELS, TRAIN_POSITIONAL, TrainOptions, defaults, keywords, signature
 from ..plan import on_axes
+from ..progress import decision
 from ..settings import parse_factors
 from ..train import fit
 from .layout import _channel_axis, _outer_selection, stored_order
@@ -91,10 +92,13 @@ def train(input: str | os.PathLike, factor, *args, **options) -> Model:
     sample = image.read(0, tuple(sel))
     sample = _finite_sample(sample, image, input, box, o.nonfinite, o.quiet)
     if not o.quiet:
-        print(
+        decision(
             f"training on level-0 region {[(s.start, s.stop) for s in box]} ({sample.size:,} voxels, "
             f"found on level {level}), channel {o.channel}",
-            flush=True,
+            "training region",
+            region=[[s.start, s.stop] for s in box],
+            voxels=int(sample.size),
+            channel=o.channel,
         )
     psf_fwhm = o.psf_fwhm
     model = fit(
@@ -158,7 +162,7 @@ def _finite_sample(sample: np.ndarray, image: Image, input: str, box, nonfinite:
 
     sample = np.where(bad, fill_value(image.level(0)), sample)
     if not quiet:
-        print(f"training: {n:,} NaN/Inf voxels in the training region read as the fill value", flush=True)
+        decision(f"training: {n:,} NaN/Inf voxels in the training region read as the fill value", "nonfinite", count=n)
     return sample
 
 

@@ -252,6 +252,38 @@ def run(
     }
 
 
+def speed(factor: int, shape: tuple[int, int, int], repeats: int = 2) -> dict:
+    """Output voxels/s of the in-memory operator, one process: the 3D stages at ensemble 8 against the
+    lateral stage (``lateral.LATERAL_NET`` embedded, ensemble 4 and 1), random weights, alternating."""
+    from svision_big import lateral
+    from svision_big.degrade import Degradation
+    from svision_big.intensity import Normalisation
+    from svision_big.model import Model
+    from svision_big.network import NetConfig, SVNet
+    from svision_big.stages import LateralStage
+    from svision_big.testing import make_model
+
+    torch.manual_seed(0)
+    net2d = SVNet(NetConfig((factor, 1), interpolation="bspline", **lateral.LATERAL_NET))
+    models = {"3d, ensemble 8": make_model((factor, 1, 1), bp=0, ensemble=8)}
+    for e in (4, 1):
+        rec = LateralStage(lateral.embed(net2d), Degradation((factor, 1, 1)), 0, {}, e).record()
+        models[f"lateral, ensemble {e}"] = Model(
+            stages=[rec], norm=Normalisation(0.0, 1.0, 0.0), factors=(factor, 1, 1)
+        )
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    best = {k: float("inf") for k in models}
+    for m in models.values():
+        m.enhance(x[:8, :32, :32], dtype="float32")
+    for _ in range(repeats):
+        for k, m in models.items():
+            t0 = time.perf_counter()
+            m.enhance(x, dtype="float32")
+            best[k] = min(best[k], time.perf_counter() - t0)
+    n = x.size * factor
+    return {k: {"seconds": round(t, 2), "M_output_voxels_per_s": round(n / t / 1e6, 3)} for k, t in best.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--all", action="store_true", help="all 8 anisotropic cases (default: the 4 clean ones)")
@@ -262,9 +294,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--blur-scale", type=float, default=1.0, help="multiply the extra axial blur (robustness)")
     ap.add_argument("--net", choices=("cnn", "svnet"), default="cnn", help="a wider 2D CNN, or the tool's SVNet")
     ap.add_argument("--estimate-only", action="store_true", help="print the lateral spectral estimate only")
+    ap.add_argument("--speed", action="store_true", help="time the operators (3D ensemble 8 vs lateral) and exit")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.speed:
+        for f in (2, 4):
+            r = {"factor": f, "shape": [32, 128, 128], "threads": args.threads, **speed(f, (32, 128, 128))}
+            print(json.dumps(r), flush=True)
+            with open(RESULTS / "lateral_axial_speed.jsonl", "a") as fh:
+                fh.write(json.dumps(r) + "\n")
+        return 0
     cases = [c for c in matrix.ANISOTROPIC_CASES if args.all or not c.noisy]
     if args.cases:
         keep = set(args.cases.split(","))

@@ -413,13 +413,15 @@ def make_inputs(case) -> dict:
     }
 
 
-def axial_options(case, axial: str) -> dict:
+def axial_options(case, axial: str, voxel_um=None) -> dict:
     """``fit``'s keywords for ``--axial``: the lateral stage takes z-only factors, with the z spacing the
-    case was made with (anisotropic cases: its z_step; the others the factor, i.e. the default)."""
-    f = getattr(case, "factors", None) or getattr(case, "factor", None)
-    if axial == "3d" or f is None or tuple(f)[1:] != (1, 1):
+    input has, in lateral voxels: the factor times the truth's own z step (synthetic: ``z_step``; real:
+    its voxel sizes), as a user's file would say."""
+    f = case.factors
+    if axial == "3d" or tuple(f)[1:] != (1, 1):
         return {}
-    return {"axial": axial, "z_spacing": float(f[0] * getattr(case, "z_step", 1))}
+    step = float(voxel_um[0]) / (0.5 * (float(voxel_um[1]) + float(voxel_um[2]))) if voxel_um else case.z_step
+    return {"axial": axial, "z_spacing": round(f[0] * step, 4)}
 
 
 def run_case(case, steps: int | None, n2v: bool, quick: bool, verbose: bool, axial: str = "3d") -> dict:
@@ -439,7 +441,7 @@ def run_case(case, steps: int | None, n2v: bool, quick: bool, verbose: bool, axi
 
     kwargs = {} if steps is None else {"steps": steps}
     t0 = time.perf_counter()
-    kwargs.update(axial_options(case, axial))
+    kwargs.update(axial_options(case, axial, inp["desc"].get("voxel_um")))
     row["fit_options"] = {k: v for k, v in kwargs.items() if k != "steps"}
     model = svision_big.fit(lr, factor=factors, seed=0, quiet=not verbose, **kwargs)
     row["fit_seconds"] = round(time.perf_counter() - t0, 1)
@@ -447,7 +449,9 @@ def run_case(case, steps: int | None, n2v: bool, quick: bool, verbose: bool, axi
     out = np.asarray(model.enhance(lr), dtype=np.float32)
     row["enhance_seconds"] = round(time.perf_counter() - t0, 1)
     info = getattr(model, "info", {}) or {}
-    row["model_info"] = {k: info.get(k) for k in ("acquisition", "baseline", "ensemble", "noise_estimate", "steps")}
+    row["model_info"] = {
+        k: info.get(k) for k in ("acquisition", "baseline", "ensemble", "noise_estimate", "steps", "axial")
+    }
     row["settings"] = model_settings(model)
 
     # cubic variants: pick by fit PSNR (cheap), SSIM only for the chosen one

@@ -286,9 +286,16 @@ def fit_lateral(v: np.ndarray, req, norm, noise, t_start: float):
     from .stages import BaselineStage, LateralStage
 
     f = req.factors[0]
-    am = axial_model(v, req)
     nm = noise.model
-    noise_t = None if nm is None else (nm.gain, nm.offset)
+    lead: list = []  # the blind denoiser, where the noise decision chose it: the stage learns from its output
+    if noise.denoiser is not None:
+        from .passes import apply_normalised
+
+        lead = [noise.denoiser]
+        den = Model(stages=lead, norm=norm, factors=(1,) * v.ndim).spec("cpu", "float32")
+        v = apply_normalised(torch.from_numpy(np.ascontiguousarray(v)), den).numpy()
+    noise_t = None if nm is None or lead else (nm.gain, nm.offset)  # noisy and not denoised: noise-matched pairs
+    am = axial_model(v, req)
     if not req.quiet:
         how = "estimated from the z and lateral spectra" if am.estimated else "from --psf-fwhm"
         decision(
@@ -320,7 +327,8 @@ def fit_lateral(v: np.ndarray, req, norm, noise, t_start: float):
         interp = {"B-spline": "bspline", "cubic": "keys"}[safe]
         stage = BaselineStage(req.factors, interp, 0, noise_t, am.acquisition, [report]).record()
         verdict = f"{safe} upsampling: the lateral stage did not beat it on held-aside lateral planes"
-    model = Model(stages=[stage], norm=norm, factors=req.factors)
+    verdict = ("denoised, then " if lead else "") + verdict
+    model = Model(stages=[*lead, stage], norm=norm, factors=req.factors)
     model.info = {
         "seed": req.seed,
         "train_shape": list(v.shape),
@@ -333,14 +341,14 @@ def fit_lateral(v: np.ndarray, req, norm, noise, t_start: float):
             "psf_given": req.psf_fwhm is not None,
         },
         "noise_estimate": None if nm is None else nm.std(0.5),
-        "denoiser": False,
+        "denoiser": bool(lead),
         "denoise_check": noise.report or None,
         "baseline": {
             "used": not (wins or forced),
             "verdict": verdict,
-            "safe": safe,
+            "safe": ("denoised " if lead else "") + safe,
             "ensemble": size if (wins or forced) else 1,
-            "back_projection": bp if (wins or forced) else 0,
+            "back_projection": 0,  # a projected baseline: never here (the stage's own iterations: its report)
             "scores": scores,
             "checks": "held-aside lateral planes",
             "operator": req.operator,

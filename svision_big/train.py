@@ -413,7 +413,7 @@ def fit(volume: np.ndarray, factor: int | tuple[int, ...] | str = 2, **options: 
     v = v_full[sample_box(v_full.shape, v_full, req.max_train_voxels)]
     t_start = time.perf_counter()
     noise = decide_noise(v, req.noise, req.denoise, req.operator, req.acq, req.seed, req.quiet)
-    if req.axial == "lateral":  # trains on the input as it is, noise-matched where it is noisy
+    if req.axial == "lateral":  # after the denoiser where the noise decision chose it, else noise-matched pairs
         from .lateral import fit_lateral
 
         return fit_lateral(v, req, norm, noise, t_start)

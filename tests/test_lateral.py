@@ -102,3 +102,28 @@ def test_unknown_axial_choice_is_named():
     v = np.random.default_rng(0).random((16, 32, 32), dtype=np.float32)
     with pytest.raises(ValueError, match="axial 'iso': choose one of 3d, lateral"):
         svb.fit(v, factor=(2, 1, 1), steps=1, quiet=True, axial="iso")
+
+
+def test_a_denoised_input_gets_the_denoiser_then_the_lateral_stage_in_blocks(tmp_path):
+    """Where the noise decision denoises (here asked for), the lateral stage learns from the filter's
+    output and runs after it: the model is [denoiser, lateral or its baseline], and blocks equal the
+    whole volume through both stages."""
+    acq = synthetic.make_volume("filaments", shape_lr=(24, 64, 64), factor=(2, 1, 1), poisson_peak=100.0, seed=5)
+    lr = acq.observed.astype(np.float32)
+    model = svb.fit(lr, factor=(2, 1, 1), steps=60, seed=0, quiet=True, axial="lateral", denoise="on")
+    assert [s.kind for s in model.stages][0] == "denoiser" and model.stages[1].kind in ("lateral", "baseline")
+    assert model.info["denoiser"] and model.info["baseline"]["verdict"].startswith("denoised, then ")
+    crop = lr[:13, :37, :29]
+    write_ome_zarr(crop, str(tmp_path / "in.ome.zarr"), axes="zyx")
+    pipeline.enhance(
+        str(tmp_path / "in.ome.zarr"),
+        str(tmp_path / "o"),
+        model,
+        block=(4, 16, 16),
+        dtype="float32",
+        scheduler="sync",
+        progress=False,
+    )
+    whole = model.enhance(crop, dtype="float32")
+    blocks = open_image(str(tmp_path / "o")).level(0)[...]
+    assert float(np.abs(blocks - whole).max()) <= 1e-5 * float(whole.max())

@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="display gamma of the figure (default 1, linear; 0.5 lifts dim structure beside bright objects)",
     )
     p.add_argument("--storage-options", type=_storage, help=_INPUT_OPTIONS)
+    p.add_argument("--quiet", action="store_true", help="no progress lines and no table")
+    _add_log_flags(p)
 
     p = sub.add_parser("view", help="open the input and the enhanced output in napari, each at its true place")
     p.add_argument("input", help="the OME-Zarr image that was enhanced")
@@ -282,6 +284,7 @@ def _dispatch(a) -> int:
             acquisition=a.acquisition,
             storage_options=a.storage_options,
             gamma=a.gamma,
+            quiet=a.quiet,
         )
         return 0
     if a.command == "view":

@@ -28,9 +28,10 @@ import numpy as np
 from scipy import ndimage
 
 from .figure import SATURATED_FRACTION, busiest_planes, display_window, draw_figure, figure_info, saturated
-from .metrics import psnr, ssim
+from .metrics import psnr, ssim, ssim_many
 from .ngff import Image, NgffError, open_image
 from .options import keywords
+from .progress import Progress
 
 __all__ = [
     "compare",
@@ -261,7 +262,7 @@ class CompareOptions:
         default=DEFAULT_MAX_VOXELS, metadata={"help": "result voxels of the central region compared, at most"}
     )
     storage_options: dict | None = field(default=None, metadata={"help": "fsspec options of the images"})
-    quiet: bool = field(default=False, metadata={"help": "no table printed"})
+    quiet: bool = field(default=False, metadata={"help": "no progress lines and no table printed"})
     gamma: float = field(
         default=1.0,
         metadata={
@@ -339,13 +340,21 @@ def compare(
     if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
         raise ValueError(f"gamma {gamma!r}: use a positive number (1: linear; 0.5 lifts dim structure)")
     res_img, in_img, factors = _open_pair(result, input, opts)
+    # the slow phases on a progress line (issue 28.2: minutes with no sign of life); --quiet silences it
+    steps = _Steps(Progress(6 if opts.out_png is not None else 5, "compare", unit="step", quiet=opts.quiet))
+    steps("read the region and upsample the input (cubic)")
     views = _read_views(res_img, in_img, factors, truth, opts)
     report = _report_head(views, result, input, truth, opts)
-    report.update(_scores(views, res_img, opts.acquisition))
+    report.update(_scores(views, res_img, opts.acquisition, steps))
+    steps("the line profile: two close objects")
     line = _line(views)
     report["profile"] = line.summary()
+    steps("display window, planes and inset")
     report["figure"] = figure_info(views, gamma)
+    if opts.out_png is not None:
+        steps("the figure")
     _write_outputs(report, views, line, res_img.axes[res_img.spatial_axes[-1]].get("unit"), opts)
+    steps.close()
     if not opts.quiet:
         print(format_table(report), flush=True)
     return report
@@ -424,17 +433,38 @@ def _report_head(views: _Views, result, input, truth, opts: CompareOptions) -> d
     }
 
 
-def _scores(views: _Views, res_img: Image, acquisition: str | None) -> dict[str, Any]:
+class _Steps:
+    """compare's phases on a ``Progress`` line: each call starts the next one (named in the line)."""
+
+    def __init__(self, progress: Progress):
+        self.progress, self.started = progress, 0
+
+    def __call__(self, phase: str) -> None:
+        self.progress.update(self.started, phase=phase)
+        self.started += 1
+
+    def close(self) -> None:
+        self.progress.done = self.progress.total
+        self.progress.values["phase"] = "done"
+        self.progress.close()  # the closing line, once
+
+
+def _scores(views: _Views, res_img: Image, acquisition: str | None, steps=None) -> dict[str, Any]:
     """PSNR and SSIM of the result and of cubic upsampling: against the truth, else (self-consistency)
     degraded back onto the input's grid against the input."""
     ref, x, y, cubic = views.ref, views.x, views.y, views.cubic
+    steps = steps or (lambda phase: None)
     out: dict[str, Any] = {}
     if ref is not None:
         out["mode"] = "truth"
         dr = float(ref.max() - ref.min()) or 1.0
         out["data_range"] = dr
+        steps("PSNR against the truth")
         for key, v in (("result", y), ("cubic", cubic)):
-            out[key] = {"psnr": _finite(psnr(ref, v, dr)), "ssim": _finite(ssim(ref, v, dr))}
+            out[key] = {"psnr": _finite(psnr(ref, v, dr))}
+        steps("SSIM against the truth (result and cubic)")
+        for key, v in zip(("result", "cubic"), ssim_many(ref, [y, cubic], dr)):
+            out[key]["ssim"] = _finite(v)
         return out
     out["mode"] = "self-consistency"
     acq, psf = _acquisition(res_img)
@@ -445,6 +475,7 @@ def _scores(views: _Views, res_img: Image, acquisition: str | None) -> dict[str,
     dr = float(x.max() - x.min()) or 1.0
     out["data_range"] = dr
     for key, v in (("result", y), ("cubic", cubic)):
+        steps(f"self-consistency: the {key} degraded back, PSNR and SSIM")
         back = _down(v, views.factors, acq, psf)
         out[key] = {"psnr": _finite(psnr(x, back, dr)), "ssim": _finite(ssim(x, back, dr))}
     return out

@@ -1,5 +1,5 @@
-"""The figure of ``compare``: the display window (without a saturated ceiling), the planes shown
-(where the result differs most from cubic upsampling), one column of slices per view at their
+"""The figure of ``compare``: the display window (without a saturated ceiling), the planes shown and
+the zoomed inset (where the result differs most from cubic upsampling), one column of slices per view at their
 physical size, and the line profile with its scores."""
 
 from __future__ import annotations
@@ -42,17 +42,55 @@ def busiest_planes(y: np.ndarray, cubic: np.ndarray) -> tuple[int, int]:
     return int(np.argmax(d.sum(axis=(1, 2)))), int(np.argmax(d.sum(axis=(0, 2))))
 
 
+INSET_SIZE = 32  # result voxels across the zoomed inset, laterally
+INSET_WINDOW = (3, 9, 9)  # the window |result - cubic| is summed over to place the inset (z, y, x)
+
+
+def inset_box(
+    y: np.ndarray, cubic: np.ndarray, window: tuple[float, float] | None = None, size: int = INSET_SIZE
+) -> dict:
+    """The zoomed inset: ``size`` x ``size`` result voxels of one lateral plane, centred (as far as the
+    volume allows) on the voxel where |result - cubic| summed over an ``INSET_WINDOW`` window is
+    largest: where the result and the baseline differ most (issue 28.2). With a display ``window``
+    (low, high) both are clipped to it first, so the inset is where they differ as shown (around a
+    saturated soma both are white whatever their values)."""
+    from scipy import ndimage
+
+    y, cubic = np.asarray(y, np.float32), np.asarray(cubic, np.float32)
+    if window is not None:
+        y, cubic = np.clip(y, *window), np.clip(cubic, *window)
+    d = np.abs(y - cubic)
+    win = INSET_WINDOW[-d.ndim :]
+    centre = [
+        int(v) for v in np.unravel_index(int(np.argmax(ndimage.uniform_filter(d, win, mode="constant"))), d.shape)
+    ]
+    box = []
+    for c, n in zip(centre[-2:], d.shape[-2:]):
+        k = min(size, n)
+        a = min(max(0, c - k // 2), n - k)
+        box.append([a, a + k])
+    return {
+        "centre": centre,
+        "z": centre[0] if d.ndim == 3 else 0,
+        "box": box,  # [[y0, y1], [x0, x1]] in result voxels, ends excluded
+        "window": list(win),
+        "why": "where |result - cubic| (both clipped to the display window) summed over the window is largest",
+    }
+
+
 def figure_info(views: _Views, gamma: float) -> dict:
-    """The figure's display window, gamma, ceiling and the planes it shows."""
+    """The figure's display window, gamma, ceiling, the planes it shows and its zoomed inset."""
     shown = views.ref if views.ref is not None else views.y
     zc, yc = busiest_planes(views.y, views.cubic)
+    window = display_window(shown)
     return {
-        "window": list(display_window(shown)),
+        "window": list(window),
         "gamma": float(gamma),
         "saturated": saturated(shown),
         "lateral_z": zc,
         "axial_y": yc,
         "planes": "where the result differs most from cubic upsampling",
+        "inset": inset_box(views.y, views.cubic, window),
     }
 
 
@@ -62,7 +100,8 @@ def draw_figure(path: str, views: _Views, line: _Line, report: dict, unit: str |
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    rows = 4 if views.y.ndim == 3 else 2  # lateral slice, axial slice, maximum projection; the profile
+    # lateral slice, axial slice, maximum projection, zoomed inset; the profile
+    rows = 5 if views.y.ndim == 3 else 3
     ncol = 4 if views.ref is not None else 3
     fig = plt.figure(figsize=(3.2 * ncol, 3.0 * rows), dpi=100)
     gs = fig.add_gridspec(rows, ncol)
@@ -77,7 +116,7 @@ def draw_figure(path: str, views: _Views, line: _Line, report: dict, unit: str |
         window += f" (voxels at the ceiling {fig_info['saturated']:.4g} left out of the window)"
     fig.suptitle(
         f"svision-big x{'x'.join(map(str, factors)) if len(set(factors)) > 1 else factors[0]}; {window};\n"
-        "slices where the result differs most from cubic",  # one line was wider than a 3-column figure
+        "slices and the inset (outlined in orange) where the result differs most from cubic",  # one line was too wide
         fontsize=10,
     )
     fig.tight_layout()
@@ -87,7 +126,8 @@ def draw_figure(path: str, views: _Views, line: _Line, report: dict, unit: str |
 
 def _slice_panels(fig, gs, views: _Views, line: _Line, fig_info: dict) -> None:
     """One column per view (input, cubic, result, truth): a lateral slice and, in 3D, an axial slice
-    and the maximum projection along z, each at its physical size."""
+    and the maximum projection along z, each at its physical size, then the zoomed inset (its region
+    outlined on the projection, and on the lateral slice when it lies in that plane)."""
     panels = [("input", views.x, True), ("cubic", views.cubic, False), ("result", views.y, False)]
     if views.ref is not None:
         panels.append(("truth", views.ref, False))
@@ -95,6 +135,7 @@ def _slice_panels(fig, gs, views: _Views, line: _Line, fig_info: dict) -> None:
     gamma = fig_info["gamma"]
     three = views.y.ndim == 3
     zc, yc = fig_info["lateral_z"], fig_info["axial_y"]
+    inset = fig_info["inset"]
     scale, factors, pts = views.scale, views.factors, line.pts
     in_scale = [s * f for s, f in zip(scale, factors)]
 
@@ -115,10 +156,53 @@ def _slice_panels(fig, gs, views: _Views, line: _Line, fig_info: dict) -> None:
         show(ax, plane, sc[-2], sc[-1], f"{name} (lateral{f', z={zc}' if three else ''})")
         if name == "result":
             ax.plot(pts[:, -1] * scale[-1], pts[:, -2] * scale[-2], "-", color="orange", lw=1)
+        if not three or inset["z"] == zc:
+            _outline(ax, inset["box"], scale)
         if three:
             plane = vol[:, min(vol.shape[1] - 1, yc // f[1]), :]
             show(fig.add_subplot(gs[1, j]), plane, sc[0], sc[-1], f"{name} (axial, y={yc})")
-            show(fig.add_subplot(gs[2, j]), vol.max(axis=0), sc[-2], sc[-1], f"{name} (max projection along z)")
+            ax = fig.add_subplot(gs[2, j])
+            show(ax, vol.max(axis=0), sc[-2], sc[-1], f"{name} (max projection along z)")
+            _outline(ax, inset["box"], scale)
+        # the inset: the same window, the region of the result's grid (the input's voxels that cover it)
+        (y0, y1), (x0, x1) = inset["box"]
+        r0, r1, c0, c1 = y0 // f[-2], -(-y1 // f[-2]), x0 // f[-1], -(-x1 // f[-1])
+        plane = vol[min(vol.shape[0] - 1, inset["z"] // f[0])] if three else vol
+        ax = fig.add_subplot(gs[3 if three else 1, j])
+        shown = np.clip((np.asarray(plane[r0:r1, c0:c1], np.float64) - lo) / (hi - lo), 0.0, 1.0) ** gamma
+        # input voxel i covers result voxels i*f .. (i+1)*f - 1: its edges on the result's grid
+        ext = tuple(
+            (v * k - 0.5) * s
+            for v, k, s in (
+                (c0, f[-1], scale[-1]),
+                (c1, f[-1], scale[-1]),
+                (r1, f[-2], scale[-2]),
+                (r0, f[-2], scale[-2]),
+            )
+        )
+        ax.imshow(shown, cmap="gray", vmin=0, vmax=1, extent=ext, interpolation="nearest")
+        ax.set_xlim((x0 - 0.5) * scale[-1], (x1 - 0.5) * scale[-1])
+        ax.set_ylim((y1 - 0.5) * scale[-2], (y0 - 0.5) * scale[-2])
+        where = f", z={inset['z']}" if three else ""
+        ax.set_title(f"{name} (inset{where}: differs most)", fontsize=9)
+        ax.tick_params(labelsize=7)
+
+
+def _outline(ax, box, scale) -> None:
+    """The inset's region, outlined on a full slice (physical coordinates)."""
+    from matplotlib.patches import Rectangle
+
+    (y0, y1), (x0, x1) = box
+    ax.add_patch(
+        Rectangle(
+            ((x0 - 0.5) * scale[-1], (y0 - 0.5) * scale[-2]),
+            (x1 - x0) * scale[-1],
+            (y1 - y0) * scale[-2],
+            fill=False,
+            edgecolor="orange",
+            lw=1,
+        )
+    )
 
 
 def _profile_panel(ax, line: _Line, report: dict, unit: str | None) -> None:

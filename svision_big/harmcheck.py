@@ -383,7 +383,7 @@ def summary(model: Model) -> tuple[str, str]:
             "--operator network (or --denoise off) trains the SR network on the noisy input instead",
         )
     if b.get("operator", "auto") != "auto":
-        return f"result: {verdict}", "--operator auto lets the held-aside check choose"
+        return f"result: {verdict}", "--operator auto lets the held-aside check choose" + _bp_flag(model, b)
     if b.get("used") and b.get("back_projection"):
         return (
             f"result: {verdict}",
@@ -396,8 +396,21 @@ def summary(model: Model) -> tuple[str, str]:
         )
     return (
         f"result: {verdict}",
-        "--operator baseline gives the plain cubic; --acquisition and --psf-fwhm change what the network learns",
+        "--operator baseline gives the plain cubic; --acquisition and --psf-fwhm change what the network learns"
+        + _bp_flag(model, b),
     )
+
+
+def _bp_flag(model: Model, b: dict) -> str:
+    """Where the result is the trained network: the flag that sets its back-projection iterations
+    (issue 28.1: the one automatic choice that had none), with what was used and who chose it."""
+    bp = model.info.get("back_projection")
+    if not bp or b.get("used"):
+        return ""
+    used = "/".join(map(str, bp["stages"])) + ("" if bp.get("closing") is None else f", closing {bp['closing']}")
+    if bp["chosen"] == "auto":
+        return f"; --back-projection N sets the network's back-projection iterations (the check chose {used})"
+    return f"; --back-projection auto lets the check choose the back-projection iterations (now {used})"
 
 
 def summarise(model: Model) -> None:

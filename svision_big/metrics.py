@@ -9,25 +9,19 @@ float64 whatever the input dtype, so integer volumes do not overflow.
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["psnr", "ssim", "fwhm_profile", "bead_fwhm"]
-
-
-def _pair(reference: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    ref = np.asarray(reference, dtype=np.float64)
-    tst = np.asarray(test, dtype=np.float64)
-    if ref.shape != tst.shape:
-        raise ValueError(f"shape mismatch: reference {ref.shape} vs test {tst.shape}")
-    return ref, tst
+__all__ = ["psnr", "ssim", "ssim_many", "fwhm_profile", "bead_fwhm"]
 
 
 def _data_range(ref: np.ndarray, data_range: float | None) -> float:
     """Default dynamic range = reference's max - min (1.0 for a constant reference)."""
     if data_range is None:
-        data_range = float(ref.max() - ref.min()) if ref.size else 0.0
+        data_range = float(ref.max()) - float(ref.min()) if ref.size else 0.0
         if data_range == 0:
             data_range = 1.0
     if data_range <= 0:
@@ -40,9 +34,14 @@ def psnr(reference: np.ndarray, test: np.ndarray, data_range: float | None = Non
 
     Pass ``data_range=255`` for 8-bit data to match the paper's convention (MAX = 255).
     """
-    ref, tst = _pair(reference, test)
+    ref, tst = np.asarray(reference), np.asarray(test)
+    if ref.shape != tst.shape:
+        raise ValueError(f"shape mismatch: reference {ref.shape} vs test {tst.shape}")
     dr = _data_range(ref, data_range)
-    mse = float(np.mean((ref - tst) ** 2))
+    # the difference in float64 without a float64 copy of each image (the same numbers as converting first)
+    d = np.subtract(ref, tst, dtype=np.float64)
+    np.square(d, out=d)
+    mse = float(np.mean(d))
     if mse == 0.0:
         return math.inf
     return 10.0 * math.log10(dr * dr / mse)
@@ -61,24 +60,68 @@ def ssim(
     reflect boundary, and the mean taken after cropping half a window from every border
     (axes too short to crop are kept whole).
     """
-    ref, tst = _pair(reference, test)
+    return ssim_many(reference, [test], data_range, sigma)[0]
+
+
+def ssim_many(
+    reference: np.ndarray,
+    tests: list[np.ndarray],
+    data_range: float | None = None,
+    sigma: float = 1.5,
+) -> list[float]:
+    """:func:`ssim` of each of ``tests`` against one ``reference``, whose local means and variances
+    are filtered once. The same numbers as ``ssim`` one by one, faster: each separable pass keeps only
+    the voxels the cropped mean needs (a pass along one axis does not mix voxels along the others),
+    the independent filters run on threads, and the per-voxel terms are formed in place (a 100x512x512 pair: 22.6 s of compare's 45 s before)."""
+    ref = np.asarray(reference, dtype=np.float64)
     dr = _data_range(ref, data_range)
     c1 = (0.01 * dr) ** 2
     c2 = (0.03 * dr) ** 2
     truncate = 3.5
-
-    def filt(a: np.ndarray) -> np.ndarray:
-        return ndimage.gaussian_filter(a, sigma=sigma, truncate=truncate, mode="reflect")
-
-    ux, uy = filt(ref), filt(tst)
-    vx = filt(ref * ref) - ux * ux
-    vy = filt(tst * tst) - uy * uy
-    vxy = filt(ref * tst) - ux * uy
-    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
     win = 2 * int(truncate * sigma + 0.5) + 1
     pad = (win - 1) // 2
-    crop = tuple(slice(pad, n - pad) if n > 2 * pad else slice(None) for n in s.shape)
-    return float(s[crop].mean(dtype=np.float64))
+    crop = [slice(pad, n - pad) if n > 2 * pad else slice(None) for n in ref.shape]
+
+    def filt(a: np.ndarray) -> np.ndarray:
+        # scipy's gaussian_filter is these 1D passes in axis order; each output is cropped after its pass
+        for axis in range(a.ndim):
+            a = ndimage.gaussian_filter1d(a, sigma, axis=axis, truncate=truncate, mode="reflect")
+            a = a[(slice(None),) * axis + (crop[axis],)]
+        return a
+
+    def filt_all(*arrays: np.ndarray) -> list[np.ndarray]:
+        # independent filters on threads: scipy's 1D passes release the GIL (the same numbers, sooner)
+        with ThreadPoolExecutor(max_workers=max(1, min(len(arrays), os.cpu_count() or 1))) as pool:
+            return list(pool.map(filt, arrays))
+
+    ux, vx = filt_all(ref, ref * ref)
+    vx -= ux * ux
+    out = []
+    for test in tests:
+        tst = np.asarray(test, dtype=np.float64)
+        if tst.shape != ref.shape:
+            raise ValueError(f"shape mismatch: reference {ref.shape} vs test {tst.shape}")
+        uy, vy, vxy = filt_all(tst, tst * tst, ref * tst)
+        del tst
+        vy -= uy * uy
+        vxy -= ux * uy
+        num = ux * uy
+        num *= 2  # exact: the same as 2 * ux * uy
+        num += c1
+        vxy *= 2
+        vxy += c2
+        num *= vxy
+        del vxy
+        den = ux * ux
+        uy *= uy
+        den += uy
+        den += c1
+        vy += vx  # vx + vy + c2, in that order
+        vy += c2
+        den *= vy
+        num /= den
+        out.append(float(num.mean(dtype=np.float64)))
+    return out
 
 
 def _fwhm_at(profile: np.ndarray, peak: int) -> float:

@@ -67,6 +67,19 @@ def storage(text: str | None) -> dict | None:
     return value
 
 
+def back_projection(text: str):
+    """``--back-projection``'s value: "auto" or a whole number of iterations, 0 or more."""
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"'{text}': choose auto or a whole number of iterations, 0 or more")
+    return n
+
+
 def psf(values: tuple[float, ...] | None):
     """One value means every axis; negative widths are refused here, before any training."""
     if values is None:
@@ -218,6 +231,19 @@ class TrainOptions:
             "(each halving halves the network's cost)",
         ),
     )
+    back_projection: int | str = option(
+        "auto",
+        "the network stages' and the closing back-projection iterations: auto (the check's choice) or a number >= 0",
+        flag(
+            "--back-projection",
+            commands=_TRAIN_RUN,
+            type=back_projection,
+            default="auto",
+            help="back-projection iterations of the network stages and the closing one: the held-aside check's "
+            "choice (auto; none on noisy inputs), or a number, 0 or more, used whatever the check says (its "
+            "scores are printed beside it)",
+        ),
+    )
     axial: str = option(
         "3d",
         "z-only factors: 3d (the cross-scale 3D network) or lateral (a 2D network learnt from the lateral planes)",
@@ -304,6 +330,7 @@ RUN_TRAINING = (
     "ensemble",
     "axial",
     "z_spacing",
+    "back_projection",
 )
 
 

@@ -124,6 +124,14 @@ class FitOptions:
         },
     )
     ensemble: int | str = field(default="auto", metadata={"help": "auto (the check's choice) or 1, 4, 8 variants"})
+    back_projection: int | str = field(
+        default="auto",
+        metadata={
+            "help": "the network stages' and the closing back-projection iterations: auto (the held-aside check's "
+            "choice; none on noisy inputs) or a number, 0 or more, used whatever the check says (it still runs "
+            "and is recorded)"
+        },
+    )
     axial: str = field(
         default="3d",
         metadata={
@@ -172,6 +180,7 @@ class FitRequest:
     checkpoints: Checkpoints | None
     axial: str = "3d"
     z_spacing: float | None = None
+    back_projection: int | None = None  # None: the check's choice (and none on noisy inputs)
 
 
 def fit_request(volume: np.ndarray, factor: int | tuple[int, ...] | str, opts: FitOptions) -> FitRequest:
@@ -184,6 +193,7 @@ def fit_request(volume: np.ndarray, factor: int | tuple[int, ...] | str, opts: F
         raise ValueError(f"seed {opts.seed}: use a whole number from 0 to 2^63 - 1")
     check_workable(volume)
     operator, forced_size = check_choice(opts.operator, opts.ensemble)
+    forced_bp = check_back_projection(opts.back_projection)
     factors = parse_factors(factor, volume.ndim)
     cfg = copy.deepcopy(opts.config) if opts.config is not None else TrainConfig()
     cfg.seed, cfg.quiet = opts.seed, opts.quiet
@@ -198,6 +208,11 @@ def fit_request(volume: np.ndarray, factor: int | tuple[int, ...] | str, opts: F
         raise ValueError(f"psf_fwhm {tuple(psf_fwhm)} needs {volume.ndim} non-negative widths (one per spatial axis)")
     ckpt = opts.checkpoint_dir
     check_axial(opts.axial, opts.z_spacing, factors)
+    if forced_bp is not None and opts.axial == "lateral":
+        raise ValueError(
+            f"back_projection {opts.back_projection!r}: axial lateral chooses its stage's back-projection on its own "
+            "held-aside planes; use back_projection auto with it"
+        )
     return FitRequest(
         factors=factors,
         cfg=cfg,
@@ -215,7 +230,24 @@ def fit_request(volume: np.ndarray, factor: int | tuple[int, ...] | str, opts: F
         checkpoints=ckpt if ckpt is None or isinstance(ckpt, Checkpoints) else Checkpoints(ckpt),
         axial=opts.axial,
         z_spacing=None if opts.z_spacing is None else float(opts.z_spacing),
+        back_projection=forced_bp,
     )
+
+
+def check_back_projection(value: int | str) -> int | None:
+    """``back_projection`` as iterations, or None for the check's choice ("auto"); a one-line ValueError
+    for anything else (a number below 0, a fraction, a word)."""
+    if isinstance(value, str) and value.strip() == "auto":
+        return None
+    n = None
+    if not isinstance(value, bool):
+        try:
+            n = int(value) if isinstance(value, str) or float(value) == int(value) else None
+        except (TypeError, ValueError, OverflowError):
+            n = None
+    if n is None or n < 0:
+        raise ValueError(f"back_projection {value!r}: choose auto or a whole number of iterations, 0 or more")
+    return n
 
 
 AXIAL = ("3d", "lateral")

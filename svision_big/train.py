@@ -301,6 +301,8 @@ def train_stages(
         )
         if nm is not None:  # noisy: none, whatever the (biased) check says, see NOISY_BP
             bp = NOISY_BP
+        if req.back_projection is not None:  # the user's number (--back-projection), whatever the check says
+            bp = req.back_projection
         report.update(
             bp_iters=bp,
             bp_val_mse=scores,
@@ -311,7 +313,7 @@ def train_stages(
         if not req.quiet:
             decision(
                 f"stage {i + 1}: factors {sf}, val loss {report['val_loss']:.3g}, "
-                f"back-projection {bp} iterations{' (noisy data: none)' if nm else ''} (val mse {scores}), "
+                f"back-projection {bp} iterations{_bp_why(req, nm)} (val mse {scores}), "
                 f"noise matching {'on' if nm else 'off'}, {report['seconds']:.0f} s",
                 "stage",
                 stage=i + 1,
@@ -327,17 +329,28 @@ def train_stages(
     return stages, ops
 
 
+def _bp_why(req: FitRequest, nm) -> str:
+    """Why a stage's back-projection is what it is, where the check did not choose it."""
+    if req.back_projection is not None:
+        return " (--back-projection)"
+    return " (noisy data: none)" if nm else ""
+
+
 def closing_projection(
     ops: list[StageOp], norm: Normalisation, full: Degradation, v_check: np.ndarray, req: FitRequest
 ) -> tuple[Degradation | None, int, dict]:
     """(degradation, iterations, check scores) of the closing full-factor back-projection: only for
     several stages on a clean input (never back-project onto a noisy input, NOISY_BP)."""
-    if len(ops) < 2 or full.noise is not None:
+    forced = req.back_projection
+    if len(ops) < 2 or (full.noise is not None and forced is None):
         return None, 0, {}
     iters, scores = choose_final_bp(ops, norm, full, v_check, req.cfg)
+    if forced is not None:  # the check ran and is recorded; the user's number is used
+        iters = forced
     if not req.quiet:
+        why = " (--back-projection: the check's scores are beside it)" if forced is not None else ""
         decision(
-            f"closing x{'x'.join(map(str, req.factors))} back-projection: {iters} iterations (val mse {scores})",
+            f"closing x{'x'.join(map(str, req.factors))} back-projection: {iters} iterations{why} (val mse {scores})",
             "closing back-projection",
             bp_iters=iters,
         )
@@ -363,6 +376,11 @@ def trained_model(
         info={
             "seed": req.seed,
             "final_bp_val_mse": final[2],
+            "back_projection": {  # what the network stages and the closing projection use, and who chose it
+                "chosen": "auto" if req.back_projection is None else req.back_projection,
+                "stages": [s.bp_iters for s in stages],
+                "closing": final[1] if final[0] is not None else None,
+            },
             "train_shape": list(v.shape),
             "steps": req.cfg.steps,
             "acquisition": {
@@ -398,8 +416,8 @@ def fit(volume: np.ndarray, factor: int | tuple[int, ...] | str = 2, **options: 
 
     The options are ``FitOptions``' fields (each with its meaning there): ``steps``, ``seed``,
     ``psf_fwhm``, ``noise``, ``quiet``, ``acquisition``, ``denoise``, ``max_train_voxels``,
-    ``max_stage2_voxels``, ``config``, ``norm``, ``operator``, ``ensemble``, ``checkpoint_dir``, ``axial``,
-    ``z_spacing``.
+    ``max_stage2_voxels``, ``config``, ``norm``, ``operator``, ``ensemble``, ``back_projection``,
+    ``checkpoint_dir``, ``axial``, ``z_spacing``.
     The recipe is a row of named decisions, each recorded in ``model.info``: the noise
     (``noisecheck.decide_noise``: a denoised input gets the filter, then the better cubic), the
     acquisition and blur (``decide_acquisition``), the stages (``train_stages``), the closing

@@ -461,6 +461,53 @@ def test_compare_without_two_close_objects_says_so_in_the_figure(tmp_path, monke
     assert any("self-consistency PSNR (not a quality score)" in t for t in titles), titles
 
 
+def test_compare_inset_is_where_the_result_differs_from_cubic_and_progress_is_shown(tmp_path, capsys):
+    """Issue 28.2: a zoomed inset where the result and the baseline differ most, its region outlined
+    on the full slices; and compare's slow phases on a progress line (minutes passed with no sign of
+    life), silenced by quiet, JSON under --progress json."""
+    pytest.importorskip("matplotlib")
+    from svision_big import progress
+    from svision_big.cli import main as cli_main
+    from svision_big.compare import compare
+
+    rng = np.random.default_rng(4)
+    x = ndimage.gaussian_filter(rng.random((12, 48, 48)), 1.0).astype(np.float32) * 100
+    inp = write_ome_zarr(x, str(tmp_path / "in.ome.zarr"))
+    cub = resize(torch.from_numpy(x.astype(np.float64))[None, None], (2, 2, 2), up=True)[0, 0].numpy()
+    y = cub.astype(np.float32)
+    region = (slice(14, 16), slice(60, 64), slice(20, 24))  # the only place the result is not cubic
+    y[region] += 30.0
+    res = write_ome_zarr(y, str(tmp_path / "res.ome.zarr"))
+    png = str(tmp_path / "f.png")
+    rep = compare(res, inp, out_png=png, quiet=False)
+    inset = rep["figure"]["inset"]
+    (y0, y1), (x0, x1) = inset["box"]
+    assert y1 - y0 == 32 and x1 - x0 == 32
+    assert 14 <= inset["z"] < 16 and y0 <= 60 and 64 <= y1 and x0 <= 20 and 24 <= x1, inset
+    assert json.load(open(tmp_path / "f.json"))["figure"]["inset"] == inset
+    assert os.path.getsize(png) > 20_000
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("compare: 0/6 step") and "phase=read the region" in err[0], err
+    assert err[-1].startswith("compare: 6/6 step (100%)") and err[-1].endswith("phase=done"), err
+    assert len([e for e in err if "6/6" in e]) == 1  # the closing line once
+    compare(res, inp, out_png=None, quiet=True)
+    assert capsys.readouterr().err == ""
+    saved = dict(progress._SETTINGS)
+    try:
+        progress.configure("json")
+        compare(res, inp, out_png=None, quiet=False)
+    finally:
+        progress._SETTINGS.update(saved)
+    records = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert records[-1]["label"] == "compare" and records[-1]["done"] == records[-1]["total"] == 5
+    # the CLI: --quiet silences both the lines and the table; --progress json reaches compare
+    assert cli_main(["compare", res, inp, "--png", str(tmp_path / "c.png"), "--quiet"]) == 0
+    out = capsys.readouterr()
+    assert out.err == "" and out.out == ""
+    assert cli_main(["compare", res, inp, "--png", str(tmp_path / "c.png"), "--progress", "json"]) == 0
+    assert json.loads(capsys.readouterr().err.splitlines()[-1])["phase"] == "done"
+
+
 def test_compare_self_consistency(tmp_path):
     pytest.importorskip("matplotlib")
     from svision_big.compare import compare

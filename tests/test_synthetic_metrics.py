@@ -55,6 +55,45 @@ def ndimage_smooth(a: np.ndarray) -> np.ndarray:
     return ndimage.gaussian_filter(a, 1.0)
 
 
+def _ssim_before(reference, test, data_range, sigma=1.5):
+    """SSIM as metrics.ssim computed it before issue 28.2 made it faster: five whole-volume filters per pair."""
+    from scipy import ndimage
+
+    ref, tst = np.asarray(reference, np.float64), np.asarray(test, np.float64)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+
+    def filt(a):
+        return ndimage.gaussian_filter(a, sigma=sigma, truncate=3.5, mode="reflect")
+
+    ux, uy = filt(ref), filt(tst)
+    vx, vy, vxy = filt(ref * ref) - ux * ux, filt(tst * tst) - uy * uy, filt(ref * tst) - ux * uy
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    pad = int(3.5 * sigma + 0.5)
+    return float(s[tuple(slice(pad, n - pad) if n > 2 * pad else slice(None) for n in s.shape)].mean(dtype=np.float64))
+
+
+@pytest.mark.parametrize("shape", [(16, 40, 36), (3, 30, 70), (48, 40), (5, 7, 9)])
+def test_ssim_is_the_value_it_was_before_it_was_made_faster(shape):
+    """Issue 28.2: SSIM was 11 s of compare's 16.6 s CPU. It now filters the reference once for
+    several tests, crops after each separable pass and runs independent filters on threads; the value
+    is the old implementation's to rounding (1e-12 here; the brief allowed 1e-6)."""
+    rng = np.random.default_rng(3)
+    ref = (rng.random(shape) * 255).astype(np.float32)
+    tests = [ref + rng.normal(0, 6, shape).astype(np.float32), np.minimum(1.2 * ref, 255).astype(np.float32), ref]
+    many = metrics.ssim_many(ref, tests, 255.0)
+    for t, m in zip(tests, many):
+        assert m == ssim(ref, t, 255.0)
+        assert abs(m - _ssim_before(ref, t, 255.0)) < 1e-12
+        assert psnr(ref, t, 255.0) == pytest.approx(
+            10 * math.log10(255.0**2 / np.mean((ref.astype(np.float64) - t.astype(np.float64)) ** 2))
+            if not np.array_equal(ref, t)
+            else math.inf,
+            rel=1e-15,
+        )
+    with pytest.raises(ValueError, match="shape mismatch"):
+        metrics.ssim_many(ref, [ref[:-1]])
+
+
 @pytest.mark.parametrize("shape", [(14, 20, 22), (30, 27)])
 def test_ssim_matches_skimage(shape):
     skm = pytest.importorskip("skimage.metrics")

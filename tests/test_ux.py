@@ -559,7 +559,10 @@ def test_operator_and_ensemble_flags_force_the_choice_the_check_would_make_and_s
     assert rc == 0, err
     summary = [line for line in out if line.startswith("result: ")]
     assert summary and "trained operator, ensemble 4 (--operator network" in summary[-1]
-    assert "(--operator auto lets the held-aside check choose)" in summary[-1]
+    assert (
+        "(--operator auto lets the held-aside check choose; --back-projection N sets the network's back-projection "
+        "iterations (the check chose " in summary[-1]
+    )
     m = svb.load_model(str(tmp_path / "m.svb"))
     assert m.info["baseline"]["operator"] == "network" and m.stages[-1].ensemble == 4
     rc, out, err = _cli(["train", src, "-o", str(tmp_path / "m2.svb"), "--factor", "2", "--ensemble", "2"], capsys)
@@ -575,6 +578,73 @@ def test_operator_and_ensemble_flags_force_the_choice_the_check_would_make_and_s
     assert tuple(choices["operator"]) == OPERATORS
     assert sorted(choices["ensemble"]) == sorted(["auto", *map(str, ENSEMBLES)])
     assert sorted(choices["acquisition"]) == sorted(["auto", *ACQUISITIONS])
+
+
+def test_back_projection_flag_forces_the_iterations_the_check_would_choose_and_says_so(tmp_path, capsys, monkeypatch):
+    """Issue 28.1: back-projection was the one automatic choice with no switch. back_projection=N
+    (--back-projection N, train and run) sets the network stages' and the closing iterations; the
+    check still runs and its scores are recorded; auto keeps the check's choice (on this volume, 10
+    for every stage and the closing one, measured when this test was written); bad values are one line."""
+    import svision_big as svb
+    from svision_big import synthetic
+    from svision_big.harmcheck import summary
+
+    vol = synthetic.make_volume("beads", shape_lr=(16, 48, 48), factor=(2, 1, 1), seed=3).observed.astype(np.float32)
+    two = svb.fit(vol, factor=(4, 1, 1), steps=3, seed=0, quiet=True, operator="network", back_projection=2)
+    assert [s.bp_iters for s in two.stages] == [2, 2] and two.final is not None and two.final_bp_iters == 2
+    assert two.info["back_projection"] == {"chosen": 2, "stages": [2, 2], "closing": 2}
+    assert all(set(s.report["bp_val_mse"]) == {"0", "1", "2", "5", "10"} for s in two.stages)  # the check ran
+    assert set(two.info["final_bp_val_mse"]) >= {"0", "2"}
+    text, reverse = summary(two)
+    assert "--back-projection auto lets the check choose the back-projection iterations (now 2/2, closing 2)" in reverse
+
+    # bad values: one line each, before any training
+    for bad in (-1, 1.5, "some", True, "2.0"):
+        with pytest.raises(
+            ValueError, match=r"^back_projection .*: choose auto or a whole number of iterations, 0 or more$"
+        ):
+            svb.fit(vol, factor=2, steps=1, quiet=True, back_projection=bad)
+    with pytest.raises(ValueError, match="axial lateral chooses its stage's back-projection"):
+        svb.fit(vol, factor=(2, 1, 1), steps=1, quiet=True, axial="lateral", back_projection=1)
+
+    # the command line: --back-projection 0 reaches fit, and the summary names the flag
+    from svision_big.convert import write_ome_zarr
+
+    src = str(write_ome_zarr((vol * 1000).astype(np.uint16), str(tmp_path / "in.ome.zarr")))
+    argv = ["train", src, "-o", str(tmp_path / "m.svb"), "--factor", "2,1,1", "--steps", "3", "--operator", "network"]
+    rc, out, err = _cli([*argv, "--back-projection", "0"], capsys)
+    assert rc == 0, err
+    m = svb.load_model(str(tmp_path / "m.svb"))
+    assert [s.bp_iters for s in m.stages] == [0] and m.info["back_projection"]["chosen"] == 0
+    assert any(
+        line.startswith("stage 1:") and "back-projection 0 iterations (--back-projection)" in line for line in out
+    )
+    assert "--back-projection auto lets the check choose" in [line for line in out if line.startswith("result: ")][-1]
+    rc, out, err = _cli([*argv, "--back-projection", "-1", "--overwrite"], capsys)
+    assert rc == 2 and "--back-projection: '-1': choose auto or a whole number of iterations, 0 or more" in err[-1]
+    # run: the flag reaches train, and a forced number is part of the run's fingerprint (auto keeps older keys)
+    from svision_big.pipeline import running
+
+    seen = {}
+
+    def channel_model(fs, root, i, f, c, kw):  # what run hands to train, then stop (no training, no enhance)
+        seen.update(kw)
+        raise RuntimeError("stopped before training")
+
+    monkeypatch.setattr(running, "_channel_model", channel_model)
+    rc, out, err = _cli(
+        ["run", src, str(tmp_path / "out.ome.zarr"), "--factor", "2,1,1", "--back-projection", "3"], capsys
+    )
+    assert rc == 2 and "stopped before training" in err[-1], err
+    assert seen["back_projection"] == 3
+    from svision_big.ngff import open_image
+    from svision_big.options import TrainOptions
+
+    img = open_image(src)
+    key_auto, ident = running._run_identity(src, "2,1,1", img, TrainOptions())
+    key_3, ident_3 = running._run_identity(src, "2,1,1", img, TrainOptions(back_projection=3))
+    assert key_auto != key_3 and ident["back_projection"] == "auto" and ident_3["back_projection"] == "3"
+    assert key_auto == running._run_identity(src, "2,1,1", img, TrainOptions(back_projection="auto"))[0]
 
 
 # --------------------------------------------------------------------------- interrupted training (issue 28.4)

@@ -18,7 +18,7 @@ from ..ngff import Image, NgffError, format_for, open_image, store_exists
 from ..noisecheck import denoise_mode
 from ..options import RUN_TRAINING, EnhanceSettings, TrainOptions, defaults, signature
 from ..progress import decision
-from ..settings import parse_factors
+from ..settings import check_back_projection, parse_factors
 from ..state import OutputState
 from ..store import location
 from .enhancing import enhance_with
@@ -43,6 +43,7 @@ def run(input: str | os.PathLike, output: str | os.PathLike, factor, **kwargs) -
     _check_training_args(t.steps, t.budget, t.seed)
     denoise_mode(t.denoise)
     check_choice(t.operator, t.ensemble)
+    check_back_projection(t.back_projection)
     s = _check_request(input, output, EnhanceSettings(progress=not t.quiet, **kwargs))
     image = _check_run_input(input, output, factor, t.budget, s)
     cax = _channel_axis(image)
@@ -89,6 +90,7 @@ def run(input: str | os.PathLike, output: str | os.PathLike, factor, **kwargs) -
 
 _RUN_KEYWORDS = ("steps", "seed", "channel", "budget", "storage_options", "output_storage_options", "quiet")
 _RUN_KEYWORDS += ("overwrite", "acquisition", "psf_fwhm", "denoise", "operator", "ensemble", "axial", "z_spacing")
+_RUN_KEYWORDS += ("back_projection",)
 run.__signature__ = signature(
     ("input", "output", "factor"),
     {n: {**defaults(TrainOptions), **defaults(EnhanceSettings)}[n] for n in _RUN_KEYWORDS},
@@ -109,7 +111,12 @@ def _run_identity(input: str, factor, image: Image, t: TrainOptions) -> tuple[st
         "acquisition": t.acquisition,
         "psf_fwhm": None if t.psf_fwhm is None else list(np.atleast_1d(t.psf_fwhm)),
     }
-    choices = {"denoise": t.denoise, "operator": t.operator, "ensemble": str(t.ensemble)}
+    choices = {
+        "denoise": t.denoise,
+        "operator": t.operator,
+        "ensemble": str(t.ensemble),
+        "back_projection": str(t.back_projection),
+    }
     if t.axial != "3d":  # absent at its default: older keys hold
         choices.update(axial=t.axial, z_spacing=t.z_spacing)
     key = _fingerprint({**run_identity, **{k: c for k, c in choices.items() if c != "auto"}})  # "auto": older keys

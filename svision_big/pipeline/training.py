@@ -15,7 +15,7 @@ from ..noisecheck import denoise_mode
 from ..options import DEFAULT_TRAIN_VOXELS, TRAIN_POSITIONAL, TrainOptions, defaults, keywords, signature
 from ..plan import on_axes
 from ..progress import decision
-from ..settings import parse_factors
+from ..settings import check_back_projection, parse_factors
 from ..train import fit
 from .layout import _channel_axis, _outer_selection, stored_order
 from .request import _check_nonfinite, _check_training_args
@@ -78,6 +78,7 @@ def train(input: str | os.PathLike, factor, *args, **options) -> Model:
     _check_nonfinite(o.nonfinite)
     denoise_mode(o.denoise)
     check_choice(o.operator, o.ensemble)
+    check_back_projection(o.back_projection)
     image = open_image(input, o.storage_options)
     spatial = image.spatial_axes
     if len(spatial) not in (2, 3):
@@ -112,6 +113,7 @@ def train(input: str | os.PathLike, factor, *args, **options) -> Model:
         denoise=o.denoise,
         operator=o.operator,
         ensemble=o.ensemble,
+        back_projection=o.back_projection,
         checkpoint_dir=o.checkpoint_dir,
         axial=o.axial,
         z_spacing=o.z_spacing if o.z_spacing is not None or o.axial != "lateral" else z_spacing(image, factor),

@@ -315,7 +315,7 @@ def fit_lateral(v: np.ndarray, req, norm, noise, t_start: float):
     safe = safe_baseline(scores, ["cubic", "B-spline"], "B-spline")
     best = min(scores[f"ensemble {e}"] for e in CHECK_ENSEMBLES)
     size = req.ensemble or min(e for e in CHECK_ENSEMBLES if scores[f"ensemble {e}"] <= best * 1.005)
-    bp = bps.get(size, 0)
+    bp = bps.get(size, 0) if req.back_projection is None else req.back_projection  # --back-projection N forces it
     wins = scores[f"ensemble {size}"] < scores[safe] * (1.0 - WIN_MARGIN)
     forced = req.operator == "network"
     deg3 = Degradation(req.factors, None, noise_t, am.acquisition)

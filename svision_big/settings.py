@@ -208,11 +208,6 @@ def fit_request(volume: np.ndarray, factor: int | tuple[int, ...] | str, opts: F
         raise ValueError(f"psf_fwhm {tuple(psf_fwhm)} needs {volume.ndim} non-negative widths (one per spatial axis)")
     ckpt = opts.checkpoint_dir
     check_axial(opts.axial, opts.z_spacing, factors)
-    if forced_bp is not None and opts.axial == "lateral":
-        raise ValueError(
-            f"back_projection {opts.back_projection!r}: axial lateral chooses its stage's back-projection on its own "
-            "held-aside planes; use back_projection auto with it"
-        )
     return FitRequest(
         factors=factors,
         cfg=cfg,

@@ -604,8 +604,8 @@ def test_back_projection_flag_forces_the_iterations_the_check_would_choose_and_s
             ValueError, match=r"^back_projection .*: choose auto or a whole number of iterations, 0 or more$"
         ):
             svb.fit(vol, factor=2, steps=1, quiet=True, back_projection=bad)
-    with pytest.raises(ValueError, match="axial lateral chooses its stage's back-projection"):
-        svb.fit(vol, factor=(2, 1, 1), steps=1, quiet=True, axial="lateral", back_projection=1)
+    lat = svb.fit(vol, factor=(2, 1, 1), steps=3, quiet=True, axial="lateral", operator="network", back_projection=1)
+    assert [s.kind for s in lat.stages] == ["lateral"] and lat.stages[0].bp_iters == 1  # the lateral stage too
 
     # the command line: --back-projection 0 reaches fit, and the summary names the flag
     from svision_big.convert import write_ome_zarr

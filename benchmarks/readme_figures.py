@@ -2,7 +2,7 @@
 
 Every number README.md states about quality and the demo is written here from the JSON a benchmark
 left in ``benchmarks/results/``, with the command that made it, so a figure cannot drift from its
-measurement: ``tests/test_ux.py::test_readme_states_the_figures_of_the_benchmark_json`` fails when
+measurement: ``tests/test_docs.py::test_readme_states_the_figures_of_the_benchmark_json`` fails when
 README.md no longer says what the JSON says.
 
     python benchmarks/readme_figures.py            # each figure, its JSON and its command

@@ -135,32 +135,16 @@ class NetworkStage(Stage):
 
 
 @dataclass
-class LateralStage(Stage):
+class LateralStage(NetworkStage):
     """The z-only stage learnt from lateral planes (``lateral.fit_lateral``): its 2D network runs as a
-    3D net whose kernels are flat along one lateral axis (``lateral.embed``)."""
+    3D net whose kernels are flat along one lateral axis (``lateral.embed``), recorded as a network is,
+    with its own kind. Its ensemble flips z too: the 2D net trained on pairs flipped along both its axes."""
 
     kind: ClassVar[str] = "lateral"
-    net: SVNet
-    degradation: Degradation
-    bp_iters: int
-    report: dict = field(default_factory=dict)
-    ensemble: int | bool = 4
 
     @property
     def label(self) -> str:
         return f"lateral stage x{self.net.config.factors[0]} in z"
-
-    def record(self) -> StageRecord:
-        return StageRecord(
-            self.net.config,
-            self.net.state_dict(),
-            self.degradation,
-            self.bp_iters,
-            self.ensemble,
-            self.report,
-            self.kind,
-            True,  # z flips: the 2D net trained on pairs flipped along both of its axes
-        )
 
 
 def leading_denoisers(stages: list[StageRecord]) -> int:

@@ -21,7 +21,8 @@ def _figures_module():
 def test_readme_states_the_figures_of_the_benchmark_json():
     mod = _figures_module()
     figs = mod.figures()
-    assert {f.source for f in figs} == {"benchmarks/results/demo.json", "benchmarks/results/quality.json"}
+    names = ("demo", "quality", "quality_anisotropic", "quality_anisotropic_lateral")
+    assert {f.source for f in figs} == {f"benchmarks/results/{n}.json" for n in names}
     gone = mod.missing()
     assert not gone, "README.md does not state: " + "; ".join(f"{f.text!r} ({f.source})" for f in gone)
 

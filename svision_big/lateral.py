@@ -315,18 +315,21 @@ def fit_lateral(v: np.ndarray, req, norm, noise, t_start: float):
     safe = safe_baseline(scores, ["cubic", "B-spline"], "B-spline")
     best = min(scores[f"ensemble {e}"] for e in CHECK_ENSEMBLES)
     size = req.ensemble or min(e for e in CHECK_ENSEMBLES if scores[f"ensemble {e}"] <= best * 1.005)
-    bp = bps.get(size, 0) if req.back_projection is None else req.back_projection  # --back-projection N forces it
-    wins = scores[f"ensemble {size}"] < scores[safe] * (1.0 - WIN_MARGIN)
-    forced = req.operator == "network"
+    checked = min(size, max(CHECK_ENSEMBLES))  # the 2D check has 4 variants at most: --ensemble 8 is scored as 4
+    bp = bps[checked] if req.back_projection is None else req.back_projection  # --back-projection N forces it
+    wins = scores[f"ensemble {checked}"] < scores[safe] * (1.0 - WIN_MARGIN)
+    forced = req.operator != "auto"  # network or baseline (projected is refused by fit_request)
+    keep = req.operator == "network" or (wins and req.operator != "baseline")
     deg3 = Degradation(req.factors, None, noise_t, am.acquisition)
     report.update(axial=am.record(), bp_iters=bp)
-    if wins or forced:
+    if keep:
         stage = LateralStage(embed(net2d), deg3, bp, report, size).record()
-        verdict = f"lateral stage x{f} in z, ensemble {size}" + (" (--operator network)" if forced and not wins else "")
+        verdict = f"lateral stage x{f} in z, ensemble {size}" + (" (--operator network)" if forced else "")
     else:
         interp = {"B-spline": "bspline", "cubic": "keys"}[safe]
         stage = BaselineStage(req.factors, interp, 0, noise_t, am.acquisition, [report]).record()
-        verdict = f"{safe} upsampling: the lateral stage did not beat it on held-aside lateral planes"
+        why = "(--operator baseline)" if forced else ": the lateral stage did not beat it on held-aside lateral planes"
+        verdict = f"{safe} upsampling{' ' if forced else ''}{why}"
     verdict = ("denoised, then " if lead else "") + verdict
     model = Model(stages=[*lead, stage], norm=norm, factors=req.factors)
     model.info = {
@@ -344,10 +347,10 @@ def fit_lateral(v: np.ndarray, req, norm, noise, t_start: float):
         "denoiser": bool(lead),
         "denoise_check": noise.report or None,
         "baseline": {
-            "used": not (wins or forced),
+            "used": not keep,
             "verdict": verdict,
             "safe": ("denoised " if lead else "") + safe,
-            "ensemble": size if (wins or forced) else 1,
+            "ensemble": size if keep else 1,
             "back_projection": 0,  # a projected baseline: never here (the stage's own iterations: its report)
             "scores": scores,
             "checks": "held-aside lateral planes",

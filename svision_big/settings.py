@@ -208,6 +208,11 @@ def fit_request(volume: np.ndarray, factor: int | tuple[int, ...] | str, opts: F
         raise ValueError(f"psf_fwhm {tuple(psf_fwhm)} needs {volume.ndim} non-negative widths (one per spatial axis)")
     ckpt = opts.checkpoint_dir
     check_axial(opts.axial, opts.z_spacing, factors)
+    if opts.axial == "lateral" and operator == "projected":
+        raise ValueError(
+            "operator projected is not offered with axial lateral (its check weighs the lateral stage against the "
+            "plain cubics): use auto, network or baseline"
+        )
     return FitRequest(
         factors=factors,
         cfg=cfg,

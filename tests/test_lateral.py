@@ -119,3 +119,19 @@ def test_a_denoised_input_gets_the_denoiser_then_the_lateral_stage_in_blocks(tmp
     assert [s.kind for s in model.stages][0] == "denoiser" and model.stages[1].kind in ("lateral", "baseline")
     assert model.info["denoiser"] and model.info["baseline"]["verdict"].startswith("denoised, then ")
     assert _blockwise_error(model, lr, tmp_path) <= 1e-5
+
+
+def test_operator_and_ensemble_choices_reach_the_lateral_stage():
+    """--operator baseline gives the better cubic whatever the check says, network the lateral stage,
+    --ensemble 8 is kept (scored by the 2D check as 4), and projected is refused in one line."""
+    acq = synthetic.make_volume("filaments", shape_lr=(16, 48, 48), factor=(2, 1, 1), seed=7)
+    lr = acq.observed.astype(np.float32)
+    base = svb.fit(lr, factor=(2, 1, 1), steps=5, quiet=True, axial="lateral", operator="baseline")
+    assert [s.kind for s in base.stages] == ["baseline"] and base.info["baseline"]["verdict"].endswith(
+        "(--operator baseline)"
+    )
+    net = svb.fit(lr, factor=(2, 1, 1), steps=5, quiet=True, axial="lateral", operator="network", ensemble=8)
+    assert [s.kind for s in net.stages] == ["lateral"] and net.stages[0].ensemble == 8
+    assert net.info["baseline"]["verdict"] == "lateral stage x2 in z, ensemble 8 (--operator network)"
+    with pytest.raises(ValueError, match="^operator projected is not offered with axial lateral"):
+        svb.fit(lr, factor=(2, 1, 1), steps=1, quiet=True, axial="lateral", operator="projected")

@@ -254,13 +254,14 @@ def run(
 
 def speed(factor: int, shape: tuple[int, int, int], repeats: int = 2) -> dict:
     """Output voxels/s of the in-memory operator, one process: the 3D stages at ensemble 8 against the
-    lateral stage (``lateral.LATERAL_NET`` embedded, ensemble 4 and 1), random weights, alternating."""
+    lateral stage (``lateral.LATERAL_NET``, run on planes, ensemble 4 and 1; and at ensemble 4 as the
+    embedded 3D net it is stored as), random weights, alternating."""
     from svision_big import lateral
     from svision_big.degrade import Degradation
     from svision_big.intensity import Normalisation
     from svision_big.model import Model
     from svision_big.network import NetConfig, SVNet
-    from svision_big.stages import LateralStage
+    from svision_big.stages import LateralStage, NetworkStage
     from svision_big.testing import make_model
 
     torch.manual_seed(0)
@@ -271,6 +272,11 @@ def speed(factor: int, shape: tuple[int, int, int], repeats: int = 2) -> dict:
         models[f"lateral, ensemble {e}"] = Model(
             stages=[rec], norm=Normalisation(0.0, 1.0, 0.0), factors=(factor, 1, 1)
         )
+    # the same weights as a plain network stage: the embedded 3D net with its zero taps (before planar inference)
+    rec = NetworkStage(lateral.embed(net2d), Degradation((factor, 1, 1)), 0, {}, 4).record()
+    models["lateral embedded in 3D, ensemble 4"] = Model(
+        stages=[rec], norm=Normalisation(0.0, 1.0, 0.0), factors=(factor, 1, 1)
+    )
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
     best = {k: float("inf") for k in models}
     for m in models.values():

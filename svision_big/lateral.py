@@ -9,9 +9,10 @@ lateral planes in the same way).
 
 The 2D network (an ``SVNet`` with factors (f, 1)) runs along z in the (z, y) and the (z, x) planes
 and the two are averaged. Both orientations are written into one 3D ``SVNet`` whose kernels are flat
-along the other lateral axis (``embed``): the model file, the halo analysis, the ensemble and the
-block pipeline then need nothing new, and chunked output equals whole-volume output as for every
-stage. The flat kernels cost their zeros: this is the price of that reuse (docs/fidelity.md, 3h).
+along the other lateral axis (``embed``): the model file and the halo analysis then need nothing new.
+At inference that net runs as what it is (``PlanarNet``: its two 2D branches over planes), because
+the flat 3D kernels' zero taps cost 4.4x the time (docs/fidelity.md, 3h); the ensemble and the block
+pipeline see the same contract as for every stage.
 """
 
 from __future__ import annotations
@@ -206,6 +207,96 @@ def embed(net2d: SVNet) -> SVNet:
                 b.bias.copy_(torch.cat([a.bias, a.bias]))
     net3.eval()
     return net3
+
+
+PLANE_BATCH_BYTES = 32 << 20  # feature-map bytes per batch of planes at inference (the widest layer's output)
+
+
+def _branch(net3: SVNet, branch: int) -> SVNet:
+    """One branch of an embedded net (``embed``), densified or not, as the 2D net it carries:
+    branch 0 runs along (z, y), 1 along (z, x). The expansion keeps its half weight (the branches'
+    mean is their sum) and only branch 0 its bias, so the two outputs add up to the embedded net's."""
+    c = net3.config
+    cfg = NetConfig(
+        factors=(c.factors[0], 1),
+        features=c.features // 2,
+        shrink=c.shrink // 2,
+        mapping=c.mapping,
+        groups=1,
+        extract_kernel=c.extract_kernel,
+        kernel=c.kernel,
+        residual=False,
+        face=c.face,
+        interpolation=c.interpolation,
+    )
+    net2 = SVNet(cfg)
+    with torch.no_grad():
+        for a, b in zip([*net3.body, net3.expand], [*net2.body, net2.expand]):
+            w = a.weight
+            if isinstance(a, torch.nn.PReLU):
+                half = w.shape[0] // 2
+                b.weight.copy_(w[branch * half : (branch + 1) * half])
+                continue
+            o, i = b.weight.shape[:2]
+            if a is net3.expand:
+                w2, bias = w[:, branch * i : (branch + 1) * i], a.bias * (1 - branch)
+            elif a.weight.shape[1] == 1 and b.weight.shape[1] == 1:  # extraction: both branches read the input
+                w2, bias = w[branch * o : (branch + 1) * o], a.bias[branch * o : (branch + 1) * o]
+            elif a.groups > 1:  # grouped (not densified): this branch's groups, dense
+                g = a.groups // 2
+                per_o, per_i = o // g, w.shape[1]
+                w2 = torch.zeros(o, i, *w.shape[2:], dtype=w.dtype)
+                for k in range(g):
+                    src = w[(branch * g + k) * per_o : (branch * g + k + 1) * per_o]
+                    w2[k * per_o : (k + 1) * per_o, k * per_i : (k + 1) * per_i] = src
+                bias = a.bias[branch * o : (branch + 1) * o]
+            else:  # block-diagonal (shrink, or a densified mapping layer)
+                w2 = w[branch * o : (branch + 1) * o, branch * i : (branch + 1) * i]
+                bias = a.bias[branch * o : (branch + 1) * o]
+            ka = w2.shape[-1]
+            b.weight.copy_(w2[..., ka // 2] if branch == 0 else w2[:, :, :, ka // 2, :])
+            b.bias.copy_(bias)
+    return net2.eval()
+
+
+class PlanarNet(torch.nn.Module):
+    """The embedded net (``embed``) run as what it is: its two 2D branches over the (z, y) and the
+    (z, x) planes, without the zero taps that make its kernels 3D (a k x k 2D kernel held as k x k x k).
+
+    It stands where a 3D ``SVNet`` stands at inference (``model.Model.spec``): the same ``config``
+    (halo, residual interpolation), ``conv_radius`` and ``correction_slabs`` contract (unpadded
+    along halo sides, zero-padded at faces), so ``operator.predict``, the ensemble and the block
+    pipeline are unchanged. Planes go through in batches of about ``PLANE_BATCH_BYTES``."""
+
+    def __init__(self, net3: SVNet):
+        super().__init__()
+        self.config = net3.config
+        self.along_y, self.along_x = _branch(net3, 0), _branch(net3, 1)
+
+    def conv_radius(self) -> int:
+        return self.along_y.conv_radius()
+
+    def _planes(self, net: SVNet, planes: torch.Tensor, faces) -> torch.Tensor:
+        """(P, a, b) planes -> (P, f*a', b') corrections, in batches (each plane on its own)."""
+        per = max(planes[0].numel() * max(net.config.features, net.config.shrink) * planes.element_size(), 1)
+        step = max(1, PLANE_BATCH_BYTES // per)
+        fmt = torch.channels_last
+        out = []
+        for p0 in range(0, planes.shape[0], step):
+            t = planes[p0 : p0 + step, None].contiguous(memory_format=fmt)
+            for _, y in net.correction_slabs(t, faces=faces):
+                out.append(y[:, 0])
+        return torch.cat(out)
+
+    def correction_slabs(self, x: torch.Tensor, slab: int = 8, faces=None):
+        """The embedded net's ``correction_slabs`` on (1, 1, Z, Y, X), in one piece."""
+        faces = tuple(faces) if faces is not None else ((True, True),) * 3
+        r = self.conv_radius()
+        v = x[0, 0]
+        keep = [slice(0 if lo else r, n - (0 if hi else r)) for n, (lo, hi) in zip(v.shape, faces)]
+        a = self._planes(self.along_y, v[:, :, keep[2]].permute(2, 0, 1), faces[:2])  # (X', fZ', Y')
+        b = self._planes(self.along_x, v[:, keep[1], :].permute(1, 0, 2), (faces[0], faces[2]))  # (Y', fZ', X')
+        yield 0, (a.permute(1, 2, 0) + b.permute(1, 0, 2))[None, None]
 
 
 def train_lateral(v: np.ndarray, factor: int, model: AxialModel, cfg) -> tuple[SVNet, SVNet, list, dict]:

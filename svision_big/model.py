@@ -132,7 +132,12 @@ class Model:
             for s in self.stages:
                 net = SVNet(s.config)
                 net.load_state_dict(s.state)
-                net = net.densified().eval().to(device=device, dtype=dtype)
+                net = net.densified()
+                if s.kind == "lateral":  # its 2D branches run on planes, without the embedding's zero taps
+                    from .lateral import PlanarNet
+
+                    net = PlanarNet(net)
+                net = net.eval().to(device=device, dtype=dtype)
                 for p in net.parameters():
                     p.requires_grad_(False)
                 ops.append(StageOp(net, s.degradation, s.bp_iters, s.ensemble, s.zflip))

@@ -398,6 +398,35 @@ def test_denoising_refused_when_the_noise_model_exceeds_the_blind_error():
     assert not noisecheck.worth_denoising(v, disagree, nm) and not disagree["consistent"]
 
 
+@pytest.mark.parametrize(
+    "sigma,peak,denoised",
+    [(0.6, 300, False), (2.0, 30, True)],
+    ids=["texture-at-the-sampling-scale", "smooth-texture"],
+)
+def test_the_filter_is_refused_where_its_residual_holds_structure(sigma, peak, denoised):
+    """A dense texture as fine as its sampling, under Poisson noise, passes the noise tests, but the blind
+    filter would remove texture with the noise (its residual is far from white, and the filtered input is
+    further from the clean one than the input itself): refused, with the reason. A smooth texture under
+    stronger noise leaves a near-white residual and is denoised (and the filter helps there)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    f = ndimage.gaussian_filter(rng.standard_normal((32, 64, 64)), sigma)
+    f = np.clip((f - np.percentile(f, 1)) / (np.percentile(f, 99.99) - np.percentile(f, 1)), 0, None)
+    x = rng.poisson(f * peak) / peak
+    lo, hi = np.percentile(x, 1), np.percentile(x, 99.99)
+    v, clean = ((x - lo) / (hi - lo)).astype(np.float32), (f - lo) / (hi - lo)
+    dec = noisecheck.decide_noise(v, "auto", "auto", "auto", "cubic", 0, True)
+    white = dec.report["residual_whiteness"]
+    assert (dec.denoiser is not None) == denoised and (dec.refused is not None) != denoised
+    assert (white >= noisecheck.MIN_RESIDUAL_WHITENESS) == denoised
+    w, off = noisecheck.blend_centre(*noisecheck.fit_blind_filter(v, 0)[:2], dict(dec.report))
+    filtered = ndimage.correlate(v.astype(np.float64), w, mode="mirror") + off
+    helps = np.mean((filtered - clean) ** 2) < np.mean((v - clean) ** 2)
+    assert helps == denoised
+    assert ("would remove structure" in noisecheck.denoise_reason(dec.report)) != denoised
+
+
 @pytest.mark.parametrize("factor", [2, 4])
 def test_heavy_tailed_structure_is_not_taken_for_noise(factor):
     """Hard-edged blobs with no PSF, downscaled by the antialiased cubic model, leave edge residuals

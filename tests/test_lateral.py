@@ -41,14 +41,20 @@ def _blockwise_error(model, lr: np.ndarray, tmp_path) -> float:
     return float(np.abs(open_image(str(tmp_path / "o")).level(0)[...] - whole).max()) / float(whole.max())
 
 
-def test_embedded_net_is_the_mean_of_the_2d_net_along_both_lateral_axes():
-    """The 3D net the model file keeps computes exactly the 2D net run on every (z, y) plane and on
-    every (z, x) plane, averaged: random weights, x2 and x4, grouped and dense mapping layers."""
+def _random_2d_nets():
+    """(factor, 2D net with random weights): x2 with grouped mapping layers, x4 with dense ones."""
     for f, groups in ((2, 2), (4, 1)):
         torch.manual_seed(f)
         net2d = SVNet(NetConfig(factors=(f, 1), interpolation="bspline", groups=groups, mapping=2 + groups))
         for p in net2d.parameters():
             p.data.normal_(0.0, 0.3)
+        yield f, net2d
+
+
+def test_embedded_net_is_the_mean_of_the_2d_net_along_both_lateral_axes():
+    """The 3D net the model file keeps computes exactly the 2D net run on every (z, y) plane and on
+    every (z, x) plane, averaged: random weights, x2 and x4, grouped and dense mapping layers."""
+    for f, net2d in _random_2d_nets():
         net3 = lateral.embed(net2d)
         x = torch.rand(1, 1, 9, 14, 11)
         with torch.no_grad():
@@ -65,11 +71,7 @@ def test_planar_inference_equals_the_embedded_net_on_blocks_and_faces():
     from the grouped and from the densified embedding."""
     from svision_big.operator import predict
 
-    for f, groups in ((2, 2), (4, 1)):
-        torch.manual_seed(f)
-        net2d = SVNet(NetConfig(factors=(f, 1), interpolation="bspline", groups=groups, mapping=2 + groups))
-        for p in net2d.parameters():
-            p.data.normal_(0.0, 0.3)
+    for _, net2d in _random_2d_nets():
         net3 = lateral.embed(net2d)
         x = torch.rand(40, 45, 41)
         with torch.no_grad():

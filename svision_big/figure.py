@@ -36,7 +36,10 @@ def busiest_planes(y: np.ndarray, cubic: np.ndarray) -> tuple[int, int]:
     """(z, y) of the lateral and axial planes where the result differs most from cubic upsampling
     (sum of squared differences): where there is something to see. Slices through the middle of
     the profile crossed a saturated soma twice, where both are the same."""
-    d = (np.asarray(y, np.float64) - np.asarray(cubic, np.float64)) ** 2
+    d = np.subtract(
+        y, cubic, dtype=np.float64
+    )  # the same numbers as converting each first, one float64 volume not three
+    np.square(d, out=d)
     if d.ndim == 2:
         return 0, int(np.argmax(d.sum(axis=1)))
     return int(np.argmax(d.sum(axis=(1, 2)))), int(np.argmax(d.sum(axis=(0, 2))))
@@ -120,6 +123,9 @@ def draw_figure(path: str, views: _Views, line: _Line, report: dict, unit: str |
         fontsize=10,
     )
     fig.tight_layout()
+    # tight_layout leaves a placeholder layout engine, for which savefig draws the whole figure once more before
+    # the draw it saves (0.4-0.5 s of text layout here); the layout is done, so none is needed: the same pixels
+    fig.set_layout_engine(None)
     fig.savefig(path)
     plt.close(fig)
 

@@ -539,6 +539,21 @@ def test_compare_self_consistency(tmp_path):
     assert "not its quality" not in format_table({**rep, "mode": "truth"})
 
 
+@pytest.mark.parametrize("shape", [(9, 14, 11), (1, 6, 7), (2, 1, 5), (13, 8), (5,)])
+def test_compare_peak_filter_is_scipys_maximum_filter(shape):
+    """Issue 28: the line profile's 3x3x3 maximum is two shifted np.maximum per axis (0.07 s where scipy took
+    0.3 s on 100x408x408): the same array, ties (integer values) and thin axes included; with NaN, scipy's."""
+    from svision_big.compare import _max3
+
+    rng = np.random.default_rng(6)
+    vol = rng.integers(0, 5, shape).astype(np.float32)  # many ties
+    assert np.array_equal(_max3(vol), ndimage.maximum_filter(vol, size=3, mode="nearest"))
+    noisy = rng.normal(size=shape)
+    assert np.array_equal(_max3(noisy), ndimage.maximum_filter(noisy, size=3, mode="nearest"))
+    noisy.flat[0] = np.nan
+    assert np.array_equal(_max3(noisy), ndimage.maximum_filter(noisy, size=3, mode="nearest"), equal_nan=True)
+
+
 def test_compare_crops_big_volumes(tmp_path):
     from svision_big.compare import compare
 

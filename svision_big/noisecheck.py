@@ -171,6 +171,8 @@ def residual_whiteness(v: np.ndarray, w: np.ndarray, off: float) -> float:
     measured = predicted = 0.0
     for axis in range(r.ndim):
         a = np.moveaxis(r, axis, 0)
+        if a.shape[0] < 2 or a[0].size == 0:  # too thin after the filter's margin: this axis says nothing
+            continue
         a0, a1 = a[:-1] - a[:-1].mean(), a[1:] - a[1:].mean()
         measured += float(np.mean(a0 * a1) / np.sqrt(np.mean(a0 * a0) * np.mean(a1 * a1)))
         g = np.moveaxis(h, axis, 0)

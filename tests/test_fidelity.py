@@ -398,6 +398,29 @@ def test_denoising_refused_when_the_noise_model_exceeds_the_blind_error():
     assert not noisecheck.worth_denoising(v, disagree, nm) and not disagree["consistent"]
 
 
+def test_residual_whiteness_is_one_for_independent_noise_and_lower_for_smooth_structure():
+    """The statistic itself: white noise leaves a residual whose lag-1 autocorrelation is what the filter
+    predicts (ratio 1), whatever the filter; a smooth field leaves one that is not. A filter too broad and
+    weak to predict any correlation says nothing (1)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(1)
+    noise = rng.standard_normal((48, 48, 48))
+    smooth = ndimage.gaussian_filter(rng.standard_normal((48, 48, 48)), 1.5)
+    smooth /= smooth.std()
+    nearest = np.zeros((5, 5, 5))
+    for d in ((1, 2, 2), (3, 2, 2), (2, 1, 2), (2, 3, 2), (2, 2, 1), (2, 2, 3)):
+        nearest[d] = 1 / 6
+    peaked = rng.random((5, 5, 5)) * np.exp(-np.sum((np.indices((5, 5, 5)) - 2.0) ** 2, axis=0))
+    peaked[2, 2, 2] = 0.0
+    for w in (nearest, peaked / peaked.sum(), 0.5 * nearest):  # the last: blended half with the voxel itself
+        assert abs(noisecheck.residual_whiteness(noise, w, 0.0) - 1.0) < 0.05
+        assert noisecheck.residual_whiteness(smooth, w, 0.0) < 0.5
+    broad = np.full((5, 5, 5), 1 / 124.0)  # predicts almost no correlation: nothing can be said
+    broad[2, 2, 2] = 0.0
+    assert noisecheck.residual_whiteness(smooth, broad, 0.0) == 1.0
+
+
 @pytest.mark.parametrize(
     "sigma,peak,denoised",
     [(0.6, 300, False), (2.0, 30, True)],

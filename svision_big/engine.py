@@ -10,7 +10,7 @@ go. The engine serves every task the same way:
   never holds more than the window however many blocks there are;
 - ends a run whose cluster has had no worker for ``NO_WORKERS_S`` in one line (:class:`ClusterLost`);
 - keeps the arrays a process opened (:data:`ARRAYS`, :func:`open_array`), and hands a block's freed
-  heap back to the OS (:func:`release_heap`, :func:`limit_arenas`, :func:`map_large_allocations`).
+  heap back to the OS (:func:`release_heap`, :func:`limit_arenas`).
 
 The enhance passes (``execute``) and the pyramid's levels (``pyramid``) are its two tasks. It
 imports neither torch nor the model: only storage (``ngff.make_store``, ``state``) and ``progress``.
@@ -34,7 +34,6 @@ __all__ = [
     "NO_WORKERS_S",
     "ProcessCache",
     "limit_arenas",
-    "map_large_allocations",
     "open_array",
     "process_block",
     "release_heap",
@@ -156,24 +155,6 @@ def limit_arenas(n: int) -> None:
     GB (``benchmarks/whole_command.py``). Call before the threads start."""
     if _libc():
         _LIBC.mallopt(-8, max(1, int(n)))  # M_ARENA_MAX
-
-
-MMAP_THRESHOLD = 1 << 20  # bytes: allocations from this size up get their own mapping (map_large_allocations)
-
-
-def map_large_allocations(nbytes: int = MMAP_THRESHOLD) -> None:
-    """Every allocation of ``nbytes`` or more gets its own mapping, returned to the OS when freed
-    (glibc's M_MMAP_THRESHOLD, fixed). glibc's default threshold rises to the size of each large
-    block freed (up to 32 MB), after which the network's slab tensors (1-30 MB, shapes varying with
-    the block's faces) were carved from the arenas, left holes there, and the free-but-resident
-    part grew with the blocks run: ``mallinfo2`` free bytes 0.2 GB after 4 blocks, 0.35 GB after 32,
-    while the bytes in use stayed 0.17-0.2 GB. Fixed at 1 MB (the ``whole_command.py --sizes 64M,512M``
-    command, precision auto = bfloat16 here, 2 shared cores): peaks 0.691 / 0.880 GB (1.27x) ->
-    0.540 / 0.585 GB (1.08x), arena free bytes 8-30 MB throughout (4 MB: 64M 0.611 GB; set only once
-    the cluster opened, after the model and input: 0.557 / 0.617 GB). Outputs unchanged (the same
-    bytes). Call early, before the threads start (``pipeline.enhance_with`` does)."""
-    if _libc():
-        _LIBC.mallopt(-3, max(0, int(nbytes)))  # M_MMAP_THRESHOLD (also ends its dynamic adjustment)
 
 
 # --------------------------------------------------------------------------- the block-task protocol

@@ -7,7 +7,6 @@ import os
 import sys
 
 from .. import background as bgd
-from ..engine import map_large_allocations
 from ..execute import Job, execute
 from ..ngff import NgffError, open_output_group
 from ..options import EnhanceSettings, defaults, keywords, signature
@@ -45,10 +44,6 @@ enhance.__signature__ = signature(("input", "output", "model"), defaults(Enhance
 
 def enhance_with(input: str | os.PathLike, output: str | os.PathLike, model, settings: EnhanceSettings) -> dict:
     """``enhance`` with its settings as one :class:`EnhanceSettings`."""
-    if settings.client is None and settings.scheduler is None:  # the in-process cluster (_open_cluster)
-        # before the model and input are opened: their freed buffers leave no holes either. The blocks'
-        # freed tensors go back to the OS, so peak memory stays flat with the volume (issue 13)
-        map_large_allocations()
     r = resolve(os.fspath(input), os.fspath(output), model, settings)
     s = r.settings
     lock = r.state.lock(s.break_lock)

@@ -5,6 +5,7 @@ progress line (cluster up, input opened, plans made), and to the first finished 
 
     python benchmarks/whole_command.py                 # 50 M output voxels (96x256x256 -> x2)
     python benchmarks/whole_command.py --sizes 64M,512M  # 8x apart, both whole 256^3 output blocks
+    python benchmarks/whole_command.py --sizes 512M,4G   # 8x apart again, both mostly interior blocks (long)
     python benchmarks/whole_command.py --scale         # also 400 M and 3.2 G output voxels (long)
 
 Each row also gives the rate against the in-memory operator (``operator.enhance_array`` on one
@@ -38,6 +39,7 @@ SIZES = {
     "400M": (192, 512, 512),
     "512M": (256, 512, 512),
     "3.2G": (384, 1024, 1024),
+    "4G": (512, 1024, 1024),  # 8x 512M, both in whole default blocks: the memory-flatness pair
 }
 
 

@@ -186,9 +186,9 @@ def test_the_check_picks_keys_or_bspline(tmp_path, monkeypatch, data, acquisitio
     """The safe baseline is the B-spline unless the other beats it on the held-aside check by
     ``BASELINE_MARGIN``, except on point-sampled inputs that keep their noise, where it is Keys: on point
     samples of white noise Keys scores 3% better, which the default margin ignores (clean: the
-    B-spline) and a zero margin takes; with noise measured the default is Keys, and it stays Keys
-    under an integrating acquisition only if it wins by the margin. The chosen one is what the model
-    computes, in blocks as on the whole volume."""
+    B-spline) and a zero margin takes; with noise measured the default is Keys, while under an
+    integrating acquisition the noisy input keeps the B-spline unless Keys wins by the margin. The
+    chosen one is what the model computes, in blocks as on the whole volume."""
     monkeypatch.setattr(harmcheck, "BASELINE_MARGIN", margin)
     from svision_big.degrade import Degradation
 

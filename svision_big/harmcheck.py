@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .settings import TrainConfig
 
 ENSEMBLE_TOLERANCE = 0.005  # relative MSE a larger ensemble must beat (each halving halves the network's cost)
-WIN_MARGIN = 0.02  # relative MSE the trained operator must beat the cubic baseline by (~0.09 dB): the check is a sample
+WIN_MARGIN = 0.02  # relative MSE an offer must beat the better cubic by (~0.09 dB): the check is a sample
 
 
 CHECK_VOXELS = 300_000  # low-res voxels of the held-aside slab each check volume scores on
@@ -235,7 +235,7 @@ def do_no_harm(
     chosen.info["baseline"] = {
         "used": not trained,
         "verdict": _verdict(pick, operator, size, scores, net, safe, refused),
-        "safe": safe,  # the better baseline on the check: the one the network had to beat
+        "safe": safe,  # the baseline kept where no offer wins (the default cubic unless the other is clearly better)
         "ensemble": size if trained else 1,
         "back_projection": chosen.stages[-1].bp_iters if pick is not None and not trained else 0,
         "scores": {k: float(x) for k, x in scores.items()},

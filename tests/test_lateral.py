@@ -10,6 +10,7 @@ import torch
 
 import svision_big as svb
 from svision_big import lateral, pipeline, synthetic
+from svision_big import train as T
 from svision_big.convert import write_ome_zarr
 from svision_big.metrics import psnr
 from svision_big.model import load_model
@@ -162,3 +163,27 @@ def test_operator_and_ensemble_choices_reach_the_lateral_stage():
     assert net.info["baseline"]["verdict"] == "lateral stage x2 in z, ensemble 8 (--operator network)"
     with pytest.raises(ValueError, match="^operator projected is not offered with axial lateral"):
         svb.fit(lr, factor=(2, 1, 1), steps=1, quiet=True, axial="lateral", operator="projected")
+
+
+def test_the_lateral_check_picks_the_residual_interpolation():
+    """The 2D stage is trained once per residual interpolation and scored on the held-aside lateral
+    planes; the lower one is kept, recorded, and is what the stored net corrects. A config that names
+    the interpolation trains only that one."""
+    acq = synthetic.make_volume("filaments", shape_lr=(16, 48, 48), factor=(2, 1, 1), seed=7)
+    lr = acq.observed.astype(np.float32)
+    model = svb.fit(lr, factor=(2, 1, 1), steps=20, seed=0, quiet=True, axial="lateral", operator="network")
+    report = model.stages[0].report
+    tried = report["residual_scores"]
+    assert set(tried) == set(lateral.LATERAL_RESIDUALS) == {"bspline", "keys"}
+    assert report["residual"] == min(tried, key=tried.get) == model.stages[0].config.interpolation
+    one = svb.fit(
+        lr,
+        factor=(2, 1, 1),
+        steps=20,
+        seed=0,
+        quiet=True,
+        axial="lateral",
+        operator="network",
+        config=T.TrainConfig(steps=20, net={"interpolation": "keys"}),
+    )
+    assert set(one.stages[0].report["residual_scores"]) == {"keys"} and one.stages[0].config.interpolation == "keys"
